@@ -1,0 +1,9 @@
+"""dragondiff: DragonDiffusion (Mou et al., ICLR 2024) drag-style editing on stock diffusers."""
+
+from .pipeline import DEFAULT_MODEL, DragonPipeline
+from .presets import OFFICIAL, PAPER, Preset
+from .result import EditResult
+from .sampler import NonFiniteError
+
+__version__ = "0.1.0"
+__all__ = ["DEFAULT_MODEL", "DragonPipeline", "EditResult", "NonFiniteError", "OFFICIAL", "PAPER", "Preset"]

@@ -1,0 +1,172 @@
+"""The memory bank: decoder self-attention keys/values of the source image, captured during inversion and
+injected while sampling (reference-spec §2.2, §4).
+
+Only the UNet's decoder self-attention layers (`up_blocks.*.attentions.*.transformer_blocks.*.attn1`, 9 in SD1.5)
+are touched, through attention processors installed for the duration of one edit and restored afterwards.
+All state (bank tensors, current step, mode, masks) lives in a `BankController` owned by that edit.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# Bank modes while sampling. "union" is the appearance/paste masked union of base background and reference object.
+PLAIN, CAPTURE, REPLACE, CONCAT, UNION = "plain", "capture", "replace", "concat", "union"
+
+
+def decoder_self_attention_names(unet) -> list[str]:
+    """Processor names of the decoder self-attention layers, in UNet order."""
+    names = [n for n in unet.attn_processors if n.startswith("up_blocks.") and ".attn1." in n]
+    if not names:
+        raise ValueError("unet: no decoder self-attention layers (up_blocks.*.attn1) found; is this an SD1.x UNet?")
+    return names
+
+
+@dataclass
+class MemoryBank:
+    """K/V per layer and sampling step: bank[layer][i] = (key, value), each (B, N, C) before the head split.
+
+    Entry i holds what the inversion computed at timestep t_i (input inv[49 − i]), the official off-by-one.
+    """
+
+    storage_device: torch.device
+    entries: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    def store(self, layer: str, step: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        dev = self.storage_device
+        self.entries.setdefault(layer, {})[step] = (key.detach().to(dev), value.detach().to(dev))
+
+    def get(self, layer: str, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.entries[layer][step]
+        return k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+
+    def layers(self) -> list[str]:
+        return list(self.entries)
+
+    def steps(self, layer: str) -> list[int]:
+        return sorted(self.entries[layer])
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for d in self.entries.values() for k, _ in d.values())
+
+
+@dataclass
+class BankController:
+    """What the decoder self-attention processors do on the next UNet call. Owned by one edit."""
+
+    bank: MemoryBank
+    mode: str = PLAIN
+    step: int = -1
+    # Image-res bool masks for UNION: "base" = region of the base image to take from the reference,
+    # "replace" = the object in the reference image.
+    union_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    _layer_masks: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    @contextmanager
+    def use(self, mode: str, step: int = -1):
+        previous = (self.mode, self.step)
+        self.mode, self.step = mode, step
+        try:
+            yield
+        finally:
+            self.mode, self.step = previous
+
+    def _union_mask(self, which: str, tokens: int) -> torch.Tensor:
+        """Image-res mask nearest-resized to a layer's token grid, flattened (spec §4)."""
+        key = (which, tokens)
+        if key not in self._layer_masks:
+            mask = self.union_masks[which]
+            height, width = mask.shape
+            scale = math.sqrt(height * width / tokens)
+            size = (int(height / scale), int(width / scale))
+            small = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+            self._layer_masks[key] = small.flatten()
+        return self._layer_masks[key]
+
+    def transform(self, layer: str, key: torch.Tensor, value: torch.Tensor):
+        """Return the K/V the generation branch attends to (Q is always its own)."""
+        mode = self.mode
+        if mode == PLAIN:
+            return key, value
+        if mode == CAPTURE:
+            self.bank.store(layer, self.step, key, value)
+            return key, value
+        k_bank, v_bank = self.bank.get(layer, self.step, key.device)
+        k_bank, v_bank = k_bank.to(key.dtype), v_bank.to(value.dtype)
+        batch = key.shape[0]
+        if mode == REPLACE:
+            return k_bank.expand(batch, -1, -1), v_bank.expand(batch, -1, -1)
+        if mode == CONCAT:
+            return (
+                torch.cat([key, k_bank.expand(batch, -1, -1)], dim=1),
+                torch.cat([value, v_bank.expand(batch, -1, -1)], dim=1),
+            )
+        if mode == UNION:
+            keep = ~self._union_mask("base", key.shape[1]).to(key.device)
+            take = self._union_mask("replace", key.shape[1]).to(key.device)
+            k = torch.cat([k_bank[0][keep], k_bank[1][take]], dim=0)[None]
+            v = torch.cat([v_bank[0][keep], v_bank[1][take]], dim=0)[None]
+            return k.expand(batch, -1, -1), v.expand(batch, -1, -1)
+        raise ValueError(f"unknown bank mode {mode!r}")
+
+
+class BankAttnProcessor:
+    """Self-attention with keys/values supplied by the controller. Same math as diffusers' SDPA processor."""
+
+    def __init__(self, controller: BankController, layer: str):
+        self.controller = controller
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise RuntimeError(f"{self.layer}: memory-bank processor expects plain self-attention")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        batch = hidden_states.shape[0]
+
+        query = attn.to_q(hidden_states)
+        key, value = self.controller.transform(self.layer, attn.to_k(hidden_states), attn.to_v(hidden_states))
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextmanager
+def bank_processors(unet, controller: BankController):
+    """Install bank processors on the decoder self-attention layers for one edit; always restore the originals."""
+    originals = dict(unet.attn_processors)
+    installed = dict(originals)
+    for name in decoder_self_attention_names(unet):
+        installed[name] = BankAttnProcessor(controller, name.removesuffix(".processor"))
+    unet.set_attn_processor(installed)
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(originals)

@@ -1,0 +1,166 @@
+"""Reading and validating user images, masks and points; the working resolution.
+
+Every error names the argument it is about and says what is allowed. Resizing follows the official demo
+(reference-spec §1.2, §3.4): the image goes through cv2 Lanczos-4, masks through cv2 bilinear on their 0..255
+(or 0..1 for drag) scale and are then thresholded at > 0.5, which widens them by up to one pixel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Union
+
+import cv2
+import numpy as np
+from PIL import Image
+
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
+MaskLike = Union[Image.Image, np.ndarray, str, os.PathLike]
+
+# Decompression-bomb guard and a sane upper bound for what we resize anyway to ~max_resolution².
+MAX_INPUT_PIXELS = 40_000_000
+
+
+def _open_path(value, name: str) -> Image.Image:
+    path = Path(value)
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_INPUT_PIXELS:
+                raise ValueError(
+                    f"{name}: {path} is {im.width}x{im.height}; at most {MAX_INPUT_PIXELS:,} pixels are allowed"
+                )
+            im.load()
+            return im.copy()
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name}: cannot read {path} as an image ({e})") from e
+
+
+def load_image(image: ImageLike, name: str = "image") -> np.ndarray:
+    """Return an HxWx3 uint8 RGB array. Accepts a PIL image (RGB or L), an HxWx3 uint8 array or a path."""
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_path(image, name)
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in image.info:
+            raise ValueError(
+                f"{name}: PIL mode {image.mode!r} (palette or alpha) is not accepted; "
+                "flatten it onto a background and pass an RGB image (e.g. image.convert('RGB'))"
+            )
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            raise ValueError(f"{name}: {image.mode!r} is a 16/32-bit image; pass 8-bit RGB")
+        if image.mode not in ("RGB", "L"):
+            raise ValueError(f"{name}: PIL mode {image.mode!r} is not supported; pass an RGB (or L) image")
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{name}: expected a PIL image, an HxWx3 uint8 array or a path, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name}: array dtype must be uint8 (0..255), got {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{name}: array must have shape HxWx3 (RGB), got {image.shape}")
+    h, w = image.shape[:2]
+    if h < 8 or w < 8:
+        raise ValueError(f"{name}: image is {w}x{h}; both sides must be at least 8 pixels")
+    if h * w > MAX_INPUT_PIXELS:
+        raise ValueError(f"{name}: image is {w}x{h}; at most {MAX_INPUT_PIXELS:,} pixels are allowed")
+    return np.ascontiguousarray(image)
+
+
+def load_mask(mask: MaskLike, name: str, size_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Return an HxW bool mask. Accepts PIL (L/1/RGB with equal channels), bool, 0/1 or 0/255 arrays, or a path.
+
+    ``size_hw`` is the size of the image the mask belongs to (before any resizing); masks of another size are
+    rejected rather than stretched, since a silently stretched mask selects the wrong object.
+    """
+    if isinstance(mask, (str, os.PathLike)):
+        mask = _open_path(mask, name)
+    if isinstance(mask, Image.Image):
+        if mask.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            raise ValueError(f"{name}: {mask.mode!r} masks are not supported; pass an 8-bit L or 1 image")
+        mask = np.asarray(mask.convert("L") if mask.mode not in ("L", "1", "RGB") else mask)
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"{name}: expected a PIL image, a 2-D array or a path, got {type(mask).__name__}")
+    if mask.ndim == 3 and mask.shape[2] in (1, 3, 4):
+        if mask.shape[2] > 1 and not all(np.array_equal(mask[..., 0], mask[..., c]) for c in range(1, 3)):
+            raise ValueError(f"{name}: a colour mask must have equal channels (black/white); got differing channels")
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        raise ValueError(f"{name}: mask must be 2-D (HxW), got shape {mask.shape}")
+    if mask.dtype == bool:
+        out = mask.copy()
+    else:
+        if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
+            raise ValueError(f"{name}: mask dtype {mask.dtype} is not supported")
+        if np.issubdtype(mask.dtype, np.floating) and not np.isfinite(mask).all():
+            raise ValueError(f"{name}: mask contains NaN or Inf")
+        values = np.unique(mask)
+        if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
+            shown = values[:6].tolist()
+            raise ValueError(f"{name}: mask values must be 0/1 or 0/255 (binary), got values {shown}...")
+        out = mask > 0
+    if size_hw is not None and out.shape != tuple(size_hw):
+        raise ValueError(
+            f"{name}: mask is {out.shape[1]}x{out.shape[0]} but its image is {size_hw[1]}x{size_hw[0]}; "
+            "they must have the same size"
+        )
+    if not out.any():
+        raise ValueError(f"{name}: mask is empty (no selected pixel)")
+    if out.all():
+        raise ValueError(f"{name}: mask selects the whole image; leave some background unselected")
+    return out
+
+
+def working_size(height: int, width: int, max_resolution: int) -> tuple[int, int]:
+    """Working (H', W'): area about max_resolution², sides multiples of 64 (np.round, halves to even)."""
+    if not isinstance(max_resolution, (int, np.integer)) or isinstance(max_resolution, bool):
+        raise TypeError(f"max_resolution must be an int, got {type(max_resolution).__name__}")
+    if not 64 <= max_resolution <= 2048:
+        raise ValueError(f"max_resolution must be in 64..2048, got {max_resolution}")
+    k = math.sqrt(max_resolution**2 / (height * width))
+    h = int(np.round(height * k / 64)) * 64
+    w = int(np.round(width * k / 64)) * 64
+    if h < 64 or w < 64:
+        raise ValueError(
+            f"image: aspect ratio {width}x{height} is too extreme for max_resolution {max_resolution} "
+            f"(working size would be {w}x{h}); crop the image or raise max_resolution"
+        )
+    return h, w
+
+
+def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Lanczos-4 resize as in the official demo (an exact copy when the size already matches)."""
+    if image.shape[:2] == tuple(size_hw):
+        return image.copy()
+    return cv2.resize(image, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LANCZOS4)
+
+
+def resize_mask(mask: np.ndarray, size_hw: tuple[int, int], levels: int = 255) -> np.ndarray:
+    """Bilinear resize of a bool mask stored as 0/levels uint8, then > 0.5 (the official ≤1-px widening).
+
+    The official demo feeds SAM masks as 0/255 and the drag sketch as 0/1, so the widening differs per task.
+    """
+    m = mask.astype(np.uint8) * levels
+    if m.shape != tuple(size_hw):
+        m = cv2.resize(m, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
+    return m > 0.5
+
+
+def check_point(p, name: str, size_hw: tuple[int, int]) -> tuple[float, float]:
+    """A (x, y) pixel coordinate inside an image of size (H, W)."""
+    try:
+        x, y = (float(v) for v in p)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected an (x, y) pair of numbers, got {p!r}") from None
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise ValueError(f"{name}: coordinates must be finite, got {p!r}")
+    h, w = size_hw
+    if not (0 <= x < w and 0 <= y < h):
+        raise ValueError(f"{name}: point ({x:g}, {y:g}) lies outside the {w}x{h} image")
+    return x, y
+
+
+def to_pixels(image: np.ndarray) -> "np.ndarray":
+    """uint8 HxWx3 -> float32 1x3xHxW in [-1, 1]."""
+    return ((image.astype(np.float32) / 255.0 - 0.5) * 2.0).transpose(2, 0, 1)[None]

@@ -1,0 +1,382 @@
+"""`DragonPipeline`: load an SD1.x model once, then edit images with one method per task.
+
+    pipe = DragonPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    out = pipe.move("cup.png", "cup_mask.png", offset=(120, 0), prompt="a photo of a cup")
+    out.image.save("moved.png")
+
+Each edit reads top to bottom like the algorithm: prepare inputs -> DDIM inversion with memory-bank capture ->
+task-specific z_T -> guided sampling -> decode. Edits are serialised per pipeline (the attention processors of
+the one UNet are swapped for the duration of an edit); all per-edit state lives inside the call.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import inputs as io
+from .attention import BankController, MemoryBank, bank_processors, decoder_self_attention_names
+from .presets import Preset, get_preset
+from .result import EditResult
+from .sampler import PassCounts, Schedule, invert, sample
+from .tasks import build_appearance, build_drag, build_move, build_paste
+from .tasks.base import check_offset, check_scale
+from .tasks.paste import scale_about_centre
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _check_number(value, name: str, low: float = 0.0, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
+    return value
+
+
+class DragonPipeline:
+    """DragonDiffusion on stock diffusers components (UNet2DConditionModel, AutoencoderKL, CLIP text encoder)."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, device=None, dtype=None):
+        from diffusers import DDIMScheduler
+
+        if len(getattr(unet, "up_blocks", [])) < 3:
+            raise ValueError("unet: expected an SD1.x-style UNet2DConditionModel with at least 3 up blocks")
+        decoder_self_attention_names(unet)
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        # Only the DDIM ᾱ table and timesteps are used (the update is written out by hand, spec §5.2).
+        self.scheduler_config = DDIMScheduler.from_config(scheduler.config).config
+        self._lock = threading.Lock()
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.to(device, dtype)
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.eval().requires_grad_(False)
+
+    # ----------------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(cls, id_or_folder: str | Path = DEFAULT_MODEL, *, device=None, dtype=None,
+                        local_files_only: bool = False, allow_pickle: bool = False) -> "DragonPipeline":
+        """Load an SD1.x diffusers layout (hub id or folder). Safetensors only unless allow_pickle=True."""
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        source = str(id_or_folder)
+        safe = None if allow_pickle else True
+        common = {"local_files_only": local_files_only}
+        try:
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=safe, **common)
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=safe, **common)
+            text_encoder = CLIPTextModel.from_pretrained(
+                source, subfolder="text_encoder", use_safetensors=safe, **common
+            )
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
+            scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **common)
+        except (OSError, EnvironmentError, ValueError) as e:
+            hint = "" if allow_pickle else " (only .safetensors weights are loaded unless allow_pickle=True)"
+            raise ValueError(f"id_or_folder: cannot load an SD1.x model from {source!r}{hint}: {e}") from e
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, device=device, dtype=dtype)
+
+    @classmethod
+    def from_single_file(cls, path: str | Path, *, config: str | Path = DEFAULT_MODEL, device=None, dtype=None,
+                         local_files_only: bool = False, allow_pickle: bool = False) -> "DragonPipeline":
+        """Load one original-layout SD1.x checkpoint. `config` is a diffusers folder or hub id giving the
+        component configs and tokenizer (offline, pass a local folder)."""
+        from diffusers import StableDiffusionPipeline
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path: checkpoint not found: {path}")
+        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+            raise ValueError(
+                f"path: {path.name} is a pickle checkpoint, which can run arbitrary code when loaded; "
+                "convert it to .safetensors or pass allow_pickle=True if you trust it"
+            )
+        if path.suffix.lower() not in PICKLE_SUFFIXES + (".safetensors",):
+            raise ValueError(f"path: expected a .safetensors (or, with allow_pickle, .ckpt) file, got {path.name}")
+        try:
+            sd = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config), local_files_only=local_files_only,
+                safety_checker=None, requires_safety_checker=False,
+            )
+        except (OSError, EnvironmentError, ValueError, KeyError) as e:
+            raise ValueError(f"path: cannot load {path.name} as an SD1.x checkpoint with config {config!r}: {e}") from e
+        return cls(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler, device=device, dtype=dtype)
+
+    def to(self, device=None, dtype=None) -> "DragonPipeline":
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=self.device, dtype=self.dtype)
+        return self
+
+    # -------------------------------------------------------------------------------------------- encoders
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, 77, C) last hidden states, padded to the tokenizer's max length (SD conditioning)."""
+        for k, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"prompt: expected a string, got {type(p).__name__} (prompt #{k})")
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.device))[0].float()
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE posterior mean x scaling factor (deterministic, as the official code)."""
+        latent = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
+        return latent.float() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latent(self, latent: torch.Tensor) -> np.ndarray:
+        x = self.vae.decode((latent / self.vae.config.scaling_factor).to(self.dtype), return_dict=False)[0]
+        x = (x.float() / 2 + 0.5).clamp(0, 1)
+        return (x[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+
+    # ------------------------------------------------------------------------------------------------ tasks
+
+    def move(self, image, mask, offset=(0, 0), scale: float = 1.0, *, prompt: str = "",
+             reference_region=None, w_edit: float = 4.0, w_content: float = 6.0, w_contrast: float = 0.2,
+             w_inpaint: float = 0.8, guidance_scale: float = 4.0, energy_scale: float = 0.5,
+             gradient_coef: float = 0.08, bank_start: int = 5, **options) -> EditResult:
+        """Move the masked object by offset=(dx, dy) original-image pixels; scale != 1 also resizes it.
+
+        Official geometry: shift, then scale about the image centre. `reference_region` (optional mask) is what
+        the vacated area should come to look like (default: the background). energy_scale is in the demo's
+        slider units (x1e3)."""
+        prep = self._prepare(image, options)
+        dx, dy = check_offset(offset)
+        scale = check_scale(scale)
+        if dx == 0 and dy == 0 and scale == 1:
+            raise ValueError("offset=(0, 0) with scale=1 is not an edit; give a displacement or a scale")
+        obj = self._mask(mask, "mask", prep)
+        region = None if reference_region is None else self._mask(reference_region, "reference_region", prep)
+        task = build_move(
+            object_mask=obj, reference_region=region, offset_px=(dx, dy), input_scale=prep["input_scale"],
+            scale=scale, latent_hw=prep["latent_hw"], w_edit=_check_number(w_edit, "w_edit"),
+            w_content=_check_number(w_content, "w_content"), w_contrast=_check_number(w_contrast, "w_contrast"),
+            w_inpaint=_check_number(w_inpaint, "w_inpaint"),
+            **self._common("move", prep, [prompt], prompt, guidance_scale, energy_scale, gradient_coef,
+                           bank_start, 10**9),
+        )
+        return self._run(task, prep, options)
+
+    def drag(self, image, points, mask, *, prompt: str = "", w_edit: float = 4.0, w_content: float = 6.0,
+             w_inpaint: float = 0.2, guidance_scale: float = 4.0, energy_scale: float = 2.0,
+             gradient_coef: float = 0.04, bank_start: int = 5, **options) -> EditResult:
+        """Drag content: points = [((handle_x, handle_y), (target_x, target_y)), ...] in original pixels, inside
+        the editable `mask` (pixels outside it are kept)."""
+        prep = self._prepare(image, options)
+        if isinstance(points, (str, bytes)) or not isinstance(points, Sequence) or len(points) == 0:
+            raise TypeError("points: expected a non-empty list of ((hx, hy), (tx, ty)) pairs")
+        editable = self._mask(mask, "mask", prep, levels=1)  # the demo's sketch mask is 0/1
+        scaled = []
+        for k, pair in enumerate(points):
+            if not isinstance(pair, Sequence) or len(pair) != 2:
+                raise TypeError(f"points[{k}]: expected a (handle, target) pair of (x, y) points, got {pair!r}")
+            handle = io.check_point(pair[0], f"points[{k}] handle", prep["original_hw"])
+            target = io.check_point(pair[1], f"points[{k}] target", prep["original_hw"])
+            s = prep["input_scale"]
+            scaled.append(((handle[0] * s, handle[1] * s), (target[0] * s, target[1] * s)))
+            tx, ty = min(int(scaled[-1][1][0]), prep["size_hw"][1] - 1), min(int(scaled[-1][1][1]), prep["size_hw"][0] - 1)
+            if not editable[ty, tx]:
+                raise ValueError(f"points[{k}]: target {tuple(pair[1])} lies outside the editable mask")
+        task = build_drag(
+            mask=editable, points_scaled=scaled, latent_hw=prep["latent_hw"], w_edit=_check_number(w_edit, "w_edit"),
+            w_content=_check_number(w_content, "w_content"), w_inpaint=_check_number(w_inpaint, "w_inpaint"),
+            **self._common("drag", prep, [prompt], prompt, guidance_scale, energy_scale, gradient_coef,
+                           bank_start, 10**9),
+        )
+        return self._run(task, prep, options)
+
+    def replace_appearance(self, image, mask, reference, reference_mask, *, prompt: str = "",
+                           reference_prompt: str | None = None, w_edit: float = 3.5, w_content: float = 5.0,
+                           guidance_scale: float = 5.0, energy_scale: float = 2.0, gradient_coef: float = 0.04,
+                           bank_steps: tuple[int, int] = (0, 35), **options) -> EditResult:
+        """Give the masked object in `image` the appearance of the masked object in `reference`."""
+        prep = self._prepare(image, options)
+        obj = self._mask(mask, "mask", prep)
+        ref_pixels, ref_mask = self._reference(reference, reference_mask, prep)
+        prep["reference_pixels"] = ref_pixels
+        task = build_appearance(
+            mask=obj, reference_mask=ref_mask, latent_hw=prep["latent_hw"], w_edit=_check_number(w_edit, "w_edit"),
+            w_content=_check_number(w_content, "w_content"),
+            **self._common("appearance", prep, [prompt, prompt if reference_prompt is None else reference_prompt],
+                           prompt, guidance_scale, energy_scale, gradient_coef, *bank_steps),
+        )
+        return self._run(task, prep, options)
+
+    def paste(self, image, reference, reference_mask, offset=(0, 0), scale: float = 1.0, *, prompt: str = "",
+              reference_prompt: str | None = None, w_edit: float = 4.0, w_content: float = 6.0,
+              guidance_scale: float = 4.0, energy_scale: float = 1.5, gradient_coef: float = 0.04,
+              bank_steps: tuple[int, int] = (0, 35), **options) -> EditResult:
+        """Paste the masked object of `reference` into `image`, at its reference position shifted by
+        offset=(dx, dy) base-image pixels, scaled by `scale` about the image centre (official geometry)."""
+        prep = self._prepare(image, options)
+        dx, dy = check_offset(offset)
+        scale = check_scale(scale, high=4.0)
+        ref_pixels, ref_mask = self._reference(reference, reference_mask, prep)
+        ref_pixels = scale_about_centre(ref_pixels, scale)  # zero padding = mid-grey in [-1, 1]
+        ref_mask = scale_about_centre(ref_mask, scale)
+        if not ref_mask.any():
+            raise ValueError(f"scale={scale:g} crops the reference object away entirely")
+        prep["reference_pixels"] = ref_pixels
+        task = build_paste(
+            reference_mask=ref_mask, offset_px=(dx, dy), input_scale=prep["input_scale"],
+            latent_hw=prep["latent_hw"], w_edit=_check_number(w_edit, "w_edit"),
+            w_content=_check_number(w_content, "w_content"),
+            **self._common("paste", prep, [prompt, prompt if reference_prompt is None else reference_prompt],
+                           prompt, guidance_scale, energy_scale, gradient_coef, *bank_steps),
+        )
+        return self._run(task, prep, options)
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    _OPTIONS = {"preset", "seed", "generator", "num_inference_steps", "max_resolution", "sde_strength",
+                "callback_on_step_end", "return_intermediates", "progress", "bank_device"}
+
+    def _prepare(self, image, options) -> dict:
+        unknown = set(options) - self._OPTIONS
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {sorted(unknown)}; allowed: {sorted(self._OPTIONS)}")
+        img = io.load_image(image, "image")
+        h, w = img.shape[:2]
+        size = io.working_size(h, w, options.get("max_resolution", 768))
+        work = io.resize_image(img, size)
+        return {
+            "original_hw": (h, w),
+            "size_hw": size,
+            "latent_hw": (size[0] // 8, size[1] // 8),
+            "input_scale": size[1] / w,  # width-based, as the official demo (used for x and y)
+            "image": work,
+            "pixels": torch.from_numpy(io.to_pixels(work)),
+        }
+
+    def _mask(self, mask, name, prep, levels: int = 255) -> torch.Tensor:
+        m = io.load_mask(mask, name, prep["original_hw"])
+        m = io.resize_mask(m, prep["size_hw"], levels)
+        if not m.any():
+            raise ValueError(f"{name}: the mask vanishes at the working size {prep['size_hw'][1]}x{prep['size_hw'][0]}")
+        return torch.from_numpy(m)
+
+    def _reference(self, reference, reference_mask, prep):
+        """Reference image and its mask, stretched to the base image's working size (official: any aspect)."""
+        ref = io.load_image(reference, "reference")
+        m = io.load_mask(reference_mask, "reference_mask", ref.shape[:2])
+        h, w = prep["size_hw"]
+        stretched = np.asarray(Image.fromarray(ref).resize((w, h), Image.BICUBIC))
+        prep["reference_image"] = stretched
+        m = torch.from_numpy(io.resize_mask(m, (h, w)))
+        if not m.any():
+            raise ValueError("reference_mask: the mask vanishes at the working size")
+        return torch.from_numpy(io.to_pixels(stretched)), m
+
+    def _common(self, name, prep, inversion_prompts, prompt, guidance_scale, energy_scale, gradient_coef,
+                bank_first, bank_last) -> dict:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt: expected a string, got {type(prompt).__name__}")
+        for n, v in (("bank_start / bank_steps", bank_first), ("bank_steps", bank_last)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"{n}: expected a non-negative integer step index, got {v!r}")
+        pixels = prep["pixels"]
+        if "reference_pixels" in prep:
+            pixels = torch.cat([pixels, prep["reference_pixels"].to(pixels)])
+        return {
+            "pixels": pixels,
+            "inversion_prompts": inversion_prompts,
+            "prompt": prompt,
+            "guidance_scale": _check_number(guidance_scale, "guidance_scale", 0, 50),
+            "energy_scale": _check_number(energy_scale, "energy_scale", 0, 100) * 1000.0,
+            "gradient_coef": _check_number(gradient_coef, "gradient_coef"),
+            "bank_first": int(bank_first),
+            "bank_last": int(bank_last),
+        }
+
+    def _run(self, task, prep, options) -> EditResult:
+        preset: Preset = get_preset(options.get("preset", "official"))
+        n = options.get("num_inference_steps", 50)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 1000:
+            raise ValueError(f"num_inference_steps must be an integer in 1..1000, got {n!r}")
+        sde = options.get("sde_strength")
+        sde = preset.sde_strength if sde is None else _check_number(sde, "sde_strength", 0, 1)
+        if sde > 0 and preset.sde_window is None:
+            raise ValueError(f"sde_strength={sde:g}: the {preset.name!r} preset has no regional SDE; use 'official'")
+        generator = options.get("generator")
+        if generator is None:
+            seed = options.get("seed", 42)
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+                raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+        callback = options.get("callback_on_step_end")
+        if callback is not None and not callable(callback):
+            raise TypeError("callback_on_step_end must be callable(pipeline, step, timestep, {'latents': z})")
+        intermediates = bool(options.get("return_intermediates", False))
+        from diffusers import DDIMScheduler
+
+        schedule = Schedule.from_scheduler(DDIMScheduler.from_config(self.scheduler_config), n)
+        bank_device = torch.device(options.get("bank_device") or ("cpu" if self.device.type == "cuda" else self.device))
+        counts = PassCounts()
+        controller = BankController(MemoryBank(bank_device), union_masks=task.union_masks)
+
+        def step_callback(i, t, z):
+            if callback is None:
+                return z
+            out = callback(self, i, t, {"latents": z})
+            return z if not out or "latents" not in out else out["latents"].to(z)
+
+        start = time.perf_counter()
+        with self._lock, tqdm(total=2 * n, desc=f"dragondiff {task.name}", disable=not options.get("progress", True),
+                              leave=False) as bar, bank_processors(self.unet, controller):
+            z0 = self.encode_image(task.pixels)
+            inverted = invert(self.unet, z0, self.encode_prompt(task.inversion_prompts), schedule, controller, counts)
+            bar.update(n)
+            z_t, ref_t = task.init_latent(inverted[-1])
+            cond, uncond = self.encode_prompt([task.prompt]), self.encode_prompt([""])
+            final, rec = sample(
+                self.unet, task, preset, schedule, z_t, inverted, ref_t, cond, uncond, controller, counts,
+                sde_strength=sde, generator=generator, record=intermediates, step_callback=step_callback,
+                progress=bar,
+            )
+            pixels = self.decode_latent(final)
+        del controller
+        return EditResult(
+            image=Image.fromarray(pixels),
+            task=task.name,
+            preset=preset.name,
+            input_image=Image.fromarray(prep["image"]),
+            reference_image=Image.fromarray(prep["reference_image"]) if "reference_image" in prep else None,
+            masks=task.masks,
+            input_scale=prep["input_scale"],
+            energies=rec.energies,
+            pass_counts=counts.as_dict(),
+            flags=list(task.flags),
+            seconds=time.perf_counter() - start,
+            inverted_latents=inverted.cpu() if intermediates else None,
+            z_T=z_t.cpu() if intermediates else None,
+            latents=torch.stack(rec.latents).cpu() if intermediates else None,
+            guidance=[(i, r, g.cpu()) for i, r, g in rec.guidance] if intermediates else None,
+            eps_cfg=[(i, r, e.cpu()) for i, r, e in rec.eps_cfg] if intermediates else None,
+        )

@@ -1,0 +1,45 @@
+"""What an edit returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass
+class EditResult:
+    """The edited image at the working resolution, the inputs as used, and optional intermediates.
+
+    With `return_intermediates=True`:
+      inverted_latents  (n+1, B, 4, h, w): [0] = clean latent, [k] at timestep t_{n-k}; B = 2 for two-image tasks
+      z_T               (1, 4, h, w) after the task's initialisation
+      latents           (n, 1, 4, h, w): the latent after every sampling step (last repeat of a repeated step)
+      guidance          list of (step i, repeat r, g) for every guidance evaluation, g = what is added to eps
+      eps_cfg           list of (step i, repeat r, CFG eps before g is added)
+    `energies` (step, repeat, E_edit, E_content) before the energy scale, and `pass_counts`, are always filled.
+    """
+
+    image: Image.Image
+    task: str
+    preset: str
+    input_image: Image.Image
+    reference_image: Image.Image | None
+    masks: dict[str, np.ndarray]
+    input_scale: float
+    energies: list[tuple[int, int, float, float]]
+    pass_counts: dict[str, int]
+    flags: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    inverted_latents: torch.Tensor | None = None
+    z_T: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    guidance: list[tuple[int, int, torch.Tensor]] | None = None
+    eps_cfg: list[tuple[int, int, torch.Tensor]] | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the working resolution."""
+        return self.image.size

@@ -1,0 +1,194 @@
+"""DDIM inversion with memory-bank capture, and the guided DDIM sampler (reference-spec §2, §5, §6).
+
+Latents are kept in fp32 whatever the model dtype; the UNet sees them cast to its dtype. All per-edit state is in
+the arguments: the bank controller, the task, the counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .attention import CAPTURE, PLAIN, BankController
+from .features import extract_features
+from .presets import Preset
+from .tasks.base import Task
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or Inf appeared in the latent during sampling."""
+
+
+@dataclass
+class PassCounts:
+    """UNet work done by one edit. Feature passes are truncated after up_blocks[2]."""
+
+    inversion_unet: int = 0  # batch = number of inverted images
+    cfg_unet: int = 0  # batch 2 (uncond, cond)
+    time_travel_unet: int = 0  # batch 1
+    feature_nograd: int = 0  # batch 1, reference features
+    feature_grad: int = 0  # batch 1, generation features
+    backward: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Schedule:
+    """DDIM timesteps t_i (i = 0..n-1, descending) and ᾱ lookups, ᾱ(t < 0) = final_alpha_cumprod."""
+
+    timesteps: list[int]
+    alphas_cumprod: torch.Tensor
+    final_alpha: torch.Tensor
+    stride: int
+
+    @classmethod
+    def from_scheduler(cls, scheduler, num_steps: int) -> "Schedule":
+        scheduler.set_timesteps(num_steps)
+        ts = [int(t) for t in scheduler.timesteps]
+        stride = scheduler.config.num_train_timesteps // num_steps
+        final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
+        return cls(ts, scheduler.alphas_cumprod.to(torch.float32), final, stride)
+
+    def alpha(self, t: int) -> torch.Tensor:
+        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha
+
+    def grid_step(self, i: int) -> int:
+        """Step index on the 50-step grid the presets and bank windows are defined on."""
+        return i * 50 // len(self.timesteps)
+
+
+def _unet_eps(unet, latent, t, context) -> torch.Tensor:
+    out = unet(latent.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype), return_dict=False)[0]
+    return out.float()
+
+
+@torch.no_grad()
+def invert(unet, z0: torch.Tensor, context: torch.Tensor, schedule: Schedule, controller: BankController,
+           counts: PassCounts) -> torch.Tensor:
+    """DDIM inversion, conditional only. Returns (n+1, B, 4, h, w): [0] = z0, [k] at timestep t_{n-k}.
+
+    eps is evaluated at the destination timestep t (the null-text-inversion convention, spec §2.1), and the
+    decoder self-attention K/V of the call at t_i are stored as bank step i (the official off-by-one, §2.2).
+    """
+    n = len(schedule.timesteps)
+    latents = [z0]
+    z = z0
+    for j in range(n):
+        i = n - 1 - j
+        t = schedule.timesteps[i]
+        with controller.use(CAPTURE, step=i):
+            eps = _unet_eps(unet, z, t, context)
+        counts.inversion_unet += 1
+        a_from, a_to = schedule.alpha(t - schedule.stride), schedule.alpha(t)
+        x0 = (z - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+        z = a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
+        latents.append(z)
+    return torch.stack(latents)
+
+
+def guidance(unet, task: Task, z: torch.Tensor, ref_features, t: int, cond: torch.Tensor,
+             controller: BankController, counts: PassCounts):
+    """g = c·(∇(s·E_edit)⊙M + ∇(s·E_content)⊙(1−M)), two backward passes (spec §6). Returns (g, energies)."""
+    latent = z.detach().requires_grad_(True)
+    with torch.enable_grad(), controller.use(PLAIN):
+        gen = extract_features(unet, latent, t, cond)
+        counts.feature_grad += 1
+        e_edit, e_content = task.energies(gen, ref_features)
+        terms = [(k, e) for k, e in enumerate((e_edit, e_content)) if e is not None]
+        grads = [torch.zeros_like(latent), torch.zeros_like(latent)]
+        for n, (k, energy) in enumerate(terms):
+            # s multiplies the energy before autograd, as in the official code (matters in fp16).
+            (grads[k],) = torch.autograd.grad(task.energy_scale * energy, latent, retain_graph=n < len(terms) - 1)
+            counts.backward += 1
+    m = task.edit_region.to(z)
+    g = task.gradient_coef * (grads[0] * m + grads[1] * (1 - m))
+    energies = tuple(float("nan") if e is None else float(e.detach()) for e in (e_edit, e_content))
+    return g.detach(), energies
+
+
+@dataclass
+class SamplingRecord:
+    latents: list[torch.Tensor] = field(default_factory=list)  # after every step (last repeat)
+    guidance: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (i, repeat, g)
+    energies: list[tuple[int, int, float, float]] = field(default_factory=list)  # (i, repeat, E_edit, E_content)
+    eps_cfg: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+
+
+def sample(unet, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tensor, inverted: torch.Tensor,
+           ref_t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, controller: BankController,
+           counts: PassCounts, *, sde_strength: float, generator: torch.Generator | None,
+           record: bool = False, step_callback: Callable | None = None, progress=None):
+    """Guided DDIM sampling from z_T. `inverted` is the (n+1, B, ...) inversion; `ref_t` replaces inverted[n] as
+    the step-0 reference latent (drag's patched z_T). Returns (final latent, SamplingRecord)."""
+    n = len(schedule.timesteps)
+    rec = SamplingRecord()
+    z = z_t
+    cfg_context = torch.cat([uncond, cond])
+    sde_mask = task.sde_region.to(z)
+    for i, t in enumerate(schedule.timesteps):
+        step = schedule.grid_step(i)
+        guided = task.energy_scale != 0 and preset.is_guided(step)
+        repeats = preset.repeats(step) if guided else 1
+        a_t, a_prev = schedule.alpha(t), schedule.alpha(t - schedule.stride)
+        ref_features = None
+        for r in range(repeats):
+            with torch.no_grad(), controller.use(task.bank_mode_at(step), step=i):
+                eps_u, eps_c = _unet_eps(unet, torch.cat([z, z]), t, cfg_context).chunk(2)
+            counts.cfg_unet += 1
+            eps = eps_u + task.guidance_scale * (eps_c - eps_u)
+            if record:
+                rec.eps_cfg.append((i, r, eps))
+            eps_hat = eps
+            if guided:
+                if ref_features is None:  # identical for every repeat of a step: computed once
+                    ref_latent = ref_t if i == 0 else inverted[n - i]
+                    with torch.no_grad(), controller.use(PLAIN):
+                        ref_features = [
+                            extract_features(unet, ref_latent[b : b + 1], t, cond) for b in range(ref_latent.shape[0])
+                        ]
+                    counts.feature_nograd += ref_latent.shape[0]
+                g, energies = guidance(unet, task, z, ref_features, t, cond, controller, counts)
+                eps_hat = eps + g
+                if record:
+                    rec.guidance.append((i, r, g))
+                rec.energies.append((i, r) + energies)
+            # DDIM: guided eps for x0, unguided eps for the direction (spec §5.2).
+            x0 = (z - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
+            if sde_strength > 0 and preset.has_sde(step):
+                noise = torch.randn(z.shape, generator=generator, device=generator.device if generator else z.device)
+                noise = noise.to(z)
+                base = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+                sigma = sde_strength * base.sqrt()
+                # Outside the region eta = 0 (SDE_strength_un): plain DDIM; inside: DDIM with noise sigma.
+                z_plain = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+                z_sde = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps + sigma * noise
+                z_prev = (1 - sde_mask) * z_plain + sde_mask * z_sde
+            else:
+                z_prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            if r < repeats - 1:
+                # Time travel: deterministic re-noising back to t with eps at the source timestep t - stride,
+                # cond only, no bank. The official code also re-noises after the last repeat and discards it.
+                t_src = t - schedule.stride
+                with torch.no_grad(), controller.use(PLAIN):
+                    eps_src = _unet_eps(unet, z_prev, t_src, cond)
+                counts.time_travel_unet += 1
+                a_src = schedule.alpha(t_src)
+                x0_src = (z_prev - (1 - a_src).sqrt() * eps_src) / a_src.sqrt()
+                z = a_t.sqrt() * x0_src + (1 - a_t).sqrt() * eps_src
+            else:
+                z = z_prev
+        if not torch.isfinite(z).all():
+            raise NonFiniteError(
+                f"NaN/Inf in the latent after sampling step {i} (t={t}); lower energy_scale or use float32"
+            )
+        if step_callback is not None:
+            z = step_callback(i, t, z)
+        if record:
+            rec.latents.append(z)
+        if progress is not None:
+            progress.update(1)
+    return z, rec

@@ -1,0 +1,125 @@
+"""What every task provides to the sampler, and the grid geometry the tasks share.
+
+A task is built by a `DragonPipeline` method from validated inputs. The sampler only asks it for: the images and
+prompts to invert, its z_T initialisation, its two energies, the region where the edit gradient applies,
+the regional-SDE region, and its memory-bank mode and window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..attention import PLAIN
+
+
+def nearest(mask, size: tuple[int, int]) -> torch.Tensor:
+    """Bool mask (H, W) -> (h, w) with PyTorch legacy nearest (the official resize for masks), thresholded > 0.5."""
+    m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    return F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+
+
+def centre_offset(canvas: int, out: int) -> int:
+    """Index offset of a centred crop (canvas > out) or of centred zero padding (canvas < out)."""
+    return (canvas - out) // 2 if canvas >= out else -((out - canvas) // 2)
+
+
+def place(canvas: torch.Tensor, shift: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
+    """Translate a (..., Hc, Wc) canvas by shift=(dy, dx) and centre-crop/pad it to out_hw, filling with zeros.
+
+    Same as the official torch.roll followed by a centred crop or pad wherever nothing wraps around; where the
+    official roll would wrap content to the opposite border, we drop it instead (reference-spec §9 item 13).
+    """
+    hc, wc = canvas.shape[-2:]
+    out = canvas.new_zeros(canvas.shape[:-2] + tuple(out_hw))
+    oy = centre_offset(hc, out_hw[0]) - shift[0]
+    ox = centre_offset(wc, out_hw[1]) - shift[1]
+    # out[y, x] = canvas[y + oy, x + ox] where valid
+    y0, y1 = max(0, -oy), min(out_hw[0], hc - oy)
+    x0, x1 = max(0, -ox), min(out_hw[1], wc - ox)
+    if y0 < y1 and x0 < x1:
+        out[..., y0:y1, x0:x1] = canvas[..., y0 + oy : y1 + oy, x0 + ox : x1 + ox]
+    return out
+
+
+def paired_cells(canvas_mask: torch.Tensor, shift: tuple[int, int], out_hw: tuple[int, int]):
+    """Cells of a canvas mask and where `place` puts them, restricted to those that land inside out_hw.
+
+    Returns (source (ys, xs), destination (ys, xs)) in the source's raster order, which `place` preserves, so the
+    pairing equals the official boolean-index pairing when nothing is cut off.
+    """
+    ys, xs = torch.nonzero(canvas_mask, as_tuple=True)
+    yd = ys - centre_offset(canvas_mask.shape[0], out_hw[0]) + shift[0]
+    xd = xs - centre_offset(canvas_mask.shape[1], out_hw[1]) + shift[1]
+    keep = (yd >= 0) & (yd < out_hw[0]) & (xd >= 0) & (xd < out_hw[1])
+    return (ys[keep], xs[keep]), (yd[keep], xd[keep])
+
+
+def cells_to_mask(cells, size: tuple[int, int]) -> torch.Tensor:
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[cells[0], cells[1]] = True
+    return mask
+
+
+def latent_region(feature_mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Feature-res bool mask -> (1, 1, h, w) float 0/1 at latent res (nearest takes every 2nd cell, > 0)."""
+    return F.interpolate(feature_mask[None, None].float(), size=latent_hw, mode="nearest")
+
+
+def check_scale(scale, name: str = "scale", high: float = 10.0) -> float:
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {scale!r}") from None
+    if not (math.isfinite(scale) and 0 < scale <= high):
+        raise ValueError(f"{name} must be in (0, {high:g}], got {scale!r}")
+    return scale
+
+
+def check_offset(offset, name: str = "offset") -> tuple[float, float]:
+    try:
+        dx, dy = (float(v) for v in offset)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a (dx, dy) pair of numbers in pixels, got {offset!r}") from None
+    if not (math.isfinite(dx) and math.isfinite(dy)):
+        raise ValueError(f"{name} must be finite, got {offset!r}")
+    return dx, dy
+
+
+@dataclass
+class Task:
+    """Base class. Subclasses fill the fields and implement `init_latent` and `energies`."""
+
+    name: str
+    pixels: torch.Tensor  # (B, 3, H, W) in [-1, 1]: B = 1 (base) or 2 (base, reference)
+    inversion_prompts: list[str]
+    prompt: str  # edit prompt: sampling condition and feature-pass condition
+    guidance_scale: float
+    energy_scale: float  # s, already x1000
+    gradient_coef: float  # c
+    edit_region: torch.Tensor  # (1, 1, h, w) M: edit gradient inside, content gradient outside
+    sde_region: torch.Tensor  # (1, 1, h, w) region of the regional SDE
+    bank_mode: str
+    bank_first: int
+    bank_last: int
+    union_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # what the result reports ("as used")
+    flags: list[str] = field(default_factory=list)  # degenerate energy terms skipped, etc.
+
+    def bank_mode_at(self, grid_step: int) -> str:
+        return self.bank_mode if self.bank_first <= grid_step <= self.bank_last else PLAIN
+
+    def init_latent(self, inverted_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From inv[T] (B, 4, h, w): the starting latent z_T (1, 4, h, w) and the step-0 reference latent (B, ...)."""
+        return inverted_t[:1].clone(), inverted_t
+
+    def energies(self, gen: list[torch.Tensor], refs: list[list[torch.Tensor]]):
+        """(E_edit, E_content) from native generation features and native reference features per image.
+
+        Either may be None when its selection is empty (then it contributes no gradient).
+        """
+        raise NotImplementedError

@@ -1,0 +1,98 @@
+"""Content dragging (reference-spec §6.2): handle -> target point pairs inside an editable mask.
+
+Each pair compares a 3x3 box of generation features at the target with the reference features at the handle.
+z_T copies the 3x3 latent patch at each handle to its target, in pair order; the official code also writes that
+patch into inv[T] through a view, so the step-0 reference features see it too, which we reproduce.
+Bank: concatenate, from step 5 on. c = 0.04.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import energies as E
+from ..attention import CONCAT
+from ..features import resize_features
+from .base import Task, latent_region, nearest
+
+BOX = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # raster order of a 3x3 box
+
+
+def box_cells(y: int, x: int):
+    return torch.tensor([y + d[0] for d in BOX]), torch.tensor([x + d[1] for d in BOX])
+
+
+@dataclass
+class DragTask(Task):
+    latent_pairs: list = field(default_factory=list)  # [((yh, xh), (yt, xt))] latent patch centres
+    pairs: list = field(default_factory=list)  # [(target_box, handle_box, handle_only_cells)]
+    other: torch.Tensor = None
+    w_edit: float = 4.0
+    w_content: float = 6.0
+    w_inpaint: float = 0.2
+
+    def init_latent(self, inverted_t):
+        # In place and on the CPU, as the official code: when a handle patch overlaps its target patch, torch's
+        # sequential element copy propagates values across the overlap, and the official z_T carries that.
+        z = inverted_t[:1].detach().cpu().clone()
+        for (yh, xh), (yt, xt) in self.latent_pairs:
+            z[:, :, yt - 1 : yt + 2, xt - 1 : xt + 2] = z[:, :, yh - 1 : yh + 2, xh - 1 : xh + 2]
+        z = z.to(inverted_t.device)
+        return z, z.clone()  # the official view aliasing: inv[T] used at step 0 is the patched latent
+
+    def energies(self, gen, refs):
+        f, r = resize_features(gen), resize_features(refs[0])
+        return E.drag_edit(f, r, self.pairs, self.w_edit, self.w_inpaint), E.drag_content(
+            f, r, self.other, self.w_content
+        )
+
+
+def build_drag(*, mask, points_scaled, latent_hw, **common) -> DragTask:
+    """mask: image-res bool tensor (working size). points_scaled: [((hx, hy), (tx, ty))] in working pixels."""
+    h, w = latent_hw
+    feat_hw = (2 * h, 2 * w)
+    inside = nearest(mask, feat_hw)
+    if not inside.any():
+        raise ValueError("mask: the editable area is smaller than one feature cell (4 px); draw a larger mask")
+    other = ~inside
+    if not other.any():
+        raise ValueError("mask: the editable area covers the whole image; leave some background outside it")
+    pairs, latent_pairs, boxes = [], [], np.zeros((len(points_scaled), 2) + feat_hw, dtype=bool)
+
+    def cell(x, y):
+        # The official code clips x with the height bound; we clip each axis with its own (fidelity.md).
+        return int(np.clip(y // 4, 1, feat_hw[0] - 2)), int(np.clip(x // 4, 1, feat_hw[1] - 2))
+
+    for k, ((hx, hy), (tx, ty)) in enumerate(points_scaled):
+        handle, target = cell(hx, hy), cell(tx, ty)
+        if handle == target:
+            raise ValueError(
+                f"points[{k}]: handle ({hx:.0f}, {hy:.0f}) and target ({tx:.0f}, {ty:.0f}) fall in the same "
+                "4-px feature cell; move the target at least 4 px away"
+            )
+        handle_box, target_box = box_cells(*handle), box_cells(*target)
+        hb = torch.zeros(feat_hw, dtype=torch.bool)
+        hb[handle_box] = True
+        tb = torch.zeros(feat_hw, dtype=torch.bool)
+        tb[target_box] = True
+        pairs.append((target_box, handle_box, hb & ~tb))
+        boxes[k, 0], boxes[k, 1] = hb.numpy(), tb.numpy()
+        # 3x3 latent patches; centres kept one cell inside the border so the patch exists (official: crash).
+        latent_pairs.append(
+            tuple((min(max(cy // 2, 1), h - 2), min(max(cx // 2, 1), w - 2)) for cy, cx in (handle, target))
+        )
+    return DragTask(
+        name="drag",
+        edit_region=latent_region(inside, latent_hw),
+        sde_region=latent_region(inside, latent_hw),
+        bank_mode=CONCAT,
+        masks={"editable": mask.numpy(), "background_cells": other.numpy(), "handle_boxes": boxes[:, 0],
+               "target_boxes": boxes[:, 1]},
+        latent_pairs=latent_pairs,
+        pairs=pairs,
+        other=other,
+        **common,
+    )
