@@ -129,7 +129,9 @@ class DragonPipeline:
         if dtype is not None:
             self.dtype = dtype
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=self.device, dtype=self.dtype)
+            param = next(module.parameters())
+            if param.device != self.device or param.dtype != self.dtype:  # diffusers warns on no-op casts
+                module.to(device=self.device, dtype=self.dtype)
         return self
 
     # -------------------------------------------------------------------------------------------- encoders
