@@ -149,10 +149,12 @@ def resize_mask(mask: np.ndarray, size_hw: tuple[int, int], levels: int = 255) -
 
 def check_point(p, name: str, size_hw: tuple[int, int]) -> tuple[float, float]:
     """A (x, y) pixel coordinate inside an image of size (H, W)."""
-    try:
-        x, y = (float(v) for v in p)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected an (x, y) pair of numbers, got {p!r}") from None
+    values = list(p) if isinstance(p, (tuple, list, np.ndarray)) else None
+    ok = values is not None and len(values) == 2
+    if not ok or not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                         for v in values):
+        raise TypeError(f"{name}: expected an (x, y) pair of numbers, got {p!r}")
+    x, y = (float(v) for v in values)
     if not (math.isfinite(x) and math.isfinite(y)):
         raise ValueError(f"{name}: coordinates must be finite, got {p!r}")
     h, w = size_hw

@@ -192,6 +192,8 @@ class DragonPipeline:
         """Drag content: points = [((handle_x, handle_y), (target_x, target_y)), ...] in original pixels, inside
         the editable `mask` (pixels outside it are kept)."""
         prep = self._prepare(image, options)
+        if isinstance(points, np.ndarray):
+            points = points.tolist()
         if isinstance(points, (str, bytes)) or not isinstance(points, Sequence) or len(points) == 0:
             raise TypeError("points: expected a non-empty list of ((hx, hy), (tx, ty)) pairs")
         editable = self._mask(mask, "mask", prep, levels=1)  # the demo's sketch mask is 0/1
@@ -298,8 +300,9 @@ class DragonPipeline:
 
     def _common(self, name, prep, inversion_prompts, prompt, guidance_scale, energy_scale, gradient_coef,
                 bank_first, bank_last) -> dict:
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt: expected a string, got {type(prompt).__name__}")
+        for label, text in zip(("prompt", "reference_prompt"), inversion_prompts):
+            if not isinstance(text, str):
+                raise TypeError(f"{label}: expected a string, got {type(text).__name__}")
         for n, v in (("bank_start / bank_steps", bank_first), ("bank_steps", bank_last)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise ValueError(f"{n}: expected a non-negative integer step index, got {v!r}")

@@ -70,21 +70,24 @@ def latent_region(feature_mask: torch.Tensor, latent_hw: tuple[int, int]) -> tor
     return F.interpolate(feature_mask[None, None].float(), size=latent_hw, mode="nearest")
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
 def check_scale(scale, name: str = "scale", high: float = 10.0) -> float:
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {scale!r}") from None
+    if not _is_number(scale):
+        raise TypeError(f"{name} must be a number, got {scale!r}")
+    scale = float(scale)
     if not (math.isfinite(scale) and 0 < scale <= high):
         raise ValueError(f"{name} must be in (0, {high:g}], got {scale!r}")
     return scale
 
 
 def check_offset(offset, name: str = "offset") -> tuple[float, float]:
-    try:
-        dx, dy = (float(v) for v in offset)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a (dx, dy) pair of numbers in pixels, got {offset!r}") from None
+    values = list(offset) if isinstance(offset, (tuple, list, np.ndarray)) else None
+    if values is None or len(values) != 2 or not all(_is_number(v) for v in values):
+        raise TypeError(f"{name} must be a (dx, dy) pair of numbers in pixels, got {offset!r}")
+    dx, dy = (float(v) for v in values)
     if not (math.isfinite(dx) and math.isfinite(dy)):
         raise ValueError(f"{name} must be finite, got {offset!r}")
     return dx, dy
