@@ -32,6 +32,7 @@ from .tasks.base import check_offset, check_scale
 from .tasks.paste import scale_about_centre
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+BUNDLED_ID = "dragondiff:shapes"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -82,6 +83,12 @@ class DragonPipeline:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         source = str(id_or_folder)
+        if source == BUNDLED_ID:
+            from .shapes import model as shapes_model
+
+            if not shapes_model.is_available():
+                raise ValueError(f"id_or_folder: {BUNDLED_ID!r} weights are not in this installation")
+            source, local_files_only = str(shapes_model.WEIGHTS), True
         safe = None if allow_pickle else True
         common = {"local_files_only": local_files_only}
         try:
@@ -96,6 +103,11 @@ class DragonPipeline:
             hint = "" if allow_pickle else " (only .safetensors weights are loaded unless allow_pickle=True)"
             raise ValueError(f"id_or_folder: cannot load an SD1.x model from {source!r}{hint}: {e}") from e
         return cls(unet, vae, text_encoder, tokenizer, scheduler, device=device, dtype=dtype)
+
+    @classmethod
+    def bundled(cls, *, device=None, dtype=None) -> "DragonPipeline":
+        """The small shapes model shipped inside the package (128 px scenes of coloured shapes), offline."""
+        return cls.from_pretrained(BUNDLED_ID, device=device, dtype=dtype, local_files_only=True)
 
     @classmethod
     def from_single_file(cls, path: str | Path, *, config: str | Path = DEFAULT_MODEL, device=None, dtype=None,

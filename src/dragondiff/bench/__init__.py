@@ -1,0 +1,1 @@
+"""Benchmark commands: they print and save numbers (JSON + Markdown); tests never assert timings."""
