@@ -1,0 +1,290 @@
+"""`dragondiff bench shapes`: model quality of the bundled shapes model, and a behavioural benchmark of every
+edit against the scene generator's ground truth.
+
+    dragondiff bench shapes --quality                       # VAE PSNR, inversion PSNR, caption samples
+    dragondiff bench shapes --cases 50 --tasks move resize  # edits + the no-edit baseline, JSON + table + sheet
+
+Objects are found by colour segmentation against the colours the model actually renders (measured on its VAE
+reconstruction of the input), so the VAE's colour shift is not counted as an edit failure. The baseline is the
+trivial "edit": the model's reconstruction of the input (nothing moves). Results: out/bench/shapes/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..shapes import metrics as mt
+from ..shapes.cases import make_case
+from ..shapes.scenes import COLOURS, random_scene, render
+
+TASKS = ("move", "resize", "drag", "appearance", "paste")
+_PIPE = None
+
+
+def _pipe():
+    global _PIPE
+    if _PIPE is None:
+        from ..pipeline import DragonPipeline
+
+        _PIPE = DragonPipeline.bundled(device="cpu")
+    return _PIPE
+
+
+@torch.no_grad()
+def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
+    from ..inputs import to_pixels
+
+    px = torch.from_numpy(np.concatenate([to_pixels(im) for im in images]))
+    out = []
+    for k in range(0, len(px), 32):
+        z = pipe.encode_image(px[k : k + 32])
+        for j in range(z.shape[0]):
+            out.append(pipe.decode_latent(z[j : j + 1]))
+    return np.stack(out)
+
+
+def run_edit(pipe, case, preset: str, seed: int = 42, **options):
+    common = dict(prompt=case.scene.caption, preset=preset, max_resolution=128, seed=seed, progress=False,
+                  **options)
+    obj = case.scene.masks[case.index]
+    if case.task in ("move", "resize"):
+        return pipe.move(case.scene.image, obj, **case.kwargs, **common)
+    if case.task == "drag":
+        return pipe.drag(case.scene.image, case.kwargs["points"], case.kwargs["mask"], **common)
+    if case.task == "appearance":
+        return pipe.replace_appearance(case.scene.image, obj, case.reference.image, case.reference.masks[0],
+                                       reference_prompt=case.reference.caption, **common)
+    ref = case.reference
+    return pipe.paste(case.scene.image, ref.image, ref.masks[0], reference_prompt=ref.caption,
+                      **case.kwargs, **{**common, "prompt": case.target.caption})
+
+
+def evaluate(pipe, case, output: np.ndarray) -> dict:
+    """Metrics of one output image for one case (also used for the baseline)."""
+    scene, target = case.scene, case.target
+    recon, bg = vae_roundtrip(pipe, np.stack([scene.image, render([], scene.background)[0]]))
+    colours = [mt.measured_colour(recon, m) for m in scene.masks]
+    t = THR = mt.THRESHOLDS
+    m: dict = {}
+    if case.task in ("move", "resize", "drag"):
+        src, tgt = scene.masks[case.index], target.masks[case.index]
+        others = [c for k, c in enumerate(colours) if k != case.index]
+        seg = mt.segment(output, colours[case.index], others, bg)
+        c_out, c_tgt = mt.centroid(seg), mt.centroid(tgt)
+        dist = np.hypot(*(mt.centroid(src) - c_tgt))
+        m["centroid_err_px"] = float(dist if c_out is None else np.hypot(*(c_out - c_tgt)))
+        m["iou"] = mt.iou(seg, tgt)
+        vacated = src & ~mt.dilate(tgt, 2)
+        m["vacated"] = float(1 - seg[vacated].mean()) if vacated.any() else float("nan")
+        keep = ~(mt.dilate(src, 4) | mt.dilate(tgt, 4))
+        ok = m["centroid_err_px"] <= t["centroid_px"] and m["iou"] >= t["iou"]
+        if case.task != "drag":
+            ok = ok and (np.isnan(m["vacated"]) or m["vacated"] >= t["vacated"])
+        if case.task == "resize":
+            m["area_ratio"] = float(seg.sum() / src.sum())
+            m["area_ratio_rel_err"] = abs(m["area_ratio"] / case.kwargs["scale"] ** 2 - 1)
+            ok = ok and m["area_ratio_rel_err"] <= t["area_ratio_rel"]
+    elif case.task == "appearance":
+        obj = scene.masks[case.index]
+        ref_recon = vae_roundtrip(pipe, case.reference.image[None])[0]
+        ref_colour = mt.measured_colour(ref_recon, case.reference.masks[0])
+        m["delta_e"] = mt.delta_e(mt.measured_colour(output, obj), ref_colour)
+        others = [c for k, c in enumerate(colours) if k != case.index] + [colours[case.index]]
+        m["shape_iou"] = mt.iou(mt.segment(output, ref_colour, others, bg), obj)
+        keep = ~mt.dilate(obj, 4)
+        ok = m["delta_e"] <= t["delta_e"] and m["shape_iou"] >= t["shape_iou"]
+    else:  # paste
+        ref_recon = vae_roundtrip(pipe, case.reference.image[None])[0]
+        piece = mt.measured_colour(ref_recon, case.reference.masks[0])
+        placed = target.masks[case.target_index]
+        m["iou"] = mt.iou(mt.segment(output, piece, colours, bg), placed)
+        keep = ~mt.dilate(placed, 4)
+        ok = m["iou"] >= t["iou"]
+    m["bg_psnr_recon_db"] = mt.psnr(output, recon, keep)
+    m["bg_psnr_input_db"] = mt.psnr(output, scene.image, keep)
+    m["success"] = bool(ok and m["bg_psnr_recon_db"] >= THR["bg_psnr_db"])
+    return m
+
+
+def _worker(job):
+    task, k, preset, save_image = job
+    torch.set_num_threads(1)
+    pipe = _pipe()
+    case = make_case(task, k)
+    t0 = time.perf_counter()
+    out = run_edit(pipe, case, preset)
+    seconds = time.perf_counter() - t0
+    output = np.asarray(out.image)
+    base = vae_roundtrip(pipe, case.scene.image[None])[0]
+    row = {"task": task, "k": k, "seed": case.seed, "seconds": round(seconds, 1), "flags": out.flags,
+           "edit": evaluate(pipe, case, output), "baseline": evaluate(pipe, case, base)}
+    if save_image:
+        row["images"] = [case.scene.image, case.target.image, output]
+    return row
+
+
+def _median(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.median(values)) if values else float("nan")
+
+
+def summarise(rows, preset):
+    table = []
+    for task in TASKS:
+        rs = [r for r in rows if r["task"] == task]
+        if not rs:
+            continue
+        for method in ("edit", "baseline"):
+            ms = [r[method] for r in rs]
+            keys = [k for k in ms[0] if k != "success"]
+            table.append({"task": task, "method": preset if method == "edit" else "baseline (no edit)",
+                          "n": len(ms), "success": sum(m["success"] for m in ms) / len(ms),
+                          **{f"median_{k}": _median([m[k] for m in ms]) for k in keys}})
+    return table
+
+
+def contact_sheet(rows, path: Path, per_task: int = 4):
+    from PIL import Image
+
+    lines = []
+    for task in TASKS:
+        rs = [r for r in rows if r["task"] == task and "images" in r][:per_task]
+        for r in rs:
+            gap = np.full((128, 4, 3), 255, np.uint8)
+            lines.append(np.concatenate([r["images"][0], gap, r["images"][1], gap, r["images"][2]], axis=1))
+    if lines:
+        sep = np.full((4, lines[0].shape[1], 3), 255, np.uint8)
+        Image.fromarray(np.concatenate(sum([[ln, sep] for ln in lines], [])[:-1], axis=0)).save(path)
+
+
+@torch.no_grad()
+def generate(pipe, captions, seed: int, guidance_scale: float = 4.0, steps: int = 50) -> np.ndarray:
+    """Plain DDIM text-to-image sampling with CFG (quality check of the model, not an edit)."""
+    from diffusers import DDIMScheduler
+
+    from ..sampler import Schedule, _unet_eps
+
+    schedule = Schedule.from_scheduler(DDIMScheduler.from_config(pipe.scheduler_config), steps)
+    cond, uncond = pipe.encode_prompt(captions), pipe.encode_prompt([""] * len(captions))
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn((len(captions), 4, 16, 16), generator=gen)
+    for t in schedule.timesteps:
+        eps_u, eps_c = _unet_eps(pipe.unet, torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
+        eps = eps_u + guidance_scale * (eps_c - eps_u)
+        a_t, a_prev = schedule.alpha(t), schedule.alpha(t - schedule.stride)
+        x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return np.stack([pipe.decode_latent(z[k : k + 1]) for k in range(len(captions))])
+
+
+def caption_found(image: np.ndarray, scene) -> bool:
+    """Every described object present in its colour (>= 40% of its area) and the background colour dominant."""
+    palette = np.array(list(COLOURS.values()), np.float32)
+    names = list(COLOURS)
+    nearest = np.argmin(np.linalg.norm(image[:, :, None, :].astype(np.float32) - palette, axis=-1), axis=-1)
+    if names[np.bincount(nearest.ravel(), minlength=len(names)).argmax()] != scene.background[0]:
+        return False
+    for s, mask in zip(scene.shapes, scene.masks):
+        if (nearest == names.index(s.colour)).sum() < 0.4 * mask.sum():
+            return False
+    return True
+
+
+def quality(pipe, n_vae: int = 256, n_inv: int = 32, n_samples: int = 64) -> dict:
+    from diffusers import DDIMScheduler
+
+    from ..attention import PLAIN, BankController, MemoryBank, bank_processors
+    from ..inputs import to_pixels
+    from ..presets import PAPER
+    from ..sampler import PassCounts, Schedule, invert, sample
+    from ..shapes.train import EVAL_SCENE_BASE
+    from ..tasks.base import Task
+
+    scenes = [random_scene(EVAL_SCENE_BASE + 100_000 + k) for k in range(n_vae)]
+    images = np.stack([s.image for s in scenes])
+    recon = vae_roundtrip(pipe, images)
+    vae_psnr = [mt.psnr(a, b) for a, b in zip(images, recon)]
+    inv_vs_vae, inv_vs_input = [], []
+    schedule = Schedule.from_scheduler(DDIMScheduler.from_config(pipe.scheduler_config), 50)
+    for k in range(n_inv):
+        s = scenes[k]
+        px = torch.from_numpy(to_pixels(s.image))
+        zeros = torch.zeros(1, 1, 16, 16)
+        task = Task(name="recon", pixels=px, inversion_prompts=[s.caption], prompt=s.caption, guidance_scale=1.0,
+                    energy_scale=0.0, gradient_coef=0.0, edit_region=zeros, sde_region=zeros, bank_mode=PLAIN,
+                    bank_first=0, bank_last=-1)
+        controller = BankController(MemoryBank(torch.device("cpu")))
+        with bank_processors(pipe.unet, controller):
+            cond = pipe.encode_prompt([s.caption])
+            inv = invert(pipe.unet, pipe.encode_image(px), cond, schedule, controller, PassCounts())
+            final, _ = sample(pipe.unet, task, PAPER, schedule, inv[-1][:1], inv, inv[-1], cond,
+                              pipe.encode_prompt([""]), controller, PassCounts(), sde_strength=0.0, generator=None)
+        out = pipe.decode_latent(final)
+        inv_vs_vae.append(mt.psnr(out, recon[k]))
+        inv_vs_input.append(mt.psnr(out, s.image))
+    sample_scenes = [random_scene(EVAL_SCENE_BASE + 200_000 + k) for k in range(n_samples)]
+    samples = np.concatenate([generate(pipe, [s.caption for s in sample_scenes[k : k + 16]], seed=k)
+                              for k in range(0, n_samples, 16)])
+    found = [caption_found(img, s) for img, s in zip(samples, sample_scenes)]
+    return {
+        "vae_psnr_db": {"n": n_vae, "mean": float(np.mean(vae_psnr)), "min": float(np.min(vae_psnr))},
+        "inversion_psnr_vs_vae_db": {"n": n_inv, "mean": float(np.mean(inv_vs_vae)), "min": float(np.min(inv_vs_vae))},
+        "inversion_psnr_vs_input_db": {"n": n_inv, "mean": float(np.mean(inv_vs_input))},
+        "caption_samples_cfg4_found": {"n": n_samples, "rate": float(np.mean(found))},
+        "_samples": samples[:16],
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dragondiff bench shapes", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quality", action="store_true", help="model quality only")
+    parser.add_argument("--cases", type=int, default=50, help="cases per task")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--preset", default="official", choices=["official", "paper"])
+    parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
+    parser.add_argument("--sheet", type=int, default=4, help="cases per task on the contact sheet")
+    parser.add_argument("--out", type=Path, default=Path("out/bench/shapes"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.quality:
+        torch.set_num_threads(2)
+        q = quality(_pipe())
+        from PIL import Image
+
+        samples = q.pop("_samples")
+        Image.fromarray(np.concatenate([np.concatenate(list(samples[r * 8 : r * 8 + 8]), 1) for r in range(2)], 0)
+                        ).save(args.out / "samples.png")
+        (args.out / "quality.json").write_text(json.dumps(q, indent=1))
+        print(json.dumps(q, indent=1))
+        return 0
+    jobs = [(task, k, args.preset, k < args.sheet) for task in args.tasks for k in range(args.cases)]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        rows = []
+        for n, row in enumerate(pool.map(_worker, jobs), 1):
+            rows.append(row)
+            e = row["edit"]
+            print(f"[{n}/{len(jobs)}] {row['task']} k={row['k']} success={e['success']} "
+                  + " ".join(f"{k}={v:.3g}" for k, v in e.items() if isinstance(v, float)), flush=True)
+    contact_sheet(rows, args.out / f"sheet_{args.preset}.png", args.sheet)
+    table = summarise(rows, args.preset)
+    for r in rows:
+        r.pop("images", None)
+    (args.out / f"results_{args.preset}.json").write_text(json.dumps(
+        {"preset": args.preset, "cases": args.cases, "thresholds": mt.THRESHOLDS, "summary": table, "rows": rows,
+         "wall_seconds": round(time.perf_counter() - t0, 1)}, indent=1, default=float))
+    print("\n| task | method | n | success | medians |")
+    print("|---|---|---|---|---|")
+    for r in table:
+        med = ", ".join(f"{k[7:]} {v:.3g}" for k, v in r.items() if k.startswith("median_"))
+        print(f"| {r['task']} | {r['method']} | {r['n']} | {100 * r['success']:.0f}% | {med} |")
+    return 0
