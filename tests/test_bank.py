@@ -179,18 +179,10 @@ def test_reconstruction_with_bank():
     with torch.no_grad():
         pipe.unet.conv_out.weight.mul_(0.02)
         pipe.unet.conv_out.bias.mul_(0.02)
-    px, schedule, controller = _setup(pipe)
-    zeros = torch.zeros(1, 1, 16, 16)
-    task = Task(name="recon", pixels=px, inversion_prompts=["a scene"], prompt="a scene", guidance_scale=1.0,
-                energy_scale=0.0, gradient_coef=0.0, edit_region=zeros, sde_region=zeros, bank_mode=REPLACE,
-                bank_first=0, bank_last=49)
-    with bank_processors(pipe.unet, controller):
-        z0 = pipe.encode_image(px)
-        cond = pipe.encode_prompt(["a scene"])
-        inv = invert(pipe.unet, z0, cond, schedule, controller, PassCounts())
-        z_t, ref_t = task.init_latent(inv[-1])
-        final, _ = sample(pipe.unet, task, PAPER, schedule, z_t, inv, ref_t, cond, pipe.encode_prompt([""]),
-                          controller, PassCounts(), sde_strength=0.0, generator=None)
+    img, _, _ = make_scene()
+    out = pipe.reconstruct(img, prompt="a scene", max_resolution=128, return_intermediates=True, progress=False)
+    z0, final = out.inverted_latents[0], out.latents[-1]
+    assert out.pass_counts["backward"] == 0 and out.pass_counts["cfg_unet"] == 50
     rel_rms = ((final - z0).pow(2).mean().sqrt() / z0.pow(2).mean().sqrt()).item()
     assert rel_rms < 0.05
     assert np.isfinite(rel_rms)

@@ -23,12 +23,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import inputs as io
-from .attention import BankController, MemoryBank, bank_processors, decoder_self_attention_names
+from .attention import REPLACE, BankController, MemoryBank, bank_processors, decoder_self_attention_names
 from .presets import Preset, get_preset
 from .result import EditResult
 from .sampler import PassCounts, Schedule, invert, sample
 from .tasks import build_appearance, build_drag, build_move, build_paste
-from .tasks.base import check_offset, check_scale
+from .tasks.base import Task, check_offset, check_scale
 from .tasks.paste import scale_about_centre
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -268,6 +268,18 @@ class DragonPipeline:
                            prompt, guidance_scale, energy_scale, gradient_coef, *bank_steps),
         )
         return self._run(task, prep, options)
+
+    def reconstruct(self, image, *, prompt: str = "", use_bank: bool = True, guidance_scale: float = 1.0,
+                    **options) -> EditResult:
+        """No edit: DDIM inversion, then unguided sampling from z_T (with the memory bank replacing the decoder
+        self-attention K/V at every step if use_bank). Measures how faithfully the model inverts an image."""
+        prep = self._prepare(image, options)
+        h, w = prep["latent_hw"]
+        nothing = torch.zeros(1, 1, h, w)
+        common = self._common("reconstruct", prep, [prompt], prompt, guidance_scale, 0.0, 0.0,
+                              0 if use_bank else 10**9, 10**9)
+        task = Task(name="reconstruct", edit_region=nothing, sde_region=nothing, bank_mode=REPLACE, **common)
+        return self._run(task, prep, {"sde_strength": 0.0, **options})
 
     # ------------------------------------------------------------------------------------------- internals
 

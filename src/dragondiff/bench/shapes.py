@@ -199,35 +199,17 @@ def caption_found(image: np.ndarray, scene) -> bool:
 
 
 def quality(pipe, n_vae: int = 256, n_inv: int = 32, n_samples: int = 64) -> dict:
-    from diffusers import DDIMScheduler
-
-    from ..attention import PLAIN, BankController, MemoryBank, bank_processors
-    from ..inputs import to_pixels
-    from ..presets import PAPER
-    from ..sampler import PassCounts, Schedule, invert, sample
     from ..shapes.train import EVAL_SCENE_BASE
-    from ..tasks.base import Task
 
     scenes = [random_scene(EVAL_SCENE_BASE + 100_000 + k) for k in range(n_vae)]
     images = np.stack([s.image for s in scenes])
     recon = vae_roundtrip(pipe, images)
     vae_psnr = [mt.psnr(a, b) for a, b in zip(images, recon)]
     inv_vs_vae, inv_vs_input = [], []
-    schedule = Schedule.from_scheduler(DDIMScheduler.from_config(pipe.scheduler_config), 50)
     for k in range(n_inv):
         s = scenes[k]
-        px = torch.from_numpy(to_pixels(s.image))
-        zeros = torch.zeros(1, 1, 16, 16)
-        task = Task(name="recon", pixels=px, inversion_prompts=[s.caption], prompt=s.caption, guidance_scale=1.0,
-                    energy_scale=0.0, gradient_coef=0.0, edit_region=zeros, sde_region=zeros, bank_mode=PLAIN,
-                    bank_first=0, bank_last=-1)
-        controller = BankController(MemoryBank(torch.device("cpu")))
-        with bank_processors(pipe.unet, controller):
-            cond = pipe.encode_prompt([s.caption])
-            inv = invert(pipe.unet, pipe.encode_image(px), cond, schedule, controller, PassCounts())
-            final, _ = sample(pipe.unet, task, PAPER, schedule, inv[-1][:1], inv, inv[-1], cond,
-                              pipe.encode_prompt([""]), controller, PassCounts(), sde_strength=0.0, generator=None)
-        out = pipe.decode_latent(final)
+        out = np.asarray(pipe.reconstruct(s.image, prompt=s.caption, use_bank=False, max_resolution=128,
+                                          progress=False).image)
         inv_vs_vae.append(mt.psnr(out, recon[k]))
         inv_vs_input.append(mt.psnr(out, s.image))
     sample_scenes = [random_scene(EVAL_SCENE_BASE + 200_000 + k) for k in range(n_samples)]
