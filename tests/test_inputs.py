@@ -557,3 +557,9 @@ def test_input_files_and_arrays_are_not_modified(tiny_pipe, tmp_path):
     tiny_pipe.replace_appearance(img, disc, img, square, **FAST)
     for a, b in zip((img, disc, square), copies):
         np.testing.assert_array_equal(a, b)
+
+
+def test_generator_must_be_a_torch_generator(pipe, img_disc_square):
+    img, disc, _ = img_disc_square
+    with pytest.raises(TypeError, match=r"^generator must be a torch.Generator"):
+        _move(pipe, img, disc, generator=42)

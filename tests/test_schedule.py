@@ -36,7 +36,8 @@ def test_ddim_table(tiny_pipe):
     from diffusers import DDIMScheduler
 
     s = Schedule.from_scheduler(DDIMScheduler.from_config(tiny_pipe.scheduler_config), 50)
-    assert s.timesteps[0] == 981 and s.timesteps[-1] == 1 and s.stride == 20
+    assert s.timesteps[0] == 981 and s.timesteps[-1] == 1
+    assert s.prev(0) == 961 and s.prev(48) == 1 and s.prev(49) == -1
     assert s.timesteps == list(range(981, 0, -20))
     # ᾱ below t = 0 is final_alpha_cumprod = ᾱ_0 (set_alpha_to_one=False), used at both ends
     assert s.alpha(-19).item() == pytest.approx(0.99915, abs=1e-6)

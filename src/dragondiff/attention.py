@@ -109,6 +109,9 @@ class BankController:
         if mode == UNION:
             keep = ~self._union_mask("base", key.shape[1]).to(key.device)
             take = self._union_mask("replace", key.shape[1]).to(key.device)
+            if not (keep.any() or take.any()):
+                raise ValueError(f"{layer}: on its {key.shape[1]}-token grid the base mask covers everything and the "
+                                 "reference object vanishes; use larger objects or a smaller edit region")
             k = torch.cat([k_bank[0][keep], k_bank[1][take]], dim=0)[None]
             v = torch.cat([v_bank[0][keep], v_bank[1][take]], dim=0)[None]
             return k.expand(batch, -1, -1), v.expand(batch, -1, -1)

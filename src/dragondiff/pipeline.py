@@ -5,8 +5,8 @@
     out.image.save("moved.png")
 
 Each edit reads top to bottom like the algorithm: prepare inputs -> DDIM inversion with memory-bank capture ->
-task-specific z_T -> guided sampling -> decode. Edits are serialised per pipeline (the attention processors of
-the one UNet are swapped for the duration of an edit); all per-edit state lives inside the call.
+task-specific z_T -> guided sampling -> decode. Edits are serialised per UNet (its attention processors are
+swapped for the duration of an edit); all per-edit state lives inside the call.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,7 +27,7 @@ from . import inputs as io
 from .attention import REPLACE, BankController, MemoryBank, bank_processors, decoder_self_attention_names
 from .presets import Preset, get_preset
 from .result import EditResult
-from .sampler import PassCounts, Schedule, invert, sample
+from .sampler import NonFiniteError, PassCounts, Schedule, invert, sample
 from .tasks import build_appearance, build_drag, build_move, build_paste
 from .tasks.base import Task, check_offset, check_scale
 from .tasks.paste import scale_about_centre
@@ -34,6 +35,18 @@ from .tasks.paste import scale_about_centre
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUNDLED_ID = "dragondiff:shapes"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+_UNET_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _unet_lock(unet) -> threading.RLock:
+    """Edits swap the attention processors of a UNet, so edits on one UNet (from any pipeline) are serialised."""
+    with _LOCKS_GUARD:
+        if unet not in _UNET_LOCKS:
+            _UNET_LOCKS[unet] = threading.RLock()
+        return _UNET_LOCKS[unet]
 
 
 def default_device() -> torch.device:
@@ -65,7 +78,6 @@ class DragonPipeline:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         # Only the DDIM ᾱ table and timesteps are used (the update is written out by hand, spec §5.2).
         self.scheduler_config = DDIMScheduler.from_config(scheduler.config).config
-        self._lock = threading.Lock()
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -167,6 +179,8 @@ class DragonPipeline:
     @torch.no_grad()
     def decode_latent(self, latent: torch.Tensor) -> np.ndarray:
         x = self.vae.decode((latent / self.vae.config.scaling_factor).to(self.dtype), return_dict=False)[0]
+        if not torch.isfinite(x).all():
+            raise NonFiniteError(f"NaN/Inf in the VAE decode ({self.dtype}); try dtype=torch.float32 for the VAE")
         x = (x.float() / 2 + 0.5).clamp(0, 1)
         return (x[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
 
@@ -257,6 +271,7 @@ class DragonPipeline:
         ref_pixels, ref_mask = self._reference(reference, reference_mask, prep)
         ref_pixels = scale_about_centre(ref_pixels, scale)  # zero padding = mid-grey in [-1, 1]
         ref_mask = scale_about_centre(ref_mask, scale)
+        prep["reference_image"] = ((ref_pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
         if not ref_mask.any():
             raise ValueError(f"scale={scale:g} crops the reference object away entirely")
         prep["reference_pixels"] = ref_pixels
@@ -354,6 +369,10 @@ class DragonPipeline:
         if sde > 0 and preset.sde_window is None:
             raise ValueError(f"sde_strength={sde:g}: the {preset.name!r} preset has no regional SDE; use 'official'")
         generator = options.get("generator")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator is not None and generator.device.type not in ("cpu", self.device.type):
+            raise ValueError(f"generator is on {generator.device}; use a CPU generator or one on {self.device}")
         if generator is None:
             seed = options.get("seed", 42)
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -377,7 +396,7 @@ class DragonPipeline:
             return z if not out or "latents" not in out else out["latents"].to(z)
 
         start = time.perf_counter()
-        with self._lock, tqdm(total=2 * n, desc=f"dragondiff {task.name}", disable=not options.get("progress", True),
+        with _unet_lock(self.unet), tqdm(total=2 * n, desc=f"dragondiff {task.name}", disable=not options.get("progress", True),
                               leave=False) as bar, bank_processors(self.unet, controller):
             z0 = self.encode_image(task.pixels)
             inverted = invert(self.unet, z0, self.encode_prompt(task.inversion_prompts), schedule, controller, counts)

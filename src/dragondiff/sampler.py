@@ -43,18 +43,20 @@ class Schedule:
     timesteps: list[int]
     alphas_cumprod: torch.Tensor
     final_alpha: torch.Tensor
-    stride: int
 
     @classmethod
     def from_scheduler(cls, scheduler, num_steps: int) -> "Schedule":
         scheduler.set_timesteps(num_steps)
         ts = [int(t) for t in scheduler.timesteps]
-        stride = scheduler.config.num_train_timesteps // num_steps
         final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
-        return cls(ts, scheduler.alphas_cumprod.to(torch.float32), final, stride)
+        return cls(ts, scheduler.alphas_cumprod.to(torch.float32), final)
 
     def alpha(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha
+
+    def prev(self, i: int) -> int:
+        """The timestep after step i (the next, less noisy one); -1 after the last step (ᾱ = final_alpha)."""
+        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
 
     def grid_step(self, i: int) -> int:
         """Step index on the 50-step grid the presets and bank windows are defined on."""
@@ -83,7 +85,7 @@ def invert(unet, z0: torch.Tensor, context: torch.Tensor, schedule: Schedule, co
         with controller.use(CAPTURE, step=i):
             eps = _unet_eps(unet, z, t, context)
         counts.inversion_unet += 1
-        a_from, a_to = schedule.alpha(t - schedule.stride), schedule.alpha(t)
+        a_from, a_to = schedule.alpha(schedule.prev(i)), schedule.alpha(t)
         x0 = (z - (1 - a_from).sqrt() * eps) / a_from.sqrt()
         z = a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
         latents.append(z)
@@ -133,7 +135,8 @@ def sample(unet, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tens
         step = schedule.grid_step(i)
         guided = task.energy_scale != 0 and preset.is_guided(step)
         repeats = preset.repeats(step) if guided else 1
-        a_t, a_prev = schedule.alpha(t), schedule.alpha(t - schedule.stride)
+        t_prev = schedule.prev(i)
+        a_t, a_prev = schedule.alpha(t), schedule.alpha(t_prev)
         ref_features = None
         for r in range(repeats):
             with torch.no_grad(), controller.use(task.bank_mode_at(step), step=i):
@@ -170,9 +173,9 @@ def sample(unet, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tens
             else:
                 z_prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
             if r < repeats - 1:
-                # Time travel: deterministic re-noising back to t with eps at the source timestep t - stride,
+                # Time travel: deterministic re-noising back to t with eps at the source timestep t_prev,
                 # cond only, no bank. The official code also re-noises after the last repeat and discards it.
-                t_src = t - schedule.stride
+                t_src = t_prev
                 with torch.no_grad(), controller.use(PLAIN):
                     eps_src = _unet_eps(unet, z_prev, t_src, cond)
                 counts.time_travel_unet += 1
