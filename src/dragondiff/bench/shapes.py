@@ -115,12 +115,12 @@ def evaluate(pipe, case, output: np.ndarray) -> dict:
 
 
 def _worker(job):
-    task, k, preset, save_image = job
+    task, k, preset, save_image, overrides = job
     torch.set_num_threads(1)
     pipe = _pipe()
     case = make_case(task, k)
     t0 = time.perf_counter()
-    out = run_edit(pipe, case, preset)
+    out = run_edit(pipe, case, preset, **overrides)
     seconds = time.perf_counter() - t0
     output = np.asarray(out.image)
     base = vae_roundtrip(pipe, case.scene.image[None])[0]
@@ -234,6 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="official", choices=["official", "paper"])
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     parser.add_argument("--sheet", type=int, default=4, help="cases per task on the contact sheet")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="override every task's CFG scale")
+    parser.add_argument("--energy-scale", type=float, default=None, help="override every task's energy scale")
     parser.add_argument("--out", type=Path, default=Path("out/bench/shapes"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +250,13 @@ def main(argv=None) -> int:
         (args.out / "quality.json").write_text(json.dumps(q, indent=1))
         print(json.dumps(q, indent=1))
         return 0
-    jobs = [(task, k, args.preset, k < args.sheet) for task in args.tasks for k in range(args.cases)]
+    overrides = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("energy_scale", args.energy_scale))
+                 if v is not None}
+    label = args.preset + "".join(f" {k}={v:g}" for k, v in overrides.items())
+    tag = args.preset + "".join(f"_{k[0]}s{v:g}" for k, v in overrides.items())
+    if list(args.tasks) != list(TASKS):
+        tag += "_" + "-".join(args.tasks)
+    jobs = [(task, k, args.preset, k < args.sheet, overrides) for task in args.tasks for k in range(args.cases)]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         rows = []
@@ -257,12 +265,12 @@ def main(argv=None) -> int:
             e = row["edit"]
             print(f"[{n}/{len(jobs)}] {row['task']} k={row['k']} success={e['success']} "
                   + " ".join(f"{k}={v:.3g}" for k, v in e.items() if isinstance(v, float)), flush=True)
-    contact_sheet(rows, args.out / f"sheet_{args.preset}.png", args.sheet)
-    table = summarise(rows, args.preset)
+    contact_sheet(rows, args.out / f"sheet_{tag}.png", args.sheet)
+    table = summarise(rows, label)
     for r in rows:
         r.pop("images", None)
-    (args.out / f"results_{args.preset}.json").write_text(json.dumps(
-        {"preset": args.preset, "cases": args.cases, "thresholds": mt.THRESHOLDS, "summary": table, "rows": rows,
+    (args.out / f"results_{tag}.json").write_text(json.dumps(
+        {"preset": args.preset, "overrides": overrides, "cases": args.cases, "thresholds": mt.THRESHOLDS, "summary": table, "rows": rows,
          "wall_seconds": round(time.perf_counter() - t0, 1)}, indent=1, default=float))
     print("\n| task | method | n | success | medians |")
     print("|---|---|---|---|---|")
