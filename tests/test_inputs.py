@@ -375,7 +375,7 @@ def test_bad_bank_start(pipe, img_disc_square):
         _move(pipe, img, disc, bank_start=-1)
 
 
-@pytest.mark.parametrize("prompt", [123, None, ["a cup"], b"a cup"])
+@pytest.mark.parametrize("prompt", [123, ["a cup"], b"a cup"])  # None: the default (inversion prompt or "")
 def test_wrong_prompt_type(pipe, img_disc_square, prompt):
     img, disc, square = img_disc_square
     with pytest.raises(TypeError, match=r"^prompt: expected a string"):

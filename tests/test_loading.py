@@ -142,3 +142,48 @@ def test_single_file_corrupt_safetensors(tmp_path):
     bad.write_bytes(json.dumps({"oops": 1}).encode())
     with pytest.raises(ValueError, match=r"^path: cannot load broken\.safetensors"):
         DragonPipeline.from_single_file(bad, config=TINY_MODEL, local_files_only=True, device="cpu")
+
+
+def test_recommended_settings_fill_only_what_the_caller_leaves_out(tmp_path, scene):
+    """A model folder may carry its own CFG/energy defaults; explicit arguments still win, other tasks keep the
+    official demo's values, and the result says what was used."""
+    import json
+    import shutil
+
+    from dragondiff import DragonPipeline
+    from dragondiff.pipeline import OFFICIAL_SETTINGS, SETTINGS_FILE
+
+    folder = tmp_path / "model"
+    shutil.copytree(TINY_MODEL, folder)
+    (folder / SETTINGS_FILE).write_text(json.dumps({"settings": {"move": {"guidance_scale": 2.0, "energy_scale": 1.0}}}))
+    pipe = DragonPipeline.from_pretrained(folder, local_files_only=True, device="cpu")
+    assert pipe.recommended_settings == {"move": {"guidance_scale": 2.0, "energy_scale": 1.0}}
+    img, disc, square = scene
+    fast = dict(max_resolution=128, num_inference_steps=2, progress=False)
+    assert pipe.move(img, disc, offset=(16, 0), **fast).settings == {"guidance_scale": 2.0, "energy_scale": 1.0}
+    assert pipe.move(img, disc, offset=(16, 0), guidance_scale=3.0, **fast).settings == {
+        "guidance_scale": 3.0, "energy_scale": 1.0}
+    drag = pipe.drag(img, [((36, 44), (50, 44))], disc | square, **fast)
+    assert drag.settings == OFFICIAL_SETTINGS["drag"]
+    plain = DragonPipeline.from_pretrained(TINY_MODEL, local_files_only=True, device="cpu")
+    assert plain.recommended_settings == {}
+    assert plain.move(img, disc, offset=(16, 0), **fast).settings == OFFICIAL_SETTINGS["move"]
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"rotate": {"guidance_scale": 2.0}}, "unknown task 'rotate'"),
+    ({"move": {"cfg": 2.0}}, "guidance_scale and/or energy_scale"),
+    ({"move": {"guidance_scale": -1}}, r"\['move'\]\['guidance_scale'\]"),
+])
+def test_bad_recommended_settings_are_named(tmp_path, settings, match):
+    import json
+    import shutil
+
+    from dragondiff import DragonPipeline
+    from dragondiff.pipeline import SETTINGS_FILE
+
+    folder = tmp_path / "model"
+    shutil.copytree(TINY_MODEL, folder)
+    (folder / SETTINGS_FILE).write_text(json.dumps({"settings": settings}))
+    with pytest.raises(ValueError, match=match):
+        DragonPipeline.from_pretrained(folder, local_files_only=True, device="cpu")

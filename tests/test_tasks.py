@@ -186,3 +186,73 @@ def test_bfloat16_on_cpu():
 def test_flags_partial_move_off_image(tiny_pipe):
     out = tiny_pipe.move(IMG, DISC, offset=(-40, 0), num_inference_steps=2, **FAST)
     assert any("outside the image" in f for f in out.flags)
+
+
+@pytest.mark.parametrize("task", ["move", "drag", "appearance"])
+def test_reused_inversion_gives_the_same_edit_without_inverting_again(tiny_pipe, task):
+    """pipe.invert once, then edit: same image as inverting inside the call (bit for bit for one-image tasks;
+    the two-image tasks then invert the base and the reference apart, equal to fp32 rounding), no inversion
+    passes for the base image."""
+    prompt = {"move": "a red disc", "drag": "shapes", "appearance": "a disc"}[task]
+    inv = tiny_pipe.invert(IMG, prompt=prompt, num_inference_steps=8, **FAST)
+    assert inv.latents.shape[:2] == (9, 1) and inv.latents.device.type == "cpu"
+    assert inv.nbytes > inv.bank.nbytes() > 0
+    direct = run(tiny_pipe, task, num_inference_steps=8)
+    for _ in range(2):  # the inversion is not consumed by an edit
+        reused = _run_on(tiny_pipe, task, inv)
+        a, b = np.asarray(direct.image).astype(int), np.asarray(reused.image).astype(int)
+        if task == "appearance":
+            assert np.abs(a - b).max() <= 2
+            assert reused.pass_counts["inversion_unet"] == 8  # the reference only, batch 1
+        else:
+            assert np.array_equal(a, b)
+            assert reused.pass_counts["inversion_unet"] == 0
+        assert {k: v for k, v in reused.pass_counts.items() if k != "inversion_unet"} == {
+            k: v for k, v in direct.pass_counts.items() if k != "inversion_unet"}
+
+
+def _run_on(pipe, task, inv):
+    kw = dict(progress=False)
+    if task == "move":
+        return pipe.move(inv, DISC, offset=(24, 0), **kw)
+    if task == "drag":
+        return pipe.drag(inv, [((96, 88), (112, 88))], DRAG_MASK, **kw)
+    return pipe.replace_appearance(inv, DISC, IMG, SQUARE, **kw)
+
+
+def test_reused_inversion_refuses_what_does_not_match_it(tiny_pipe):
+    inv = tiny_pipe.invert(IMG, prompt="a red disc", num_inference_steps=4, **FAST)
+    with pytest.raises(ValueError, match="^prompt: 'a cup' differs"):
+        tiny_pipe.move(inv, DISC, offset=(24, 0), prompt="a cup", progress=False)
+    with pytest.raises(ValueError, match="^num_inference_steps=50 differs"):
+        tiny_pipe.move(inv, DISC, offset=(24, 0), num_inference_steps=50, progress=False)
+    with pytest.raises(ValueError, match="^max_resolution=256 differs"):
+        tiny_pipe.move(inv, DISC, offset=(24, 0), max_resolution=256, progress=False)
+    other = build_tiny_pipeline(seed=1, device="cpu")
+    with pytest.raises(ValueError, match="^image: this Inversion was made by another model"):
+        other.move(inv, DISC, offset=(24, 0), progress=False)
+    with pytest.raises(TypeError, match="^image: already an Inversion"):
+        tiny_pipe.invert(inv)
+    with pytest.raises(ValueError, match="^mask"):
+        tiny_pipe.move(inv, np.zeros((64, 64), bool), offset=(24, 0), progress=False)
+
+
+def test_callback_can_interrupt_an_edit(tiny_pipe):
+    seen = []
+
+    def stop_at_3(pipe, i, t, kw):
+        seen.append(i)
+        return {"interrupt": True} if i == 3 else None
+
+    out = run(tiny_pipe, "move", num_inference_steps=10, callback_on_step_end=stop_at_3, return_intermediates=True)
+    assert seen == [0, 1, 2, 3]
+    assert out.latents.shape[0] == 4 and any("interrupted after step 3" in f for f in out.flags)
+    assert out.image.size == (128, 128)
+
+
+def test_callback_returning_a_bad_latent_is_named(tiny_pipe):
+    with pytest.raises(TypeError, match="^callback_on_step_end must return"):
+        run(tiny_pipe, "move", num_inference_steps=2, callback_on_step_end=lambda p, i, t, kw: {"latents": 3})
+    with pytest.raises(TypeError, match="^callback_on_step_end must return"):
+        run(tiny_pipe, "move", num_inference_steps=2,
+            callback_on_step_end=lambda p, i, t, kw: {"latents": torch.zeros(1, 4, 8, 8)})

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import inputs as io
 from .attention import REPLACE, BankController, MemoryBank, bank_processors, decoder_self_attention_names
+from .inversion import Inversion, merge_banks
 from .presets import Preset, get_preset
 from .result import EditResult
 from .sampler import NonFiniteError, PassCounts, Schedule, invert, sample
@@ -35,6 +36,16 @@ from .tasks.paste import scale_about_centre
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUNDLED_ID = "dragondiff:shapes"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The official demo's CFG scale and energy scale (slider units) per task: what an edit uses when neither the caller
+# nor the model's recommended settings give a value. Chosen upstream for SD1.5 at 512 px.
+OFFICIAL_SETTINGS = {
+    "move": {"guidance_scale": 4.0, "energy_scale": 0.5},
+    "drag": {"guidance_scale": 4.0, "energy_scale": 2.0},
+    "appearance": {"guidance_scale": 5.0, "energy_scale": 2.0},
+    "paste": {"guidance_scale": 4.0, "energy_scale": 1.5},
+}
+# A model may ship its own recommended settings in this file beside its weights (same shape as OFFICIAL_SETTINGS).
+SETTINGS_FILE = "dragondiff_defaults.json"
 
 
 _UNET_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -69,13 +80,15 @@ def _check_number(value, name: str, low: float = 0.0, high: float = math.inf) ->
 class DragonPipeline:
     """DragonDiffusion on stock diffusers components (UNet2DConditionModel, AutoencoderKL, CLIP text encoder)."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, device=None, dtype=None):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, device=None, dtype=None,
+                 recommended_settings: dict | None = None):
         from diffusers import DDIMScheduler
 
         if len(getattr(unet, "up_blocks", [])) < 3:
             raise ValueError("unet: expected an SD1.x-style UNet2DConditionModel with at least 3 up blocks")
         decoder_self_attention_names(unet)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.recommended_settings = check_settings(recommended_settings or {}, "recommended_settings")
         # Only the DDIM ᾱ table and timesteps are used (the update is written out by hand, spec §5.2).
         self.scheduler_config = DDIMScheduler.from_config(scheduler.config).config
         device = torch.device(device) if device is not None else default_device()
@@ -114,7 +127,8 @@ class DragonPipeline:
         except (OSError, EnvironmentError, ValueError) as e:
             hint = "" if allow_pickle else " (only .safetensors weights are loaded unless allow_pickle=True)"
             raise ValueError(f"id_or_folder: cannot load an SD1.x model from {source!r}{hint}: {e}") from e
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, device=device, dtype=dtype)
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, device=device, dtype=dtype,
+                   recommended_settings=read_settings(source))
 
     @classmethod
     def bundled(cls, *, device=None, dtype=None) -> "DragonPipeline":
@@ -186,15 +200,16 @@ class DragonPipeline:
 
     # ------------------------------------------------------------------------------------------------ tasks
 
-    def move(self, image, mask, offset=(0, 0), scale: float = 1.0, *, prompt: str = "",
+    def move(self, image, mask, offset=(0, 0), scale: float = 1.0, *, prompt: str | None = None,
              reference_region=None, w_edit: float = 4.0, w_content: float = 6.0, w_contrast: float = 0.2,
-             w_inpaint: float = 0.8, guidance_scale: float = 4.0, energy_scale: float = 0.5,
+             w_inpaint: float = 0.8, guidance_scale: float | None = None, energy_scale: float | None = None,
              gradient_coef: float = 0.08, bank_start: int = 5, **options) -> EditResult:
         """Move the masked object by offset=(dx, dy) original-image pixels; scale != 1 also resizes it.
 
         Official geometry: shift, then scale about the image centre. `reference_region` (optional mask) is what
         the vacated area should come to look like (default: the background). energy_scale is in the demo's
-        slider units (x1e3)."""
+        slider units (x1e3). guidance_scale / energy_scale left as None take the model's recommended settings
+        if it ships them (`recommended_settings`), else the official demo's (`OFFICIAL_SETTINGS`)."""
         prep = self._prepare(image, options)
         dx, dy = check_offset(offset)
         scale = check_scale(scale)
@@ -207,13 +222,13 @@ class DragonPipeline:
             scale=scale, latent_hw=prep["latent_hw"], w_edit=_check_number(w_edit, "w_edit"),
             w_content=_check_number(w_content, "w_content"), w_contrast=_check_number(w_contrast, "w_contrast"),
             w_inpaint=_check_number(w_inpaint, "w_inpaint"),
-            **self._common("move", prep, [prompt], prompt, guidance_scale, energy_scale, gradient_coef,
+            **self._common("move", prep, prompt, None, guidance_scale, energy_scale, gradient_coef,
                            bank_start, 10**9),
         )
         return self._run(task, prep, options)
 
-    def drag(self, image, points, mask, *, prompt: str = "", w_edit: float = 4.0, w_content: float = 6.0,
-             w_inpaint: float = 0.2, guidance_scale: float = 4.0, energy_scale: float = 2.0,
+    def drag(self, image, points, mask, *, prompt: str | None = None, w_edit: float = 4.0, w_content: float = 6.0,
+             w_inpaint: float = 0.2, guidance_scale: float | None = None, energy_scale: float | None = None,
              gradient_coef: float = 0.04, bank_start: int = 5, **options) -> EditResult:
         """Drag content: points = [((handle_x, handle_y), (target_x, target_y)), ...] in original pixels, inside
         the editable `mask` (pixels outside it are kept)."""
@@ -237,14 +252,15 @@ class DragonPipeline:
         task = build_drag(
             mask=editable, points_scaled=scaled, latent_hw=prep["latent_hw"], w_edit=_check_number(w_edit, "w_edit"),
             w_content=_check_number(w_content, "w_content"), w_inpaint=_check_number(w_inpaint, "w_inpaint"),
-            **self._common("drag", prep, [prompt], prompt, guidance_scale, energy_scale, gradient_coef,
+            **self._common("drag", prep, prompt, None, guidance_scale, energy_scale, gradient_coef,
                            bank_start, 10**9),
         )
         return self._run(task, prep, options)
 
-    def replace_appearance(self, image, mask, reference, reference_mask, *, prompt: str = "",
+    def replace_appearance(self, image, mask, reference, reference_mask, *, prompt: str | None = None,
                            reference_prompt: str | None = None, w_edit: float = 3.5, w_content: float = 5.0,
-                           guidance_scale: float = 5.0, energy_scale: float = 2.0, gradient_coef: float = 0.04,
+                           guidance_scale: float | None = None, energy_scale: float | None = None,
+                           gradient_coef: float = 0.04,
                            bank_steps: tuple[int, int] = (0, 35), **options) -> EditResult:
         """Give the masked object in `image` the appearance of the masked object in `reference`."""
         prep = self._prepare(image, options)
@@ -254,14 +270,15 @@ class DragonPipeline:
         task = build_appearance(
             mask=obj, reference_mask=ref_mask, latent_hw=prep["latent_hw"], w_edit=_check_number(w_edit, "w_edit"),
             w_content=_check_number(w_content, "w_content"),
-            **self._common("appearance", prep, [prompt, prompt if reference_prompt is None else reference_prompt],
-                           prompt, guidance_scale, energy_scale, gradient_coef, *bank_steps),
+            **self._common("appearance", prep, prompt, reference_prompt, guidance_scale, energy_scale,
+                           gradient_coef, *bank_steps),
         )
         return self._run(task, prep, options)
 
-    def paste(self, image, reference, reference_mask, offset=(0, 0), scale: float = 1.0, *, prompt: str = "",
+    def paste(self, image, reference, reference_mask, offset=(0, 0), scale: float = 1.0, *,
+              prompt: str | None = None,
               reference_prompt: str | None = None, w_edit: float = 4.0, w_content: float = 6.0,
-              guidance_scale: float = 4.0, energy_scale: float = 1.5, gradient_coef: float = 0.04,
+              guidance_scale: float | None = None, energy_scale: float | None = None, gradient_coef: float = 0.04,
               bank_steps: tuple[int, int] = (0, 35), **options) -> EditResult:
         """Paste the masked object of `reference` into `image`, at its reference position shifted by
         offset=(dx, dy) base-image pixels, scaled by `scale` about the image centre (official geometry)."""
@@ -279,19 +296,49 @@ class DragonPipeline:
             reference_mask=ref_mask, offset_px=(dx, dy), input_scale=prep["input_scale"],
             latent_hw=prep["latent_hw"], w_edit=_check_number(w_edit, "w_edit"),
             w_content=_check_number(w_content, "w_content"),
-            **self._common("paste", prep, [prompt, prompt if reference_prompt is None else reference_prompt],
-                           prompt, guidance_scale, energy_scale, gradient_coef, *bank_steps),
+            **self._common("paste", prep, prompt, reference_prompt, guidance_scale, energy_scale, gradient_coef,
+                           *bank_steps),
         )
         return self._run(task, prep, options)
 
-    def reconstruct(self, image, *, prompt: str = "", use_bank: bool = True, guidance_scale: float = 1.0,
+    def invert(self, image, *, prompt: str = "", max_resolution: int = 768, num_inference_steps: int = 50,
+               progress: bool = True) -> Inversion:
+        """DDIM-invert an image once, for several edits: every task accepts the result in place of its image and
+        then skips its inversion (same output as inverting inside the call; `pass_counts` shows the saving).
+
+        Args:
+            image: PIL image, HxWx3 uint8 array or path.
+            prompt: the inversion prompt; edits of this inversion use it as their prompt.
+            max_resolution: working resolution (area about max_resolution², sides multiples of 64).
+            num_inference_steps: DDIM steps; edits of this inversion use the same number.
+            progress: show a progress bar.
+        Returns:
+            An `Inversion` holding the working-size image, the inverted latents and the memory bank (CPU-resident
+            on CUDA), with its size in bytes (`nbytes`).
+        """
+        if isinstance(image, Inversion):
+            raise TypeError("image: already an Inversion; pass it to an edit method instead")
+        prep = self._prepare(image, {"max_resolution": max_resolution})
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt: expected a string, got {type(prompt).__name__}")
+        schedule = self._schedule(num_inference_steps)
+        with _unet_lock(self.unet), tqdm(total=num_inference_steps, desc="dragondiff invert", leave=False,
+                                         disable=not progress) as bar:
+            latents, bank = self._invert_batch(prep["pixels"], [prompt], schedule, PassCounts(),
+                                               self._bank_device({}))
+            bar.update(num_inference_steps)
+        return Inversion(image=prep["image"], original_hw=prep["original_hw"], max_resolution=max_resolution,
+                         prompt=prompt, num_inference_steps=num_inference_steps, latents=latents.cpu(), bank=bank,
+                         model_key=id(self.unet), dtype=self.dtype)
+
+    def reconstruct(self, image, *, prompt: str | None = None, use_bank: bool = True, guidance_scale: float = 1.0,
                     **options) -> EditResult:
         """No edit: DDIM inversion, then unguided sampling from z_T (with the memory bank replacing the decoder
         self-attention K/V at every step if use_bank). Measures how faithfully the model inverts an image."""
         prep = self._prepare(image, options)
         h, w = prep["latent_hw"]
         nothing = torch.zeros(1, 1, h, w)
-        common = self._common("reconstruct", prep, [prompt], prompt, guidance_scale, 0.0, 0.0,
+        common = self._common("reconstruct", prep, prompt, None, guidance_scale, 0.0, 0.0,
                               0 if use_bank else 10**9, 10**9)
         task = Task(name="reconstruct", edit_region=nothing, sde_region=nothing, bank_mode=REPLACE, **common)
         return self._run(task, prep, {"sde_strength": 0.0, **options})
@@ -305,6 +352,8 @@ class DragonPipeline:
         unknown = set(options) - self._OPTIONS
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {sorted(unknown)}; allowed: {sorted(self._OPTIONS)}")
+        if isinstance(image, Inversion):
+            return self._prepare_inversion(image, options)
         img = io.load_image(image, "image")
         h, w = img.shape[:2]
         size = io.working_size(h, w, options.get("max_resolution", 768))
@@ -316,6 +365,26 @@ class DragonPipeline:
             "input_scale": size[1] / w,  # width-based, as the official demo (used for x and y)
             "image": work,
             "pixels": torch.from_numpy(io.to_pixels(work)),
+        }
+
+    def _prepare_inversion(self, inv: Inversion, options) -> dict:
+        """An edit of an already inverted image: check that it fits this model and these options."""
+        if inv.model_key != id(self.unet) or inv.dtype != self.dtype:
+            raise ValueError("image: this Inversion was made by another model or dtype; invert with this pipeline")
+        for key, value in (("max_resolution", inv.max_resolution), ("num_inference_steps", inv.num_inference_steps)):
+            if key in options and options[key] != value:
+                raise ValueError(f"{key}={options[key]!r} differs from the inversion's ({value}); leave it out or "
+                                 "invert again")
+        h, w = inv.original_hw
+        size = inv.size_hw
+        return {
+            "original_hw": (h, w),
+            "size_hw": size,
+            "latent_hw": (size[0] // 8, size[1] // 8),
+            "input_scale": size[1] / w,
+            "image": inv.image,
+            "pixels": torch.from_numpy(io.to_pixels(inv.image)),
+            "inversion": inv,
         }
 
     def _mask(self, mask, name, prep, levels: int = 255) -> torch.Tensor:
@@ -337,17 +406,33 @@ class DragonPipeline:
             raise ValueError("reference_mask: the mask vanishes at the working size")
         return torch.from_numpy(io.to_pixels(stretched)), m
 
-    def _common(self, name, prep, inversion_prompts, prompt, guidance_scale, energy_scale, gradient_coef,
+    def _common(self, name, prep, prompt, reference_prompt, guidance_scale, energy_scale, gradient_coef,
                 bank_first, bank_last) -> dict:
-        for label, text in zip(("prompt", "reference_prompt"), inversion_prompts):
-            if not isinstance(text, str):
+        inversion = prep.get("inversion")
+        if prompt is None:
+            prompt = "" if inversion is None else inversion.prompt
+        for label, text in (("prompt", prompt), ("reference_prompt", reference_prompt)):
+            if text is not None and not isinstance(text, str):
                 raise TypeError(f"{label}: expected a string, got {type(text).__name__}")
+        if inversion is not None and prompt != inversion.prompt:
+            raise ValueError(f"prompt: {prompt!r} differs from the prompt the inversion was made with "
+                             f"({inversion.prompt!r}); pass the same prompt (or none) or invert again")
+        inversion_prompts = [prompt]
+        if "reference_pixels" in prep:
+            inversion_prompts.append(prompt if reference_prompt is None else reference_prompt)
         for n, v in (("bank_start / bank_steps", bank_first), ("bank_steps", bank_last)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise ValueError(f"{n}: expected a non-negative integer step index, got {v!r}")
         pixels = prep["pixels"]
         if "reference_pixels" in prep:
             pixels = torch.cat([pixels, prep["reference_pixels"].to(pixels)])
+        prep["settings"] = settings = {}
+        for key, value in (("guidance_scale", guidance_scale), ("energy_scale", energy_scale)):
+            if value is None:
+                source = "model" if key in self.recommended_settings.get(name, {}) else "official"
+                value = (self.recommended_settings if source == "model" else OFFICIAL_SETTINGS)[name][key]
+            settings[key] = value
+        guidance_scale, energy_scale = settings["guidance_scale"], settings["energy_scale"]
         return {
             "pixels": pixels,
             "inversion_prompts": inversion_prompts,
@@ -359,11 +444,29 @@ class DragonPipeline:
             "bank_last": int(bank_last),
         }
 
-    def _run(self, task, prep, options) -> EditResult:
-        preset: Preset = get_preset(options.get("preset", "official"))
-        n = options.get("num_inference_steps", 50)
+    def _schedule(self, n) -> Schedule:
+        from diffusers import DDIMScheduler
+
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 1000:
             raise ValueError(f"num_inference_steps must be an integer in 1..1000, got {n!r}")
+        return Schedule.from_scheduler(DDIMScheduler.from_config(self.scheduler_config), int(n))
+
+    def _bank_device(self, options) -> torch.device:
+        return torch.device(options.get("bank_device") or ("cpu" if self.device.type == "cuda" else self.device))
+
+    def _invert_batch(self, pixels, prompts, schedule, counts, bank_device):
+        """Inversion of images (B, 3, H, W) into their own bank: (latents (n+1, B, 4, h, w), MemoryBank)."""
+        controller = BankController(MemoryBank(bank_device))
+        with bank_processors(self.unet, controller):
+            z0 = self.encode_image(pixels)
+            latents = invert(self.unet, z0, self.encode_prompt(prompts), schedule, controller, counts)
+        return latents, controller.bank
+
+    def _run(self, task, prep, options) -> EditResult:
+        preset: Preset = get_preset(options.get("preset", "official"))
+        inversion = prep.get("inversion")
+        n = options.get("num_inference_steps", inversion.num_inference_steps if inversion else 50)
+        schedule = self._schedule(n)
         sde = options.get("sde_strength")
         sde = preset.sde_strength if sde is None else _check_number(sde, "sde_strength", 0, 1)
         if sde > 0 and preset.sde_window is None:
@@ -382,34 +485,48 @@ class DragonPipeline:
         if callback is not None and not callable(callback):
             raise TypeError("callback_on_step_end must be callable(pipeline, step, timestep, {'latents': z})")
         intermediates = bool(options.get("return_intermediates", False))
-        from diffusers import DDIMScheduler
-
-        schedule = Schedule.from_scheduler(DDIMScheduler.from_config(self.scheduler_config), n)
-        bank_device = torch.device(options.get("bank_device") or ("cpu" if self.device.type == "cuda" else self.device))
+        bank_device = self._bank_device(options)
         counts = PassCounts()
-        controller = BankController(MemoryBank(bank_device), union_masks=task.union_masks)
+        stop = {"at": None}
 
         def step_callback(i, t, z):
             if callback is None:
                 return z
-            out = callback(self, i, t, {"latents": z})
-            return z if not out or "latents" not in out else out["latents"].to(z)
+            out = callback(self, i, t, {"latents": z}) or {}
+            if out.get("interrupt"):
+                stop["at"] = i
+            if "latents" not in out:
+                return z
+            new = out["latents"]
+            if not isinstance(new, torch.Tensor) or new.shape != z.shape:
+                raise TypeError(f"callback_on_step_end must return {{'latents': tensor of shape {tuple(z.shape)}}}, "
+                                f"got {type(new).__name__} {tuple(getattr(new, 'shape', ()))}")
+            return new.to(z)
 
         start = time.perf_counter()
-        with _unet_lock(self.unet), tqdm(total=2 * n, desc=f"dragondiff {task.name}", disable=not options.get("progress", True),
-                              leave=False) as bar, bank_processors(self.unet, controller):
-            z0 = self.encode_image(task.pixels)
-            inverted = invert(self.unet, z0, self.encode_prompt(task.inversion_prompts), schedule, controller, counts)
+        with _unet_lock(self.unet), tqdm(total=2 * n, desc=f"dragondiff {task.name}", leave=False,
+                                         disable=not options.get("progress", True)) as bar:
+            # All images in one batch; with a reused base inversion, only the reference (if any) is inverted.
+            parts = [] if inversion is None else [(inversion.latents.to(self.device), inversion.bank)]
+            if task.pixels.shape[0] > len(parts):
+                parts.append(self._invert_batch(task.pixels[len(parts):], task.inversion_prompts[len(parts):],
+                                                schedule, counts, bank_device))
             bar.update(n)
-            z_t, ref_t = task.init_latent(inverted[-1])
-            cond, uncond = self.encode_prompt([task.prompt]), self.encode_prompt([""])
-            final, rec = sample(
-                self.unet, task, preset, schedule, z_t, inverted, ref_t, cond, uncond, controller, counts,
-                sde_strength=sde, generator=generator, record=intermediates, step_callback=step_callback,
-                progress=bar,
-            )
+            inverted = torch.cat([lat for lat, _ in parts], dim=1)
+            controller = BankController(merge_banks([bank for _, bank in parts], bank_device),
+                                        union_masks=task.union_masks)
+            with bank_processors(self.unet, controller):
+                z_t, ref_t = task.init_latent(inverted[-1])
+                cond, uncond = self.encode_prompt([task.prompt]), self.encode_prompt([""])
+                final, rec = sample(
+                    self.unet, task, preset, schedule, z_t, inverted, ref_t, cond, uncond, controller, counts,
+                    sde_strength=sde, generator=generator, record=intermediates, step_callback=step_callback,
+                    progress=bar, should_stop=lambda: stop["at"] is not None,
+                )
             pixels = self.decode_latent(final)
-        del controller
+        flags = list(task.flags)
+        if stop["at"] is not None:
+            flags.append(f"interrupted after step {stop['at']} by callback_on_step_end")
         return EditResult(
             image=Image.fromarray(pixels),
             task=task.name,
@@ -420,7 +537,8 @@ class DragonPipeline:
             input_scale=prep["input_scale"],
             energies=rec.energies,
             pass_counts=counts.as_dict(),
-            flags=list(task.flags),
+            flags=flags,
+            settings=prep.get("settings", {}),
             seconds=time.perf_counter() - start,
             inverted_latents=inverted.cpu() if intermediates else None,
             z_T=z_t.cpu() if intermediates else None,
@@ -428,3 +546,28 @@ class DragonPipeline:
             guidance=[(i, r, g.cpu()) for i, r, g in rec.guidance] if intermediates else None,
             eps_cfg=[(i, r, e.cpu()) for i, r, e in rec.eps_cfg] if intermediates else None,
         )
+
+
+def check_settings(settings: dict, name: str) -> dict:
+    """Validate a recommended-settings table: {task: {"guidance_scale": x, "energy_scale": y}}."""
+    if not isinstance(settings, dict):
+        raise TypeError(f"{name}: expected a dict of task -> settings, got {type(settings).__name__}")
+    out = {}
+    for task, values in settings.items():
+        if task not in OFFICIAL_SETTINGS:
+            raise ValueError(f"{name}: unknown task {task!r}; allowed: {sorted(OFFICIAL_SETTINGS)}")
+        if not isinstance(values, dict) or not set(values) <= {"guidance_scale", "energy_scale"}:
+            raise ValueError(f"{name}[{task!r}]: expected a dict with guidance_scale and/or energy_scale, got {values!r}")
+        out[task] = {k: _check_number(v, f"{name}[{task!r}][{k!r}]", 0, 100) for k, v in values.items()}
+    return out
+
+
+def read_settings(folder) -> dict:
+    """The model's recommended settings from SETTINGS_FILE in a local model folder ({} when there is none)."""
+    import json
+
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return check_settings(data.get("settings", {}), str(path))

@@ -123,9 +123,11 @@ class SamplingRecord:
 def sample(unet, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tensor, inverted: torch.Tensor,
            ref_t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, controller: BankController,
            counts: PassCounts, *, sde_strength: float, generator: torch.Generator | None,
-           record: bool = False, step_callback: Callable | None = None, progress=None):
+           record: bool = False, step_callback: Callable | None = None, progress=None,
+           should_stop: Callable[[], bool] | None = None):
     """Guided DDIM sampling from z_T. `inverted` is the (n+1, B, ...) inversion; `ref_t` replaces inverted[n] as
-    the step-0 reference latent (drag's patched z_T). Returns (final latent, SamplingRecord)."""
+    the step-0 reference latent (drag's patched z_T). `should_stop()` is asked after every step (and its
+    callback): True ends sampling there. Returns (final latent, SamplingRecord)."""
     n = len(schedule.timesteps)
     rec = SamplingRecord()
     z = z_t
@@ -194,4 +196,6 @@ def sample(unet, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tens
             rec.latents.append(z)
         if progress is not None:
             progress.update(1)
+        if should_stop is not None and should_stop():
+            break
     return z, rec

@@ -26,16 +26,30 @@ from ..shapes.cases import make_case
 from ..shapes.scenes import COLOURS, random_scene, render
 
 TASKS = ("move", "resize", "drag", "appearance", "paste")
-_PIPE = None
+METHOD = {"move": "move", "resize": "move", "drag": "drag", "appearance": "appearance", "paste": "paste"}
+_PIPES: dict = {}
 
 
-def _pipe():
-    global _PIPE
-    if _PIPE is None:
+def _pipe(model: str | None = None):
+    """The bundled model, or a diffusers folder of a shapes model (e.g. a training checkpoint's export)."""
+    if model not in _PIPES:
         from ..pipeline import DragonPipeline
 
-        _PIPE = DragonPipeline.bundled(device="cpu")
-    return _PIPE
+        _PIPES[model] = (DragonPipeline.bundled(device="cpu") if model is None
+                         else DragonPipeline.from_pretrained(model, device="cpu", local_files_only=True))
+    return _PIPES[model]
+
+
+def settings_rows(pipe, choice: str) -> list[tuple[str, dict]]:
+    """(label, overrides) per row: the official demo's CFG/energy, and/or the model's recommended ones."""
+    from ..pipeline import OFFICIAL_SETTINGS
+
+    rows = []
+    if choice in ("official", "both"):
+        rows.append(("official defaults", {t: dict(OFFICIAL_SETTINGS[m]) for t, m in METHOD.items()}))
+    if choice in ("model", "both") and pipe.recommended_settings:
+        rows.append(("model defaults", {t: {} for t in METHOD}))
+    return rows
 
 
 @torch.no_grad()
@@ -115,16 +129,17 @@ def evaluate(pipe, case, output: np.ndarray) -> dict:
 
 
 def _worker(job):
-    task, k, preset, save_image, overrides = job
+    task, k, preset, save_image, overrides, model, label = job
     torch.set_num_threads(1)
-    pipe = _pipe()
+    pipe = _pipe(model)
     case = make_case(task, k)
     t0 = time.perf_counter()
     out = run_edit(pipe, case, preset, **overrides)
     seconds = time.perf_counter() - t0
     output = np.asarray(out.image)
     base = vae_roundtrip(pipe, case.scene.image[None])[0]
-    row = {"task": task, "k": k, "seed": case.seed, "seconds": round(seconds, 1), "flags": out.flags,
+    row = {"task": task, "k": k, "label": label, "seed": case.seed, "seconds": round(seconds, 1), "flags": out.flags,
+           "settings": out.settings,
            "edit": evaluate(pipe, case, output), "baseline": evaluate(pipe, case, base)}
     if save_image:
         row["images"] = [case.scene.image, case.target.image, output]
@@ -137,16 +152,21 @@ def _median(values):
 
 
 def summarise(rows, preset):
+    """One line per task and settings row (label), then the no-edit baseline of the task."""
     table = []
+    labels = list(dict.fromkeys(r["label"] for r in rows))
     for task in TASKS:
-        rs = [r for r in rows if r["task"] == task]
-        if not rs:
-            continue
-        for method in ("edit", "baseline"):
-            ms = [r[method] for r in rs]
+        for label in labels + ["baseline"]:
+            rs = [r for r in rows if r["task"] == task and r["label"] == (labels[0] if label == "baseline" else label)]
+            if not rs:
+                continue
+            ms = [r["baseline" if label == "baseline" else "edit"] for r in rs]
             keys = [k for k in ms[0] if k != "success"]
-            table.append({"task": task, "method": preset if method == "edit" else "baseline (no edit)",
-                          "n": len(ms), "success": sum(m["success"] for m in ms) / len(ms),
+            s = rs[0]["settings"]
+            method = ("baseline (no edit)" if label == "baseline" else
+                      f"{preset}, {label} (CFG {s['guidance_scale']:g}, energy {s['energy_scale']:g})")
+            table.append({"task": task, "method": method, "n": len(ms),
+                          "success": sum(m["success"] for m in ms) / len(ms),
                           **{f"median_{k}": _median([m[k] for m in ms]) for k in keys}})
     return table
 
@@ -230,18 +250,24 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quality", action="store_true", help="model quality only")
     parser.add_argument("--cases", type=int, default=50, help="cases per task")
+    parser.add_argument("--first-case", type=int, default=0,
+                        help="index of the first case (0: the shipped case seeds; the model's recommended settings "
+                             "were chosen on cases 0-19, so cases from 1000 on check them on unseen seeds)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--preset", default="official", choices=["official", "paper"])
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     parser.add_argument("--sheet", type=int, default=4, help="cases per task on the contact sheet")
+    parser.add_argument("--settings", default="both", choices=["official", "model", "both"],
+                        help="CFG/energy rows: the official demo's defaults, the model's recommended ones, or both")
     parser.add_argument("--guidance-scale", type=float, default=None, help="override every task's CFG scale")
     parser.add_argument("--energy-scale", type=float, default=None, help="override every task's energy scale")
+    parser.add_argument("--model", default=None, help="a shapes-model diffusers folder (default: the bundled model)")
     parser.add_argument("--out", type=Path, default=Path("out/bench/shapes"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.quality:
         torch.set_num_threads(2)
-        q = quality(_pipe())
+        q = quality(_pipe(args.model))
         from PIL import Image
 
         samples = q.pop("_samples")
@@ -250,27 +276,37 @@ def main(argv=None) -> int:
         (args.out / "quality.json").write_text(json.dumps(q, indent=1))
         print(json.dumps(q, indent=1))
         return 0
-    overrides = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("energy_scale", args.energy_scale))
-                 if v is not None}
-    label = args.preset + "".join(f" {k}={v:g}" for k, v in overrides.items())
-    tag = args.preset + "".join(f"_{k[0]}s{v:g}" for k, v in overrides.items())
+    fixed = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("energy_scale", args.energy_scale))
+             if v is not None}
+    if fixed:
+        rows_spec = [(" ".join(f"{k}={v:g}" for k, v in fixed.items()), {t: dict(fixed) for t in METHOD})]
+    else:
+        rows_spec = settings_rows(_pipe(args.model), args.settings)
+    tag = args.preset + "".join(f"_{k[0]}s{v:g}" for k, v in fixed.items())
+    if not fixed and args.settings != "both":
+        tag += f"_{args.settings}"
     if list(args.tasks) != list(TASKS):
         tag += "_" + "-".join(args.tasks)
-    jobs = [(task, k, args.preset, k < args.sheet, overrides) for task in args.tasks for k in range(args.cases)]
+    cases = range(args.first_case, args.first_case + args.cases)
+    jobs = [(task, k, args.preset, k < args.first_case + args.sheet, overrides[task], args.model, label)
+            for label, overrides in rows_spec for task in args.tasks for k in cases]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         rows = []
         for n, row in enumerate(pool.map(_worker, jobs), 1):
             rows.append(row)
             e = row["edit"]
-            print(f"[{n}/{len(jobs)}] {row['task']} k={row['k']} success={e['success']} "
+            print(f"[{n}/{len(jobs)}] {row['task']} {row['label']} k={row['k']} success={e['success']} "
                   + " ".join(f"{k}={v:.3g}" for k, v in e.items() if isinstance(v, float)), flush=True)
-    contact_sheet(rows, args.out / f"sheet_{tag}.png", args.sheet)
-    table = summarise(rows, label)
+    for label, _ in rows_spec:
+        slug = "".join(c if c.isalnum() else "-" for c in label).strip("-")
+        contact_sheet([r for r in rows if r["label"] == label], args.out / f"sheet_{tag}_{slug}.png", args.sheet)
+    table = summarise(rows, args.preset)
     for r in rows:
         r.pop("images", None)
     (args.out / f"results_{tag}.json").write_text(json.dumps(
-        {"preset": args.preset, "overrides": overrides, "cases": args.cases, "thresholds": mt.THRESHOLDS, "summary": table, "rows": rows,
+        {"preset": args.preset, "model": args.model or "bundled", "rows": [lbl for lbl, _ in rows_spec],
+         "cases": args.cases, "thresholds": mt.THRESHOLDS, "summary": table, "rows": rows,
          "wall_seconds": round(time.perf_counter() - t0, 1)}, indent=1, default=float))
     print("\n| task | method | n | success | medians |")
     print("|---|---|---|---|---|")

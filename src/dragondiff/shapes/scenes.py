@@ -123,8 +123,10 @@ def random_shape(rng, colour: str, others: list[Shape], size: int = SIZE, tries:
     return None
 
 
-def random_scene(seed, size: int = SIZE, n_objects: int | None = None) -> Scene:
-    """1-2 shapes in distinct colours on a flat (half) or smoothly blended (half) background."""
+def random_layout(seed, size: int = SIZE, n_objects: int | None = None) -> tuple[list[Shape], tuple]:
+    """The shapes and background of a random scene, without drawing it (cheap: rendering is done by `render`
+    here or in batches by `shapes.render_torch`). 1-2 shapes in distinct colours on a flat (half) or smoothly
+    blended (half) background."""
     rng = np.random.default_rng(seed)
     names = list(COLOURS)
     order = rng.permutation(len(names))
@@ -138,6 +140,12 @@ def random_scene(seed, size: int = SIZE, n_objects: int | None = None) -> Scene:
         s = random_shape(rng, colour, shapes, size)
         if s is not None:
             shapes.append(s)
+    return shapes, bg
+
+
+def random_scene(seed, size: int = SIZE, n_objects: int | None = None) -> Scene:
+    """The scene of `random_layout(seed)`, drawn, with masks and caption."""
+    shapes, bg = random_layout(seed, size, n_objects)
     return make_scene(shapes, bg, size)
 
 
