@@ -63,9 +63,37 @@ class Schedule:
         return i * 50 // len(self.timesteps)
 
 
-def _unet_eps(unet, latent, t, context) -> torch.Tensor:
+def unet_eps(unet, latent, t, context) -> torch.Tensor:
+    """ε prediction of an SD UNet in fp32, whatever the UNet's dtype."""
     out = unet(latent.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype), return_dict=False)[0]
     return out.float()
+
+
+# --- DDIM step math (η = 0 unless sigma is given). a_* are ᾱ values (tensors). ---------------------------------
+
+
+def predict_x0(z: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+    return (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+
+
+def ddim_step(z, eps_x0, a_t, a_prev, eps_dir=None, sigma=None, noise=None) -> torch.Tensor:
+    """z_t -> z_prev. x0 comes from `eps_x0` (the guided ε), the direction from `eps_dir` (default the same ε);
+    with sigma and noise, the stochastic DDIM step (η > 0)."""
+    eps_dir = eps_x0 if eps_dir is None else eps_dir
+    x0 = predict_x0(z, eps_x0, a_t)
+    if sigma is None:
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_dir
+    return a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps_dir + sigma * noise
+
+
+def ddim_inversion_step(z, eps, a_from, a_to) -> torch.Tensor:
+    """z at ᾱ=a_from -> z at the noisier ᾱ=a_to, with ε evaluated at the destination timestep."""
+    return a_to.sqrt() * predict_x0(z, eps, a_from) + (1 - a_to).sqrt() * eps
+
+
+def time_travel(z_prev, eps_src, a_src, a_t) -> torch.Tensor:
+    """Deterministic re-noising of z_prev (at ᾱ=a_src) back to ᾱ=a_t, with ε predicted at the source."""
+    return a_t.sqrt() * predict_x0(z_prev, eps_src, a_src) + (1 - a_t).sqrt() * eps_src
 
 
 @torch.no_grad()
@@ -83,11 +111,9 @@ def invert(unet, z0: torch.Tensor, context: torch.Tensor, schedule: Schedule, co
         i = n - 1 - j
         t = schedule.timesteps[i]
         with controller.use(CAPTURE, step=i):
-            eps = _unet_eps(unet, z, t, context)
+            eps = unet_eps(unet, z, t, context)
         counts.inversion_unet += 1
-        a_from, a_to = schedule.alpha(schedule.prev(i)), schedule.alpha(t)
-        x0 = (z - (1 - a_from).sqrt() * eps) / a_from.sqrt()
-        z = a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
+        z = ddim_inversion_step(z, eps, schedule.alpha(schedule.prev(i)), schedule.alpha(t))
         latents.append(z)
     return torch.stack(latents)
 
@@ -142,7 +168,7 @@ def sample(unet, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tens
         ref_features = None
         for r in range(repeats):
             with torch.no_grad(), controller.use(task.bank_mode_at(step), step=i):
-                eps_u, eps_c = _unet_eps(unet, torch.cat([z, z]), t, cfg_context).chunk(2)
+                eps_u, eps_c = unet_eps(unet, torch.cat([z, z]), t, cfg_context).chunk(2)
             counts.cfg_unet += 1
             eps = eps_u + task.guidance_scale * (eps_c - eps_u)
             if record:
@@ -161,29 +187,23 @@ def sample(unet, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tens
                 if record:
                     rec.guidance.append((i, r, g))
                 rec.energies.append((i, r) + energies)
-            # DDIM: guided eps for x0, unguided eps for the direction (spec §5.2).
-            x0 = (z - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
+            # DDIM: guided eps for x0, unguided eps for the direction (as the official code).
+            z_prev = ddim_step(z, eps_hat, a_t, a_prev, eps_dir=eps)
             if sde_strength > 0 and preset.has_sde(step):
                 noise = torch.randn(z.shape, generator=generator, device=generator.device if generator else z.device)
-                noise = noise.to(z)
                 base = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
                 sigma = sde_strength * base.sqrt()
-                # Outside the region eta = 0 (SDE_strength_un): plain DDIM; inside: DDIM with noise sigma.
-                z_plain = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-                z_sde = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps + sigma * noise
-                z_prev = (1 - sde_mask) * z_plain + sde_mask * z_sde
-            else:
-                z_prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+                # Outside the region eta = 0: plain DDIM; inside: DDIM with noise sigma.
+                z_sde = ddim_step(z, eps_hat, a_t, a_prev, eps_dir=eps, sigma=sigma, noise=noise.to(z))
+                z_prev = (1 - sde_mask) * z_prev + sde_mask * z_sde
             if r < repeats - 1:
                 # Time travel: deterministic re-noising back to t with eps at the source timestep t_prev,
                 # cond only, no bank. The official code also re-noises after the last repeat and discards it.
                 t_src = t_prev
                 with torch.no_grad(), controller.use(PLAIN):
-                    eps_src = _unet_eps(unet, z_prev, t_src, cond)
+                    eps_src = unet_eps(unet, z_prev, t_src, cond)
                 counts.time_travel_unet += 1
-                a_src = schedule.alpha(t_src)
-                x0_src = (z_prev - (1 - a_src).sqrt() * eps_src) / a_src.sqrt()
-                z = a_t.sqrt() * x0_src + (1 - a_t).sqrt() * eps_src
+                z = time_travel(z_prev, eps_src, schedule.alpha(t_src), a_t)
             else:
                 z = z_prev
         if not torch.isfinite(z).all():

@@ -190,18 +190,16 @@ def generate(pipe, captions, seed: int, guidance_scale: float = 4.0, steps: int 
     """Plain DDIM text-to-image sampling with CFG (quality check of the model, not an edit)."""
     from diffusers import DDIMScheduler
 
-    from ..sampler import Schedule, _unet_eps
+    from ..sampler import Schedule, ddim_step, unet_eps
 
     schedule = Schedule.from_scheduler(DDIMScheduler.from_config(pipe.scheduler_config), steps)
     cond, uncond = pipe.encode_prompt(captions), pipe.encode_prompt([""] * len(captions))
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((len(captions), 4, 16, 16), generator=gen)
     for i, t in enumerate(schedule.timesteps):
-        eps_u, eps_c = _unet_eps(pipe.unet, torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
+        eps_u, eps_c = unet_eps(pipe.unet, torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
         eps = eps_u + guidance_scale * (eps_c - eps_u)
-        a_t, a_prev = schedule.alpha(t), schedule.alpha(schedule.prev(i))
-        x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        z = ddim_step(z, eps, schedule.alpha(t), schedule.alpha(schedule.prev(i)))
     return np.stack([pipe.decode_latent(z[k : k + 1]) for k in range(len(captions))])
 
 
