@@ -511,7 +511,7 @@ def test_working_size_is_used_by_the_pipeline(tiny_pipe):
     img, _, _ = make_scene(size=96)
     prep = tiny_pipe._prepare(img[:, :80], {"max_resolution": 128})  # 96 high, 80 wide
     assert prep["size_hw"] == _official_working_size(96, 80, 128) == (128, 128)
-    assert prep["input_scale"] == 128 / 80 and prep["latent_hw"] == (16, 16)
+    assert prep["input_scale"] == (128 / 80, 128 / 96) and prep["latent_hw"] == (16, 16)
 
 
 def test_working_size_extreme_aspect():
@@ -555,3 +555,19 @@ def test_generator_must_be_a_torch_generator(pipe, img_disc_square):
     img, disc, _ = img_disc_square
     with pytest.raises(TypeError, match=r"^generator must be a torch.Generator"):
         _move(pipe, img, disc, generator=42)
+
+
+def test_non_square_points_scale_each_axis_by_its_own_factor(tiny_pipe):
+    """A 256x128 image at max_resolution 128 works at 192x64: x scales by 0.75, y by 0.5. A target inside the
+    editable mask is accepted and lands where it was drawn (the width factor alone would put y at 75 > 63)."""
+    img = np.full((128, 256, 3), 90, np.uint8)
+    editable = np.zeros((128, 256), bool)
+    editable[60:128, 150:256] = True
+    out = tiny_pipe.drag(img, [((170, 90), (200, 100))], editable, max_resolution=128, num_inference_steps=2,
+                         progress=False)
+    assert out.input_scale == (0.75, 0.5) and out.image.size == (192, 64)
+    # the target's 3x3 feature box is centred at (150, 50) working px -> feature cell (row 12, column 37)
+    rows, cols = np.nonzero(out.masks["target_boxes"][0])
+    assert (rows.mean(), cols.mean()) == (12, 37)
+    rows, cols = np.nonzero(out.masks["handle_boxes"][0])
+    assert (rows.mean(), cols.mean()) == (11, 31)  # handle (170, 90) -> (127.5, 45) px

@@ -244,8 +244,8 @@ class DragonPipeline:
                 raise TypeError(f"points[{k}]: expected a (handle, target) pair of (x, y) points, got {pair!r}")
             handle = io.check_point(pair[0], f"points[{k}] handle", prep["original_hw"])
             target = io.check_point(pair[1], f"points[{k}] target", prep["original_hw"])
-            s = prep["input_scale"]
-            scaled.append(((handle[0] * s, handle[1] * s), (target[0] * s, target[1] * s)))
+            sx, sy = prep["input_scale"]
+            scaled.append(((handle[0] * sx, handle[1] * sy), (target[0] * sx, target[1] * sy)))
             tx, ty = min(int(scaled[-1][1][0]), prep["size_hw"][1] - 1), min(int(scaled[-1][1][1]), prep["size_hw"][0] - 1)
             if not editable[ty, tx]:
                 raise ValueError(f"points[{k}]: target {tuple(pair[1])} lies outside the editable mask")
@@ -362,7 +362,9 @@ class DragonPipeline:
             "original_hw": (h, w),
             "size_hw": size,
             "latent_hw": (size[0] // 8, size[1] // 8),
-            "input_scale": size[1] / w,  # width-based, as the official demo (used for x and y)
+            # Per axis. The official demo scales x and y by the width ratio, which misplaces points and offsets
+            # in y on non-square images (sides are rounded to multiples of 64 separately).
+            "input_scale": (size[1] / w, size[0] / h),
             "image": work,
             "pixels": torch.from_numpy(io.to_pixels(work)),
         }
@@ -381,7 +383,7 @@ class DragonPipeline:
             "original_hw": (h, w),
             "size_hw": size,
             "latent_hw": (size[0] // 8, size[1] // 8),
-            "input_scale": size[1] / w,
+            "input_scale": (size[1] / w, size[0] / h),
             "image": inv.image,
             "pixels": torch.from_numpy(io.to_pixels(inv.image)),
             "inversion": inv,

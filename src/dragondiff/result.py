@@ -28,7 +28,7 @@ class EditResult:
     input_image: Image.Image
     reference_image: Image.Image | None
     masks: dict[str, np.ndarray]
-    input_scale: float
+    input_scale: tuple[float, float]  # (x, y): working size / original size
     energies: list[tuple[int, int, float, float]]
     pass_counts: dict[str, int]
     flags: list[str] = field(default_factory=list)

@@ -55,8 +55,10 @@ class MoveTask(Task):
 def build_move(
     *, object_mask, reference_region, offset_px, input_scale, scale, latent_hw, **common
 ) -> MoveTask:
-    """object_mask / reference_region: image-res bool tensors at working size; offset_px in original pixels."""
+    """object_mask / reference_region: image-res bool tensors at working size; offset_px in original pixels;
+    input_scale = (sx, sy), working size / original size per axis."""
     dx, dy = offset_px
+    sx, sy = input_scale
     feat_hw = (latent_hw[0] * 2, latent_hw[1] * 2)
     mask_org = nearest(object_mask, feat_hw)
     canvas = (int(feat_hw[0] * scale), int(feat_hw[1] * scale))
@@ -64,7 +66,7 @@ def build_move(
     if not mask_tar.any():
         raise ValueError(f"scale={scale:g} shrinks the object below one feature cell (4 px); use a larger scale")
     # Official feature-grid shift: floor-divide by 4 first, then x scale, then truncate.
-    shift_f = (int((dy * input_scale) // 4 * scale), int((dx * input_scale) // 4 * scale))
+    shift_f = (int((dy * sy) // 4 * scale), int((dx * sx) // 4 * scale))
     tar_cells, cur_cells = paired_cells(mask_tar, shift_f, feat_hw)
     if tar_cells[0].numel() == 0:
         raise ValueError(
@@ -83,7 +85,7 @@ def build_move(
         raise ValueError("reference_region: empty on the 4-px feature grid; draw a larger region")
     union = latent_region(mask_org | mask_cur, latent_hw)
     # The official latent shift forgets input_scale (dx/8); we apply it (fidelity.md).
-    shift_latent = (int(dy * input_scale / 8 * scale), int(dx * input_scale / 8 * scale))
+    shift_latent = (int(dy * sy / 8 * scale), int(dx * sx / 8 * scale))
     masks = {
         "object": object_mask.numpy(),
         "source_cells": mask_org.numpy(),

@@ -55,14 +55,15 @@ class PasteTask(Task):
 def build_paste(*, reference_mask, offset_px, input_scale, latent_hw, **common) -> PasteTask:
     """reference_mask: image-res bool tensor at working size, already scaled about the centre like the image."""
     dx, dy = offset_px
+    sx, sy = input_scale  # working size / original size, per axis
     image_hw = tuple(reference_mask.shape)
     feat_hw = (2 * latent_hw[0], 2 * latent_hw[1])
-    dest_image = place(reference_mask, (int(dy * input_scale), int(dx * input_scale)), image_hw)
+    dest_image = place(reference_mask, (int(dy * sy), int(dx * sx)), image_hw)
     dest = nearest(dest_image, feat_hw)
     if not dest.any():
         raise ValueError(f"offset={offset_px}: the pasted object lands outside the image (or below 4 px)")
     # Source cells = destination cells shifted back on the feature grid (official pairing).
-    back = (-int(dy * input_scale / 4), -int(dx * input_scale / 4))
+    back = (-int(dy * sy / 4), -int(dx * sx / 4))
     dest_cells, src_cells = paired_cells(dest, back, feat_hw)
     if dest_cells[0].numel() == 0:
         raise ValueError(f"offset={offset_px}: no part of the pasted object maps back into the reference")
@@ -81,6 +82,6 @@ def build_paste(*, reference_mask, offset_px, input_scale, latent_hw, **common) 
         dest_cells=dest_cells,
         src_cells=src_cells,
         # The official latent shift forgets input_scale (dy/8); we apply it (fidelity.md).
-        shift_latent=(int(dy * input_scale / 8), int(dx * input_scale / 8)),
+        shift_latent=(int(dy * sy / 8), int(dx * sx / 8)),
         **common,
     )
