@@ -509,9 +509,9 @@ def test_working_size_official_rule(hw, max_res, expected):
 
 def test_working_size_is_used_by_the_pipeline(tiny_pipe):
     img, _, _ = make_scene(size=96)
-    prep = tiny_pipe._prepare(img[:, :80], {"max_resolution": 128})  # 96 high, 80 wide
-    assert prep["size_hw"] == _official_working_size(96, 80, 128) == (128, 128)
-    assert prep["input_scale"] == (128 / 80, 128 / 96) and prep["latent_hw"] == (16, 16)
+    prep = tiny_pipe._prepare(img[:, :80], 128, 50)  # 96 high, 80 wide
+    assert prep.size_hw == _official_working_size(96, 80, 128) == (128, 128)
+    assert prep.input_scale == (128 / 80, 128 / 96) and prep.latent_hw == (16, 16)
 
 
 def test_working_size_extreme_aspect():

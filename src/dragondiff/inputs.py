@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
@@ -166,3 +168,48 @@ def check_point(p, name: str, size_hw: tuple[int, int]) -> tuple[float, float]:
 def to_pixels(image: np.ndarray) -> "np.ndarray":
     """uint8 HxWx3 -> float32 1x3xHxW in [-1, 1]."""
     return ((image.astype(np.float32) / 255.0 - 0.5) * 2.0).transpose(2, 0, 1)[None]
+
+
+@dataclass
+class Prepared:
+    """An edit's inputs at the working size: the base image (and, for two-image tasks, the reference)."""
+
+    original_hw: tuple[int, int]
+    size_hw: tuple[int, int]
+    input_scale: tuple[float, float]  # (x, y): working size / original size, each axis on its own
+    image: np.ndarray  # (H, W, 3) uint8, working size
+    pixels: "torch.Tensor"  # (1, 3, H, W) in [-1, 1]
+    vae_factor: int = 8
+    inversion: object = None  # an Inversion reused in place of inverting the image
+    reference_image: np.ndarray | None = None
+    reference_pixels: "torch.Tensor | None" = None
+
+    @classmethod
+    def from_image(cls, image: np.ndarray, max_resolution: int, vae_factor: int = 8) -> "Prepared":
+        h, w = image.shape[:2]
+        size = working_size(h, w, max_resolution)
+        work = resize_image(image, size)
+        return cls((h, w), size, (size[1] / w, size[0] / h), work, torch.from_numpy(to_pixels(work)), vae_factor)
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.size_hw[0] // self.vae_factor, self.size_hw[1] // self.vae_factor
+
+    def mask(self, mask, name: str, levels: int = 255) -> "torch.Tensor":
+        """A mask of the base image, at the working size (official bilinear + threshold)."""
+        m = resize_mask(load_mask(mask, name, self.original_hw), self.size_hw, levels)
+        if not m.any():
+            raise ValueError(f"{name}: the mask vanishes at the working size {self.size_hw[1]}x{self.size_hw[0]}")
+        return torch.from_numpy(m)
+
+    def reference(self, reference, reference_mask) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Reference image and its mask, stretched to the base image's working size (official: any aspect)."""
+        ref = load_image(reference, "reference")
+        m = load_mask(reference_mask, "reference_mask", ref.shape[:2])
+        h, w = self.size_hw
+        stretched = np.asarray(Image.fromarray(ref).resize((w, h), Image.BICUBIC))
+        self.reference_image = stretched
+        m = torch.from_numpy(resize_mask(m, (h, w)))
+        if not m.any():
+            raise ValueError("reference_mask: the mask vanishes at the working size")
+        return torch.from_numpy(to_pixels(stretched)), m

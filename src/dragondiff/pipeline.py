@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,21 +29,17 @@ from .inversion import Inversion, merge_banks
 from .presets import Preset, get_preset
 from .result import EditResult
 from .sampler import NonFiniteError, PassCounts, Schedule, invert, sample
-from .tasks import build_appearance, build_drag, build_move, build_paste
-from .tasks.base import Task, check_offset, check_scale
-from .tasks.paste import scale_about_centre
+from .inputs import Prepared
+from .spec import EditSpec, check_int, check_number, check_offset, check_scale, check_string
+from .tasks import TASKS
+from .tasks.base import Task
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUNDLED_ID = "dragondiff:shapes"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-# The official demo's CFG scale and energy scale (slider units) per task: what an edit uses when neither the caller
-# nor the model's recommended settings give a value. Chosen upstream for SD1.5 at 512 px.
-OFFICIAL_SETTINGS = {
-    "move": {"guidance_scale": 4.0, "energy_scale": 0.5},
-    "drag": {"guidance_scale": 4.0, "energy_scale": 2.0},
-    "appearance": {"guidance_scale": 5.0, "energy_scale": 2.0},
-    "paste": {"guidance_scale": 4.0, "energy_scale": 1.5},
-}
+# The official demo's CFG scale and energy scale (slider units) per task, from the task registry: what an edit uses
+# when neither the caller nor the model's recommended settings give a value. Chosen upstream for SD1.5 at 512 px.
+OFFICIAL_SETTINGS = {name: dict(info.settings) for name, info in TASKS.items()}
 # A model may ship its own recommended settings in this file beside its weights (same shape as OFFICIAL_SETTINGS).
 SETTINGS_FILE = "dragondiff_defaults.json"
 
@@ -66,15 +62,6 @@ def default_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def _check_number(value, name: str, low: float = 0.0, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
-    return value
 
 
 class DragonPipeline:
@@ -198,108 +185,161 @@ class DragonPipeline:
         x = (x.float() / 2 + 0.5).clamp(0, 1)
         return (x[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
 
-    # ------------------------------------------------------------------------------------------------ tasks
+    # ------------------------------------------------------------------------------------------------ edits
+
+    def edit(self, spec: EditSpec, *, generator: torch.Generator | None = None,
+             callback_on_step_end: Callable | None = None, return_intermediates: bool = False,
+             progress: bool = True, bank_device=None) -> EditResult:
+        """Run one edit described by an `EditSpec`.
+
+        Steps: 1. check the runtime arguments; 2. resolve the spec's defaults (task registry, the model's
+        recommended settings, a reused inversion); 3. prepare the inputs at the working size; 4. build the task
+        (geometry, masks, energies) through the registry; 5. invert (unless given an `Inversion`), initialise
+        z_T, run guided sampling, decode.
+
+        Args:
+            spec: the edit.
+            generator: a torch.Generator for the regional-SDE noise, instead of one seeded with `spec.seed`.
+            callback_on_step_end: `callback(pipe, step, timestep, {"latents": z})` after every sampling step;
+                it may return `{"latents": new_z}` (same shape) and/or `{"interrupt": True}` to stop the edit
+                there (the result is then decoded from the current latent and flagged).
+            return_intermediates: also return every latent, guidance tensor and the inversion.
+            progress: show a progress bar.
+            bank_device: where the memory bank lives (default: the CPU on CUDA, else the pipeline's device).
+        Returns:
+            An `EditResult` whose `spec` is the resolved spec (every default filled in).
+        """
+        if not isinstance(spec, EditSpec):
+            raise TypeError(f"spec: expected an EditSpec, got {type(spec).__name__}")
+        self._check_runtime(generator, callback_on_step_end, bank_device)
+        inversion = spec.image if isinstance(spec.image, Inversion) else None
+        if inversion is not None and spec.prompt is not None and spec.prompt != inversion.prompt:
+            raise ValueError(f"prompt: {spec.prompt!r} differs from the prompt the inversion was made with "
+                             f"({inversion.prompt!r}); pass the same prompt (or none) or invert again")
+        spec = spec.resolved(self.recommended_settings, inversion)
+        prep = self._prepare(spec.image, spec.max_resolution, spec.num_inference_steps, spec)
+        task = TASKS[spec.task].build(spec, prep)
+        return self._run(task, prep, spec.preset, spec.num_inference_steps, spec.sde_strength, spec.seed, spec=spec,
+                         generator=generator, callback=callback_on_step_end, intermediates=return_intermediates,
+                         progress=progress, bank_device=bank_device)
 
     def move(self, image, mask, offset=(0, 0), scale: float = 1.0, *, prompt: str | None = None,
-             reference_region=None, w_edit: float = 4.0, w_content: float = 6.0, w_contrast: float = 0.2,
-             w_inpaint: float = 0.8, guidance_scale: float | None = None, energy_scale: float | None = None,
-             gradient_coef: float = 0.08, bank_start: int = 5, **options) -> EditResult:
+             reference_region=None, w_edit: float | None = None, w_content: float | None = None,
+             w_contrast: float | None = None, w_inpaint: float | None = None, guidance_scale: float | None = None,
+             energy_scale: float | None = None, gradient_coef: float | None = None, bank_start: int | None = None,
+             preset: str = "official", seed: int = 42, num_inference_steps: int | None = None,
+             max_resolution: int | None = None, sde_strength: float | None = None, generator=None,
+             callback_on_step_end=None, return_intermediates: bool = False, progress: bool = True,
+             bank_device=None) -> EditResult:
         """Move the masked object by offset=(dx, dy) original-image pixels; scale != 1 also resizes it.
 
-        Official geometry: shift, then scale about the image centre. `reference_region` (optional mask) is what
-        the vacated area should come to look like (default: the background). energy_scale is in the demo's
-        slider units (x1e3). guidance_scale / energy_scale left as None take the model's recommended settings
-        if it ships them (`recommended_settings`), else the official demo's (`OFFICIAL_SETTINGS`)."""
-        prep = self._prepare(image, options)
-        dx, dy = check_offset(offset)
-        scale = check_scale(scale)
-        if dx == 0 and dy == 0 and scale == 1:
-            raise ValueError("offset=(0, 0) with scale=1 is not an edit; give a displacement or a scale")
-        obj = self._mask(mask, "mask", prep)
-        region = None if reference_region is None else self._mask(reference_region, "reference_region", prep)
-        task = build_move(
-            object_mask=obj, reference_region=region, offset_px=(dx, dy), input_scale=prep["input_scale"],
-            scale=scale, latent_hw=prep["latent_hw"], w_edit=_check_number(w_edit, "w_edit"),
-            w_content=_check_number(w_content, "w_content"), w_contrast=_check_number(w_contrast, "w_contrast"),
-            w_inpaint=_check_number(w_inpaint, "w_inpaint"),
-            **self._common("move", prep, prompt, None, guidance_scale, energy_scale, gradient_coef,
-                           bank_start, 10**9),
-        )
-        return self._run(task, prep, options)
+        Official geometry: shift, then scale about the image centre.
 
-    def drag(self, image, points, mask, *, prompt: str | None = None, w_edit: float = 4.0, w_content: float = 6.0,
-             w_inpaint: float = 0.2, guidance_scale: float | None = None, energy_scale: float | None = None,
-             gradient_coef: float = 0.04, bank_start: int = 5, **options) -> EditResult:
-        """Drag content: points = [((handle_x, handle_y), (target_x, target_y)), ...] in original pixels, inside
-        the editable `mask` (pixels outside it are kept)."""
-        prep = self._prepare(image, options)
-        if isinstance(points, np.ndarray):
-            points = points.tolist()
-        if isinstance(points, (str, bytes)) or not isinstance(points, Sequence) or len(points) == 0:
+        Args:
+            image: PIL image, HxWx3 uint8 array, path, or an `Inversion` from `invert`.
+            mask: the object (PIL, bool/0-1/0-255 array or path, the size of the image).
+            offset: (dx, dy) in original pixels.
+            scale: resize factor in (0, 10].
+            reference_region: optional mask of what the vacated area should come to look like (default: the
+                background).
+            w_edit, w_content, w_contrast, w_inpaint: energy weights (default 4, 6, 0.2, 0.8).
+            bank_start: first step that uses the memory bank (default 5).
+        """
+        check_offset(offset), check_scale(scale)  # positional: None is not "the default" here
+        return self.edit(EditSpec(
+            task="move", image=image, mask=mask, offset=offset, scale=scale, reference_region=reference_region,
+            prompt=prompt, w_edit=w_edit, w_content=w_content, w_contrast=w_contrast, w_inpaint=w_inpaint,
+            guidance_scale=guidance_scale, energy_scale=energy_scale, gradient_coef=gradient_coef,
+            bank_steps=_bank_from_start(bank_start), preset=preset, seed=seed,
+            num_inference_steps=num_inference_steps, max_resolution=max_resolution, sde_strength=sde_strength,
+        ), generator=generator, callback_on_step_end=callback_on_step_end,
+            return_intermediates=return_intermediates, progress=progress, bank_device=bank_device)
+
+    def drag(self, image, points, mask, *, prompt: str | None = None, w_edit: float | None = None,
+             w_content: float | None = None, w_inpaint: float | None = None, guidance_scale: float | None = None,
+             energy_scale: float | None = None, gradient_coef: float | None = None, bank_start: int | None = None,
+             preset: str = "official", seed: int = 42, num_inference_steps: int | None = None,
+             max_resolution: int | None = None, sde_strength: float | None = None, generator=None,
+             callback_on_step_end=None, return_intermediates: bool = False, progress: bool = True,
+             bank_device=None) -> EditResult:
+        """Drag content from handle points to target points inside an editable mask (pixels outside it are kept).
+
+        Args:
+            image: PIL image, HxWx3 uint8 array, path, or an `Inversion` from `invert`.
+            points: [((handle_x, handle_y), (target_x, target_y)), ...] in original pixels.
+            mask: the editable area (targets must lie inside it).
+            w_edit, w_content, w_inpaint: energy weights (default 4, 6, 0.2).
+            bank_start: first step that uses the memory bank (default 5).
+        """
+        if points is None:
             raise TypeError("points: expected a non-empty list of ((hx, hy), (tx, ty)) pairs")
-        editable = self._mask(mask, "mask", prep, levels=1)  # the demo's sketch mask is 0/1
-        scaled = []
-        for k, pair in enumerate(points):
-            if not isinstance(pair, Sequence) or len(pair) != 2:
-                raise TypeError(f"points[{k}]: expected a (handle, target) pair of (x, y) points, got {pair!r}")
-            handle = io.check_point(pair[0], f"points[{k}] handle", prep["original_hw"])
-            target = io.check_point(pair[1], f"points[{k}] target", prep["original_hw"])
-            sx, sy = prep["input_scale"]
-            scaled.append(((handle[0] * sx, handle[1] * sy), (target[0] * sx, target[1] * sy)))
-            tx, ty = min(int(scaled[-1][1][0]), prep["size_hw"][1] - 1), min(int(scaled[-1][1][1]), prep["size_hw"][0] - 1)
-            if not editable[ty, tx]:
-                raise ValueError(f"points[{k}]: target {tuple(pair[1])} lies outside the editable mask")
-        task = build_drag(
-            mask=editable, points_scaled=scaled, latent_hw=prep["latent_hw"], w_edit=_check_number(w_edit, "w_edit"),
-            w_content=_check_number(w_content, "w_content"), w_inpaint=_check_number(w_inpaint, "w_inpaint"),
-            **self._common("drag", prep, prompt, None, guidance_scale, energy_scale, gradient_coef,
-                           bank_start, 10**9),
-        )
-        return self._run(task, prep, options)
+        return self.edit(EditSpec(
+            task="drag", image=image, points=points, mask=mask, prompt=prompt, w_edit=w_edit, w_content=w_content,
+            w_inpaint=w_inpaint, guidance_scale=guidance_scale, energy_scale=energy_scale,
+            gradient_coef=gradient_coef, bank_steps=_bank_from_start(bank_start), preset=preset, seed=seed,
+            num_inference_steps=num_inference_steps, max_resolution=max_resolution, sde_strength=sde_strength,
+        ), generator=generator, callback_on_step_end=callback_on_step_end,
+            return_intermediates=return_intermediates, progress=progress, bank_device=bank_device)
 
     def replace_appearance(self, image, mask, reference, reference_mask, *, prompt: str | None = None,
-                           reference_prompt: str | None = None, w_edit: float = 3.5, w_content: float = 5.0,
-                           guidance_scale: float | None = None, energy_scale: float | None = None,
-                           gradient_coef: float = 0.04,
-                           bank_steps: tuple[int, int] = (0, 35), **options) -> EditResult:
-        """Give the masked object in `image` the appearance of the masked object in `reference`."""
-        prep = self._prepare(image, options)
-        obj = self._mask(mask, "mask", prep)
-        ref_pixels, ref_mask = self._reference(reference, reference_mask, prep)
-        prep["reference_pixels"] = ref_pixels
-        task = build_appearance(
-            mask=obj, reference_mask=ref_mask, latent_hw=prep["latent_hw"], w_edit=_check_number(w_edit, "w_edit"),
-            w_content=_check_number(w_content, "w_content"),
-            **self._common("appearance", prep, prompt, reference_prompt, guidance_scale, energy_scale,
-                           gradient_coef, *bank_steps),
-        )
-        return self._run(task, prep, options)
+                           reference_prompt: str | None = None, w_edit: float | None = None,
+                           w_content: float | None = None, guidance_scale: float | None = None,
+                           energy_scale: float | None = None, gradient_coef: float | None = None,
+                           bank_steps: tuple[int, int | None] | None = None, preset: str = "official",
+                           seed: int = 42, num_inference_steps: int | None = None,
+                           max_resolution: int | None = None, sde_strength: float | None = None, generator=None,
+                           callback_on_step_end=None, return_intermediates: bool = False, progress: bool = True,
+                           bank_device=None) -> EditResult:
+        """Give the masked object in `image` the appearance of the masked object in `reference`.
+
+        Args:
+            image: PIL image, HxWx3 uint8 array, path, or an `Inversion` from `invert`.
+            mask: the object to change.
+            reference: the image whose object lends its appearance (stretched to the image's working size).
+            reference_mask: that object, the size of `reference`.
+            reference_prompt: the reference's inversion prompt (default: `prompt`).
+            w_edit, w_content: energy weights (default 3.5, 5).
+            bank_steps: (first, last) steps that use the memory bank (default (0, 35)).
+        """
+        return self.edit(EditSpec(
+            task="appearance", image=image, mask=mask, reference=reference, reference_mask=reference_mask,
+            prompt=prompt, reference_prompt=reference_prompt, w_edit=w_edit, w_content=w_content,
+            guidance_scale=guidance_scale, energy_scale=energy_scale, gradient_coef=gradient_coef,
+            bank_steps=bank_steps, preset=preset, seed=seed, num_inference_steps=num_inference_steps,
+            max_resolution=max_resolution, sde_strength=sde_strength,
+        ), generator=generator, callback_on_step_end=callback_on_step_end,
+            return_intermediates=return_intermediates, progress=progress, bank_device=bank_device)
 
     def paste(self, image, reference, reference_mask, offset=(0, 0), scale: float = 1.0, *,
-              prompt: str | None = None,
-              reference_prompt: str | None = None, w_edit: float = 4.0, w_content: float = 6.0,
-              guidance_scale: float | None = None, energy_scale: float | None = None, gradient_coef: float = 0.04,
-              bank_steps: tuple[int, int] = (0, 35), **options) -> EditResult:
+              prompt: str | None = None, reference_prompt: str | None = None, w_edit: float | None = None,
+              w_content: float | None = None, guidance_scale: float | None = None, energy_scale: float | None = None,
+              gradient_coef: float | None = None, bank_steps: tuple[int, int | None] | None = None,
+              preset: str = "official", seed: int = 42, num_inference_steps: int | None = None,
+              max_resolution: int | None = None, sde_strength: float | None = None, generator=None,
+              callback_on_step_end=None, return_intermediates: bool = False, progress: bool = True,
+              bank_device=None) -> EditResult:
         """Paste the masked object of `reference` into `image`, at its reference position shifted by
-        offset=(dx, dy) base-image pixels, scaled by `scale` about the image centre (official geometry)."""
-        prep = self._prepare(image, options)
-        dx, dy = check_offset(offset)
-        scale = check_scale(scale, high=4.0)
-        ref_pixels, ref_mask = self._reference(reference, reference_mask, prep)
-        ref_pixels = scale_about_centre(ref_pixels, scale)  # zero padding = mid-grey in [-1, 1]
-        ref_mask = scale_about_centre(ref_mask, scale)
-        prep["reference_image"] = ((ref_pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
-        if not ref_mask.any():
-            raise ValueError(f"scale={scale:g} crops the reference object away entirely")
-        prep["reference_pixels"] = ref_pixels
-        task = build_paste(
-            reference_mask=ref_mask, offset_px=(dx, dy), input_scale=prep["input_scale"],
-            latent_hw=prep["latent_hw"], w_edit=_check_number(w_edit, "w_edit"),
-            w_content=_check_number(w_content, "w_content"),
-            **self._common("paste", prep, prompt, reference_prompt, guidance_scale, energy_scale, gradient_coef,
-                           *bank_steps),
-        )
-        return self._run(task, prep, options)
+        offset=(dx, dy) base-image pixels, scaled by `scale` about the image centre (official geometry).
+
+        Args:
+            image: PIL image, HxWx3 uint8 array, path, or an `Inversion` from `invert`.
+            reference: the image holding the object (stretched to the image's working size).
+            reference_mask: that object, the size of `reference`.
+            offset: (dx, dy) in base-image pixels.
+            scale: resize factor in (0, 4].
+            reference_prompt: the reference's inversion prompt (default: `prompt`).
+            w_edit, w_content: energy weights (default 4, 6).
+            bank_steps: (first, last) steps that use the memory bank (default (0, 35)).
+        """
+        check_offset(offset), check_scale(scale, high=4.0)
+        return self.edit(EditSpec(
+            task="paste", image=image, reference=reference, reference_mask=reference_mask, offset=offset,
+            scale=scale, prompt=prompt, reference_prompt=reference_prompt, w_edit=w_edit, w_content=w_content,
+            guidance_scale=guidance_scale, energy_scale=energy_scale, gradient_coef=gradient_coef,
+            bank_steps=bank_steps, preset=preset, seed=seed, num_inference_steps=num_inference_steps,
+            max_resolution=max_resolution, sde_strength=sde_strength,
+        ), generator=generator, callback_on_step_end=callback_on_step_end,
+            return_intermediates=return_intermediates, progress=progress, bank_device=bank_device)
 
     def invert(self, image, *, prompt: str = "", max_resolution: int = 768, num_inference_steps: int = 50,
                progress: bool = True) -> Inversion:
@@ -318,143 +358,91 @@ class DragonPipeline:
         """
         if isinstance(image, Inversion):
             raise TypeError("image: already an Inversion; pass it to an edit method instead")
-        prep = self._prepare(image, {"max_resolution": max_resolution})
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt: expected a string, got {type(prompt).__name__}")
-        schedule = self._schedule(num_inference_steps)
-        with _unet_lock(self.unet), tqdm(total=num_inference_steps, desc="dragondiff invert", leave=False,
+        check_string(prompt, "prompt")
+        steps = check_int(num_inference_steps, "num_inference_steps", 1, 1000)
+        prep = self._prepare(image, max_resolution, steps)
+        schedule = self._schedule(steps)
+        with _unet_lock(self.unet), tqdm(total=steps, desc="dragondiff invert", leave=False,
                                          disable=not progress) as bar:
-            latents, bank = self._invert_batch(prep["pixels"], [prompt], schedule, PassCounts(),
-                                               self._bank_device({}))
-            bar.update(num_inference_steps)
-        return Inversion(image=prep["image"], original_hw=prep["original_hw"], max_resolution=max_resolution,
-                         prompt=prompt, num_inference_steps=num_inference_steps, latents=latents.cpu(), bank=bank,
+            latents, bank = self._invert_batch(prep.pixels, [prompt], schedule, PassCounts(), self._bank_device(None))
+            bar.update(steps)
+        return Inversion(image=prep.image, original_hw=prep.original_hw, max_resolution=max_resolution,
+                         prompt=prompt, num_inference_steps=steps, latents=latents.cpu(), bank=bank,
                          model_key=id(self.unet), dtype=self.dtype)
 
     def reconstruct(self, image, *, prompt: str | None = None, use_bank: bool = True, guidance_scale: float = 1.0,
-                    **options) -> EditResult:
+                    num_inference_steps: int | None = None, max_resolution: int | None = None,
+                    return_intermediates: bool = False, progress: bool = True) -> EditResult:
         """No edit: DDIM inversion, then unguided sampling from z_T (with the memory bank replacing the decoder
-        self-attention K/V at every step if use_bank). Measures how faithfully the model inverts an image."""
-        prep = self._prepare(image, options)
-        h, w = prep["latent_hw"]
+        self-attention K/V at every step if use_bank). Measures how faithfully the model inverts an image.
+
+        Args: as `move` (image, prompt, guidance_scale, num_inference_steps, max_resolution,
+            return_intermediates, progress); use_bank: replace the decoder self-attention K/V at every step.
+        """
+        inversion = image if isinstance(image, Inversion) else None
+        steps = num_inference_steps or (inversion.num_inference_steps if inversion else 50)
+        resolution = max_resolution or (inversion.max_resolution if inversion else 768)
+        prep = self._prepare(image, resolution, steps)
+        if prompt is None:
+            prompt = "" if inversion is None else inversion.prompt
+        check_string(prompt, "prompt")
+        h, w = prep.latent_hw
         nothing = torch.zeros(1, 1, h, w)
-        common = self._common("reconstruct", prep, prompt, None, guidance_scale, 0.0, 0.0,
-                              0 if use_bank else 10**9, 10**9)
-        task = Task(name="reconstruct", edit_region=nothing, sde_region=nothing, bank_mode=REPLACE, **common)
-        return self._run(task, prep, {"sde_strength": 0.0, **options})
+        task = Task(name="reconstruct", pixels=prep.pixels, inversion_prompts=[prompt], prompt=prompt,
+                    guidance_scale=check_number(guidance_scale, "guidance_scale", 0, 50), energy_scale=0.0,
+                    gradient_coef=0.0, edit_region=nothing, sde_region=nothing, bank_mode=REPLACE,
+                    bank_first=0 if use_bank else 1_000_000, bank_last=None)
+        return self._run(task, prep, "official", steps, 0.0, 0, intermediates=return_intermediates,
+                         progress=progress)
 
     # ------------------------------------------------------------------------------------------- internals
 
-    _OPTIONS = {"preset", "seed", "generator", "num_inference_steps", "max_resolution", "sde_strength",
-                "callback_on_step_end", "return_intermediates", "progress", "bank_device"}
+    def _check_runtime(self, generator, callback, bank_device) -> None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator is not None and generator.device.type not in ("cpu", self.device.type):
+            raise ValueError(f"generator is on {generator.device}; use a CPU generator or one on {self.device}")
+        if callback is not None and not callable(callback):
+            raise TypeError("callback_on_step_end must be callable(pipeline, step, timestep, {'latents': z})")
+        if bank_device is not None:
+            try:
+                device = torch.device(bank_device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"bank_device: {bank_device!r} is not a torch device ({e})") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"bank_device: {bank_device!r} but this torch build has no CUDA device")
 
-    def _prepare(self, image, options) -> dict:
-        unknown = set(options) - self._OPTIONS
-        if unknown:
-            raise TypeError(f"unexpected keyword argument(s): {sorted(unknown)}; allowed: {sorted(self._OPTIONS)}")
+    def _prepare(self, image, max_resolution: int, num_inference_steps: int, spec=None) -> Prepared:
         if isinstance(image, Inversion):
-            return self._prepare_inversion(image, options)
+            return self._prepare_inversion(image, max_resolution, num_inference_steps)
         img = io.load_image(image, "image")
-        h, w = img.shape[:2]
-        size = io.working_size(h, w, options.get("max_resolution", 768))
-        work = io.resize_image(img, size)
-        return {
-            "original_hw": (h, w),
-            "size_hw": size,
-            "latent_hw": (size[0] // 8, size[1] // 8),
-            # Per axis. The official demo scales x and y by the width ratio, which misplaces points and offsets
-            # in y on non-square images (sides are rounded to multiples of 64 separately).
-            "input_scale": (size[1] / w, size[0] / h),
-            "image": work,
-            "pixels": torch.from_numpy(io.to_pixels(work)),
-        }
+        return Prepared.from_image(img, max_resolution, self.vae_scale_factor)
 
-    def _prepare_inversion(self, inv: Inversion, options) -> dict:
+    def _prepare_inversion(self, inv: Inversion, max_resolution: int, num_inference_steps: int) -> Prepared:
         """An edit of an already inverted image: check that it fits this model and these options."""
         if inv.model_key != id(self.unet) or inv.dtype != self.dtype:
             raise ValueError("image: this Inversion was made by another model or dtype; invert with this pipeline")
-        for key, value in (("max_resolution", inv.max_resolution), ("num_inference_steps", inv.num_inference_steps)):
-            if key in options and options[key] != value:
-                raise ValueError(f"{key}={options[key]!r} differs from the inversion's ({value}); leave it out or "
-                                 "invert again")
+        for key, value, own in (("max_resolution", max_resolution, inv.max_resolution),
+                                ("num_inference_steps", num_inference_steps, inv.num_inference_steps)):
+            if value != own:
+                raise ValueError(f"{key}={value!r} differs from the inversion's ({own}); leave it out or invert again")
         h, w = inv.original_hw
         size = inv.size_hw
-        return {
-            "original_hw": (h, w),
-            "size_hw": size,
-            "latent_hw": (size[0] // 8, size[1] // 8),
-            "input_scale": (size[1] / w, size[0] / h),
-            "image": inv.image,
-            "pixels": torch.from_numpy(io.to_pixels(inv.image)),
-            "inversion": inv,
-        }
+        return Prepared((h, w), size, (size[1] / w, size[0] / h), inv.image, torch.from_numpy(io.to_pixels(inv.image)),
+                        self.vae_scale_factor, inversion=inv)
 
-    def _mask(self, mask, name, prep, levels: int = 255) -> torch.Tensor:
-        m = io.load_mask(mask, name, prep["original_hw"])
-        m = io.resize_mask(m, prep["size_hw"], levels)
-        if not m.any():
-            raise ValueError(f"{name}: the mask vanishes at the working size {prep['size_hw'][1]}x{prep['size_hw'][0]}")
-        return torch.from_numpy(m)
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell, from the VAE's configuration (as diffusers computes it)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def _reference(self, reference, reference_mask, prep):
-        """Reference image and its mask, stretched to the base image's working size (official: any aspect)."""
-        ref = io.load_image(reference, "reference")
-        m = io.load_mask(reference_mask, "reference_mask", ref.shape[:2])
-        h, w = prep["size_hw"]
-        stretched = np.asarray(Image.fromarray(ref).resize((w, h), Image.BICUBIC))
-        prep["reference_image"] = stretched
-        m = torch.from_numpy(io.resize_mask(m, (h, w)))
-        if not m.any():
-            raise ValueError("reference_mask: the mask vanishes at the working size")
-        return torch.from_numpy(io.to_pixels(stretched)), m
-
-    def _common(self, name, prep, prompt, reference_prompt, guidance_scale, energy_scale, gradient_coef,
-                bank_first, bank_last) -> dict:
-        inversion = prep.get("inversion")
-        if prompt is None:
-            prompt = "" if inversion is None else inversion.prompt
-        for label, text in (("prompt", prompt), ("reference_prompt", reference_prompt)):
-            if text is not None and not isinstance(text, str):
-                raise TypeError(f"{label}: expected a string, got {type(text).__name__}")
-        if inversion is not None and prompt != inversion.prompt:
-            raise ValueError(f"prompt: {prompt!r} differs from the prompt the inversion was made with "
-                             f"({inversion.prompt!r}); pass the same prompt (or none) or invert again")
-        inversion_prompts = [prompt]
-        if "reference_pixels" in prep:
-            inversion_prompts.append(prompt if reference_prompt is None else reference_prompt)
-        for n, v in (("bank_start / bank_steps", bank_first), ("bank_steps", bank_last)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ValueError(f"{n}: expected a non-negative integer step index, got {v!r}")
-        pixels = prep["pixels"]
-        if "reference_pixels" in prep:
-            pixels = torch.cat([pixels, prep["reference_pixels"].to(pixels)])
-        prep["settings"] = settings = {}
-        for key, value in (("guidance_scale", guidance_scale), ("energy_scale", energy_scale)):
-            if value is None:
-                source = "model" if key in self.recommended_settings.get(name, {}) else "official"
-                value = (self.recommended_settings if source == "model" else OFFICIAL_SETTINGS)[name][key]
-            settings[key] = value
-        guidance_scale, energy_scale = settings["guidance_scale"], settings["energy_scale"]
-        return {
-            "pixels": pixels,
-            "inversion_prompts": inversion_prompts,
-            "prompt": prompt,
-            "guidance_scale": _check_number(guidance_scale, "guidance_scale", 0, 50),
-            "energy_scale": _check_number(energy_scale, "energy_scale", 0, 100) * 1000.0,
-            "gradient_coef": _check_number(gradient_coef, "gradient_coef"),
-            "bank_first": int(bank_first),
-            "bank_last": int(bank_last),
-        }
-
-    def _schedule(self, n) -> Schedule:
+    def _schedule(self, n: int) -> Schedule:
         from diffusers import DDIMScheduler
 
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 1000:
-            raise ValueError(f"num_inference_steps must be an integer in 1..1000, got {n!r}")
         return Schedule.from_scheduler(DDIMScheduler.from_config(self.scheduler_config), int(n))
 
-    def _bank_device(self, options) -> torch.device:
-        return torch.device(options.get("bank_device") or ("cpu" if self.device.type == "cuda" else self.device))
+    def _bank_device(self, bank_device) -> torch.device:
+        return torch.device(bank_device or ("cpu" if self.device.type == "cuda" else self.device))
 
     def _invert_batch(self, pixels, prompts, schedule, counts, bank_device):
         """Inversion of images (B, 3, H, W) into their own bank: (latents (n+1, B, 4, h, w), MemoryBank)."""
@@ -464,30 +452,15 @@ class DragonPipeline:
             latents = invert(self.unet, z0, self.encode_prompt(prompts), schedule, controller, counts)
         return latents, controller.bank
 
-    def _run(self, task, prep, options) -> EditResult:
-        preset: Preset = get_preset(options.get("preset", "official"))
-        inversion = prep.get("inversion")
-        n = options.get("num_inference_steps", inversion.num_inference_steps if inversion else 50)
+    def _run(self, task: Task, prep: Prepared, preset_name: str, n: int, sde: float, seed: int, *, spec=None,
+             generator=None, callback=None, intermediates: bool = False, progress: bool = True,
+             bank_device=None) -> EditResult:
+        preset: Preset = get_preset(preset_name)
+        inversion = prep.inversion
         schedule = self._schedule(n)
-        sde = options.get("sde_strength")
-        sde = preset.sde_strength if sde is None else _check_number(sde, "sde_strength", 0, 1)
-        if sde > 0 and preset.sde_window is None:
-            raise ValueError(f"sde_strength={sde:g}: the {preset.name!r} preset has no regional SDE; use 'official'")
-        generator = options.get("generator")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator is not None and generator.device.type not in ("cpu", self.device.type):
-            raise ValueError(f"generator is on {generator.device}; use a CPU generator or one on {self.device}")
         if generator is None:
-            seed = options.get("seed", 42)
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-                raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
             generator = torch.Generator("cpu").manual_seed(int(seed))
-        callback = options.get("callback_on_step_end")
-        if callback is not None and not callable(callback):
-            raise TypeError("callback_on_step_end must be callable(pipeline, step, timestep, {'latents': z})")
-        intermediates = bool(options.get("return_intermediates", False))
-        bank_device = self._bank_device(options)
+        bank_device = self._bank_device(bank_device)
         counts = PassCounts()
         stop = {"at": None}
 
@@ -507,7 +480,7 @@ class DragonPipeline:
 
         start = time.perf_counter()
         with _unet_lock(self.unet), tqdm(total=2 * n, desc=f"dragondiff {task.name}", leave=False,
-                                         disable=not options.get("progress", True)) as bar:
+                                         disable=not progress) as bar:
             # All images in one batch; with a reused base inversion, only the reference (if any) is inverted.
             parts = [] if inversion is None else [(inversion.latents.to(self.device), inversion.bank)]
             if task.pixels.shape[0] > len(parts):
@@ -533,14 +506,15 @@ class DragonPipeline:
             image=Image.fromarray(pixels),
             task=task.name,
             preset=preset.name,
-            input_image=Image.fromarray(prep["image"]),
-            reference_image=Image.fromarray(prep["reference_image"]) if "reference_image" in prep else None,
+            input_image=Image.fromarray(prep.image),
+            reference_image=None if prep.reference_image is None else Image.fromarray(prep.reference_image),
             masks=task.masks,
-            input_scale=prep["input_scale"],
+            input_scale=prep.input_scale,
             energies=rec.energies,
             pass_counts=counts.as_dict(),
             flags=flags,
-            settings=prep.get("settings", {}),
+            spec=spec,
+            settings={"guidance_scale": task.guidance_scale, "energy_scale": task.energy_scale / 1000.0},
             seconds=time.perf_counter() - start,
             inverted_latents=inverted.cpu() if intermediates else None,
             z_T=z_t.cpu() if intermediates else None,
@@ -548,6 +522,32 @@ class DragonPipeline:
             guidance=[(i, r, g.cpu()) for i, r, g in rec.guidance] if intermediates else None,
             eps_cfg=[(i, r, e.cpu()) for i, r, e in rec.eps_cfg] if intermediates else None,
         )
+
+
+_COMMON_ARGS = """
+            prompt: the edit prompt (inversion, sampling and feature passes); default "" or an Inversion's.
+            guidance_scale: CFG scale; energy_scale: guidance strength in the demo's slider units (x1e3). Left as
+                None they take the model's recommended settings if it ships them, else the official demo's.
+            gradient_coef: the factor c on the energy gradient (default 0.08 move, 0.04 others).
+            preset: "official" (the demo's D+ schedule) or "paper".
+            seed: seeds the regional-SDE noise (ignored when `generator` is given).
+            num_inference_steps: DDIM steps (default 50, or an Inversion's).
+            max_resolution: working resolution, area about max_resolution² (default 768, or an Inversion's).
+            sde_strength: η of the regional SDE (default: the preset's).
+            generator, callback_on_step_end, return_intermediates, progress, bank_device: see `edit`.
+        Returns:
+            An `EditResult` (image at the working size, the resolved spec, masks, energies, pass counts).
+        """
+
+
+for _method in (DragonPipeline.move, DragonPipeline.drag, DragonPipeline.replace_appearance, DragonPipeline.paste):
+    _method.__doc__ = _method.__doc__.rstrip() + "\n" + _COMMON_ARGS
+
+
+def _bank_from_start(bank_start):
+    if bank_start is None:
+        return None
+    return check_int(bank_start, "bank_start", 0, 1000), None
 
 
 def check_settings(settings: dict, name: str) -> dict:
@@ -560,7 +560,7 @@ def check_settings(settings: dict, name: str) -> dict:
             raise ValueError(f"{name}: unknown task {task!r}; allowed: {sorted(OFFICIAL_SETTINGS)}")
         if not isinstance(values, dict) or not set(values) <= {"guidance_scale", "energy_scale"}:
             raise ValueError(f"{name}[{task!r}]: expected a dict with guidance_scale and/or energy_scale, got {values!r}")
-        out[task] = {k: _check_number(v, f"{name}[{task!r}][{k!r}]", 0, 100) for k, v in values.items()}
+        out[task] = {k: check_number(v, f"{name}[{task!r}][{k!r}]", 0, 100) for k, v in values.items()}
     return out
 
 

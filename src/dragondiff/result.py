@@ -32,6 +32,7 @@ class EditResult:
     energies: list[tuple[int, int, float, float]]
     pass_counts: dict[str, int]
     flags: list[str] = field(default_factory=list)
+    spec: object = None  # the resolved EditSpec (every default filled in): re-run it with pipe.edit(spec)
     settings: dict = field(default_factory=dict)  # guidance_scale and energy_scale (slider units) as used
     seconds: float = 0.0
     inverted_latents: torch.Tensor | None = None

@@ -1,10 +1,12 @@
-"""One module per editing task; each exposes a `build_<task>` that validates geometry and returns a Task."""
+"""The task registry: one module per editing task, each exposing `INFO` (a `TaskInfo`: its spec fields, their
+defaults, the official CFG / energy settings, and `from_spec`, which validates the geometry and builds the Task).
 
-from .appearance import build_appearance
-from .drag import build_drag
-from .move import build_move
-from .paste import build_paste
+Adding a task is one module with an `INFO` plus a line here.
+"""
 
-TASKS = {"move": build_move, "drag": build_drag, "appearance": build_appearance, "paste": build_paste}
+from . import appearance, drag, move, paste
+from .base import TaskInfo
 
-__all__ = ["TASKS", "build_appearance", "build_drag", "build_move", "build_paste"]
+TASKS: dict[str, TaskInfo] = {info.name: info for info in (move.INFO, drag.INFO, appearance.INFO, paste.INFO)}
+
+__all__ = ["TASKS", "TaskInfo"]

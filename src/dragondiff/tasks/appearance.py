@@ -14,15 +14,15 @@ import torch
 from .. import energies as E
 from ..attention import UNION
 from ..features import resize_features
-from .base import Task, latent_region, nearest
+from .base import Task, TaskInfo, common_fields, latent_region, nearest
 
 
 @dataclass
 class AppearanceTask(Task):
     inside: torch.Tensor = None  # base object, feature res
     ref_inside: torch.Tensor = None  # reference object, feature res
-    w_edit: float = 3.5
-    w_content: float = 5.0
+    w_edit: float = None
+    w_content: float = None
 
     def energies(self, gen, refs):
         f = resize_features(gen)
@@ -54,3 +54,21 @@ def build_appearance(*, mask, reference_mask, latent_hw, **common) -> Appearance
         ref_inside=ref_inside,
         **common,
     )
+
+
+def from_spec(spec, prep) -> AppearanceTask:
+    obj = prep.mask(spec.mask, "mask")
+    prep.reference_pixels, ref_mask = prep.reference(spec.reference, spec.reference_mask)
+    return build_appearance(mask=obj, reference_mask=ref_mask, latent_hw=prep.latent_hw, w_edit=spec.w_edit,
+                            w_content=spec.w_content, **common_fields(spec, prep, reference=True))
+
+
+INFO = TaskInfo(
+    name="appearance",
+    build=from_spec,
+    fields=("mask", "reference", "reference_mask", "reference_prompt", "w_edit", "w_content"),
+    required=("mask", "reference", "reference_mask"),
+    defaults={"w_edit": 3.5, "w_content": 5.0, "gradient_coef": 0.04, "bank_steps": (0, 35)},
+    settings={"guidance_scale": 5.0, "energy_scale": 2.0},
+    doc="give the masked object the appearance of the masked object in a reference image",
+)

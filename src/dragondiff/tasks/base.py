@@ -7,8 +7,8 @@ the regional-SDE region, and its memory-bank mode and window.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -70,27 +70,38 @@ def latent_region(feature_mask: torch.Tensor, latent_hw: tuple[int, int]) -> tor
     return F.interpolate(feature_mask[None, None].float(), size=latent_hw, mode="nearest")
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task's registration: its spec fields, defaults (the only place they are written) and builder."""
+
+    name: str
+    build: Callable  # (resolved EditSpec, inputs.Prepared) -> Task
+    fields: tuple[str, ...]  # task-specific EditSpec fields it uses
+    required: tuple[str, ...]
+    defaults: dict  # values of its fields (and gradient_coef, bank_steps) when the spec leaves them None
+    settings: dict  # the official demo's guidance_scale and energy_scale (slider units)
+    max_scale: float = 10.0
+    doc: str = ""
 
 
-def check_scale(scale, name: str = "scale", high: float = 10.0) -> float:
-    if not _is_number(scale):
-        raise TypeError(f"{name} must be a number, got {scale!r}")
-    scale = float(scale)
-    if not (math.isfinite(scale) and 0 < scale <= high):
-        raise ValueError(f"{name} must be in (0, {high:g}], got {scale!r}")
-    return scale
-
-
-def check_offset(offset, name: str = "offset") -> tuple[float, float]:
-    values = list(offset) if isinstance(offset, (tuple, list, np.ndarray)) else None
-    if values is None or len(values) != 2 or not all(_is_number(v) for v in values):
-        raise TypeError(f"{name} must be a (dx, dy) pair of numbers in pixels, got {offset!r}")
-    dx, dy = (float(v) for v in values)
-    if not (math.isfinite(dx) and math.isfinite(dy)):
-        raise ValueError(f"{name} must be finite, got {offset!r}")
-    return dx, dy
+def common_fields(spec, prep, reference: bool = False) -> dict:
+    """The Task fields every task fills the same way from a resolved spec."""
+    pixels = prep.pixels
+    prompts = [spec.prompt]
+    if reference:
+        pixels = torch.cat([pixels, prep.reference_pixels.to(pixels)])
+        prompts.append(spec.reference_prompt)
+    first, last = spec.bank_steps
+    return {
+        "pixels": pixels,
+        "inversion_prompts": prompts,
+        "prompt": spec.prompt,
+        "guidance_scale": spec.guidance_scale,
+        "energy_scale": spec.energy_scale * 1000.0,
+        "gradient_coef": spec.gradient_coef,
+        "bank_first": first,
+        "bank_last": last,
+    }
 
 
 @dataclass
@@ -108,13 +119,14 @@ class Task:
     sde_region: torch.Tensor  # (1, 1, h, w) region of the regional SDE
     bank_mode: str
     bank_first: int
-    bank_last: int
+    bank_last: int | None  # None: to the last step
     union_masks: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # what the result reports ("as used")
     flags: list[str] = field(default_factory=list)  # degenerate energy terms skipped, etc.
 
     def bank_mode_at(self, grid_step: int) -> str:
-        return self.bank_mode if self.bank_first <= grid_step <= self.bank_last else PLAIN
+        inside = self.bank_first <= grid_step and (self.bank_last is None or grid_step <= self.bank_last)
+        return self.bank_mode if inside else PLAIN
 
     def init_latent(self, inverted_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From inv[T] (B, 4, h, w): the starting latent z_T (1, 4, h, w) and the step-0 reference latent (B, ...)."""

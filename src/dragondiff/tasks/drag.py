@@ -16,7 +16,8 @@ import torch
 from .. import energies as E
 from ..attention import CONCAT
 from ..features import resize_features
-from .base import Task, latent_region, nearest
+from .. import inputs as io
+from .base import Task, TaskInfo, common_fields, latent_region, nearest
 
 BOX = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # raster order of a 3x3 box
 
@@ -30,9 +31,9 @@ class DragTask(Task):
     latent_pairs: list = field(default_factory=list)  # [((yh, xh), (yt, xt))] latent patch centres
     pairs: list = field(default_factory=list)  # [(target_box, handle_box, handle_only_cells)]
     other: torch.Tensor = None
-    w_edit: float = 4.0
-    w_content: float = 6.0
-    w_inpaint: float = 0.2
+    w_edit: float = None
+    w_content: float = None
+    w_inpaint: float = None
 
     def init_latent(self, inverted_t):
         # In place and on the CPU, as the official code: when a handle patch overlaps its target patch, torch's
@@ -96,3 +97,30 @@ def build_drag(*, mask, points_scaled, latent_hw, **common) -> DragTask:
         other=other,
         **common,
     )
+
+
+def from_spec(spec, prep) -> DragTask:
+    editable = prep.mask(spec.mask, "mask", levels=1)  # the demo's sketch mask is 0/1
+    sx, sy = prep.input_scale
+    scaled = []
+    for k, (handle, target) in enumerate(spec.points):
+        handle = io.check_point(handle, f"points[{k}] handle", prep.original_hw)
+        target = io.check_point(target, f"points[{k}] target", prep.original_hw)
+        scaled.append(((handle[0] * sx, handle[1] * sy), (target[0] * sx, target[1] * sy)))
+        tx = min(int(scaled[-1][1][0]), prep.size_hw[1] - 1)
+        ty = min(int(scaled[-1][1][1]), prep.size_hw[0] - 1)
+        if not editable[ty, tx]:
+            raise ValueError(f"points[{k}]: target ({target[0]:g}, {target[1]:g}) lies outside the editable mask")
+    return build_drag(mask=editable, points_scaled=scaled, latent_hw=prep.latent_hw, w_edit=spec.w_edit,
+                      w_content=spec.w_content, w_inpaint=spec.w_inpaint, **common_fields(spec, prep))
+
+
+INFO = TaskInfo(
+    name="drag",
+    build=from_spec,
+    fields=("mask", "points", "w_edit", "w_content", "w_inpaint"),
+    required=("mask", "points"),
+    defaults={"w_edit": 4.0, "w_content": 6.0, "w_inpaint": 0.2, "gradient_coef": 0.04, "bank_steps": (5, None)},
+    settings={"guidance_scale": 4.0, "energy_scale": 2.0},
+    doc="drag content from handle points to target points inside an editable mask",
+)

@@ -14,7 +14,7 @@ import torch
 from .. import energies as E
 from ..attention import REPLACE
 from ..features import resize_features
-from .base import Task, cells_to_mask, latent_region, nearest, paired_cells, place
+from .base import Task, TaskInfo, cells_to_mask, common_fields, latent_region, nearest, paired_cells, place
 
 
 @dataclass
@@ -27,10 +27,10 @@ class MoveTask(Task):
     other: torch.Tensor = None
     non_overlap: torch.Tensor = None
     region: torch.Tensor = None
-    w_edit: float = 4.0
-    w_content: float = 6.0
-    w_contrast: float = 0.2
-    w_inpaint: float = 0.8
+    w_edit: float = None
+    w_content: float = None
+    w_contrast: float = None
+    w_inpaint: float = None
 
     def init_latent(self, inverted_t):
         """Copy the object's inverted noise to its destination (official z_T initialisation, scaled offset)."""
@@ -62,6 +62,8 @@ def build_move(
     feat_hw = (latent_hw[0] * 2, latent_hw[1] * 2)
     mask_org = nearest(object_mask, feat_hw)
     canvas = (int(feat_hw[0] * scale), int(feat_hw[1] * scale))
+    if min(canvas) < 1:
+        raise ValueError(f"scale={scale:g} shrinks the image below one feature cell (4 px); use a larger scale")
     mask_tar = nearest(object_mask, canvas)
     if not mask_tar.any():
         raise ValueError(f"scale={scale:g} shrinks the object below one feature cell (4 px); use a larger scale")
@@ -112,3 +114,29 @@ def build_move(
         region=region,
         **common,
     )
+
+
+def from_spec(spec, prep) -> MoveTask:
+    dx, dy = spec.offset
+    if dx == 0 and dy == 0 and spec.scale == 1:
+        raise ValueError("offset=(0, 0) with scale=1 is not an edit; give a displacement or a scale")
+    obj = prep.mask(spec.mask, "mask")
+    region = None if spec.reference_region is None else prep.mask(spec.reference_region, "reference_region")
+    return build_move(
+        object_mask=obj, reference_region=region, offset_px=(dx, dy), input_scale=prep.input_scale,
+        scale=spec.scale, latent_hw=prep.latent_hw, w_edit=spec.w_edit, w_content=spec.w_content,
+        w_contrast=spec.w_contrast, w_inpaint=spec.w_inpaint, **common_fields(spec, prep),
+    )
+
+
+INFO = TaskInfo(
+    name="move",
+    build=from_spec,
+    fields=("mask", "reference_region", "offset", "scale", "w_edit", "w_content", "w_contrast", "w_inpaint"),
+    required=("mask",),
+    defaults={"offset": (0.0, 0.0), "scale": 1.0, "w_edit": 4.0, "w_content": 6.0, "w_contrast": 0.2,
+              "w_inpaint": 0.8, "gradient_coef": 0.08, "bank_steps": (5, None)},
+    settings={"guidance_scale": 4.0, "energy_scale": 0.5},
+    max_scale=10.0,
+    doc="move (and resize) the masked object by offset, scaled about the image centre",
+)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import energies as E
 from ..attention import UNION
 from ..features import resize_features
-from .base import Task, cells_to_mask, latent_region, nearest, paired_cells, place
+from .base import Task, TaskInfo, cells_to_mask, common_fields, latent_region, nearest, paired_cells, place
 
 
 def scale_about_centre(x: torch.Tensor, scale: float, mode: str = "nearest") -> torch.Tensor:
@@ -34,8 +35,8 @@ class PasteTask(Task):
     dest_cells: tuple = None
     src_cells: tuple = None
     shift_latent: tuple[int, int] = (0, 0)
-    w_edit: float = 4.0
-    w_content: float = 6.0
+    w_edit: float = None
+    w_content: float = None
 
     def init_latent(self, inverted_t):
         base, ref = inverted_t[:1], inverted_t[1:2]
@@ -85,3 +86,29 @@ def build_paste(*, reference_mask, offset_px, input_scale, latent_hw, **common) 
         shift_latent=(int(dy * sy / 8), int(dx * sx / 8)),
         **common,
     )
+
+
+def from_spec(spec, prep) -> PasteTask:
+    ref_pixels, ref_mask = prep.reference(spec.reference, spec.reference_mask)
+    ref_pixels = scale_about_centre(ref_pixels, spec.scale)  # zero padding = mid-grey in [-1, 1]
+    ref_mask = scale_about_centre(ref_mask, spec.scale)
+    prep.reference_image = ((ref_pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+    if not ref_mask.any():
+        raise ValueError(f"scale={spec.scale:g} crops the reference object away entirely")
+    prep.reference_pixels = ref_pixels
+    return build_paste(reference_mask=ref_mask, offset_px=spec.offset, input_scale=prep.input_scale,
+                       latent_hw=prep.latent_hw, w_edit=spec.w_edit, w_content=spec.w_content,
+                       **common_fields(spec, prep, reference=True))
+
+
+INFO = TaskInfo(
+    name="paste",
+    build=from_spec,
+    fields=("reference", "reference_mask", "offset", "scale", "reference_prompt", "w_edit", "w_content"),
+    required=("reference", "reference_mask"),
+    defaults={"offset": (0.0, 0.0), "scale": 1.0, "w_edit": 4.0, "w_content": 6.0, "gradient_coef": 0.04,
+              "bank_steps": (0, 35)},
+    settings={"guidance_scale": 4.0, "energy_scale": 1.5},
+    max_scale=4.0,
+    doc="paste the masked object of a reference image into the image, shifted by offset and scaled",
+)

@@ -1,0 +1,93 @@
+"""EditSpec: validation names the field, defaults come from the task registry once, specs serialise, and
+pipe.edit(spec) is what the task methods run."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_scene
+from dragondiff import EditSpec
+from dragondiff.tasks import TASKS
+
+IMG, DISC, SQUARE = make_scene()
+FAST = dict(max_resolution=128, num_inference_steps=4)
+
+
+@pytest.mark.parametrize("fields, error, match", [
+    (dict(task="rotate"), ValueError, r"^task: unknown task 'rotate'"),
+    (dict(task="move"), ValueError, r"^mask: required by task 'move'"),
+    (dict(task="drag", mask=DISC), ValueError, r"^points: required by task 'drag'"),
+    (dict(task="move", mask=DISC, points=[((1, 1), (5, 5))]), ValueError, r"^points: not used by task 'move'"),
+    (dict(task="appearance", mask=DISC, reference=IMG), ValueError, r"^reference_mask: required"),
+    (dict(task="move", mask=DISC, offset=(1e20, 0)), ValueError, r"^offset must be finite pixel distances"),
+    (dict(task="move", mask=DISC, offset="12,0"), TypeError, r"^offset must be a \(dx, dy\) pair"),
+    (dict(task="move", mask=DISC, scale=0), ValueError, r"^scale must be in \(0, 10\]"),
+    (dict(task="paste", reference=IMG, reference_mask=SQUARE, scale=5), ValueError, r"^scale must be in \(0, 4\]"),
+    (dict(task="move", mask=DISC, seed=2**70), ValueError, r"^seed must be an integer in 0\.\."),
+    (dict(task="move", mask=DISC, seed=-1), ValueError, r"^seed must be an integer in 0\.\."),
+    (dict(task="move", mask=DISC, bank_steps=(0,)), ValueError, r"^bank_steps: expected a \(first, last\) pair"),
+    (dict(task="move", mask=DISC, bank_steps=(30, 10)), ValueError, r"^bank_steps: last step 10 comes before"),
+    (dict(task="move", mask=DISC, prompt="a \ud800 cup"), ValueError, r"^prompt: not valid text"),
+    (dict(task="move", mask=DISC, preset="fast"), ValueError, r"^preset must be one of"),
+    (dict(task="move", mask=DISC, guidance_scale=-1), ValueError, r"^guidance_scale must be a finite number"),
+    (dict(task="move", mask=DISC, w_edit="4"), TypeError, r"^w_edit must be a number"),
+    (dict(task="move", mask=DISC, num_inference_steps=1001), ValueError, r"^num_inference_steps must be"),
+    (dict(task="move", mask=DISC, max_resolution=32), ValueError, r"^max_resolution must be in 64\.\.2048"),
+    (dict(task="move", mask=DISC, preset="paper", sde_strength=0.3), ValueError, r"^sde_strength=0.3: the 'paper'"),
+    (dict(task="drag", mask=DISC, points=[((1, 1),)]), TypeError, r"^points\[0\]: expected a \(handle, target\)"),
+])
+def test_validation_names_the_field(fields, error, match):
+    with pytest.raises(error, match=match):
+        EditSpec(image=IMG, **fields)
+
+
+def test_resolved_fills_each_default_from_the_registry_and_keeps_what_was_given():
+    spec = EditSpec(task="move", image="in.png", mask="m.png", offset=(10, 0), w_edit=7.0)
+    full = spec.resolved()
+    move = TASKS["move"]
+    assert full.w_edit == 7.0 and full.w_content == move.defaults["w_content"]
+    assert full.gradient_coef == 0.08 and full.bank_steps == (5, None) and full.scale == 1.0
+    assert (full.guidance_scale, full.energy_scale) == (move.settings["guidance_scale"], move.settings["energy_scale"])
+    assert (full.prompt, full.num_inference_steps, full.max_resolution, full.sde_strength) == ("", 50, 768, 0.4)
+    recommended = {"move": {"guidance_scale": 2.0}}
+    assert spec.resolved(recommended).guidance_scale == 2.0
+    assert EditSpec(task="move", image="a.png", mask="m.png", guidance_scale=3.0).resolved(recommended
+                                                                                         ).guidance_scale == 3.0
+    # every task declares a default for each weight field it uses
+    for info in TASKS.values():
+        weights = {f for f in info.fields if f.startswith("w_")}
+        assert weights <= set(info.defaults) and {"gradient_coef", "bank_steps"} <= set(info.defaults)
+
+
+def test_json_round_trip_with_relative_paths(tmp_path):
+    spec = EditSpec(task="drag", image="photo.png", mask="editable.png", points=[((10, 20), (30, 20))],
+                    prompt="a cat", energy_scale=1.5, seed=7).resolved()
+    data = json.loads(spec.to_json())
+    assert data["points"] == [[[10.0, 20.0], [30.0, 20.0]]] and data["bank_steps"] == [5, None]
+    again = EditSpec.from_dict(data, base_dir=tmp_path)
+    assert again.image == str(tmp_path / "photo.png") and again.points == spec.points and again.seed == 7
+    with pytest.raises(ValueError, match=r"^colour: unknown field"):
+        EditSpec.from_dict({**data, "colour": "red"})
+    in_memory = json.loads(EditSpec(task="move", image=IMG, mask=DISC, offset=(4, 0)).to_json())
+    assert in_memory["image"] == "<in-memory array 128x128x3 uint8>"
+    with pytest.raises(ValueError, match=r"^image: <in-memory array .*> cannot be loaded from a spec"):
+        EditSpec.from_dict(in_memory)
+    schema = EditSpec.json_schema()
+    assert set(schema["properties"]) == set(data) and schema["properties"]["task"]["enum"] == sorted(TASKS)
+
+
+def test_edit_runs_the_spec_and_its_result_re_runs(tiny_pipe, tmp_path):
+    Image.fromarray(IMG).save(tmp_path / "in.png")
+    Image.fromarray(DISC.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    spec = EditSpec(task="move", image=str(tmp_path / "in.png"), mask=str(tmp_path / "mask.png"), offset=(24, 0),
+                    prompt="a red disc", **FAST)
+    out = tiny_pipe.edit(spec, progress=False)
+    by_method = tiny_pipe.move(IMG, DISC, offset=(24, 0), prompt="a red disc", progress=False, **FAST)
+    assert np.array_equal(np.asarray(out.image), np.asarray(by_method.image))
+    assert out.spec.w_edit == 4.0 and out.spec.guidance_scale == 4.0 and by_method.spec.task == "move"
+    reloaded = EditSpec.from_json(out.spec.to_json())
+    assert np.array_equal(np.asarray(tiny_pipe.edit(reloaded, progress=False).image), np.asarray(out.image))
+    with pytest.raises(TypeError, match=r"^spec: expected an EditSpec"):
+        tiny_pipe.edit({"task": "move"})
