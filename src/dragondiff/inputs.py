@@ -11,12 +11,15 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .grid import Grid
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 MaskLike = Union[Image.Image, np.ndarray, str, os.PathLike]
@@ -192,8 +195,14 @@ class Prepared:
         return cls((h, w), size, (size[1] / w, size[0] / h), work, torch.from_numpy(to_pixels(work)), vae_factor)
 
     @property
+    def grid(self) -> "Grid":
+        from .grid import Grid
+
+        return Grid(self.size_hw, self.vae_factor)
+
+    @property
     def latent_hw(self) -> tuple[int, int]:
-        return self.size_hw[0] // self.vae_factor, self.size_hw[1] // self.vae_factor
+        return self.grid.latent_hw
 
     def mask(self, mask, name: str, levels: int = 255) -> "torch.Tensor":
         """A mask of the base image, at the working size (official bilinear + threshold)."""

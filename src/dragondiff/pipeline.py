@@ -11,7 +11,6 @@ swapped for the duration of an edit); all per-edit state lives inside the call.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 import weakref
@@ -24,11 +23,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import inputs as io
-from .attention import REPLACE, BankController, MemoryBank, bank_processors, decoder_self_attention_names
+from .attention import PLAIN, REPLACE, BankController, MemoryBank
+from .backbone import SD1Backbone
 from .inversion import Inversion, merge_banks
 from .presets import Preset, get_preset
 from .result import EditResult
-from .sampler import NonFiniteError, PassCounts, Schedule, invert, sample
+from .sampler import PassCounts, Schedule, invert, sample
 from .inputs import Prepared
 from .spec import EditSpec, check_int, check_number, check_offset, check_scale, check_string
 from .tasks import TASKS
@@ -71,9 +71,7 @@ class DragonPipeline:
                  recommended_settings: dict | None = None):
         from diffusers import DDIMScheduler
 
-        if len(getattr(unet, "up_blocks", [])) < 3:
-            raise ValueError("unet: expected an SD1.x-style UNet2DConditionModel with at least 3 up blocks")
-        decoder_self_attention_names(unet)
+        self.backbone = SD1Backbone(unet, vae, text_encoder, tokenizer)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.recommended_settings = check_settings(recommended_settings or {}, "recommended_settings")
         # Only the DDIM ᾱ table and timesteps are used (the update is written out by hand, spec §5.2).
@@ -161,29 +159,17 @@ class DragonPipeline:
 
     # -------------------------------------------------------------------------------------------- encoders
 
-    @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B, 77, C) last hidden states, padded to the tokenizer's max length (SD conditioning)."""
-        for k, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise TypeError(f"prompt: expected a string, got {type(p).__name__} (prompt #{k})")
-        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self.device))[0].float()
+        """(B, 77, C) text conditioning (the backbone's)."""
+        return self.backbone.encode_prompt(prompts)
 
-    @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE posterior mean x scaling factor (deterministic, as the official code)."""
-        latent = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
-        return latent.float() * self.vae.config.scaling_factor
+        return self.backbone.encode_image(pixels)
 
-    @torch.no_grad()
     def decode_latent(self, latent: torch.Tensor) -> np.ndarray:
-        x = self.vae.decode((latent / self.vae.config.scaling_factor).to(self.dtype), return_dict=False)[0]
-        if not torch.isfinite(x).all():
-            raise NonFiniteError(f"NaN/Inf in the VAE decode ({self.dtype}); try dtype=torch.float32 for the VAE")
-        x = (x.float() / 2 + 0.5).clamp(0, 1)
-        return (x[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+        """(1, 4, h, w) latent -> (H, W, 3) uint8 image."""
+        return self.backbone.decode(latent)
 
     # ------------------------------------------------------------------------------------------------ edits
 
@@ -390,8 +376,8 @@ class DragonPipeline:
         nothing = torch.zeros(1, 1, h, w)
         task = Task(name="reconstruct", pixels=prep.pixels, inversion_prompts=[prompt], prompt=prompt,
                     guidance_scale=check_number(guidance_scale, "guidance_scale", 0, 50), energy_scale=0.0,
-                    gradient_coef=0.0, edit_region=nothing, sde_region=nothing, bank_mode=REPLACE,
-                    bank_first=0 if use_bank else 1_000_000, bank_last=None)
+                    gradient_coef=0.0, edit_region=nothing, sde_region=nothing,
+                    bank_mode=REPLACE if use_bank else PLAIN, bank_first=0, bank_last=None)
         return self._run(task, prep, "official", steps, 0.0, 0, intermediates=return_intermediates,
                          progress=progress)
 
@@ -433,8 +419,7 @@ class DragonPipeline:
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent cell, from the VAE's configuration (as diffusers computes it)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.backbone.vae_factor
 
     def _schedule(self, n: int) -> Schedule:
         from diffusers import DDIMScheduler
@@ -447,9 +432,9 @@ class DragonPipeline:
     def _invert_batch(self, pixels, prompts, schedule, counts, bank_device):
         """Inversion of images (B, 3, H, W) into their own bank: (latents (n+1, B, 4, h, w), MemoryBank)."""
         controller = BankController(MemoryBank(bank_device))
-        with bank_processors(self.unet, controller):
+        with self.backbone.memory_bank(controller):
             z0 = self.encode_image(pixels)
-            latents = invert(self.unet, z0, self.encode_prompt(prompts), schedule, controller, counts)
+            latents = invert(self.backbone, z0, self.encode_prompt(prompts), schedule, controller, counts)
         return latents, controller.bank
 
     def _run(self, task: Task, prep: Prepared, preset_name: str, n: int, sde: float, seed: int, *, spec=None,
@@ -490,11 +475,11 @@ class DragonPipeline:
             inverted = torch.cat([lat for lat, _ in parts], dim=1)
             controller = BankController(merge_banks([bank for _, bank in parts], bank_device),
                                         union_masks=task.union_masks)
-            with bank_processors(self.unet, controller):
+            with self.backbone.memory_bank(controller):
                 z_t, ref_t = task.init_latent(inverted[-1])
                 cond, uncond = self.encode_prompt([task.prompt]), self.encode_prompt([""])
                 final, rec = sample(
-                    self.unet, task, preset, schedule, z_t, inverted, ref_t, cond, uncond, controller, counts,
+                    self.backbone, task, preset, schedule, z_t, inverted, ref_t, cond, uncond, controller, counts,
                     sde_strength=sde, generator=generator, record=intermediates, step_callback=step_callback,
                     progress=bar, should_stop=lambda: stop["at"] is not None,
                 )

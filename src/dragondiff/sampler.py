@@ -12,7 +12,6 @@ from typing import Callable
 import torch
 
 from .attention import CAPTURE, PLAIN, BankController
-from .features import extract_features
 from .presets import Preset
 from .tasks.base import Task
 
@@ -63,12 +62,6 @@ class Schedule:
         return i * 50 // len(self.timesteps)
 
 
-def unet_eps(unet, latent, t, context) -> torch.Tensor:
-    """ε prediction of an SD UNet in fp32, whatever the UNet's dtype."""
-    out = unet(latent.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype), return_dict=False)[0]
-    return out.float()
-
-
 # --- DDIM step math (η = 0 unless sigma is given). a_* are ᾱ values (tensors). ---------------------------------
 
 
@@ -97,7 +90,7 @@ def time_travel(z_prev, eps_src, a_src, a_t) -> torch.Tensor:
 
 
 @torch.no_grad()
-def invert(unet, z0: torch.Tensor, context: torch.Tensor, schedule: Schedule, controller: BankController,
+def invert(backbone, z0: torch.Tensor, context: torch.Tensor, schedule: Schedule, controller: BankController,
            counts: PassCounts) -> torch.Tensor:
     """DDIM inversion, conditional only. Returns (n+1, B, 4, h, w): [0] = z0, [k] at timestep t_{n-k}.
 
@@ -111,19 +104,19 @@ def invert(unet, z0: torch.Tensor, context: torch.Tensor, schedule: Schedule, co
         i = n - 1 - j
         t = schedule.timesteps[i]
         with controller.use(CAPTURE, step=i):
-            eps = unet_eps(unet, z, t, context)
+            eps = backbone.eps(z, t, context)
         counts.inversion_unet += 1
         z = ddim_inversion_step(z, eps, schedule.alpha(schedule.prev(i)), schedule.alpha(t))
         latents.append(z)
     return torch.stack(latents)
 
 
-def guidance(unet, task: Task, z: torch.Tensor, ref_features, t: int, cond: torch.Tensor,
+def guidance(backbone, task: Task, z: torch.Tensor, ref_features, t: int, cond: torch.Tensor,
              controller: BankController, counts: PassCounts):
     """g = c·(∇(s·E_edit)⊙M + ∇(s·E_content)⊙(1−M)), two backward passes (spec §6). Returns (g, energies)."""
     latent = z.detach().requires_grad_(True)
     with torch.enable_grad(), controller.use(PLAIN):
-        gen = extract_features(unet, latent, t, cond)
+        gen = backbone.features(latent, t, cond)
         counts.feature_grad += 1
         e_edit, e_content = task.energies(gen, ref_features)
         terms = [(k, e) for k, e in enumerate((e_edit, e_content)) if e is not None]
@@ -146,7 +139,7 @@ class SamplingRecord:
     eps_cfg: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
 
 
-def sample(unet, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tensor, inverted: torch.Tensor,
+def sample(backbone, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tensor, inverted: torch.Tensor,
            ref_t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, controller: BankController,
            counts: PassCounts, *, sde_strength: float, generator: torch.Generator | None,
            record: bool = False, step_callback: Callable | None = None, progress=None,
@@ -157,7 +150,7 @@ def sample(unet, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tens
     n = len(schedule.timesteps)
     rec = SamplingRecord()
     z = z_t
-    cfg_context = torch.cat([uncond, cond])
+    cfg_context = backbone.cat_cond([uncond, cond])
     sde_mask = task.sde_region.to(z)
     for i, t in enumerate(schedule.timesteps):
         step = schedule.grid_step(i)
@@ -168,7 +161,7 @@ def sample(unet, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tens
         ref_features = None
         for r in range(repeats):
             with torch.no_grad(), controller.use(task.bank_mode_at(step), step=i):
-                eps_u, eps_c = unet_eps(unet, torch.cat([z, z]), t, cfg_context).chunk(2)
+                eps_u, eps_c = backbone.eps(torch.cat([z, z]), t, cfg_context).chunk(2)
             counts.cfg_unet += 1
             eps = eps_u + task.guidance_scale * (eps_c - eps_u)
             if record:
@@ -179,10 +172,10 @@ def sample(unet, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tens
                     ref_latent = ref_t if i == 0 else inverted[n - i]
                     with torch.no_grad(), controller.use(PLAIN):
                         ref_features = [
-                            extract_features(unet, ref_latent[b : b + 1], t, cond) for b in range(ref_latent.shape[0])
+                            backbone.features(ref_latent[b : b + 1], t, cond) for b in range(ref_latent.shape[0])
                         ]
                     counts.feature_nograd += ref_latent.shape[0]
-                g, energies = guidance(unet, task, z, ref_features, t, cond, controller, counts)
+                g, energies = guidance(backbone, task, z, ref_features, t, cond, controller, counts)
                 eps_hat = eps + g
                 if record:
                     rec.guidance.append((i, r, g))
@@ -201,7 +194,7 @@ def sample(unet, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tens
                 # cond only, no bank. The official code also re-noises after the last repeat and discards it.
                 t_src = t_prev
                 with torch.no_grad(), controller.use(PLAIN):
-                    eps_src = unet_eps(unet, z_prev, t_src, cond)
+                    eps_src = backbone.eps(z_prev, t_src, cond)
                 counts.time_travel_unet += 1
                 z = time_travel(z_prev, eps_src, schedule.alpha(t_src), a_t)
             else:

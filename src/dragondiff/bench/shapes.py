@@ -190,14 +190,14 @@ def generate(pipe, captions, seed: int, guidance_scale: float = 4.0, steps: int 
     """Plain DDIM text-to-image sampling with CFG (quality check of the model, not an edit)."""
     from diffusers import DDIMScheduler
 
-    from ..sampler import Schedule, ddim_step, unet_eps
+    from ..sampler import Schedule, ddim_step
 
     schedule = Schedule.from_scheduler(DDIMScheduler.from_config(pipe.scheduler_config), steps)
     cond, uncond = pipe.encode_prompt(captions), pipe.encode_prompt([""] * len(captions))
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((len(captions), 4, 16, 16), generator=gen)
     for i, t in enumerate(schedule.timesteps):
-        eps_u, eps_c = unet_eps(pipe.unet, torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
+        eps_u, eps_c = pipe.backbone.eps(torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
         eps = eps_u + guidance_scale * (eps_c - eps_u)
         z = ddim_step(z, eps, schedule.alpha(t), schedule.alpha(schedule.prev(i)))
     return np.stack([pipe.decode_latent(z[k : k + 1]) for k in range(len(captions))])
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
     for r in rows:
         r.pop("images", None)
     (args.out / f"results_{tag}.json").write_text(json.dumps(
-        {"preset": args.preset, "model": args.model or "bundled", "rows": [lbl for lbl, _ in rows_spec],
+        {"preset": args.preset, "model": args.model or "bundled", "row_labels": [lbl for lbl, _ in rows_spec],
          "cases": args.cases, "thresholds": mt.THRESHOLDS, "summary": table, "rows": rows,
          "wall_seconds": round(time.perf_counter() - t0, 1)}, indent=1, default=float))
     print("\n| task | method | n | success | medians |")

@@ -33,9 +33,9 @@ class AppearanceTask(Task):
         )
 
 
-def build_appearance(*, mask, reference_mask, latent_hw, **common) -> AppearanceTask:
+def build_appearance(*, mask, reference_mask, grid, **common) -> AppearanceTask:
     """mask, reference_mask: image-res bool tensors, both at the base image's working size."""
-    feat_hw = (2 * latent_hw[0], 2 * latent_hw[1])
+    feat_hw, latent_hw = grid.feature_hw, grid.latent_hw
     inside, ref_inside = nearest(mask, feat_hw), nearest(reference_mask, feat_hw)
     for name, m in (("mask", inside), ("reference_mask", ref_inside)):
         if not m.any():
@@ -59,7 +59,7 @@ def build_appearance(*, mask, reference_mask, latent_hw, **common) -> Appearance
 def from_spec(spec, prep) -> AppearanceTask:
     obj = prep.mask(spec.mask, "mask")
     prep.reference_pixels, ref_mask = prep.reference(spec.reference, spec.reference_mask)
-    return build_appearance(mask=obj, reference_mask=ref_mask, latent_hw=prep.latent_hw, w_edit=spec.w_edit,
+    return build_appearance(mask=obj, reference_mask=ref_mask, grid=prep.grid, w_edit=spec.w_edit,
                             w_content=spec.w_content, **common_fields(spec, prep, reference=True))
 
 

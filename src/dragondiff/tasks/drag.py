@@ -51,10 +51,10 @@ class DragTask(Task):
         )
 
 
-def build_drag(*, mask, points_scaled, latent_hw, **common) -> DragTask:
+def build_drag(*, mask, points_scaled, grid, **common) -> DragTask:
     """mask: image-res bool tensor (working size). points_scaled: [((hx, hy), (tx, ty))] in working pixels."""
+    latent_hw, feat_hw, cell_px = grid.latent_hw, grid.feature_hw, grid.feature_cell
     h, w = latent_hw
-    feat_hw = (2 * h, 2 * w)
     inside = nearest(mask, feat_hw)
     if not inside.any():
         raise ValueError("mask: the editable area is smaller than one feature cell (4 px); draw a larger mask")
@@ -65,7 +65,7 @@ def build_drag(*, mask, points_scaled, latent_hw, **common) -> DragTask:
 
     def cell(x, y):
         # The official code clips x with the height bound; we clip each axis with its own (fidelity.md).
-        return int(np.clip(y // 4, 1, feat_hw[0] - 2)), int(np.clip(x // 4, 1, feat_hw[1] - 2))
+        return int(np.clip(y // cell_px, 1, feat_hw[0] - 2)), int(np.clip(x // cell_px, 1, feat_hw[1] - 2))
 
     for k, ((hx, hy), (tx, ty)) in enumerate(points_scaled):
         handle, target = cell(hx, hy), cell(tx, ty)
@@ -83,7 +83,8 @@ def build_drag(*, mask, points_scaled, latent_hw, **common) -> DragTask:
         boxes[k, 0], boxes[k, 1] = hb.numpy(), tb.numpy()
         # 3x3 latent patches; centres kept one cell inside the border so the patch exists (official: crash).
         latent_pairs.append(
-            tuple((min(max(cy // 2, 1), h - 2), min(max(cx // 2, 1), w - 2)) for cy, cx in (handle, target))
+            tuple((min(max(grid.feature_to_latent(cy), 1), h - 2), min(max(grid.feature_to_latent(cx), 1), w - 2))
+                  for cy, cx in (handle, target))
         )
     return DragTask(
         name="drag",
@@ -111,7 +112,7 @@ def from_spec(spec, prep) -> DragTask:
         ty = min(int(scaled[-1][1][1]), prep.size_hw[0] - 1)
         if not editable[ty, tx]:
             raise ValueError(f"points[{k}]: target ({target[0]:g}, {target[1]:g}) lies outside the editable mask")
-    return build_drag(mask=editable, points_scaled=scaled, latent_hw=prep.latent_hw, w_edit=spec.w_edit,
+    return build_drag(mask=editable, points_scaled=scaled, grid=prep.grid, w_edit=spec.w_edit,
                       w_content=spec.w_content, w_inpaint=spec.w_inpaint, **common_fields(spec, prep))
 
 

@@ -53,13 +53,13 @@ class MoveTask(Task):
 
 
 def build_move(
-    *, object_mask, reference_region, offset_px, input_scale, scale, latent_hw, **common
+    *, object_mask, reference_region, offset_px, input_scale, scale, grid, **common
 ) -> MoveTask:
     """object_mask / reference_region: image-res bool tensors at working size; offset_px in original pixels;
     input_scale = (sx, sy), working size / original size per axis."""
     dx, dy = offset_px
     sx, sy = input_scale
-    feat_hw = (latent_hw[0] * 2, latent_hw[1] * 2)
+    feat_hw, latent_hw, cell, f = grid.feature_hw, grid.latent_hw, grid.feature_cell, grid.vae_factor
     mask_org = nearest(object_mask, feat_hw)
     canvas = (int(feat_hw[0] * scale), int(feat_hw[1] * scale))
     if min(canvas) < 1:
@@ -68,7 +68,7 @@ def build_move(
     if not mask_tar.any():
         raise ValueError(f"scale={scale:g} shrinks the object below one feature cell (4 px); use a larger scale")
     # Official feature-grid shift: floor-divide by 4 first, then x scale, then truncate.
-    shift_f = (int((dy * sy) // 4 * scale), int((dx * sx) // 4 * scale))
+    shift_f = (int((dy * sy) // cell * scale), int((dx * sx) // cell * scale))
     tar_cells, cur_cells = paired_cells(mask_tar, shift_f, feat_hw)
     if tar_cells[0].numel() == 0:
         raise ValueError(
@@ -87,7 +87,7 @@ def build_move(
         raise ValueError("reference_region: empty on the 4-px feature grid; draw a larger region")
     union = latent_region(mask_org | mask_cur, latent_hw)
     # The official latent shift forgets input_scale (dx/8); we apply it (fidelity.md).
-    shift_latent = (int(dy * sy / 8 * scale), int(dx * sx / 8 * scale))
+    shift_latent = (int(dy * sy / f * scale), int(dx * sx / f * scale))
     masks = {
         "object": object_mask.numpy(),
         "source_cells": mask_org.numpy(),
@@ -124,7 +124,7 @@ def from_spec(spec, prep) -> MoveTask:
     region = None if spec.reference_region is None else prep.mask(spec.reference_region, "reference_region")
     return build_move(
         object_mask=obj, reference_region=region, offset_px=(dx, dy), input_scale=prep.input_scale,
-        scale=spec.scale, latent_hw=prep.latent_hw, w_edit=spec.w_edit, w_content=spec.w_content,
+        scale=spec.scale, grid=prep.grid, w_edit=spec.w_edit, w_content=spec.w_content,
         w_contrast=spec.w_contrast, w_inpaint=spec.w_inpaint, **common_fields(spec, prep),
     )
 

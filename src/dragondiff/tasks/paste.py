@@ -53,18 +53,18 @@ class PasteTask(Task):
         )
 
 
-def build_paste(*, reference_mask, offset_px, input_scale, latent_hw, **common) -> PasteTask:
+def build_paste(*, reference_mask, offset_px, input_scale, grid, **common) -> PasteTask:
     """reference_mask: image-res bool tensor at working size, already scaled about the centre like the image."""
     dx, dy = offset_px
     sx, sy = input_scale  # working size / original size, per axis
     image_hw = tuple(reference_mask.shape)
-    feat_hw = (2 * latent_hw[0], 2 * latent_hw[1])
+    feat_hw, latent_hw, cell, f = grid.feature_hw, grid.latent_hw, grid.feature_cell, grid.vae_factor
     dest_image = place(reference_mask, (int(dy * sy), int(dx * sx)), image_hw)
     dest = nearest(dest_image, feat_hw)
     if not dest.any():
         raise ValueError(f"offset={offset_px}: the pasted object lands outside the image (or below 4 px)")
     # Source cells = destination cells shifted back on the feature grid (official pairing).
-    back = (-int(dy * sy / 4), -int(dx * sx / 4))
+    back = (-int(dy * sy / cell), -int(dx * sx / cell))
     dest_cells, src_cells = paired_cells(dest, back, feat_hw)
     if dest_cells[0].numel() == 0:
         raise ValueError(f"offset={offset_px}: no part of the pasted object maps back into the reference")
@@ -83,7 +83,7 @@ def build_paste(*, reference_mask, offset_px, input_scale, latent_hw, **common) 
         dest_cells=dest_cells,
         src_cells=src_cells,
         # The official latent shift forgets input_scale (dy/8); we apply it (fidelity.md).
-        shift_latent=(int(dy * sy / 8), int(dx * sx / 8)),
+        shift_latent=(int(dy * sy / f), int(dx * sx / f)),
         **common,
     )
 
@@ -97,7 +97,7 @@ def from_spec(spec, prep) -> PasteTask:
         raise ValueError(f"scale={spec.scale:g} crops the reference object away entirely")
     prep.reference_pixels = ref_pixels
     return build_paste(reference_mask=ref_mask, offset_px=spec.offset, input_scale=prep.input_scale,
-                       latent_hw=prep.latent_hw, w_edit=spec.w_edit, w_content=spec.w_content,
+                       grid=prep.grid, w_edit=spec.w_edit, w_content=spec.w_content,
                        **common_fields(spec, prep, reference=True))
 
 
