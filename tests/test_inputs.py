@@ -7,9 +7,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from conftest import make_scene
+from conftest import TINY_MODEL, make_scene
 from dragondiff import inputs as io
 from dragondiff.pipeline import DragonPipeline
 
@@ -571,3 +572,67 @@ def test_non_square_points_scale_each_axis_by_its_own_factor(tiny_pipe):
     assert (rows.mean(), cols.mean()) == (12, 37)
     rows, cols = np.nonzero(out.masks["handle_boxes"][0])
     assert (rows.mean(), cols.mean()) == (11, 31)  # handle (170, 90) -> (127.5, 45) px
+
+
+# --- errors that used to come from deep inside torch or Python -------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(device="gpu"), ValueError, r"^device: 'gpu' is not a torch device"),
+    (dict(device="cuda"), ValueError, r"^device: 'cuda' but this torch build or machine has no CUDA"),
+    (dict(dtype="float64"), ValueError, r"^dtype: 'float64' is not supported"),
+    (dict(dtype=torch.int8), ValueError, r"^dtype: torch.int8 is not supported"),
+])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
+def test_bad_device_or_dtype_named_at_load(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        DragonPipeline.from_pretrained(TINY_MODEL, local_files_only=True, **kwargs)
+
+
+def test_dtype_by_name_and_failed_move_leaves_the_pipeline_as_it_was(pipe):
+    bf16 = DragonPipeline.from_pretrained(TINY_MODEL, local_files_only=True, device="cpu", dtype="bf16")
+    assert bf16.dtype == torch.bfloat16 and next(bf16.unet.parameters()).dtype == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device: 'cuda'"):
+            pipe.to("cuda")
+    assert pipe.device.type == "cpu" and next(pipe.unet.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(scale=0.01), ValueError, r"^scale=0.01 shrinks the image below one feature cell"),
+    (dict(num_inference_steps=1000), ValueError, r"^num_inference_steps=1000: .* use at most 999"),
+    (dict(offset=(1e20, 0)), ValueError, r"^offset must be finite pixel distances"),
+    (dict(seed=2**70), ValueError, r"^seed must be an integer in 0\.\."),
+    (dict(prompt="a \ud800"), ValueError, r"^prompt: not valid text"),
+    (dict(bank_device="gpu"), ValueError, r"^bank_device: 'gpu' is not a torch device"),
+])
+def test_bad_values_fail_before_model_work(pipe, img_disc_square, kwargs, error, match):
+    img, disc, _ = img_disc_square
+    with pytest.raises(error, match=match):
+        _move(pipe, img, disc, **kwargs)
+
+
+def test_one_pixel_mask_is_blamed_on_the_mask(pipe, img_disc_square):
+    img, _, _ = img_disc_square
+    dot = np.zeros((128, 128), bool)
+    dot[61, 61] = True  # between the 4-px feature samples (0, 4, ..., 60, 64)
+    with pytest.raises(ValueError, match=r"^mask: the object is smaller than one feature cell"):
+        _move(pipe, img, dot)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, :40] = 255  # left half white
+    im = Image.fromarray(wide)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    loaded = io.load_image(tmp_path / "photo.jpg")
+    assert loaded.shape == (80, 40, 3)  # displayed upright: tall
+    assert loaded[:40].mean() > 200 and loaded[40:].mean() < 50  # the white half is now on top
+
+
+def test_long_prompt_warns_that_it_is_cut(tiny_pipe, img_disc_square):
+    img, disc, _ = img_disc_square
+    with pytest.warns(UserWarning, match=r"^prompt: longer than the text encoder's 77 tokens"):
+        _move(tiny_pipe, img, disc, prompt="a red disc " * 40, num_inference_steps=1)

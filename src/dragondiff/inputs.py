@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Union
 import cv2
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 if TYPE_CHECKING:
     from .grid import Grid
@@ -39,7 +39,8 @@ def _open_path(value, name: str) -> Image.Image:
                     f"{name}: {path} is {im.width}x{im.height}; at most {MAX_INPUT_PIXELS:,} pixels are allowed"
                 )
             im.load()
-            return im.copy()
+            # Phones store photos sideways with an EXIF orientation tag; show them the way viewers do.
+            return ImageOps.exif_transpose(im)
     except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{name}: cannot read {path} as an image ({e})") from e
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Callable, Sequence
@@ -74,11 +75,13 @@ class DragonPipeline:
         self.backbone = SD1Backbone(unet, vae, text_encoder, tokenizer)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.recommended_settings = check_settings(recommended_settings or {}, "recommended_settings")
-        # Only the DDIM ᾱ table and timesteps are used (the update is written out by hand, spec §5.2).
+        # Only the DDIM ᾱ table and timesteps are used: the update is written out in `sampler` so that the guided
+        # and unguided ε can enter it separately.
         self.scheduler_config = DDIMScheduler.from_config(scheduler.config).config
-        device = torch.device(device) if device is not None else default_device()
-        if dtype is None:
-            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        device = check_device(device, "device") if device is not None else default_device()
+        dtype = check_dtype(dtype, "dtype") if dtype is not None else (
+            torch.float16 if device.type == "cuda" else torch.float32)
+        self.device, self.dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
         self.to(device, dtype)
         for module in (self.unet, self.vae, self.text_encoder):
             module.eval().requires_grad_(False)
@@ -147,14 +150,23 @@ class DragonPipeline:
         return cls(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler, device=device, dtype=dtype)
 
     def to(self, device=None, dtype=None) -> "DragonPipeline":
-        if device is not None:
-            self.device = torch.device(device)
-        if dtype is not None:
-            self.dtype = dtype
-        for module in (self.unet, self.vae, self.text_encoder):
-            param = next(module.parameters())
-            if param.device != self.device or param.dtype != self.dtype:  # diffusers warns on no-op casts
-                module.to(device=self.device, dtype=self.dtype)
+        """Move / cast every component. Arguments are checked first, and a failed move (e.g. out of memory)
+        puts the components back, so the pipeline stays usable as it was."""
+        new_device = self.device if device is None else check_device(device, "device")
+        new_dtype = self.dtype if dtype is None else check_dtype(dtype, "dtype")
+        modules = (self.unet, self.vae, self.text_encoder)
+        before = [(next(m.parameters()).device, next(m.parameters()).dtype) for m in modules]
+        try:
+            for module in modules:
+                param = next(module.parameters())
+                if param.device != new_device or param.dtype != new_dtype:  # diffusers warns on no-op casts
+                    module.to(device=new_device, dtype=new_dtype)
+        except (RuntimeError, AssertionError) as e:
+            for module, (dev, dt) in zip(modules, before):
+                module.to(device=dev, dtype=dt)
+            raise RuntimeError(f"device={new_device}, dtype={new_dtype}: moving the model failed ({e}); the "
+                               "pipeline is unchanged") from e
+        self.device, self.dtype = new_device, new_dtype
         return self
 
     # -------------------------------------------------------------------------------------------- encoders
@@ -203,6 +215,7 @@ class DragonPipeline:
             raise ValueError(f"prompt: {spec.prompt!r} differs from the prompt the inversion was made with "
                              f"({inversion.prompt!r}); pass the same prompt (or none) or invert again")
         spec = spec.resolved(self.recommended_settings, inversion)
+        self._warn_long_prompts(spec)
         prep = self._prepare(spec.image, spec.max_resolution, spec.num_inference_steps, spec)
         task = TASKS[spec.task].build(spec, prep)
         return self._run(task, prep, spec.preset, spec.num_inference_steps, spec.sde_strength, spec.seed, spec=spec,
@@ -383,6 +396,14 @@ class DragonPipeline:
 
     # ------------------------------------------------------------------------------------------- internals
 
+    def _warn_long_prompts(self, spec) -> None:
+        limit = self.tokenizer.model_max_length
+        for name in ("prompt", "reference_prompt"):
+            text = getattr(spec, name)
+            if text and self.backbone.prompt_length(text) > limit:
+                warnings.warn(f"{name}: longer than the text encoder's {limit} tokens; the rest is cut off",
+                              stacklevel=3)
+
     def _check_runtime(self, generator, callback, bank_device) -> None:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -391,12 +412,7 @@ class DragonPipeline:
         if callback is not None and not callable(callback):
             raise TypeError("callback_on_step_end must be callable(pipeline, step, timestep, {'latents': z})")
         if bank_device is not None:
-            try:
-                device = torch.device(bank_device)
-            except (RuntimeError, TypeError) as e:
-                raise ValueError(f"bank_device: {bank_device!r} is not a torch device ({e})") from None
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"bank_device: {bank_device!r} but this torch build has no CUDA device")
+            check_device(bank_device, "bank_device")
 
     def _prepare(self, image, max_resolution: int, num_inference_steps: int, spec=None) -> Prepared:
         if isinstance(image, Inversion):
@@ -424,7 +440,14 @@ class DragonPipeline:
     def _schedule(self, n: int) -> Schedule:
         from diffusers import DDIMScheduler
 
-        return Schedule.from_scheduler(DDIMScheduler.from_config(self.scheduler_config), int(n))
+        schedule = Schedule.from_scheduler(DDIMScheduler.from_config(self.scheduler_config), int(n))
+        train_steps = len(schedule.alphas_cumprod)
+        if max(schedule.timesteps) >= train_steps:  # checked before any model work
+            most = next(k for k in range(int(n) - 1, 0, -1) if max(Schedule.from_scheduler(
+                DDIMScheduler.from_config(self.scheduler_config), k).timesteps) < train_steps)
+            raise ValueError(f"num_inference_steps={n}: this scheduler's timesteps would pass its {train_steps} "
+                             f"training steps; use at most {most}")
+        return schedule
 
     def _bank_device(self, bank_device) -> torch.device:
         return torch.device(bank_device or ("cpu" if self.device.type == "cuda" else self.device))
@@ -533,6 +556,37 @@ def _bank_from_start(bank_start):
     if bank_start is None:
         return None
     return check_int(bank_start, "bank_start", 0, 1000), None
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """A torch device that exists in this torch build and on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{name}: {device!r} is not a torch device (use 'cpu', 'cuda', 'cuda:1', 'mps'): {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: {device!r} but this torch build or machine has no CUDA device; use 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{name}: {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"{name}: {device!r} but MPS is not available here; use 'cpu'")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name}: {device!r} is not supported; use 'cpu', 'cuda' or 'mps'")
+    return dev
+
+
+def check_dtype(dtype, name: str = "dtype") -> torch.dtype:
+    """torch.float32 / float16 / bfloat16, or one of their names ('float16', 'fp16', 'bf16', ...)."""
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    if dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return dtype
+    raise ValueError(f"{name}: {dtype!r} is not supported; use torch.float32, torch.float16 or torch.bfloat16 "
+                     f"(or one of {sorted(_DTYPES)})")
 
 
 def check_settings(settings: dict, name: str) -> dict:

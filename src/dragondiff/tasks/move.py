@@ -61,6 +61,9 @@ def build_move(
     sx, sy = input_scale
     feat_hw, latent_hw, cell, f = grid.feature_hw, grid.latent_hw, grid.feature_cell, grid.vae_factor
     mask_org = nearest(object_mask, feat_hw)
+    if not mask_org.any():
+        raise ValueError("mask: the object is smaller than one feature cell (4 px) at the working size; "
+                         "draw a larger mask or raise max_resolution")
     canvas = (int(feat_hw[0] * scale), int(feat_hw[1] * scale))
     if min(canvas) < 1:
         raise ValueError(f"scale={scale:g} shrinks the image below one feature cell (4 px); use a larger scale")
