@@ -1,5 +1,5 @@
 """The memory bank: decoder self-attention keys/values of the source image, captured during inversion and
-injected while sampling (reference-spec §2.2, §4).
+injected while sampling.
 
 Only the UNet's decoder self-attention layers (`up_blocks.*.attentions.*.transformer_blocks.*.attn1`, 9 in SD1.5)
 are touched, through attention processors installed for the duration of one edit and restored afterwards.
@@ -77,7 +77,8 @@ class BankController:
             self.mode, self.step = previous
 
     def _union_mask(self, which: str, tokens: int) -> torch.Tensor:
-        """Image-res mask nearest-resized to a layer's token grid, flattened (spec §4)."""
+        """Image-res mask nearest-resized to a layer's token grid, flattened (as the
+        official masked union)."""
         key = (which, tokens)
         if key not in self._layer_masks:
             mask = self.union_masks[which]

@@ -1,4 +1,5 @@
-"""Energy terms of DragonDiffusion (reference-spec §6), as pure functions of feature maps.
+"""Energy terms of DragonDiffusion, as pure functions of feature maps (each follows the official code term by term;
+docs/fidelity.md lists where and why).
 
 Conventions: feature maps are (1, C, Hf, Wf) fp32 on the H/4 grid; `cells` are (ys, xs) index tensors or a
 bool (Hf, Wf) mask; selecting gives (N, C) in the given (raster) order. Every energy has the form
@@ -47,7 +48,7 @@ def _total(terms) -> torch.Tensor | None:
     return None if not terms else torch.stack(terms).sum()
 
 
-# --- Move / resize (§6.1): raw cos in the edit and content terms, 0.5 per layer, inpaint without the 0.5 ----------
+# --- Move / resize: raw cos in the edit and content terms, 0.5 per layer, inpaint without the 0.5 ----------
 
 
 def move_edit(gen, ref_scaled, cur_cells, tar_cells, w_edit):
@@ -73,7 +74,7 @@ def move_content(gen, ref, other, non_overlap, region, w_content, w_contrast, w_
     return _total(terms)
 
 
-# --- Drag (§6.2): (cos+1)/2, 3x3 boxes paired point-wise, ÷ (2 layers · K pairs) ----------------------------------
+# --- Drag: (cos+1)/2, 3x3 boxes paired point-wise, ÷ (2 layers · K pairs) ----------------------------------
 
 
 def drag_edit(gen, ref, pairs, w_edit, w_inpaint):
@@ -98,7 +99,7 @@ def drag_content(gen, ref, other, w_content):
     return None if total is None else 0.5 * total
 
 
-# --- Appearance / paste (§6.4, §6.5): (cos+1)/2, plain sum over the two layers ------------------------------------
+# --- Appearance / paste: (cos+1)/2, plain sum over the two layers ------------------------------------
 
 
 def keep_background(gen, base, outside, w_content):

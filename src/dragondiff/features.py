@@ -1,5 +1,6 @@
 """The feature pass ("estimator" of the official code): outputs of up_blocks[1] and up_blocks[2] (after their
-upsamplers), nearest-resized to H/4 x W/4 (reference-spec §3.3).
+upsamplers), nearest-resized to H/4 x W/4, the grid every energy
+compares features on.
 
 It runs the same UNet as the sampler, with the bank processors in plain mode, and stops right after
 up_blocks[2] through a forward hook that raises: up_blocks[3], norm_out and conv_out are never computed.

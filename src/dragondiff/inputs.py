@@ -1,7 +1,7 @@
 """Reading and validating user images, masks and points; the working resolution.
 
 Every error names the argument it is about and says what is allowed. Resizing follows the official demo
-(reference-spec §1.2, §3.4): the image goes through cv2 Lanczos-4, masks through cv2 bilinear on their 0..255
+so that the working-size inputs match its pixels: the image goes through cv2 Lanczos-4, masks through cv2 bilinear on their 0..255
 (or 0..1 for drag) scale and are then thresholded at > 0.5, which widens them by up to one pixel.
 """
 

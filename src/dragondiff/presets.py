@@ -5,7 +5,6 @@
 `official` what the official demo runs (alg='D+', DiffEditor schedule): guidance at every step i < 10, then at
            even steps up to 28; steps 22, 24, 26, 28 run three times with time travel; regional SDE at 11..19.
            The IP-Adapter image prompt is not part of this engine yet, so it is off.
-(reference-spec §5.1, §8)
 """
 
 from __future__ import annotations

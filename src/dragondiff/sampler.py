@@ -1,4 +1,4 @@
-"""DDIM inversion with memory-bank capture, and the guided DDIM sampler (reference-spec §2, §5, §6).
+"""DDIM inversion with memory-bank capture, and the guided DDIM sampler.
 
 Latents are kept in fp32 whatever the model dtype; the UNet sees them cast to its dtype. All per-edit state is in
 the arguments: the bank controller, the task, the counters.
@@ -94,8 +94,9 @@ def invert(backbone, z0: torch.Tensor, context: torch.Tensor, schedule: Schedule
            counts: PassCounts) -> torch.Tensor:
     """DDIM inversion, conditional only. Returns (n+1, B, 4, h, w): [0] = z0, [k] at timestep t_{n-k}.
 
-    eps is evaluated at the destination timestep t (the null-text-inversion convention, spec §2.1), and the
-    decoder self-attention K/V of the call at t_i are stored as bank step i (the official off-by-one, §2.2).
+    eps is evaluated at the destination timestep t (the null-text-inversion convention the official code uses), and the
+    decoder self-attention K/V of the call at t_i are stored as bank step i (the official code's off-by-one, kept
+    because the bank must match what the official sampler attends to).
     """
     n = len(schedule.timesteps)
     latents = [z0]
@@ -113,7 +114,7 @@ def invert(backbone, z0: torch.Tensor, context: torch.Tensor, schedule: Schedule
 
 def guidance(backbone, task: Task, z: torch.Tensor, ref_features, t: int, cond: torch.Tensor,
              controller: BankController, counts: PassCounts):
-    """g = c·(∇(s·E_edit)⊙M + ∇(s·E_content)⊙(1−M)), two backward passes (spec §6). Returns (g, energies)."""
+    """g = c·(∇(s·E_edit)⊙M + ∇(s·E_content)⊙(1−M)), two backward passes, as the official code. Returns (g, energies)."""
     latent = z.detach().requires_grad_(True)
     with torch.enable_grad(), controller.use(PLAIN):
         gen = backbone.features(latent, t, cond)

@@ -1,4 +1,4 @@
-"""Appearance replacing (reference-spec §6.4): give the object the look of an object in a reference image.
+"""Appearance replacing: give the object the look of an object in a reference image.
 
 Base and reference are inverted together; sampling starts from the base z_T unchanged. The edit energy compares
 mean feature vectors (global appearance); the content energy keeps everything outside the object.

@@ -32,7 +32,8 @@ def place(canvas: torch.Tensor, shift: tuple[int, int], out_hw: tuple[int, int])
     """Translate a (..., Hc, Wc) canvas by shift=(dy, dx) and centre-crop/pad it to out_hw, filling with zeros.
 
     Same as the official torch.roll followed by a centred crop or pad wherever nothing wraps around; where the
-    official roll would wrap content to the opposite border, we drop it instead (reference-spec §9 item 13).
+    official roll would wrap content to the opposite border, we drop it
+    instead: content wrapped to the far border is an artefact, never what a user asked for (docs/fidelity.md).
     """
     hc, wc = canvas.shape[-2:]
     out = canvas.new_zeros(canvas.shape[:-2] + tuple(out_hw))

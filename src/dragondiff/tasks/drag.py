@@ -1,4 +1,4 @@
-"""Content dragging (reference-spec §6.2): handle -> target point pairs inside an editable mask.
+"""Content dragging: handle -> target point pairs inside an editable mask.
 
 Each pair compares a 3x3 box of generation features at the target with the reference features at the handle.
 z_T copies the 3x3 latent patch at each handle to its target, in pair order; the official code also writes that

@@ -1,4 +1,4 @@
-"""Object moving and resizing (reference-spec §6.1).
+"""Object moving and resizing.
 
 The object is shifted by (dx, dy) and then scaled by `scale` about the image centre (official geometry): its
 centre ends at c + (p + d − c)·scale. The reference features are nearest-resized by `scale` from their native maps.

@@ -1,4 +1,4 @@
-"""Object pasting (reference-spec §6.5): paste an object from a reference image into the base image.
+"""Object pasting: paste an object from a reference image into the base image.
 
 The reference image is scaled by `scale` about its centre (nearest, mid-grey padding), then the object is placed
 at its own position shifted by (dx, dy). z_T takes the reference's inverted noise inside the destination.
