@@ -6,7 +6,7 @@ import pytest
 from dragondiff import DragonPipeline
 from dragondiff.bench.shapes import evaluate, run_edit, vae_roundtrip
 from dragondiff.shapes import model as shapes_model
-from dragondiff.shapes.cases import make_case
+from dragondiff.bench.cases import make_case
 
 pytestmark = pytest.mark.skipif(not shapes_model.is_available(), reason="bundled weights not trained yet")
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dragondiff.shapes import metrics as mt
-from dragondiff.shapes.cases import make_case
+from dragondiff.bench import metrics as mt
+from dragondiff.bench.cases import make_case
 from dragondiff.shapes.scenes import COLOURS, RADIUS, Shape, make_scene, random_scene, with_shape
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dragondiff.shapes import model as shapes_model
-from dragondiff.shapes.render_torch import captions, render_batch
+from dragondiff.train.render_torch import captions, render_batch
 from dragondiff.shapes.scenes import Shape, random_layout, random_scene, render
 
 
@@ -36,7 +36,7 @@ def test_torch_renderer_draws_each_kind_and_pads_short_layouts():
 
 @pytest.mark.skipif(not shapes_model.is_available(), reason="bundled weights not in this checkout")
 def test_stages_resume_from_shipped_weights_and_export(tmp_path):
-    from dragondiff.shapes import train
+    from dragondiff.train import shapes as train
 
     torch.manual_seed(0)
     out, dest = tmp_path / "run", tmp_path / "weights"

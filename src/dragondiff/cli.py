@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .presets import PRESETS
+
 
 def draw_arrow(image: Image.Image, start, end, colour=(255, 255, 255)) -> Image.Image:
     out = image.copy()
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="move an object in a bundled example scene; writes input/result/side-by-side")
     demo.add_argument("--out", default="dragondiff-demo", help="output folder (default: ./dragondiff-demo)")
-    demo.add_argument("--preset", default="official", choices=["official", "paper"])
+    demo.add_argument("--preset", default="official", choices=sorted(PRESETS))
     demo.add_argument("--seed", type=int, default=42)
     demo.add_argument("--tiny", action="store_true", help="use a tiny random model (smoke test of the pipeline)")
     demo.set_defaults(func=cmd_demo)

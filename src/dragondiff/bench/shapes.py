@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..shapes import metrics as mt
-from ..shapes.cases import make_case
+from . import metrics as mt
+from .cases import make_case
+from ..presets import PRESETS
 from ..shapes.scenes import COLOURS, random_scene, render
 
 TASKS = ("move", "resize", "drag", "appearance", "paste")
@@ -217,7 +218,7 @@ def caption_found(image: np.ndarray, scene) -> bool:
 
 
 def quality(pipe, n_vae: int = 256, n_inv: int = 32, n_samples: int = 64) -> dict:
-    from ..shapes.train import EVAL_SCENE_BASE
+    from ..train.shapes import EVAL_SCENE_BASE
 
     scenes = [random_scene(EVAL_SCENE_BASE + 100_000 + k) for k in range(n_vae)]
     images = np.stack([s.image for s in scenes])
@@ -252,7 +253,7 @@ def main(argv=None) -> int:
                         help="index of the first case (0: the shipped case seeds; the model's recommended settings "
                              "were chosen on cases 0-19, so cases from 1000 on check them on unseen seeds)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--preset", default="official", choices=["official", "paper"])
+    parser.add_argument("--preset", default="official", choices=sorted(PRESETS))
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     parser.add_argument("--sheet", type=int, default=4, help="cases per task on the contact sheet")
     parser.add_argument("--settings", default="both", choices=["official", "model", "both"],

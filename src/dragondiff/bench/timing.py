@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..presets import PRESETS
+
 
 def scene():
     yy, xx = np.mgrid[0:128, 0:128]
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     }
     tasks["move"](max_resolution=128, num_inference_steps=2, progress=False)  # warm-up
     rows = []
-    for preset in ("paper", "official"):
+    for preset in PRESETS:
         for name, fn in tasks.items():
             t = time.perf_counter()
             out = fn(max_resolution=128, preset=preset, progress=False)

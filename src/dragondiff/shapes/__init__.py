@@ -1,1 +1,2 @@
-"""The bundled "shapes" model: procedural scenes, the model's architecture, its training and its benchmark."""
+"""The bundled "shapes" model: what loads and runs it (architecture, weights, tokenizer) and its procedural scenes.
+Training lives in `dragondiff.train`, the benchmark in `dragondiff.bench`."""

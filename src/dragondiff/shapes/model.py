@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 WEIGHTS = Path(__file__).parent / "weights"
-MODEL_ID = "dragondiff:shapes"
 
 
 def build_vae():

@@ -125,7 +125,7 @@ def random_shape(rng, colour: str, others: list[Shape], size: int = SIZE, tries:
 
 def random_layout(seed, size: int = SIZE, n_objects: int | None = None) -> tuple[list[Shape], tuple]:
     """The shapes and background of a random scene, without drawing it (cheap: rendering is done by `render`
-    here or in batches by `shapes.render_torch`). 1-2 shapes in distinct colours on a flat (half) or smoothly
+    here or in batches by `dragondiff.train.render_torch`). 1-2 shapes in distinct colours on a flat (half) or smoothly
     blended (half) background."""
     rng = np.random.default_rng(seed)
     names = list(COLOURS)

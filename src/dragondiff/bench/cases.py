@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .scenes import COLOURS, SIZE, Scene, Shape, _fits, make_scene, random_scene
+from ..shapes.scenes import COLOURS, SIZE, Scene, Shape, _fits, make_scene, random_scene
 
 CASE_SEED_BASE = 70_000_000  # far from the training seeds
 TASK_OFFSETS = {"move": 0, "resize": 1_000_000, "drag": 2_000_000, "appearance": 3_000_000, "paste": 4_000_000}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .scenes import COLOURS, KINDS, SIZE
+from ..shapes.scenes import COLOURS, KINDS, SIZE
 
 _COLOUR_NAMES = list(COLOURS)
 _PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32)  # (n_colours, 3)
@@ -87,7 +87,7 @@ def render_batch(layouts, size: int = SIZE, device="cpu", with_masks: bool = Fal
 
 
 def captions(layouts) -> list[str]:
-    from .scenes import caption
+    from ..shapes.scenes import caption
 
     return [caption(shapes, bg) for shapes, bg in layouts]
 

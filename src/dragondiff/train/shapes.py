@@ -1,10 +1,10 @@
 """Train the bundled shapes model: VAE, then UNet + text encoder on cached latents, export, quality gates.
 
-    python -m dragondiff.shapes.train all --out out/train --minutes 90          # everything, one command
-    python -m dragondiff.shapes.train vae  --out out/train --minutes 20          # one stage
-    python -m dragondiff.shapes.train unet --out out/train --minutes 70 --steps 8000
-    python -m dragondiff.shapes.train export --out out/train                     # -> src/dragondiff/shapes/weights
-    python -m dragondiff.shapes.train gates                                      # quality of the shipped weights
+    python -m dragondiff.train.shapes all --out out/train --minutes 90          # everything, one command
+    python -m dragondiff.train.shapes vae  --out out/train --minutes 20          # one stage
+    python -m dragondiff.train.shapes unet --out out/train --minutes 70 --steps 8000
+    python -m dragondiff.train.shapes export --out out/train                     # -> src/dragondiff/shapes/weights
+    python -m dragondiff.train.shapes gates                                      # quality of the shipped weights
 
 Where a stage starts from:
 - its checkpoint in --out (`vae.pt`, `unet.pt`), if there is one: the run resumes where it stopped;
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..tiny import build_tokenizer
-from . import model as M
+from ..shapes import model as M
+from ..shapes.scenes import random_layout
+from ..shapes.tokenizer import build_tokenizer
 from .render_torch import captions, render_batch
-from .scenes import random_layout
 
 VAE_SCENE_BASE = 10_000_000  # seed ranges kept apart: VAE data, UNet pool, evaluation (bench uses its own)
 UNET_SCENE_BASE = 20_000_000
@@ -369,7 +369,7 @@ def gates() -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m dragondiff.shapes.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dragondiff.train.shapes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["all", "vae", "unet", "export", "gates"])
     parser.add_argument("--out", type=Path, default=Path("out/train"), help="checkpoints and logs (out/train)")
