@@ -15,6 +15,11 @@ DATA = Path(__file__).parent / "data"
 TINY_MODEL = DATA / "tiny-model"
 PARITY = DATA / "parity"
 
+# Fast settings shared by the tests: the tiny models' 128 px scene, and a 2-step schedule where the number of
+# steps does not matter (tests of mechanics that need the full schedule pass num_inference_steps themselves).
+FAST = dict(max_resolution=128, num_inference_steps=2, progress=False)
+FULL = dict(max_resolution=128, progress=False)  # the default 50 steps
+
 # One intra-op thread: the tiny models gain nothing from two, and two threads under any other load on a
 # 2-core machine stall in OpenMP barriers (observed: 100x slower).
 torch.set_num_threads(1)

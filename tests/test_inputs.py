@@ -10,11 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_MODEL, make_scene
+from conftest import FAST, TINY_MODEL, make_scene
 from dragondiff import inputs as io
 from dragondiff.pipeline import DragonPipeline
 
-FAST = dict(max_resolution=128, num_inference_steps=2, progress=False)
 
 
 

@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import FAST as _FAST
 from conftest import TINY_MODEL, make_scene
 from dragondiff import DragonPipeline
 
 sys.path.insert(0, str(Path(__file__).parent))  # for ldm_export under non-default rootdirs
 from ldm_export import export_ldm_checkpoint  # noqa: E402
 
-FAST = dict(max_resolution=128, num_inference_steps=2, progress=False, seed=7)
+FAST = dict(_FAST, seed=7)
 
 
 

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_scene
+from conftest import FAST, make_scene
 from dragondiff import EditSpec
 from dragondiff.tasks import TASKS
 
 IMG, DISC, SQUARE = make_scene()
-FAST = dict(max_resolution=128, num_inference_steps=4)
 
 
 @pytest.mark.parametrize("fields, error, match", [
@@ -82,9 +81,9 @@ def test_edit_runs_the_spec_and_its_result_re_runs(tiny_pipe, tmp_path):
     Image.fromarray(IMG).save(tmp_path / "in.png")
     Image.fromarray(DISC.astype(np.uint8) * 255).save(tmp_path / "mask.png")
     spec = EditSpec(task="move", image=str(tmp_path / "in.png"), mask=str(tmp_path / "mask.png"), offset=(24, 0),
-                    prompt="a red disc", **FAST)
+                    prompt="a red disc", max_resolution=128, num_inference_steps=4)
     out = tiny_pipe.edit(spec, progress=False)
-    by_method = tiny_pipe.move(IMG, DISC, offset=(24, 0), prompt="a red disc", progress=False, **FAST)
+    by_method = tiny_pipe.move(IMG, DISC, offset=(24, 0), prompt="a red disc", **{**FAST, "num_inference_steps": 4})
     assert np.array_equal(np.asarray(out.image), np.asarray(by_method.image))
     assert out.spec.w_edit == 4.0 and out.spec.guidance_scale == 4.0 and by_method.spec.task == "move"
     reloaded = EditSpec.from_json(out.spec.to_json())

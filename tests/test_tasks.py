@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import FULL as FAST
 from conftest import make_scene
 from dragondiff.tiny import build_tiny_pipeline
 
-FAST = dict(max_resolution=128, progress=False)
 IMG, DISC, SQUARE = make_scene()
 DRAG_MASK = np.zeros((128, 128), bool)
 DRAG_MASK[64:120, 64:124] = True
