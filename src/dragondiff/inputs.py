@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+
 if TYPE_CHECKING:
     from .grid import Grid
 
@@ -151,22 +152,6 @@ def resize_mask(mask: np.ndarray, size_hw: tuple[int, int], levels: int = 255) -
     if m.shape != tuple(size_hw):
         m = cv2.resize(m, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
     return m > 0.5
-
-
-def check_point(p, name: str, size_hw: tuple[int, int]) -> tuple[float, float]:
-    """A (x, y) pixel coordinate inside an image of size (H, W)."""
-    values = list(p) if isinstance(p, (tuple, list, np.ndarray)) else None
-    ok = values is not None and len(values) == 2
-    if not ok or not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-                         for v in values):
-        raise TypeError(f"{name}: expected an (x, y) pair of numbers, got {p!r}")
-    x, y = (float(v) for v in values)
-    if not (math.isfinite(x) and math.isfinite(y)):
-        raise ValueError(f"{name}: coordinates must be finite, got {p!r}")
-    h, w = size_hw
-    if not (0 <= x < w and 0 <= y < h):
-        raise ValueError(f"{name}: point ({x:g}, {y:g}) lies outside the {w}x{h} image")
-    return x, y
 
 
 def to_pixels(image: np.ndarray) -> "np.ndarray":

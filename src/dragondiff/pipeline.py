@@ -31,7 +31,8 @@ from .presets import Preset, get_preset
 from .result import EditResult
 from .sampler import PassCounts, Schedule, invert, sample
 from .inputs import Prepared
-from .spec import EditSpec, check_int, check_number, check_offset, check_scale, check_string
+from .spec import EditSpec
+from .validate import check_device, check_dtype, check_int, check_number, check_offset, check_scale, check_string
 from .tasks import TASKS
 from .tasks.base import Task
 
@@ -556,37 +557,6 @@ def _bank_from_start(bank_start):
     if bank_start is None:
         return None
     return check_int(bank_start, "bank_start", 0, 1000), None
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def check_device(device, name: str = "device") -> torch.device:
-    """A torch device that exists in this torch build and on this machine."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{name}: {device!r} is not a torch device (use 'cpu', 'cuda', 'cuda:1', 'mps'): {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{name}: {device!r} but this torch build or machine has no CUDA device; use 'cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"{name}: {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"{name}: {device!r} but MPS is not available here; use 'cpu'")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"{name}: {device!r} is not supported; use 'cpu', 'cuda' or 'mps'")
-    return dev
-
-
-def check_dtype(dtype, name: str = "dtype") -> torch.dtype:
-    """torch.float32 / float16 / bfloat16, or one of their names ('float16', 'fp16', 'bf16', ...)."""
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    if dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return dtype
-    raise ValueError(f"{name}: {dtype!r} is not supported; use torch.float32, torch.float16 or torch.bfloat16 "
-                     f"(or one of {sorted(_DTYPES)})")
 
 
 def check_settings(settings: dict, name: str) -> dict:

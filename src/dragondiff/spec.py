@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .validate import _is_number, check_int, check_number, check_offset, check_scale, check_string
+
 Point = tuple[float, float]
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed accepts [-2**63, 2**64); we keep seeds non-negative int64
 
@@ -32,56 +34,6 @@ SOURCE_FIELDS = ("image", "mask", "reference", "reference_mask", "reference_regi
 # Per-task fields (the rest are common to every task).
 TASK_FIELDS = ("mask", "reference", "reference_mask", "reference_region", "offset", "scale", "points",
                "reference_prompt", "w_edit", "w_content", "w_contrast", "w_inpaint")
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-
-def check_number(value, name: str, low: float = 0.0, high: float = math.inf) -> float:
-    if not _is_number(value):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
-    return value
-
-
-def check_int(value, name: str, low: int, high: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if not low <= int(value) <= high:
-        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
-    return int(value)
-
-
-def check_scale(scale, name: str = "scale", high: float = 10.0) -> float:
-    if not _is_number(scale):
-        raise TypeError(f"{name} must be a number, got {scale!r}")
-    scale = float(scale)
-    if not (math.isfinite(scale) and 0 < scale <= high):
-        raise ValueError(f"{name} must be in (0, {high:g}], got {scale!r}")
-    return scale
-
-
-def check_offset(offset, name: str = "offset", limit: float = 1e6) -> tuple[float, float]:
-    values = list(offset) if isinstance(offset, (tuple, list, np.ndarray)) else None
-    if values is None or len(values) != 2 or not all(_is_number(v) for v in values):
-        raise TypeError(f"{name} must be a (dx, dy) pair of numbers in pixels, got {offset!r}")
-    dx, dy = (float(v) for v in values)
-    if not (math.isfinite(dx) and math.isfinite(dy)) or max(abs(dx), abs(dy)) > limit:
-        raise ValueError(f"{name} must be finite pixel distances within ±{limit:g}, got {offset!r}")
-    return dx, dy
-
-
-def check_string(value, name: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name}: expected a string, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{name}: not valid text ({e.reason} at position {e.start})") from None
-    return value
 
 
 def _check_points(points) -> tuple:

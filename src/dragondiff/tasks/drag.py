@@ -16,7 +16,7 @@ import torch
 from .. import energies as E
 from ..attention import CONCAT
 from ..features import resize_features
-from .. import inputs as io
+from ..validate import check_point
 from .base import Task, TaskInfo, common_fields, latent_region, nearest
 
 BOX = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # raster order of a 3x3 box
@@ -105,8 +105,8 @@ def from_spec(spec, prep) -> DragTask:
     sx, sy = prep.input_scale
     scaled = []
     for k, (handle, target) in enumerate(spec.points):
-        handle = io.check_point(handle, f"points[{k}] handle", prep.original_hw)
-        target = io.check_point(target, f"points[{k}] target", prep.original_hw)
+        handle = check_point(handle, f"points[{k}] handle", prep.original_hw)
+        target = check_point(target, f"points[{k}] target", prep.original_hw)
         scaled.append(((handle[0] * sx, handle[1] * sy), (target[0] * sx, target[1] * sy)))
         tx = min(int(scaled[-1][1][0]), prep.size_hw[1] - 1)
         ty = min(int(scaled[-1][1][1]), prep.size_hw[0] - 1)
