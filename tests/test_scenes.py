@@ -54,10 +54,15 @@ def test_cases_are_deterministic_and_consistent(task):
         assert (64 + (src.cx + dx - 64) * s, 64 + (src.cy + dy - 64) * s) == pytest.approx((dst.cx, dst.cy))
         assert dst.r == pytest.approx(src.r * s)
     if task == "drag":
-        (handle, target), = a.kwargs["points"]
-        assert a.kwargs["mask"][int(target[1]), int(target[0])] and a.kwargs["mask"][int(handle[1]), int(handle[0])]
+        shift = (dst.cx - src.cx, dst.cy - src.cy)
+        assert len(a.kwargs["points"]) == 5
+        for handle, target in a.kwargs["points"]:
+            assert a.scene.masks[a.index][int(handle[1]), int(handle[0])]  # every handle on the object
+            assert (target[0] - handle[0], target[1] - handle[1]) == pytest.approx(shift)
+            assert a.kwargs["mask"][int(target[1]), int(target[0])] and a.kwargs["mask"][int(handle[1]), int(handle[0])]
     if task == "appearance":
         assert dst.colour == a.reference.shapes[0].colour != src.colour and (dst.cx, dst.kind) == (src.cx, src.kind)
+        assert f"a {src.kind}" in a.prompt and src.colour not in a.prompt.split(" on ")[0].split(" and ")[0]
 
 
 def test_segmentation_and_metrics():

@@ -28,6 +28,7 @@ class Case:
     kwargs: dict = field(default_factory=dict)  # arguments of the pipeline method besides image/prompt
     reference: Scene | None = None
     target_index: int = 0  # the edited/pasted object's index in `target`
+    prompt: str | None = None  # the edit prompt, when not the input's caption
 
 
 def _displaced(rng, shape: Shape, others, lo=24.0, hi=40.0, tries=200):
@@ -79,8 +80,13 @@ def _try_case(task: str, seed: int) -> Case | None:
         moved = _displaced(rng, obj, others, lo=12.0, hi=24.0)
         if moved is None:
             return None
-        handle = (obj.cx, obj.cy)
-        tgt = (moved.cx, moved.cy)
+        # Five handles on the object (its centre and halfway to its edge left, right, up, down), each dragged by
+        # the same displacement: one 3x3 feature box (12 px) at the centre of a 32-56 px object does not say
+        # whether the object should move or stretch, so the ground truth "translated" needs the whole object held.
+        d = (moved.cx - obj.cx, moved.cy - obj.cy)
+        q = obj.r / 2
+        points = [((obj.cx + ox, obj.cy + oy), (obj.cx + ox + d[0], obj.cy + oy + d[1]))
+                  for ox, oy in ((0, 0), (q, 0), (-q, 0), (0, q), (0, -q))]
         x0 = max(0, int(min(obj.cx, moved.cx) - obj.r - 8))
         x1 = min(SIZE, int(max(obj.cx, moved.cx) + obj.r + 8))
         y0 = max(0, int(min(obj.cy, moved.cy) - obj.r - 8))
@@ -90,7 +96,7 @@ def _try_case(task: str, seed: int) -> Case | None:
         if editable.mean() > 0.7:
             return None
         target = make_scene([moved] + others, scene.background)
-        return Case(task, seed, scene, target, i, {"points": [(handle, tgt)], "mask": editable})
+        return Case(task, seed, scene, target, i, {"points": points, "mask": editable})
     if task == "appearance":
         used = {obj.colour, scene.background[0]} | {o.colour for o in others}
         if scene.background[1]:
@@ -103,7 +109,10 @@ def _try_case(task: str, seed: int) -> Case | None:
         bg_ref = next(c for c in COLOURS if c != colour)
         reference = make_scene([ref_shape], (bg_ref, None, 0.0))
         target = make_scene([Shape(obj.kind, colour, obj.cx, obj.cy, obj.r)] + others, scene.background)
-        return Case(task, seed, scene, target, i, {}, reference=reference)
+        # The prompt names the object without its old colour: a user asking for a new look would not write the old
+        # one, and with it CFG pulls the object back to that colour (measured: docs/shapes-model.md).
+        prompt = scene.caption.replace(f"a {obj.colour} {obj.kind}", f"a {obj.kind}", 1)
+        return Case(task, seed, scene, target, i, {}, reference=reference, prompt=prompt)
     if task == "paste":
         ref = random_scene(seed + 500_000, n_objects=1)
         if not ref.shapes:

@@ -67,8 +67,8 @@ def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
 
 
 def run_edit(pipe, case, preset: str, seed: int = 42, **options):
-    common = dict(prompt=case.scene.caption, preset=preset, max_resolution=128, seed=seed, progress=False,
-                  **options)
+    common = dict(prompt=case.prompt or case.scene.caption, preset=preset, max_resolution=128, seed=seed,
+                  progress=False, **options)
     obj = case.scene.masks[case.index]
     if case.task in ("move", "resize"):
         return pipe.move(case.scene.image, obj, **case.kwargs, **common)
