@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+
 import numpy as np
 
 from ..shapes.scenes import COLOURS, SIZE, Scene, Shape, _fits, make_scene, random_scene
 
 CASE_SEED_BASE = 70_000_000  # far from the training seeds
+# The engine task each benchmark task runs (resize is a move with scale != 1).
+ENGINE_TASK = {"move": "move", "resize": "move", "drag": "drag", "appearance": "appearance", "paste": "paste"}
 TASK_OFFSETS = {"move": 0, "resize": 1_000_000, "drag": 2_000_000, "appearance": 3_000_000, "paste": 4_000_000}
 
 
@@ -25,10 +28,17 @@ class Case:
     scene: Scene  # input
     target: Scene  # ground truth after the edit
     index: int  # the edited object in `scene` (for paste: in `reference`)
-    kwargs: dict = field(default_factory=dict)  # arguments of the pipeline method besides image/prompt
+    kwargs: dict = field(default_factory=dict)  # EditSpec fields besides task, image and prompt
     reference: Scene | None = None
     target_index: int = 0  # the edited/pasted object's index in `target`
     prompt: str | None = None  # the edit prompt, when not the input's caption
+
+    def spec(self, **fields):
+        """The case as an EditSpec; `fields` adds the run's options (preset, seed, max_resolution, ...)."""
+        from ..spec import EditSpec
+
+        return EditSpec(task=ENGINE_TASK[self.task], image=self.scene.image,
+                        prompt=self.prompt or self.scene.caption, **self.kwargs, **fields)
 
 
 def _displaced(rng, shape: Shape, others, lo=24.0, hi=40.0, tries=200):
@@ -67,7 +77,7 @@ def _try_case(task: str, seed: int) -> Case | None:
         if moved is None:
             return None
         target = make_scene([moved] + others, scene.background)
-        return Case(task, seed, scene, target, i, {"offset": (moved.cx - obj.cx, moved.cy - obj.cy)})
+        return Case(task, seed, scene, target, i, {"mask": scene.masks[i], "offset": (moved.cx - obj.cx, moved.cy - obj.cy)})
     if task == "resize":
         s = float(rng.choice([0.7, 1.3]))
         grown = Shape(obj.kind, obj.colour, obj.cx, obj.cy, obj.r * s)
@@ -75,7 +85,8 @@ def _try_case(task: str, seed: int) -> Case | None:
         if moved is None:
             return None
         target = make_scene([moved] + others, scene.background)
-        return Case(task, seed, scene, target, i, {"offset": _offset_for(obj, (moved.cx, moved.cy), s), "scale": s})
+        return Case(task, seed, scene, target, i,
+                    {"mask": scene.masks[i], "offset": _offset_for(obj, (moved.cx, moved.cy), s), "scale": s})
     if task == "drag":
         moved = _displaced(rng, obj, others, lo=12.0, hi=24.0)
         if moved is None:
@@ -112,7 +123,9 @@ def _try_case(task: str, seed: int) -> Case | None:
         # The prompt names the object without its old colour: a user asking for a new look would not write the old
         # one, and with it CFG pulls the object back to that colour (measured: docs/shapes-model.md).
         prompt = scene.caption.replace(f"a {obj.colour} {obj.kind}", f"a {obj.kind}", 1)
-        return Case(task, seed, scene, target, i, {}, reference=reference, prompt=prompt)
+        fields = {"mask": scene.masks[i], "reference": reference.image, "reference_mask": reference.masks[0],
+                  "reference_prompt": reference.caption}
+        return Case(task, seed, scene, target, i, fields, reference=reference, prompt=prompt)
     if task == "paste":
         ref = random_scene(seed + 500_000, n_objects=1)
         if not ref.shapes:
@@ -133,6 +146,8 @@ def _try_case(task: str, seed: int) -> Case | None:
         if placed is None:
             return None
         target = make_scene(scene.shapes + [placed], scene.background)
-        return Case(task, seed, scene, target, 0, {"offset": (placed.cx - piece.cx, placed.cy - piece.cy)},
-                    reference=ref, target_index=len(scene.shapes))
+        fields = {"reference": ref.image, "reference_mask": ref.masks[0], "reference_prompt": ref.caption,
+                  "offset": (placed.cx - piece.cx, placed.cy - piece.cy)}
+        return Case(task, seed, scene, target, 0, fields, reference=ref, target_index=len(scene.shapes),
+                    prompt=target.caption)
     raise KeyError(task)

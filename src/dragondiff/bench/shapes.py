@@ -22,12 +22,11 @@ import numpy as np
 import torch
 
 from . import metrics as mt
-from .cases import make_case
+from .cases import ENGINE_TASK, make_case
 from ..presets import PRESETS
 from ..shapes.scenes import COLOURS, random_scene, render
 
 TASKS = ("move", "resize", "drag", "appearance", "paste")
-METHOD = {"move": "move", "resize": "move", "drag": "drag", "appearance": "appearance", "paste": "paste"}
 _PIPES: dict = {}
 
 
@@ -47,9 +46,9 @@ def settings_rows(pipe, choice: str) -> list[tuple[str, dict]]:
 
     rows = []
     if choice in ("official", "both"):
-        rows.append(("official defaults", {t: dict(OFFICIAL_SETTINGS[m]) for t, m in METHOD.items()}))
+        rows.append(("official defaults", {t: dict(OFFICIAL_SETTINGS[m]) for t, m in ENGINE_TASK.items()}))
     if choice in ("model", "both") and pipe.recommended_settings:
-        rows.append(("model defaults", {t: {} for t in METHOD}))
+        rows.append(("model defaults", {t: {} for t in ENGINE_TASK}))
     return rows
 
 
@@ -67,65 +66,64 @@ def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
 
 
 def run_edit(pipe, case, preset: str, seed: int = 42, **options):
-    common = dict(prompt=case.prompt or case.scene.caption, preset=preset, max_resolution=128, seed=seed,
-                  progress=False, **options)
-    obj = case.scene.masks[case.index]
-    if case.task in ("move", "resize"):
-        return pipe.move(case.scene.image, obj, **case.kwargs, **common)
-    if case.task == "drag":
-        return pipe.drag(case.scene.image, case.kwargs["points"], case.kwargs["mask"], **common)
-    if case.task == "appearance":
-        return pipe.replace_appearance(case.scene.image, obj, case.reference.image, case.reference.masks[0],
-                                       reference_prompt=case.reference.caption, **common)
-    ref = case.reference
-    return pipe.paste(case.scene.image, ref.image, ref.masks[0], reference_prompt=ref.caption,
-                      **case.kwargs, **{**common, "prompt": case.target.caption})
+    """Run a case through `pipe.edit` (options: any EditSpec field, e.g. guidance_scale)."""
+    return pipe.edit(case.spec(preset=preset, max_resolution=128, seed=seed, **options), progress=False)
+
+
+def _geometry(pipe, case, output, colours, bg):
+    """move, resize, drag: the object's colour segmented in the output against the ground-truth placement."""
+    t, scene, target = mt.THRESHOLDS, case.scene, case.target
+    src, tgt = scene.masks[case.index], target.masks[case.index]
+    others = [c for k, c in enumerate(colours) if k != case.index]
+    seg = mt.segment(output, colours[case.index], others, bg)
+    c_out, c_tgt = mt.centroid(seg), mt.centroid(tgt)
+    dist = np.hypot(*(mt.centroid(src) - c_tgt))
+    m = {"centroid_err_px": float(dist if c_out is None else np.hypot(*(c_out - c_tgt))), "iou": mt.iou(seg, tgt)}
+    vacated = src & ~mt.dilate(tgt, 2)
+    m["vacated"] = float(1 - seg[vacated].mean()) if vacated.any() else float("nan")
+    keep = ~(mt.dilate(src, 4) | mt.dilate(tgt, 4))
+    ok = m["centroid_err_px"] <= t["centroid_px"] and m["iou"] >= t["iou"]
+    if case.task != "drag":
+        ok = ok and (np.isnan(m["vacated"]) or m["vacated"] >= t["vacated"])
+    if case.task == "resize":
+        m["area_ratio"] = float(seg.sum() / src.sum())
+        m["area_ratio_rel_err"] = abs(m["area_ratio"] / case.kwargs["scale"] ** 2 - 1)
+        ok = ok and m["area_ratio_rel_err"] <= t["area_ratio_rel"]
+    return m, keep, ok
+
+
+def _appearance(pipe, case, output, colours, bg):
+    """The object's median colour against the reference object's, and the reference colour's shape."""
+    t, obj = mt.THRESHOLDS, case.scene.masks[case.index]
+    ref_recon = vae_roundtrip(pipe, case.reference.image[None])[0]
+    ref_colour = mt.measured_colour(ref_recon, case.reference.masks[0])
+    others = [c for k, c in enumerate(colours) if k != case.index] + [colours[case.index]]
+    m = {"delta_e": mt.delta_e(mt.measured_colour(output, obj), ref_colour),
+         "shape_iou": mt.iou(mt.segment(output, ref_colour, others, bg), obj)}
+    return m, ~mt.dilate(obj, 4), m["delta_e"] <= t["delta_e"] and m["shape_iou"] >= t["shape_iou"]
+
+
+def _paste(pipe, case, output, colours, bg):
+    """The pasted object's colour against its ground-truth placement."""
+    ref_recon = vae_roundtrip(pipe, case.reference.image[None])[0]
+    piece = mt.measured_colour(ref_recon, case.reference.masks[0])
+    placed = case.target.masks[case.target_index]
+    m = {"iou": mt.iou(mt.segment(output, piece, colours, bg), placed)}
+    return m, ~mt.dilate(placed, 4), m["iou"] >= mt.THRESHOLDS["iou"]
+
+
+EVALUATORS = {"move": _geometry, "resize": _geometry, "drag": _geometry, "appearance": _appearance, "paste": _paste}
 
 
 def evaluate(pipe, case, output: np.ndarray) -> dict:
     """Metrics of one output image for one case (also used for the baseline)."""
-    scene, target = case.scene, case.target
+    scene = case.scene
     recon, bg = vae_roundtrip(pipe, np.stack([scene.image, render([], scene.background)[0]]))
     colours = [mt.measured_colour(recon, m) for m in scene.masks]
-    t = THR = mt.THRESHOLDS
-    m: dict = {}
-    if case.task in ("move", "resize", "drag"):
-        src, tgt = scene.masks[case.index], target.masks[case.index]
-        others = [c for k, c in enumerate(colours) if k != case.index]
-        seg = mt.segment(output, colours[case.index], others, bg)
-        c_out, c_tgt = mt.centroid(seg), mt.centroid(tgt)
-        dist = np.hypot(*(mt.centroid(src) - c_tgt))
-        m["centroid_err_px"] = float(dist if c_out is None else np.hypot(*(c_out - c_tgt)))
-        m["iou"] = mt.iou(seg, tgt)
-        vacated = src & ~mt.dilate(tgt, 2)
-        m["vacated"] = float(1 - seg[vacated].mean()) if vacated.any() else float("nan")
-        keep = ~(mt.dilate(src, 4) | mt.dilate(tgt, 4))
-        ok = m["centroid_err_px"] <= t["centroid_px"] and m["iou"] >= t["iou"]
-        if case.task != "drag":
-            ok = ok and (np.isnan(m["vacated"]) or m["vacated"] >= t["vacated"])
-        if case.task == "resize":
-            m["area_ratio"] = float(seg.sum() / src.sum())
-            m["area_ratio_rel_err"] = abs(m["area_ratio"] / case.kwargs["scale"] ** 2 - 1)
-            ok = ok and m["area_ratio_rel_err"] <= t["area_ratio_rel"]
-    elif case.task == "appearance":
-        obj = scene.masks[case.index]
-        ref_recon = vae_roundtrip(pipe, case.reference.image[None])[0]
-        ref_colour = mt.measured_colour(ref_recon, case.reference.masks[0])
-        m["delta_e"] = mt.delta_e(mt.measured_colour(output, obj), ref_colour)
-        others = [c for k, c in enumerate(colours) if k != case.index] + [colours[case.index]]
-        m["shape_iou"] = mt.iou(mt.segment(output, ref_colour, others, bg), obj)
-        keep = ~mt.dilate(obj, 4)
-        ok = m["delta_e"] <= t["delta_e"] and m["shape_iou"] >= t["shape_iou"]
-    else:  # paste
-        ref_recon = vae_roundtrip(pipe, case.reference.image[None])[0]
-        piece = mt.measured_colour(ref_recon, case.reference.masks[0])
-        placed = target.masks[case.target_index]
-        m["iou"] = mt.iou(mt.segment(output, piece, colours, bg), placed)
-        keep = ~mt.dilate(placed, 4)
-        ok = m["iou"] >= t["iou"]
+    m, keep, ok = EVALUATORS[case.task](pipe, case, output, colours, bg)
     m["bg_psnr_recon_db"] = mt.psnr(output, recon, keep)
     m["bg_psnr_input_db"] = mt.psnr(output, scene.image, keep)
-    m["success"] = bool(ok and m["bg_psnr_recon_db"] >= THR["bg_psnr_db"])
+    m["success"] = bool(ok and m["bg_psnr_recon_db"] >= mt.THRESHOLDS["bg_psnr_db"])
     return m
 
 
@@ -278,7 +276,7 @@ def main(argv=None) -> int:
     fixed = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("energy_scale", args.energy_scale))
              if v is not None}
     if fixed:
-        rows_spec = [(" ".join(f"{k}={v:g}" for k, v in fixed.items()), {t: dict(fixed) for t in METHOD})]
+        rows_spec = [(" ".join(f"{k}={v:g}" for k, v in fixed.items()), {t: dict(fixed) for t in ENGINE_TASK})]
     else:
         rows_spec = settings_rows(_pipe(args.model), args.settings)
     tag = args.preset + "".join(f"_{k[0]}s{v:g}" for k, v in fixed.items())

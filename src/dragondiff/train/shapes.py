@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..bench.metrics import psnr
 from ..shapes import model as M
 from ..shapes.scenes import random_layout
 from ..shapes.tokenizer import build_tokenizer
@@ -112,9 +113,8 @@ def vae_psnr(vae, n: int = 64, base: int = EVAL_SCENE_BASE, batch: int = 32, dev
     for start in range(0, n, batch):
         x = _pixels([random_layout(base + k) for k in range(start, min(n, start + batch))], device)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        a, b = ((x + 1) * 127.5).round(), ((rec + 1) * 127.5).round()
-        mse = ((a - b) ** 2).mean(dim=(1, 2, 3)).double()
-        scores += (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))).tolist()
+        to_uint8 = lambda t: ((t + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)  # noqa: E731
+        scores += [psnr(a, b) for a, b in zip(to_uint8(x), to_uint8(rec))]
     return float(np.mean(scores))
 
 
@@ -348,6 +348,7 @@ def export(out: Path, dest: Path = M.WEIGHTS):
     build_tokenizer().save_pretrained(dest / "tokenizer")
     M.build_scheduler().save_pretrained(dest / "scheduler")
     rounds = list(history.get("rounds", []))
+    # One entry per training round: the steps of that run (continued rounds add to the earlier ones).
     rounds.append({"unet_steps": int(state["step"]), "origin": state.get("origin", "scratch"),
                    "exported": time.strftime("%Y-%m-%d %H:%M")})
     index_path.write_text(json.dumps({
