@@ -217,7 +217,7 @@ class DragonPipeline:
                              f"({inversion.prompt!r}); pass the same prompt (or none) or invert again")
         spec = spec.resolved(self.recommended_settings, inversion)
         self._warn_long_prompts(spec)
-        prep = self._prepare(spec.image, spec.max_resolution, spec.num_inference_steps, spec)
+        prep = self._prepare(spec.image, spec.max_resolution, spec.num_inference_steps)
         task = TASKS[spec.task].build(spec, prep)
         return self._run(task, prep, spec.preset, spec.num_inference_steps, spec.sde_strength, spec.seed, spec=spec,
                          generator=generator, callback=callback_on_step_end, intermediates=return_intermediates,
@@ -415,7 +415,7 @@ class DragonPipeline:
         if bank_device is not None:
             check_device(bank_device, "bank_device")
 
-    def _prepare(self, image, max_resolution: int, num_inference_steps: int, spec=None) -> Prepared:
+    def _prepare(self, image, max_resolution: int, num_inference_steps: int) -> Prepared:
         if isinstance(image, Inversion):
             return self._prepare_inversion(image, max_resolution, num_inference_steps)
         img = io.load_image(image, "image")
