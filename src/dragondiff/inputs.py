@@ -11,16 +11,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-
-if TYPE_CHECKING:
-    from .grid import Grid
+from .grid import Grid
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 MaskLike = Union[Image.Image, np.ndarray, str, os.PathLike]
@@ -165,7 +163,6 @@ class Prepared:
 
     original_hw: tuple[int, int]
     size_hw: tuple[int, int]
-    input_scale: tuple[float, float]  # (x, y): working size / original size, each axis on its own
     image: np.ndarray  # (H, W, 3) uint8, working size
     pixels: "torch.Tensor"  # (1, 3, H, W) in [-1, 1]
     vae_factor: int = 8
@@ -178,12 +175,15 @@ class Prepared:
         h, w = image.shape[:2]
         size = working_size(h, w, max_resolution)
         work = resize_image(image, size)
-        return cls((h, w), size, (size[1] / w, size[0] / h), work, torch.from_numpy(to_pixels(work)), vae_factor)
+        return cls((h, w), size, work, torch.from_numpy(to_pixels(work)), vae_factor)
 
     @property
-    def grid(self) -> "Grid":
-        from .grid import Grid
+    def input_scale(self) -> tuple[float, float]:
+        """(x, y): working size / original size, each axis on its own."""
+        return self.size_hw[1] / self.original_hw[1], self.size_hw[0] / self.original_hw[0]
 
+    @property
+    def grid(self) -> Grid:
         return Grid(self.size_hw, self.vae_factor)
 
     @property

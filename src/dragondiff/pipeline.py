@@ -429,9 +429,7 @@ class DragonPipeline:
                                 ("num_inference_steps", num_inference_steps, inv.num_inference_steps)):
             if value != own:
                 raise ValueError(f"{key}={value!r} differs from the inversion's ({own}); leave it out or invert again")
-        h, w = inv.original_hw
-        size = inv.size_hw
-        return Prepared((h, w), size, (size[1] / w, size[0] / h), inv.image, torch.from_numpy(io.to_pixels(inv.image)),
+        return Prepared(inv.original_hw, inv.size_hw, inv.image, torch.from_numpy(io.to_pixels(inv.image)),
                         self.vae_scale_factor, inversion=inv)
 
     @property
@@ -523,7 +521,6 @@ class DragonPipeline:
             pass_counts=counts.as_dict(),
             flags=flags,
             spec=spec,
-            settings={"guidance_scale": task.guidance_scale, "energy_scale": task.energy_scale / 1000.0},
             seconds=time.perf_counter() - start,
             inverted_latents=inverted.cpu() if intermediates else None,
             z_T=z_t.cpu() if intermediates else None,

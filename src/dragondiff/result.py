@@ -33,13 +33,19 @@ class EditResult:
     pass_counts: dict[str, int]
     flags: list[str] = field(default_factory=list)
     spec: object = None  # the resolved EditSpec (every default filled in): re-run it with pipe.edit(spec)
-    settings: dict = field(default_factory=dict)  # guidance_scale and energy_scale (slider units) as used
     seconds: float = 0.0
     inverted_latents: torch.Tensor | None = None
     z_T: torch.Tensor | None = None
     latents: torch.Tensor | None = None
     guidance: list[tuple[int, int, torch.Tensor]] | None = None
     eps_cfg: list[tuple[int, int, torch.Tensor]] | None = None
+
+    @property
+    def settings(self) -> dict:
+        """guidance_scale and energy_scale (slider units) as used ({} for `reconstruct`, which has no spec)."""
+        if self.spec is None:
+            return {}
+        return {"guidance_scale": self.spec.guidance_scale, "energy_scale": self.spec.energy_scale}
 
     @property
     def size(self) -> tuple[int, int]:

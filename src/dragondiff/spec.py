@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .validate import _is_number, check_int, check_number, check_offset, check_scale, check_string
+from .validate import check_int, check_number, check_offset, check_point, check_scale, check_string
 
 Point = tuple[float, float]
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed accepts [-2**63, 2**64); we keep seeds non-negative int64
@@ -45,18 +44,8 @@ def _check_points(points) -> tuple:
     for k, pair in enumerate(points):
         if not isinstance(pair, (list, tuple, np.ndarray)) or len(pair) != 2:
             raise TypeError(f"points[{k}]: expected a (handle, target) pair of (x, y) points, got {pair!r}")
-        out.append(tuple(_check_xy(p, f"points[{k}] {role}") for p, role in zip(pair, ("handle", "target"))))
+        out.append(tuple(check_point(p, f"points[{k}] {role}") for p, role in zip(pair, ("handle", "target"))))
     return tuple(out)
-
-
-def _check_xy(p, name) -> Point:
-    values = list(p) if isinstance(p, (tuple, list, np.ndarray)) else None
-    if values is None or len(values) != 2 or not all(_is_number(v) for v in values):
-        raise TypeError(f"{name}: expected an (x, y) pair of numbers, got {p!r}")
-    x, y = (float(v) for v in values)
-    if not (math.isfinite(x) and math.isfinite(y)):
-        raise ValueError(f"{name}: coordinates must be finite, got {p!r}")
-    return x, y
 
 
 def _check_bank_steps(value) -> tuple[int, Optional[int]]:

@@ -59,16 +59,16 @@ def check_string(value, name: str) -> str:
     return value
 
 
-def check_point(p, name: str, size_hw: tuple[int, int]) -> tuple[float, float]:
-    """A (x, y) pixel coordinate inside an image of size (H, W)."""
+def check_point(p, name: str, size_hw: tuple[int, int] | None = None) -> tuple[float, float]:
+    """A finite (x, y) pixel coordinate; with size_hw = (H, W), also inside that image."""
     values = list(p) if isinstance(p, (tuple, list, np.ndarray)) else None
-    ok = values is not None and len(values) == 2
-    if not ok or not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-                         for v in values):
+    if values is None or len(values) != 2 or not all(_is_number(v) for v in values):
         raise TypeError(f"{name}: expected an (x, y) pair of numbers, got {p!r}")
     x, y = (float(v) for v in values)
     if not (math.isfinite(x) and math.isfinite(y)):
         raise ValueError(f"{name}: coordinates must be finite, got {p!r}")
+    if size_hw is None:
+        return x, y
     h, w = size_hw
     if not (0 <= x < w and 0 <= y < h):
         raise ValueError(f"{name}: point ({x:g}, {y:g}) lies outside the {w}x{h} image")

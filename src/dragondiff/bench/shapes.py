@@ -40,14 +40,16 @@ def _pipe(model: str | None = None):
     return _PIPES[model]
 
 
-def settings_rows(pipe, choice: str) -> list[tuple[str, dict]]:
-    """(label, overrides) per row: the official demo's CFG/energy, and/or the model's recommended ones."""
-    from ..pipeline import OFFICIAL_SETTINGS
+def settings_rows(model: str | None, choice: str) -> list[tuple[str, dict]]:
+    """(label, overrides) per row: the official demo's CFG/energy, and/or the model's recommended ones (read from
+    the model folder's settings file, without loading the model)."""
+    from ..pipeline import OFFICIAL_SETTINGS, read_settings
+    from ..shapes.model import WEIGHTS
 
     rows = []
     if choice in ("official", "both"):
         rows.append(("official defaults", {t: dict(OFFICIAL_SETTINGS[m]) for t, m in ENGINE_TASK.items()}))
-    if choice in ("model", "both") and pipe.recommended_settings:
+    if choice in ("model", "both") and read_settings(model or WEIGHTS):
         rows.append(("model defaults", {t: {} for t in ENGINE_TASK}))
     return rows
 
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
     if fixed:
         rows_spec = [(" ".join(f"{k}={v:g}" for k, v in fixed.items()), {t: dict(fixed) for t in ENGINE_TASK})]
     else:
-        rows_spec = settings_rows(_pipe(args.model), args.settings)
+        rows_spec = settings_rows(args.model, args.settings)
     tag = args.preset + "".join(f"_{k[0]}s{v:g}" for k, v in fixed.items())
     if not fixed and args.settings != "both":
         tag += f"_{args.settings}"

@@ -42,12 +42,6 @@ def _pack(layouts, device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in out.items()}
 
 
-def coverage(layouts, size: int = SIZE, ss: int = 4, device="cpu") -> torch.Tensor:
-    """(B, N, size, size) fraction of each pixel covered by each shape (zero for padding)."""
-    p = _pack(layouts, device)
-    return _coverage(p, size, ss)
-
-
 def _coverage(p, size: int, ss: int) -> torch.Tensor:
     # float64 like numpy: a sample lying exactly on an edge must fall on the same side as in `scenes.render`
     pos = (torch.arange(size * ss, device=p["geom"].device, dtype=torch.float64) + 0.5) / ss

@@ -68,6 +68,16 @@ def _autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
+def _optimizer_step(opt, params, loss: torch.Tensor, lr: float) -> None:
+    """One AdamW step at learning rate `lr`, gradients clipped to norm 1 (both stages)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def _pixels(layouts, device) -> torch.Tensor:
     return render_batch(layouts, device=device) / 127.5 - 1.0
 
@@ -180,12 +190,7 @@ def train_vae(out: Path, steps: int, minutes: float, device: torch.device, preci
         if part == "all":
             kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).float().mean()
             loss = loss + kl_weight * kl
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimizer_step(opt, params, loss, _lr(step, steps, lr))
         step += 1
         losses.append(loss.item())
         bar.update(1)
@@ -304,12 +309,7 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
         snr = alphas[t] / (1 - alphas[t])
         weight = torch.clamp(snr, max=snr_gamma) / snr  # min-SNR-γ weighting for ε-prediction
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr, warmup=200 if origin == "scratch" else 50)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimizer_step(opt, params, loss, _lr(step, steps, lr, warmup=200 if origin == "scratch" else 50))
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for ema, live in ((ema_unet, unet), (ema_text, text)):
@@ -362,8 +362,8 @@ def export(out: Path, dest: Path = M.WEIGHTS):
     print(json.dumps({"exported_to": str(dest), "bytes": size, "unet_steps": int(state["step"])}))
 
 
-def gates() -> dict:
-    """The model-quality gates of `dragondiff bench shapes --quality`, on the weights in the package."""
+def gates() -> int:
+    """The model-quality gates of `dragondiff bench shapes --quality`, on the weights in the package (prints them)."""
     from ..bench.shapes import main as bench_main
 
     return bench_main(["--quality"])
