@@ -38,6 +38,8 @@ from .tasks.base import Task
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUNDLED_ID = "dragondiff:shapes"
+BUNDLED_RESOLUTION = 128  # the bundled model's scenes
+DEFAULT_MAX_RESOLUTION = 768  # the official demo's
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # The official demo's CFG scale and energy scale (slider units) per task, from the task registry: what an edit uses
 # when neither the caller nor the model's recommended settings give a value. Chosen upstream for SD1.5 at 512 px.
@@ -76,6 +78,12 @@ class DragonPipeline:
         self.backbone = SD1Backbone(unet, vae, text_encoder, tokenizer)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.recommended_settings = check_settings(recommended_settings or {}, "recommended_settings")
+        # Where the weights came from (set by the loaders; None for components built in memory), for provenance.
+        self.model_id: str | None = None
+        self.model_path: Path | None = None
+        # The working resolution an edit uses when neither the spec nor an Inversion gives one (the official 768;
+        # the bundled model's 128, the size it was trained at).
+        self.default_max_resolution = DEFAULT_MAX_RESOLUTION
         # Only the DDIM ᾱ table and timesteps are used: the update is written out in `sampler` so that the guided
         # and unguided ε can enter it separately.
         self.scheduler_config = DDIMScheduler.from_config(scheduler.config).config
@@ -96,7 +104,7 @@ class DragonPipeline:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        source = str(id_or_folder)
+        source = model_id = str(id_or_folder)
         if source == BUNDLED_ID:
             from .shapes import model as shapes_model
 
@@ -116,8 +124,13 @@ class DragonPipeline:
         except (OSError, EnvironmentError, ValueError) as e:
             hint = "" if allow_pickle else " (only .safetensors weights are loaded unless allow_pickle=True)"
             raise ValueError(f"id_or_folder: cannot load an SD1.x model from {source!r}{hint}: {e}") from e
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, device=device, dtype=dtype,
+        pipe = cls(unet, vae, text_encoder, tokenizer, scheduler, device=device, dtype=dtype,
                    recommended_settings=read_settings(source))
+        pipe.model_id = model_id
+        pipe.model_path = Path(source) if Path(source).is_dir() else None
+        if model_id == BUNDLED_ID:
+            pipe.default_max_resolution = BUNDLED_RESOLUTION
+        return pipe
 
     @classmethod
     def bundled(cls, *, device=None, dtype=None) -> "DragonPipeline":
@@ -148,7 +161,9 @@ class DragonPipeline:
             )
         except (OSError, EnvironmentError, ValueError, KeyError) as e:
             raise ValueError(f"path: cannot load {path.name} as an SD1.x checkpoint with config {config!r}: {e}") from e
-        return cls(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler, device=device, dtype=dtype)
+        pipe = cls(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler, device=device, dtype=dtype)
+        pipe.model_id, pipe.model_path = str(path), path
+        return pipe
 
     def to(self, device=None, dtype=None) -> "DragonPipeline":
         """Move / cast every component. Arguments are checked first, and a failed move (e.g. out of memory)
@@ -215,7 +230,7 @@ class DragonPipeline:
         if inversion is not None and spec.prompt is not None and spec.prompt != inversion.prompt:
             raise ValueError(f"prompt: {spec.prompt!r} differs from the prompt the inversion was made with "
                              f"({inversion.prompt!r}); pass the same prompt (or none) or invert again")
-        spec = spec.resolved(self.recommended_settings, inversion)
+        spec = spec.resolved(self.recommended_settings, inversion, self.default_max_resolution)
         self._warn_long_prompts(spec)
         prep = self._prepare(spec.image, spec.max_resolution, spec.num_inference_steps)
         task = TASKS[spec.task].build(spec, prep)
@@ -341,7 +356,7 @@ class DragonPipeline:
         ), generator=generator, callback_on_step_end=callback_on_step_end,
             return_intermediates=return_intermediates, progress=progress, bank_device=bank_device)
 
-    def invert(self, image, *, prompt: str = "", max_resolution: int = 768, num_inference_steps: int = 50,
+    def invert(self, image, *, prompt: str = "", max_resolution: int | None = None, num_inference_steps: int = 50,
                progress: bool = True) -> Inversion:
         """DDIM-invert an image once, for several edits: every task accepts the result in place of its image and
         then skips its inversion (same output as inverting inside the call; `pass_counts` shows the saving).
@@ -349,7 +364,8 @@ class DragonPipeline:
         Args:
             image: PIL image, HxWx3 uint8 array or path.
             prompt: the inversion prompt; edits of this inversion use it as their prompt.
-            max_resolution: working resolution (area about max_resolution², sides multiples of 64).
+            max_resolution: working resolution (area about max_resolution², sides multiples of 64); default the
+                pipeline's `default_max_resolution` (768, the bundled model's 128).
             num_inference_steps: DDIM steps; edits of this inversion use the same number.
             progress: show a progress bar.
         Returns:
@@ -360,6 +376,8 @@ class DragonPipeline:
             raise TypeError("image: already an Inversion; pass it to an edit method instead")
         check_string(prompt, "prompt")
         steps = check_int(num_inference_steps, "num_inference_steps", 1, 1000)
+        if max_resolution is None:
+            max_resolution = self.default_max_resolution
         prep = self._prepare(image, max_resolution, steps)
         schedule = self._schedule(steps)
         with _unet_lock(self.unet), tqdm(total=steps, desc="dragondiff invert", leave=False,
@@ -381,7 +399,7 @@ class DragonPipeline:
         """
         inversion = image if isinstance(image, Inversion) else None
         steps = num_inference_steps or (inversion.num_inference_steps if inversion else 50)
-        resolution = max_resolution or (inversion.max_resolution if inversion else 768)
+        resolution = max_resolution or (inversion.max_resolution if inversion else self.default_max_resolution)
         prep = self._prepare(image, resolution, steps)
         if prompt is None:
             prompt = "" if inversion is None else inversion.prompt
@@ -494,6 +512,7 @@ class DragonPipeline:
                 parts.append(self._invert_batch(task.pixels[len(parts):], task.inversion_prompts[len(parts):],
                                                 schedule, counts, bank_device))
             bar.update(n)
+            timings = {"inversion": time.perf_counter() - start}
             inverted = torch.cat([lat for lat, _ in parts], dim=1)
             controller = BankController(merge_banks([bank for _, bank in parts], bank_device),
                                         union_masks=task.union_masks)
@@ -505,7 +524,9 @@ class DragonPipeline:
                     sde_strength=sde, generator=generator, record=intermediates, step_callback=step_callback,
                     progress=bar, should_stop=lambda: stop["at"] is not None,
                 )
+            timings["sampling"] = time.perf_counter() - start - timings["inversion"]
             pixels = self.decode_latent(final)
+            timings["decode"] = time.perf_counter() - start - timings["inversion"] - timings["sampling"]
         flags = list(task.flags)
         if stop["at"] is not None:
             flags.append(f"interrupted after step {stop['at']} by callback_on_step_end")
@@ -516,12 +537,14 @@ class DragonPipeline:
             input_image=Image.fromarray(prep.image),
             reference_image=None if prep.reference_image is None else Image.fromarray(prep.reference_image),
             masks=task.masks,
+            edit_area=_edit_area(task, prep.size_hw),
             input_scale=prep.input_scale,
             energies=rec.energies,
             pass_counts=counts.as_dict(),
             flags=flags,
             spec=spec,
             seconds=time.perf_counter() - start,
+            timings=timings,
             inverted_latents=inverted.cpu() if intermediates else None,
             z_T=z_t.cpu() if intermediates else None,
             latents=torch.stack(rec.latents).cpu() if intermediates else None,
@@ -538,7 +561,8 @@ _COMMON_ARGS = """
             preset: "official" (the demo's D+ schedule) or "paper".
             seed: seeds the regional-SDE noise (ignored when `generator` is given).
             num_inference_steps: DDIM steps (default 50, or an Inversion's).
-            max_resolution: working resolution, area about max_resolution² (default 768, or an Inversion's).
+            max_resolution: working resolution, area about max_resolution² (default an Inversion's, else the
+                pipeline's `default_max_resolution`: 768, the bundled model's 128).
             sde_strength: η of the regional SDE (default: the preset's).
             generator, callback_on_step_end, return_intermediates, progress, bank_device: see `edit`.
         Returns:
@@ -548,6 +572,14 @@ _COMMON_ARGS = """
 
 for _method in (DragonPipeline.move, DragonPipeline.drag, DragonPipeline.replace_appearance, DragonPipeline.paste):
     _method.__doc__ = _method.__doc__.rstrip() + "\n" + _COMMON_ARGS
+
+
+def _edit_area(task: Task, size_hw: tuple[int, int]) -> np.ndarray:
+    """Where the edit may change the image (working size, bool): the task's guided and SDE regions, whose
+    outside the content energy and the memory bank hold to the input."""
+    region = torch.maximum(task.edit_region, task.sde_region).float()
+    up = torch.nn.functional.interpolate(region, size=tuple(size_hw), mode="nearest")
+    return up[0, 0].numpy() > 0.5
 
 
 def _bank_from_start(bank_start):

@@ -28,12 +28,14 @@ class EditResult:
     input_image: Image.Image
     reference_image: Image.Image | None
     masks: dict[str, np.ndarray]
+    edit_area: np.ndarray | None  # (H, W) bool at the working size: where the edit may change the image
     input_scale: tuple[float, float]  # (x, y): working size / original size
     energies: list[tuple[int, int, float, float]]
     pass_counts: dict[str, int]
     flags: list[str] = field(default_factory=list)
     spec: object = None  # the resolved EditSpec (every default filled in): re-run it with pipe.edit(spec)
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: inversion, sampling, decode
     inverted_latents: torch.Tensor | None = None
     z_T: torch.Tensor | None = None
     latents: torch.Tensor | None = None

@@ -161,9 +161,10 @@ class EditSpec:
 
     # ------------------------------------------------------------------------------------------- defaults
 
-    def resolved(self, recommended: dict | None = None, inversion=None) -> "EditSpec":
+    def resolved(self, recommended: dict | None = None, inversion=None, max_resolution: int = 768) -> "EditSpec":
         """A copy with every None that has a default filled in: the task's weights and bank window, the model's
-        recommended (else the official) CFG / energy scale, the inversion's prompt, steps and resolution."""
+        recommended (else the official) CFG / energy scale, the inversion's prompt, steps and resolution (else
+        `max_resolution`, the pipeline's default)."""
         from .presets import PRESETS
         from .tasks import TASKS
 
@@ -182,7 +183,7 @@ class EditSpec:
         if self.num_inference_steps is None:
             values["num_inference_steps"] = 50 if inversion is None else inversion.num_inference_steps
         if self.max_resolution is None:
-            values["max_resolution"] = 768 if inversion is None else inversion.max_resolution
+            values["max_resolution"] = max_resolution if inversion is None else inversion.max_resolution
         if self.sde_strength is None:
             values["sde_strength"] = PRESETS[self.preset].sde_strength
         return dataclasses.replace(self, **values)

@@ -1,0 +1,62 @@
+"""Command line: `dragondiff move|drag|appearance|paste|run|batch|info|demo|bench`.
+
+Exit codes: 0 done; 2 bad usage or input (named in the message, found before any model work where possible);
+1 a failure while running (or, for `batch`, any failed sample). Errors go to stderr without a traceback unless
+--debug is given.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from .. import __version__
+from .batch import batch
+from .edits import appearance, drag, move, paste, run
+from .misc import bench, demo, info
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, "--version", prog_name="dragondiff")
+def cli():
+    """DragonDiffusion drag-style image editing: move, resize, drag, appearance, paste.
+
+    Runs with the bundled shapes model by default (offline, 128 px scenes); pass --model for Stable Diffusion 1.x.
+    `dragondiff COMMAND --help` shows every option with its default.
+    """
+
+
+for command in (move, drag, appearance, paste, run, batch, info, demo, bench):
+    cli.add_command(command)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        cli.main(args=argv, prog_name="dragondiff", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:  # --help, --version
+        return e.exit_code
+    except click.ClickException as e:  # usage errors and our InputError: exit 2
+        if debug:
+            traceback.print_exc()
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except (ValueError, TypeError, FileNotFoundError) as e:  # the engine's named input errors
+        if debug:
+            traceback.print_exc()
+        click.echo(f"Error: {e}", err=True)
+        return 2
+    except Exception as e:  # noqa: BLE001 (a runtime failure: report it in one line)
+        if debug:
+            traceback.print_exc()
+        click.echo(f"Error: {type(e).__name__}: {e}  (--debug shows the traceback)", err=True)
+        return 1

@@ -1,0 +1,152 @@
+"""`dragondiff info`, `dragondiff demo`, `dragondiff bench ...`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..pipeline import BUNDLED_ID, BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, default_device
+from ..presets import PRESETS
+from .options import available_threads
+from .runner import check_output, quiet_third_party, save_image
+
+
+def _model_info(model: str) -> dict:
+    from ..pipeline import read_settings
+    from ..provenance import file_hash
+
+    out = {"id": model}
+    if model == BUNDLED_ID:
+        from ..shapes import model as shapes_model
+
+        out.update(path=str(shapes_model.WEIGHTS), available=shapes_model.is_available(),
+                   default_max_resolution=BUNDLED_RESOLUTION)
+        folder = shapes_model.WEIGHTS
+    else:
+        folder = Path(model)
+        out["default_max_resolution"] = DEFAULT_MAX_RESOLUTION
+    if folder.is_dir():
+        out["recommended_settings"] = read_settings(folder) or None
+        out["sha256"] = file_hash(sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json")))
+    elif folder.is_file():
+        out["sha256"] = file_hash([folder])
+    else:
+        out["source"] = "hub id (downloaded on first use unless HF_HUB_OFFLINE=1)"
+    return out
+
+
+@click.command("info", help="Versions, device, threads and model: what an edit here would use.")
+@click.option("--model", default=BUNDLED_ID, show_default=True, help="the model to describe")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def info(model, as_json):
+    import torch
+
+    from ..provenance import package_versions
+
+    threads, why = available_threads()
+    device = default_device()
+    data = {
+        "versions": package_versions(),
+        "device": str(device),
+        "dtype": "float16" if device.type == "cuda" else "float32",
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads,
+        "threads_reason": why,
+        "presets": sorted(PRESETS),
+        "model": _model_info(model),
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=1))
+        return
+    v = data["versions"]
+    click.echo(f"dragondiff {v['dragondiff']} (python {v['python']}, torch {v['torch']}, diffusers {v['diffusers']}, "
+               f"transformers {v['transformers']})")
+    click.echo(f"device: {data['device']} ({data['cuda'] or 'CPU ' + data['cpu_capability']}), dtype {data['dtype']}")
+    click.echo(f"threads: {threads} ({why}; --threads to choose)")
+    click.echo(f"presets: {', '.join(data['presets'])}")
+    for key, value in data["model"].items():
+        click.echo(f"model {key}: {value}")
+
+
+def demo_case():
+    """The demo's example: a bundled-style scene with one object and room to move it."""
+    from ..shapes.scenes import Shape, make_scene
+
+    scene = make_scene([Shape("circle", "red", 40.0, 64.0, 20.0), Shape("square", "blue", 100.0, 28.0, 16.0)],
+                       ("green", None, 0.0))
+    return scene, scene.masks[0], (44, 24)
+
+
+def _free_folder(base: str, names) -> Path:
+    """The first of base, base-2, base-3, ... that holds none of the names (a re-run never overwrites)."""
+    k = 1
+    while any((Path(base if k == 1 else f"{base}-{k}") / n).exists() for n in names):
+        k += 1
+    return Path(base if k == 1 else f"{base}-{k}")
+
+
+@click.command("demo", help="Move an object in a bundled example scene with the bundled model; writes input.png, "
+                            "result.png and side_by_side.png.")
+@click.option("--out", default=None,
+              help="output folder  [default: ./dragondiff-demo, or dragondiff-demo-2, -3, ... if that one is taken]")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="official", show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 512), default=None,
+              help="CPU threads  [default: the cores not busy with other work]")
+@click.option("--tiny", is_flag=True, help="use a tiny random model (smoke test of the pipeline)")
+@click.option("--overwrite", is_flag=True, help="replace an earlier demo's files")
+def demo(out, preset, seed, threads, tiny, overwrite):
+    import torch
+
+    from ..output import draw_arrow, side_by_side
+    from ..pipeline import DragonPipeline
+    from ..shapes import model as shapes_model
+
+    names = ("input.png", "result.png", "side_by_side.png")
+    folder = Path(out) if out else _free_folder("dragondiff-demo", names)
+    for name in names:
+        check_output(folder / name, overwrite, "--out")
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads or available_threads()[0])
+    quiet_third_party()
+    if tiny or not shapes_model.is_available():
+        from ..tiny import build_tiny_pipeline
+
+        click.echo("smoke demo: tiny random-weight model (the output is noise, the pipeline is real)", err=True)
+        pipe = build_tiny_pipeline()
+    else:
+        pipe = DragonPipeline.bundled()
+    scene, mask, offset = demo_case()
+    result = pipe.move(scene.image, mask, offset=offset, prompt=scene.caption, preset=preset,
+                       max_resolution=BUNDLED_RESOLUTION, seed=seed)
+    ys, xs = np.nonzero(mask)
+    start = (float(xs.mean()), float(ys.mean()))
+    end = (start[0] + offset[0], start[1] + offset[1])
+    save_image(result.input_image, folder / names[0])
+    save_image(result.image, folder / names[1])
+    save_image(side_by_side(draw_arrow(result.input_image, start, end), result.image), folder / names[2])
+    summary = {"task": "move", "preset": preset, "offset": offset, "caption": scene.caption,
+               "threads": torch.get_num_threads(), "edit_seconds": round(result.seconds, 1),
+               "total_seconds": round(time.perf_counter() - t0, 1), "files": [str(folder / n) for n in names]}
+    click.echo(json.dumps(summary, indent=1))
+
+
+@click.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                          "help_option_names": []},
+               help="Benchmarks: `bench timing` (tiny model), `bench shapes` (bundled model). "
+                    "`dragondiff bench shapes --help` lists their options.")
+@click.argument("which", type=click.Choice(["timing", "shapes"]))
+@click.argument("rest", nargs=-1, type=click.UNPROCESSED)
+def bench(which, rest):
+    if which == "timing":
+        from ..bench.timing import main as run
+    else:
+        from ..bench.shapes import main as run
+    code = run(list(rest)) or 0
+    if code:
+        raise SystemExit(code)

@@ -1,0 +1,178 @@
+"""Running edits from the command line: checking outputs before any model work, loading the model once, saving the
+result (at the input's size by default), its sidecar and an optional preview, atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from ..spec import SOURCE_FIELDS, EditSpec
+
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+class InputError(click.ClickException):
+    """Bad input found by us (a spec field, a file, an output path): exit code 2, like a usage error."""
+
+    exit_code = 2
+
+
+@dataclass
+class Job:
+    """One edit to run: the spec, where its result goes, and a label for messages (spec file entry, sample)."""
+
+    spec: EditSpec
+    output: Path
+    label: str
+    inputs: list[Path] = field(default_factory=list)  # files the job reads (never overwritten): spec file etc.
+
+    @property
+    def sidecar(self) -> Path:
+        return self.output.with_suffix(".json")
+
+    @property
+    def preview(self) -> Path:
+        return self.output.with_name(self.output.stem + "-preview.png")
+
+    def outputs(self, preview: bool) -> list[Path]:
+        return [self.output, self.sidecar] + ([self.preview] if preview else [])
+
+    def input_files(self) -> set[Path]:
+        files = {Path(p).resolve() for p in self.inputs}
+        for name in SOURCE_FIELDS:
+            value = getattr(self.spec, name)
+            if isinstance(value, str):
+                files.add(Path(value).resolve())
+        return files
+
+
+def check_output(path: Path, overwrite: bool, label: str = "output") -> None:
+    if path.suffix.lower() not in IMAGE_SUFFIXES and path.suffix.lower() != ".json":
+        raise InputError(f"{label}: {path} has no image suffix; use one of {', '.join(IMAGE_SUFFIXES)}")
+    if path.exists() and not overwrite:
+        raise InputError(f"{label}: {path} exists; pass --overwrite to replace it or choose another -o")
+    if path.is_dir():
+        raise InputError(f"{label}: {path} is a folder")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"{label}: cannot write under {parent}")
+
+
+def check_jobs(jobs: list[Job], overwrite: bool, preview: bool) -> None:
+    """Before any model work: every output writable, none of them an input, no two jobs writing one file."""
+    seen: dict[Path, str] = {}
+    for job in jobs:
+        reads = job.input_files()
+        for path in job.outputs(preview):
+            check_output(path, overwrite, f"{job.label}: output")
+            resolved = path.resolve()
+            if resolved in reads:
+                raise InputError(f"{job.label}: output {path} is one of the edit's own inputs; choose another -o")
+            if resolved in seen:
+                raise InputError(f"{job.label}: output {path} is also written by {seen[resolved]}; "
+                                 "give each edit its own output")
+            seen[resolved] = job.label
+
+
+def check_inputs(spec: EditSpec, label: str) -> None:
+    """Read every image and mask of the spec (no model): missing files, unreadable images, mask sizes, points."""
+    from ..inputs import load_image, load_mask
+    from ..validate import check_point
+
+    try:
+        image = load_image(spec.image, "image")
+        hw = image.shape[:2]
+        if spec.mask is not None:
+            load_mask(spec.mask, "mask", hw)
+        if spec.reference_region is not None:
+            load_mask(spec.reference_region, "reference_region", hw)
+        if spec.reference is not None:
+            ref = load_image(spec.reference, "reference")
+            load_mask(spec.reference_mask, "reference_mask", ref.shape[:2])
+        for k, (handle, target) in enumerate(spec.points or ()):
+            check_point(handle, f"points[{k}] handle", hw)
+            check_point(target, f"points[{k}] target", hw)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise InputError(f"{label}: {e}") from e
+
+
+def quiet_third_party() -> None:
+    """Loading messages and progress bars of diffusers/transformers are noise on a command line."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def load_pipeline(model: str, config: str | None, device, dtype, threads: int):
+    """Load the model once; single .safetensors files need --config."""
+    import torch
+
+    from ..pipeline import DragonPipeline
+
+    torch.set_num_threads(threads)
+    quiet_third_party()
+    try:
+        if model.endswith((".safetensors", ".ckpt")):
+            if config is None:
+                raise InputError(f"--model {model}: a single-file checkpoint needs --config (a diffusers folder or "
+                                 "hub id with the component configs)")
+            return DragonPipeline.from_single_file(model, config=config, device=device, dtype=dtype)
+        return DragonPipeline.from_pretrained(model, device=device, dtype=dtype)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise InputError(f"--model/--device/--dtype: {e}") from e
+
+
+def save_image(image, path: Path) -> None:
+    """Write via a temporary file and rename, so an interrupted run never leaves a half-written output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format=IMAGE_SUFFIXES[path.suffix.lower()])
+    os.replace(tmp, path)
+
+
+def save_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def execute(pipe, job: Job, *, working_size: bool, preview: bool, quiet: bool, threads: int,
+            load_seconds: float = 0.0) -> dict:
+    """Run one job: edit, save the image (composited at the input's size unless working_size), sidecar, preview.
+    Returns the sidecar."""
+    from ..output import full_resolution, preview as preview_sheet
+    from ..provenance import build_sidecar
+
+    result = pipe.edit(job.spec, progress=not quiet)
+    start = time.perf_counter()
+    image = result.image if working_size else full_resolution(result, job.spec.image)
+    save_image(image, job.output)
+    if preview:
+        save_image(preview_sheet(result), job.preview)
+    seconds = {"load": load_seconds, **result.timings, "save": time.perf_counter() - start,
+               "edit": result.seconds}
+    sidecar = build_sidecar(result, pipe, sidecar=job.sidecar, output=job.output, full_resolution=not working_size,
+                            seconds=seconds, threads=threads)
+    sidecar["output"]["size"] = list(image.size)
+    # The sidecar is written last: an output with its sidecar is a finished edit (batch resume relies on it).
+    save_json(sidecar, job.sidecar)
+    if not quiet:
+        how = "working size" if working_size else f"input size, edited area from {result.size[0]}x{result.size[1]}"
+        flags = "".join(f"\n  note: {f}" for f in result.flags)
+        click.echo(f"{job.label}: wrote {job.output} ({image.size[0]}x{image.size[1]}, {how}) in "
+                   f"{result.seconds:.1f} s; sidecar {job.sidecar.name}{flags}")
+    return sidecar

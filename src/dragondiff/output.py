@@ -1,0 +1,120 @@
+"""What the edit gives back to a user: the result at the input's own size, and a preview sheet.
+
+The engine edits at a working size (area about max_resolution², sides multiples of 64). `full_resolution` brings
+the result back to the original size and pastes it into the original only around the edited area, with a soft
+edge, so every pixel away from the edit stays bit-identical to the input (no VAE round trip, no resampling).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .result import EditResult
+
+# The region the edit may change, grown by this share of the longer side (at least MIN_MARGIN_PX), and faded out
+# over as much again: the guidance acts on whole latent cells and the decoder spreads a little beyond them.
+MARGIN_SHARE = 0.03
+MIN_MARGIN_PX = 6
+
+
+def blend_weights(edit_area: np.ndarray, size_hw: tuple[int, int], margin: int | None = None) -> np.ndarray:
+    """(H, W) float32 in [0, 1] at size_hw: 1 on the (resized) edit area, a soft ramp around it, exactly 0 beyond."""
+    h, w = size_hw
+    if margin is None:
+        margin = max(MIN_MARGIN_PX, int(round(MARGIN_SHARE * max(h, w))))
+    area = cv2.resize(edit_area.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
+    grown = cv2.dilate(area, kernel).astype(np.float32)
+    soft = cv2.GaussianBlur(grown, (0, 0), sigmaX=margin / 2)
+    alpha = np.maximum(soft, grown)  # full weight on the grown area, a ramp outside it
+    alpha[alpha < 1 / 512] = 0.0  # what would round to the original anyway is the original, exactly
+    return alpha
+
+
+def full_resolution(result: EditResult, original, margin: int | None = None) -> Image.Image:
+    """The edited image at `original`'s size: the working-size result resized (Lanczos) and blended into the
+    original around `result.edit_area`; pixels outside that area (plus margin and soft edge) are the original's."""
+    from .inputs import load_image
+
+    orig = load_image(original, "original")
+    h, w = orig.shape[:2]
+    if result.edit_area is None:
+        raise ValueError("result: has no edit_area (a reconstruction); nothing to composite")
+    up = np.asarray(result.image.resize((w, h), Image.LANCZOS), dtype=np.float32)
+    alpha = blend_weights(result.edit_area, (h, w), margin)[..., None]
+    mixed = np.clip(np.rint(orig * (1.0 - alpha) + up * alpha), 0, 255).astype(np.uint8)
+    out = np.where(alpha > 0, mixed, orig)
+    return Image.fromarray(out)
+
+
+# ------------------------------------------------------------------------------------------------- preview
+
+def draw_arrow(image: Image.Image, start, end, colour=(255, 255, 255)) -> Image.Image:
+    out = image.copy()
+    d = ImageDraw.Draw(out)
+    d.line([tuple(start), tuple(end)], fill=colour, width=2)
+    v = np.subtract(end, start).astype(float)
+    n = np.linalg.norm(v)
+    if n > 0:
+        v /= n
+        left = np.array(end) - 6 * v + 4 * np.array([-v[1], v[0]])
+        right = np.array(end) - 6 * v - 4 * np.array([-v[1], v[0]])
+        d.polygon([tuple(end), tuple(left), tuple(right)], fill=colour)
+    d.ellipse([start[0] - 2, start[1] - 2, start[0] + 2, start[1] + 2], fill=(60, 120, 255))
+    return out
+
+
+def side_by_side(*images: Image.Image, gap: int = 4) -> Image.Image:
+    w = sum(im.width for im in images) + gap * (len(images) - 1)
+    h = max(im.height for im in images)
+    sheet = Image.new("RGB", (w, h), (255, 255, 255))
+    x = 0
+    for im in images:
+        sheet.paste(im, (x, 0))
+        x += im.width + gap
+    return sheet
+
+
+def overlay(image: Image.Image, mask: np.ndarray, colour=(255, 200, 0), opacity: float = 0.45) -> Image.Image:
+    """The image with the mask tinted (mask resized to the image if it is on a coarser grid)."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    m = np.asarray(mask, dtype=np.uint8)
+    if m.shape != arr.shape[:2]:
+        m = cv2.resize(m, (arr.shape[1], arr.shape[0]), interpolation=cv2.INTER_NEAREST)
+    tint = m.astype(bool)[..., None] * opacity
+    return Image.fromarray(np.rint(arr * (1 - tint) + np.array(colour, np.float32) * tint).astype(np.uint8))
+
+
+# The mask a user drew, per task, as EditResult.masks names it.
+_USER_MASK = {"move": "object", "drag": "editable", "appearance": "object", "paste": "destination"}
+
+
+def _arrows(result: EditResult) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    spec, (sx, sy) = result.spec, result.input_scale
+    if spec is None:
+        return []
+    if spec.task == "drag":
+        return [((hx * sx, hy * sy), (tx * sx, ty * sy)) for (hx, hy), (tx, ty) in spec.points]
+    if spec.task == "move":
+        ys, xs = np.nonzero(result.masks["object"])
+        if len(xs) == 0:
+            return []
+        start = (float(xs.mean()), float(ys.mean()))
+        return [(start, (start[0] + spec.offset[0] * sx, start[1] + spec.offset[1] * sy))]
+    return []
+
+
+def preview(result: EditResult) -> Image.Image:
+    """Input with the mask tinted and the drag/move arrows, the reference (two-image tasks), then the result."""
+    mask = result.masks.get(_USER_MASK.get(result.task, ""))
+    left = result.input_image if mask is None else overlay(result.input_image, mask)
+    for start, end in _arrows(result):
+        left = draw_arrow(left, start, end)
+    panels = [left]
+    if result.reference_image is not None:
+        ref_mask = result.masks.get("reference_object")
+        panels.append(result.reference_image if ref_mask is None else overlay(result.reference_image, ref_mask))
+    panels.append(result.image)
+    return side_by_side(*panels)

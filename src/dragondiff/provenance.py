@@ -1,0 +1,107 @@
+"""Sidecars: a JSON file beside each output that says how it was made, and re-runs it.
+
+    {"dragondiff": "0.1.0", "spec": {...resolved EditSpec, paths relative to the sidecar...},
+     "model": {"id": ..., "sha256": ... or "revision": ...}, "versions": {...}, "device": ..., "dtype": ...,
+     "threads": ..., "seconds": {"load": ..., "inversion": ..., "sampling": ..., "decode": ..., "save": ...},
+     "output": {"file": ..., "size": [w, h], "working_size": [w, h], "full_resolution": true}}
+
+`dragondiff run sidecar.json` reads `spec` back (relative paths against the sidecar's folder) and uses `model.id`
+unless --model is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from .spec import SOURCE_FIELDS
+
+SIDECAR_KEY = "dragondiff"
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("dragondiff", "torch", "diffusers", "transformers", "numpy", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@lru_cache(maxsize=8)
+def _hash_files(paths: tuple[str, ...], stamp: tuple) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def file_hash(paths: list[Path]) -> str:
+    """sha256 over the files' names and bytes (cached per size and mtime: hashing a 4 GB checkpoint takes a while)."""
+    paths = sorted(str(p) for p in paths)
+    stamp = tuple((os.path.getsize(p), os.path.getmtime(p)) for p in paths)
+    return _hash_files(tuple(paths), stamp)
+
+
+def model_fingerprint(pipe) -> dict:
+    """{"id": ...} plus a sha256 of the weight files for local models, or the hub snapshot's revision."""
+    out = {"id": pipe.model_id}
+    path = pipe.model_path
+    if path is not None and Path(path).is_file():
+        out["sha256"] = file_hash([Path(path)])
+    elif path is not None and Path(path).is_dir():
+        weights = sorted(p for p in Path(path).rglob("*") if p.suffix in (".safetensors", ".bin", ".json"))
+        out["sha256"] = file_hash(weights)
+    elif pipe.model_id:
+        try:  # a hub id: the cached snapshot's folder name is the commit
+            from huggingface_hub import snapshot_download
+
+            out["revision"] = Path(snapshot_download(pipe.model_id, local_files_only=True)).name
+        except Exception:  # noqa: BLE001 (not cached as a snapshot: no revision to report)
+            out["revision"] = None
+    return out
+
+
+def spec_for_sidecar(spec, sidecar: Path) -> dict:
+    """The spec as JSON, with file paths relative to the sidecar's folder (so the folder can move)."""
+    data = spec.to_dict()
+    for name in SOURCE_FIELDS:
+        value = data.get(name)
+        if isinstance(value, str) and not value.startswith("<in-memory"):
+            data[name] = os.path.relpath(os.path.abspath(value), os.path.abspath(sidecar.parent))
+    return data
+
+
+def build_sidecar(result, pipe, *, sidecar: Path, output: Path, full_resolution: bool, seconds: dict,
+                  threads: int, extra: dict | None = None) -> dict:
+    return {
+        SIDECAR_KEY: package_versions()["dragondiff"],
+        "spec": spec_for_sidecar(result.spec, sidecar),
+        "model": model_fingerprint(pipe),
+        "versions": package_versions(),
+        "device": str(pipe.device),
+        "dtype": str(pipe.dtype).replace("torch.", ""),
+        "threads": threads,
+        "platform": f"{platform.system()} {platform.machine()}",
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "flags": list(result.flags),
+        "output": {"file": os.path.relpath(os.path.abspath(output), os.path.abspath(sidecar.parent)),
+                   "full_resolution": full_resolution, "working_size": list(result.size)},
+        **(extra or {}),
+    }
+
+
+def is_sidecar(data) -> bool:
+    return isinstance(data, dict) and SIDECAR_KEY in data and "spec" in data
+
