@@ -1,4 +1,4 @@
-"""Command line: `dragondiff move|drag|appearance|paste|run|batch|info|demo|bench`.
+"""Command line: `dragondiff move|drag|appearance|paste|run|batch|info|demo|bench|ui`.
 
 Exit codes: 0 done; 2 bad usage or input (named in the message, found before any model work where possible);
 1 a failure while running (or, for `batch`, any failed sample). Errors go to stderr without a traceback unless
@@ -15,7 +15,7 @@ import click
 from .. import __version__
 from .batch import batch
 from .edits import appearance, drag, move, paste, run
-from .misc import bench, demo, info
+from .misc import bench, demo, info, ui
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -28,7 +28,7 @@ def cli():
     """
 
 
-for command in (move, drag, appearance, paste, run, batch, info, demo, bench):
+for command in (move, drag, appearance, paste, run, batch, info, demo, bench, ui):
     cli.add_command(command)
 
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from ..pipeline import BUNDLED_ID, BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, default_device
 from ..presets import PRESETS
-from .options import available_threads
-from .runner import check_output, quiet_third_party, save_image
+from .options import available_threads, model_options
+from .runner import InputError, check_output, load_pipeline, quiet_third_party, save_image
 
 
 def _model_info(model: str) -> dict:
@@ -150,3 +150,22 @@ def bench(which, rest):
     code = run(list(rest)) or 0
     if code:
         raise SystemExit(code)
+
+
+@click.command("ui", help="Start the web UI (needs the [ui] extra: pip install 'dragondiff[ui]'): one tab per task, "
+                          "on http://HOST:PORT.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True)
+@click.option("--share", is_flag=True, help="also open a public Gradio share link (off by default)")
+@click.option("--steps", type=click.IntRange(2, 200), default=50, show_default=True,
+              help="the DDIM steps the page starts with")
+@model_options
+def ui(host, port, share, steps, model, config, device, dtype, threads):
+    try:
+        from ..ui.app import launch
+    except ImportError as e:
+        raise InputError(f"the web UI needs Gradio: pip install 'dragondiff[ui]' ({e})") from e
+    threads = threads or available_threads()[0]
+    pipe = load_pipeline(model, config, device, dtype, threads)
+    click.echo(f"dragondiff ui: model {model}, {threads} thread(s), http://{host}:{port}", err=True)
+    launch(pipe, host=host, port=port, share=share, steps=steps)

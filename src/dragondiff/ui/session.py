@@ -1,0 +1,228 @@
+"""What the web UI does, without Gradio: reading the painted mask and the clicked points, drawing them, running an
+edit with a reused inversion, and the per-session history. `app.py` only lays this out in Gradio."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..output import draw_arrow, full_resolution, overlay
+from ..spec import EditSpec
+
+# Uploads larger than this are refused in the page (the working size is ~max_resolution² anyway).
+MAX_UI_PIXELS = 16_000_000
+HISTORY_LIMIT = 20
+
+
+class UIError(ValueError):
+    """A message for the user, shown in the page."""
+
+
+# ------------------------------------------------------------------------------------------ reading inputs
+
+def editor_image(value, name: str = "image") -> np.ndarray:
+    """The uploaded picture of an ImageEditor value (RGB uint8)."""
+    background = None if value is None else value.get("background")
+    if background is None:
+        raise UIError(f"{name}: upload an image or load an example first")
+    image = np.asarray(background)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, -1)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise UIError(f"{name}: not an RGB image (shape {image.shape})")
+    if image.shape[0] * image.shape[1] > MAX_UI_PIXELS:
+        raise UIError(f"{name}: {image.shape[1]}x{image.shape[0]} is larger than the {MAX_UI_PIXELS:,} pixels "
+                      "this app accepts; downscale it first")
+    if image.shape[2] == 4:  # flatten transparency onto white, as a viewer shows it
+        alpha = image[..., 3:4].astype(np.float32) / 255
+        image = np.rint(image[..., :3] * alpha + 255 * (1 - alpha))
+    return np.ascontiguousarray(image.astype(np.uint8))
+
+
+def editor_mask(value, size_hw: tuple[int, int], name: str = "mask") -> np.ndarray:
+    """The painted strokes of an ImageEditor value as a bool mask (any painted pixel of any layer)."""
+    layers = [] if value is None else (value.get("layers") or [])
+    mask = np.zeros(size_hw, bool)
+    for layer in layers:
+        if layer is None:
+            continue
+        arr = np.asarray(layer)
+        if arr.shape[:2] != tuple(size_hw):
+            continue
+        mask |= (arr[..., 3] > 0) if arr.ndim == 3 and arr.shape[2] == 4 else (np.asarray(arr).reshape(size_hw) > 0)
+    if not mask.any():
+        raise UIError(f"{name}: brush over the object first (no mask painted)")
+    return mask
+
+
+def check_points(points: list, task: str, size_hw: tuple[int, int]) -> None:
+    h, w = size_hw
+    for k, (x, y) in enumerate(points):
+        if not (0 <= x < w and 0 <= y < h):
+            raise UIError(f"point {k + 1} ({x:g}, {y:g}) lies outside the {w}x{h} image")
+    n = len(points)
+    if task == "drag" and (n == 0 or n % 2):
+        raise UIError(f"points: drag needs handle/target pairs; {n} point{'s' * (n != 1)} clicked "
+                      f"({'click a target for the last handle' if n % 2 else 'click a handle, then its target'})")
+    if task == "move" and n != 2:
+        raise UIError(f"points: move needs one handle (on the object) and one target; {n} clicked")
+    if task == "paste" and n != 1:
+        raise UIError(f"points: paste needs one click where the pasted object's centre goes; {n} clicked")
+
+
+# ------------------------------------------------------------------------------------------------ drawing
+
+# Small images are shown enlarged (nearest) so that points can be placed; clicks are mapped back.
+MIN_DISPLAY = 384
+
+
+def display_factor(size_hw: tuple[int, int]) -> int:
+    return max(1, MIN_DISPLAY // max(size_hw))
+
+
+def draw_points(image: np.ndarray, mask: np.ndarray | None, points: list) -> Image.Image:
+    """The image (enlarged by display_factor) with the mask tinted, handles (red) and targets (blue) as dots,
+    arrows between pairs. `points` are in image pixels."""
+    from PIL import ImageDraw
+
+    k = display_factor(image.shape[:2])
+    im = Image.fromarray(image)
+    if mask is not None:
+        im = overlay(im, mask)
+    im = im.resize((im.width * k, im.height * k), Image.NEAREST)
+    points = [(x * k + (k - 1) / 2, y * k + (k - 1) / 2) for x, y in points]
+    for j in range(0, len(points) - 1, 2):
+        im = draw_arrow(im, points[j], points[j + 1])
+    d = ImageDraw.Draw(im)
+    r = max(3, round(max(im.size) / 80))
+    for k, (x, y) in enumerate(points):
+        colour = (230, 30, 30) if k % 2 == 0 else (30, 90, 240)
+        d.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(255, 255, 255))
+    return im
+
+
+# ---------------------------------------------------------------------------------------------- sessions
+
+@dataclass
+class Session:
+    """One browser session: its cached inversion, its history of inputs, its output folder."""
+
+    inversion_key: str | None = None
+    inversion: object = None
+    inversion_seconds: float = 0.0
+    history: list = field(default_factory=list)  # earlier input images, for undo
+    points: dict = field(default_factory=dict)  # task -> clicked points (x, y) in image pixels
+    folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dragondiff-ui-")))
+    runs: int = 0
+
+    def push(self, image: np.ndarray) -> None:
+        self.history.append(image)
+        del self.history[:-HISTORY_LIMIT]
+
+    def pop(self) -> np.ndarray | None:
+        return self.history.pop() if self.history else None
+
+
+def _key(image: np.ndarray, prompt: str, steps: int, resolution: int) -> str:
+    h = hashlib.sha256(image.tobytes())
+    h.update(json.dumps([image.shape, prompt, steps, resolution]).encode())
+    return h.hexdigest()
+
+
+def paste_offset(click, reference_mask: np.ndarray, ref_hw, base_hw) -> tuple[float, float]:
+    """The paste offset that puts the reference object's centre on the click (the reference is stretched to the
+    base image's size, as the engine does)."""
+    ys, xs = np.nonzero(reference_mask)
+    cx = xs.mean() * base_hw[1] / ref_hw[1]
+    cy = ys.mean() * base_hw[0] / ref_hw[0]
+    return float(click[0] - cx), float(click[1] - cy)
+
+
+def run_edit(pipe, session: Session, task: str, image: np.ndarray, *, mask=None, points=(), reference=None,
+             reference_mask=None, prompt: str = "", scale: float = 1.0, options: dict | None = None,
+             progress=None) -> tuple[Image.Image, dict, list[Path]]:
+    """Run one edit, inverting the image only if this session has not inverted it with these settings.
+    Returns the full-size result, a status dict and the files to download (result PNG, sidecar JSON)."""
+    import torch
+
+    from ..provenance import build_sidecar
+
+    options = dict(options or {})
+    steps = int(options.pop("num_inference_steps"))
+    resolution = int(options.pop("max_resolution"))
+    check_points(list(points), task, image.shape[:2])
+    fields: dict = {"prompt": prompt}
+    if task in ("move", "drag", "appearance"):
+        fields["mask"] = mask
+    if task == "move":
+        fields["offset"] = (points[1][0] - points[0][0], points[1][1] - points[0][1])
+        fields["scale"] = scale
+    elif task == "drag":
+        fields["points"] = [(points[k], points[k + 1]) for k in range(0, len(points), 2)]
+    elif task == "paste":
+        fields["offset"] = paste_offset(points[0], reference_mask, reference.shape[:2], image.shape[:2])
+        fields["scale"] = scale
+    if task in ("appearance", "paste"):
+        fields.update(reference=reference, reference_mask=reference_mask)
+
+    key = _key(image, prompt, steps, resolution)
+    reused = session.inversion_key == key
+    try:
+        if not reused:
+            if progress:
+                progress(0.0, desc="inverting the image (once per image and prompt)")
+            start = time.perf_counter()
+            session.inversion = pipe.invert(image, prompt=prompt, max_resolution=resolution,
+                                            num_inference_steps=steps, progress=False)
+            session.inversion_seconds = time.perf_counter() - start
+            session.inversion_key = key
+        fields["prompt"] = None  # the inversion's
+        spec = EditSpec(task=task, image=session.inversion, **fields, **options)
+
+        def on_step(_pipe, i, _t, _state):
+            if progress:
+                progress((i + 1) / steps, desc="editing")
+            return {}
+
+        result = pipe.edit(spec, callback_on_step_end=on_step, progress=False)
+    except UIError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise UIError(str(e)) from e
+    session.runs += 1
+    out = full_resolution(result, image)
+    run = session.folder / f"edit-{session.runs:03d}"
+    run.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(run / "input.png")
+    out.save(run / "result.png")
+    sidecar = build_sidecar(result, pipe, sidecar=run / "result.json", output=run / "result.png",
+                            full_resolution=True, threads=torch.get_num_threads(),
+                            seconds={"invert_image": 0.0 if reused else session.inversion_seconds, **result.timings})
+    sidecar["spec"]["image"] = "input.png"
+    for name, value in (("mask", mask), ("reference", reference), ("reference_mask", reference_mask)):
+        if value is not None and name in sidecar["spec"]:
+            file = f"{name}.png"
+            arr = value.astype(np.uint8) * 255 if value.dtype == bool else value
+            Image.fromarray(arr).save(run / file)
+            sidecar["spec"][name] = file
+    (run / "result.json").write_text(json.dumps(sidecar, indent=1))
+    status = {"task": task, "inversion": "reused" if reused else "computed",
+              "inversion_seconds": round(session.inversion_seconds, 2), "edit_seconds": round(result.seconds, 2),
+              "guidance_scale": result.spec.guidance_scale, "energy_scale": result.spec.energy_scale,
+              "flags": list(result.flags)}
+    return out, status, [run / "result.png", run / "result.json"]
+
+
+def status_text(status: dict) -> str:
+    inv = (f"inversion reused (saved {status['inversion_seconds']:.1f} s)" if status["inversion"] == "reused"
+           else f"inversion computed in {status['inversion_seconds']:.1f} s (kept for further edits of this image)")
+    notes = "".join(f"\n- note: {f}" for f in status["flags"])
+    return (f"**{status['task']}** done: edit {status['edit_seconds']:.1f} s; {inv}; CFG "
+            f"{status['guidance_scale']:g}, energy {status['energy_scale']:g}.{notes}")
