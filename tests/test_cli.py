@@ -237,3 +237,12 @@ def test_restricted_unpickler_library():
         assert np.array_equal(dragbench.load_restricted(pickle.dumps(mask, protocol=protocol)), mask)
     with pytest.raises(dragbench.UnsafePickleError, match="builtins.eval"):
         dragbench.load_restricted(b"cbuiltins\neval\n(S'1+1'\ntR.")
+
+
+def test_readme_examples_validate():
+    """The README's spec file and DragBench folder (examples/) are valid as shipped."""
+    root = Path(__file__).parents[1]
+    out = cli("run", "examples/edits.json", "--dry-run", cwd=root)
+    assert out.returncode == 0 and out.stdout.count("valid") == 2, out.stderr
+    out = cli("batch", "examples/dragbench", "-o", "/tmp/dragondiff-never-written", "--dry-run", cwd=root)
+    assert out.returncode == 0 and "shapes/circle_right: valid" in out.stdout, out.stderr
