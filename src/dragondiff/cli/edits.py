@@ -11,7 +11,7 @@ import click
 from ..spec import EditSpec
 from .options import (COMMON_SPEC_FIELDS, OFFSET, PAIRS, available_threads, edit_options, model_options,
                       run_options, weight_options)
-from .runner import InputError, Job, check_inputs, check_jobs, execute, load_pipeline
+from .runner import IMAGE_SUFFIXES, InputError, Job, check_inputs, check_jobs, execute, load_pipeline
 
 WEIGHTS = ("w_edit", "w_content", "w_contrast", "w_inpaint")
 
@@ -179,6 +179,8 @@ def spec_jobs(files: list[Path], output: str | None) -> tuple[list[Job], str | N
     read = [(f, *read_spec_file(f)) for f in files]
     total = sum(len(specs) for _, specs, _ in read)
     single_file = output is not None and total == 1 and Path(output).suffix != ""
+    if output is not None and total > 1 and Path(output).suffix.lower() in IMAGE_SUFFIXES:
+        raise InputError(f"-o {output}: the spec files hold {total} edits; give a folder for their results")
     folder = Path(output) if output is not None and not single_file else Path(".")
     jobs, models = [], {m for _, _, m in read if m}
     for f, specs, _ in read:

@@ -52,8 +52,8 @@ class Job:
         return files
 
 
-def check_output(path: Path, overwrite: bool, label: str = "output") -> None:
-    if path.suffix.lower() not in IMAGE_SUFFIXES and path.suffix.lower() != ".json":
+def check_output(path: Path, overwrite: bool, label: str = "output", image: bool = True) -> None:
+    if image and path.suffix.lower() not in IMAGE_SUFFIXES:
         raise InputError(f"{label}: {path} has no image suffix; use one of {', '.join(IMAGE_SUFFIXES)}")
     if path.exists() and not overwrite:
         raise InputError(f"{label}: {path} exists; pass --overwrite to replace it or choose another -o")
@@ -72,7 +72,7 @@ def check_jobs(jobs: list[Job], overwrite: bool, preview: bool) -> None:
     for job in jobs:
         reads = job.input_files()
         for path in job.outputs(preview):
-            check_output(path, overwrite, f"{job.label}: output")
+            check_output(path, overwrite, f"{job.label}: output", image=path != job.sidecar)
             resolved = path.resolve()
             if resolved in reads:
                 raise InputError(f"{job.label}: output {path} is one of the edit's own inputs; choose another -o")
