@@ -195,7 +195,8 @@ def test_move_tab_edit_reuse_and_errors(browser, server, shots):
     page.screenshot(path=str(shots / "ui-move.png"), full_page=True)
     start = time.time()
     second = run_and_wait(page, "move", "inversion reused")  # same image and prompt: no second inversion
-    print(f"UI move: first {first_s:.1f} s, second {time.time() - start:.1f} s (4 steps, bundled model)")
+    steps = os.environ.get("DRAGONDIFF_UI_STEPS", "4")
+    print(f"UI move: first {first_s:.1f} s, second {time.time() - start:.1f} s ({steps} steps, bundled model)")
     # bad input: no target clicked
     page.click("#move-clear-points")
     page.wait_for_timeout(500)
