@@ -53,6 +53,14 @@ def file_hash(paths: list[Path]) -> str:
     return _hash_files(tuple(paths), stamp)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 of a model folder's weight and config files: the same value in `info` and in sidecars."""
+    return file_hash(sorted(p for p in Path(folder).rglob("*") if p.suffix in WEIGHT_SUFFIXES))
+
+
 def model_fingerprint(pipe) -> dict:
     """{"id": ...} plus a sha256 of the weight files for local models, or the hub snapshot's revision."""
     out = {"id": pipe.model_id}
@@ -60,8 +68,7 @@ def model_fingerprint(pipe) -> dict:
     if path is not None and Path(path).is_file():
         out["sha256"] = file_hash([Path(path)])
     elif path is not None and Path(path).is_dir():
-        weights = sorted(p for p in Path(path).rglob("*") if p.suffix in (".safetensors", ".bin", ".json"))
-        out["sha256"] = file_hash(weights)
+        out["sha256"] = folder_hash(path)
     elif pipe.model_id:
         try:  # a hub id: the cached snapshot's folder name is the commit
             from huggingface_hub import snapshot_download

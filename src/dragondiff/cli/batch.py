@@ -93,7 +93,7 @@ def batch(root, dry_run, **opts):
     quiet = opts["quiet"]
     failures: list[tuple[str, str]] = []
     pending: list[tuple[Job, np.ndarray | None]] = []
-    skipped = 0
+    skipped = failed_runs = 0
     for kind, path in items:  # read and validate everything first: bad samples are listed, not fatal
         label = str(path.relative_to(root))
         try:
@@ -133,9 +133,10 @@ def batch(root, dry_run, **opts):
             except Exception as e:  # noqa: BLE001 (one failing sample must not stop the batch)
                 if opts["debug"]:
                     traceback.print_exc()
+                failed_runs += 1
                 failures.append((job.label, f"{type(e).__name__}: {e}"
                                  if not isinstance(e, click.ClickException) else e.format_message()))
-    done = len(pending) - sum(1 for label, _ in failures if label in {j.label for j, _ in pending})
+    done = len(pending) - failed_runs
     if not quiet or failures:
         verb = "valid" if dry_run else "edited"
         click.echo(f"batch: {done} {verb}, {skipped} already done (skipped), {len(failures)} failed", err=bool(failures))

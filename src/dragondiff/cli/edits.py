@@ -10,7 +10,7 @@ import click
 
 from ..spec import EditSpec
 from .options import (COMMON_SPEC_FIELDS, OFFSET, PAIRS, available_threads, edit_options, model_options,
-                      run_options, weight_options)
+                      option_group, run_options, weight_options)
 from .runner import IMAGE_SUFFIXES, InputError, Job, check_inputs, check_jobs, execute, load_pipeline
 
 WEIGHTS = ("w_edit", "w_content", "w_contrast", "w_inpaint")
@@ -101,14 +101,22 @@ def drag(image, mask, points, **opts):
     _run_single("drag", image, opts, mask=mask, points=tuple(p for group in points for p in group))
 
 
+# --reference, --reference-mask, --reference-prompt (appearance and paste).
+reference_options = option_group(
+    click.option("--reference", required=True, type=click.Path(dir_okay=False),
+                 help="the image holding the object"),
+    click.option("--reference-mask", required=True, type=click.Path(dir_okay=False),
+                 help="the object in --reference"),
+    click.option("--reference-prompt", default=None, help="prompt of the reference image  [default: --prompt]"),
+)
+
+
 @_task_command("appearance", "Give the masked object the appearance of the object masked in a reference image.\n\n"
                              "Example: dragondiff appearance apple.png --mask apple_mask.png --reference pear.png "
                              "--reference-mask pear_mask.png")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--mask", required=True, type=click.Path(dir_okay=False), help="the object to restyle")
-@click.option("--reference", required=True, type=click.Path(dir_okay=False), help="the image to take it from")
-@click.option("--reference-mask", required=True, type=click.Path(dir_okay=False), help="the object in --reference")
-@click.option("--reference-prompt", default=None, help="prompt of the reference image  [default: --prompt]")
+@reference_options
 def appearance(image, mask, reference, reference_mask, reference_prompt, **opts):
     _run_single("appearance", image, opts, mask=mask, reference=reference, reference_mask=reference_mask,
                 reference_prompt=reference_prompt)
@@ -118,11 +126,9 @@ def appearance(image, mask, reference, reference_mask, reference_prompt, **opts)
                         "--scale.\n\nExample: dragondiff paste room.png --reference cat.png --reference-mask "
                         "cat_mask.png --offset -80,40")
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--reference", required=True, type=click.Path(dir_okay=False), help="the image holding the object")
-@click.option("--reference-mask", required=True, type=click.Path(dir_okay=False), help="the object in --reference")
+@reference_options
 @click.option("--offset", type=OFFSET, default=None, help="(dx, dy) in input pixels  [default: 0,0]")
 @click.option("--scale", type=float, default=None, help="size factor  [default: 1]")
-@click.option("--reference-prompt", default=None, help="prompt of the reference image  [default: --prompt]")
 def paste(image, reference, reference_mask, offset, scale, reference_prompt, **opts):
     _run_single("paste", image, opts, reference=reference, reference_mask=reference_mask, offset=offset,
                 scale=scale, reference_prompt=reference_prompt)

@@ -17,7 +17,7 @@ from .runner import InputError, check_output, load_pipeline, quiet_third_party, 
 
 def _model_info(model: str) -> dict:
     from ..pipeline import read_settings
-    from ..provenance import file_hash
+    from ..provenance import file_hash, folder_hash
 
     out = {"id": model}
     if model == BUNDLED_ID:
@@ -31,7 +31,7 @@ def _model_info(model: str) -> dict:
         out["default_max_resolution"] = DEFAULT_MAX_RESOLUTION
     if folder.is_dir():
         out["recommended_settings"] = read_settings(folder) or None
-        out["sha256"] = file_hash(sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json")))
+        out["sha256"] = folder_hash(folder)
     elif folder.is_file():
         out["sha256"] = file_hash([folder])
     else:

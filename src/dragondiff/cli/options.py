@@ -57,6 +57,17 @@ OFFSET = OffsetType()
 PAIRS = PairsType()
 
 
+def option_group(*options):
+    """One decorator applying several click options, listed in the order --help shows them."""
+
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
 def available_threads() -> tuple[int, str]:
     """Intra-op threads to use and why: the cores this process may run on, minus those other processes keep busy
     (torch's default takes every core, and with one of two cores busy an edit ran 50x slower in OpenMP barriers)."""
@@ -74,63 +85,54 @@ def _settings_help(key: str) -> str:
     return f"default: the model's recommended value if it ships one, else the official demo's ({official})"
 
 
-def model_options(f):
-    """--model, --config, --device, --dtype, --threads."""
-    for decorator in reversed([
-        click.option("--model", default=BUNDLED_ID, show_default=True,
-                     help="the bundled shapes model, a diffusers folder, a hub id, or one .safetensors file "
-                          "(with --config)"),
-        click.option("--config", default=None,
-                     help="diffusers folder or hub id with the component configs for a single-file --model"),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1, mps  [default: cuda if available, else cpu]"),
-        click.option("--dtype", default=None,
-                     help="float32, float16, bfloat16  [default: float16 on CUDA, else float32]"),
-        click.option("--threads", type=click.IntRange(1, 512), default=None,
-                     help="CPU threads  [default: the cores not busy with other work; see `dragondiff info`]"),
-    ]):
-        f = decorator(f)
-    return f
+# --model, --config, --device, --dtype, --threads.
+model_options = option_group(
+    click.option("--model", default=BUNDLED_ID, show_default=True,
+                 help="the bundled shapes model, a diffusers folder, a hub id, or one .safetensors file "
+                      "(with --config)"),
+    click.option("--config", default=None,
+                 help="diffusers folder or hub id with the component configs for a single-file --model"),
+    click.option("--device", default=None, help="cpu, cuda, cuda:1, mps  [default: cuda if available, else cpu]"),
+    click.option("--dtype", default=None,
+                 help="float32, float16, bfloat16  [default: float16 on CUDA, else float32]"),
+    click.option("--threads", type=click.IntRange(1, 512), default=None,
+                 help="CPU threads  [default: the cores not busy with other work; see `dragondiff info`]"),
+)
 
 
-def run_options(f):
-    """Output and behaviour options of every command that writes edits."""
-    for decorator in reversed([
-        click.option("--overwrite", is_flag=True, help="replace existing output files"),
-        click.option("--working-size", is_flag=True,
-                     help="save the result at the working size instead of compositing it into the input "
-                          "at the input's size"),
-        click.option("--preview", is_flag=True,
-                     help="also save <output>-preview.png: input with mask and arrows, reference, result"),
-        click.option("--quiet", "-q", is_flag=True, help="no progress bars or summaries (errors still print)"),
-        click.option("--debug", is_flag=True, help="show tracebacks"),
-    ]):
-        f = decorator(f)
-    return f
+# Output and behaviour options of every command that writes edits.
+run_options = option_group(
+    click.option("--overwrite", is_flag=True, help="replace existing output files"),
+    click.option("--working-size", is_flag=True,
+                 help="save the result at the working size instead of compositing it into the input "
+                      "at the input's size"),
+    click.option("--preview", is_flag=True,
+                 help="also save <output>-preview.png: input with mask and arrows, reference, result"),
+    click.option("--quiet", "-q", is_flag=True, help="no progress bars or summaries (errors still print)"),
+    click.option("--debug", is_flag=True, help="show tracebacks"),
+)
 
 
-def edit_options(f):
-    """Settings common to the edit subcommands (the EditSpec's common fields)."""
-    for decorator in reversed([
-        click.option("--prompt", default=None, help="text prompt  [default: empty]"),
-        click.option("--preset", type=click.Choice(sorted(PRESETS)), default="official", show_default=True,
-                     help="official: the demo's D+ schedule; paper: the paper's"),
-        click.option("--steps", type=click.IntRange(1, 999), default=None,
-                     help="DDIM steps  [default: 50]"),
-        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=42, show_default=True,
-                     help="seeds the regional-SDE noise"),
-        click.option("--max-resolution", type=click.IntRange(64, 2048), default=None,
-                     help=f"working resolution: area about N² px  [default: {DEFAULT_MAX_RESOLUTION}; "
-                          f"{BUNDLED_RESOLUTION} with the bundled model]"),
-        click.option("--guidance-scale", type=float, default=None, help="CFG scale; " + _settings_help("guidance_scale")),
-        click.option("--energy-scale", type=float, default=None,
-                     help="guidance strength in the demo's slider units; " + _settings_help("energy_scale")),
-        click.option("--gradient-coef", type=float, default=None,
-                     help="factor on the energy gradient  [default: move 0.08, others 0.04]"),
-        click.option("-o", "--output", default=None, help="output image (.png, .jpg, .webp)  "
-                                                          "[default: <image>-<task>.png here]"),
-    ]):
-        f = decorator(f)
-    return f
+# Settings common to the edit subcommands (the EditSpec's common fields).
+edit_options = option_group(
+    click.option("--prompt", default=None, help="text prompt  [default: empty]"),
+    click.option("--preset", type=click.Choice(sorted(PRESETS)), default="official", show_default=True,
+                 help="official: the demo's D+ schedule; paper: the paper's"),
+    click.option("--steps", type=click.IntRange(1, 999), default=None,
+                 help="DDIM steps  [default: 50]"),
+    click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=42, show_default=True,
+                 help="seeds the regional-SDE noise"),
+    click.option("--max-resolution", type=click.IntRange(64, 2048), default=None,
+                 help=f"working resolution: area about N² px  [default: {DEFAULT_MAX_RESOLUTION}; "
+                      f"{BUNDLED_RESOLUTION} with the bundled model]"),
+    click.option("--guidance-scale", type=float, default=None, help="CFG scale; " + _settings_help("guidance_scale")),
+    click.option("--energy-scale", type=float, default=None,
+                 help="guidance strength in the demo's slider units; " + _settings_help("energy_scale")),
+    click.option("--gradient-coef", type=float, default=None,
+                 help="factor on the energy gradient  [default: move 0.08, others 0.04]"),
+    click.option("-o", "--output", default=None, help="output image (.png, .jpg, .webp)  "
+                                                      "[default: <image>-<task>.png here]"),
+)
 
 
 def weight_options(task: str):

@@ -158,7 +158,7 @@ def run_edit(pipe, session: Session, task: str, image: np.ndarray, *, mask=None,
     steps = int(options.pop("num_inference_steps"))
     resolution = int(options.pop("max_resolution"))
     check_points(list(points), task, image.shape[:2])
-    fields: dict = {"prompt": prompt}
+    fields: dict = {}  # the prompt goes with the inversion, which the spec's edit then uses
     if task in ("move", "drag", "appearance"):
         fields["mask"] = mask
     if task == "move":
@@ -183,7 +183,6 @@ def run_edit(pipe, session: Session, task: str, image: np.ndarray, *, mask=None,
                                             num_inference_steps=steps, progress=False)
             session.inversion_seconds = time.perf_counter() - start
             session.inversion_key = key
-        fields["prompt"] = None  # the inversion's
         spec = EditSpec(task=task, image=session.inversion, **fields, **options)
 
         def on_step(_pipe, i, _t, _state):
