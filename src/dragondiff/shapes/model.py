@@ -26,11 +26,13 @@ def build_vae():
     )
 
 
-def build_unet():
+def build_unet(layers_per_block: int = 1):
+    """layers_per_block=2 is SD1.5's depth (9 decoder self-attention layers instead of 6)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 64, 128, 128),
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=(64, 64, 128, 128),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
@@ -55,4 +57,5 @@ def build_scheduler():
 
 
 def is_available() -> bool:
-    return (WEIGHTS / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    # one file, or shards beside an index when the UNet outgrows the 16 MiB per-file limit
+    return any((WEIGHTS / "unet").glob("diffusion_pytorch_model*.safetensors"))

@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -49,10 +50,11 @@ SHIPPED = "shipped"  # marks a stage initialised from the package's weights
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _lr(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.05) -> float:
+def _lr(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.05, time_progress: float = 0.0) -> float:
+    """Warm-up, then cosine to `floor`; `time_progress` (share of the time budget used) can finish it early."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_progress))
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -236,7 +238,14 @@ def _encode_scenes(vae, tokenizer, seeds, device, batch: int = 64):
 def train_unet(out: Path, steps: int, minutes: float, device: torch.device, precision: str = "bf16",
                batch: int = 32, lr: float | None = None, pool_size: int = 4000, refresh_every: int = 200,
                refresh_count: int = 256, drop_caption: float = 0.1, ema_decay: float = 0.999,
-               snr_gamma: float = 5.0, seed: int = 0, from_scratch: bool = False):
+               snr_gamma: float = 5.0, seed: int = 0, from_scratch: bool = False, layers_per_block: int = 1,
+               time_schedule: bool = False, checkpoint_seconds: float = 0.0):
+    """UNet + text encoder on a pool of encoded scenes.
+
+    time_schedule: the cosine LR ends when the time budget does, if that comes before `steps` (for a one-shot run
+    on a lent GPU, whose speed is not known in advance; resuming is then no longer step-exact).
+    checkpoint_seconds: at least this long between checkpoints (a GPU does 250 steps in seconds).
+    """
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "unet.pt"
     vae = _load_vae(out).to(device)
@@ -245,15 +254,18 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
     torch.manual_seed(seed + 1)
     state = torch.load(ckpt, weights_only=True) if ckpt.exists() else None
     origin = state["origin"] if state else ("scratch" if from_scratch else SHIPPED)
+    if state:  # the architecture of the run being resumed
+        layers_per_block = int(state.get("layers_per_block", 1))
     if origin == "scratch":
-        unet, text = M.build_unet(), M.build_text_encoder()
+        unet, text = M.build_unet(layers_per_block), M.build_text_encoder()
     else:
         unet, text = _shipped_unet_text()
+        layers_per_block = int(unet.config.layers_per_block)
     lr = lr or (1e-3 if origin == "scratch" else 2e-4)
     unet.to(device)
     text.to(device)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=device.type == "cuda")
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     step, scale = 0, None if origin == "scratch" else float(vae.config.scaling_factor)
     if state:
@@ -274,20 +286,25 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
         scale = float(1.0 / means.std())  # SD's scaling_factor: unit-variance latents
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
     log = RunLog(out, "unet", device, origin=origin, batch=batch, lr=lr, precision=precision, latent_scale=scale,
-                 resume_step=step, pool_encode_s=round(time.time() - t0, 1),
+                 resume_step=step, pool_encode_s=round(time.time() - t0, 1), layers_per_block=layers_per_block,
+                 pool_size=pool_size, refresh_every=refresh_every, refresh_count=refresh_count,
+                 time_schedule=time_schedule,
                  unet_params=sum(p.numel() for p in unet.parameters()),
                  text_params=sum(p.numel() for p in text.parameters()))
     print(json.dumps({k: v for k, v in log.data.items() if k != "points"}))
 
     def checkpoint():
         _save(ckpt, unet=unet.state_dict(), text=text.state_dict(), ema_unet=ema_unet.state_dict(),
-              ema_text=ema_text.state_dict(), opt=opt.state_dict(), step=step, scale=scale, origin=origin)
+              ema_text=ema_text.state_dict(), opt=opt.state_dict(), step=step, scale=scale, origin=origin,
+              layers_per_block=layers_per_block)
 
-    deadline = time.time() + 60 * minutes
+    start, last_checkpoint = time.time(), time.time()
+    deadline = start + 60 * minutes
     unet.train()
     text.train()
     bar = tqdm(total=steps, initial=step, desc="unet+text")
     losses: list[float] = []
+    pending: list[torch.Tensor] = []  # losses still on the device: read back every 25 steps, not every step
     while step < steps and time.time() < deadline:
         if step > 0 and step % refresh_every == 0:
             r = step // refresh_every
@@ -295,13 +312,14 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
             new = UNET_SCENE_BASE + pool_size + (r - 1) * refresh_count + np.arange(refresh_count)
             m, s, t = _encode_scenes(vae, tokenizer, new, device)
             means[slots], stds[slots], tokens[slots] = m, s, t
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, pool_size, (batch,), generator=gen).to(device)
-        x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen).to(device)) * scale
-        ids = tokens[idx].clone()
-        ids[(torch.rand(batch, generator=gen) < drop_caption).to(device)] = empty
-        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        # Random numbers drawn on the training device: no host round trip per step on a GPU (same numbers on CPU).
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(0, pool_size, (batch,), generator=gen, device=device)
+        x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen, device=device)) * scale
+        drop = torch.rand(batch, generator=gen, device=device) < drop_caption
+        ids = torch.where(drop[:, None], empty, tokens[idx])
+        t = torch.randint(0, 1000, (batch,), generator=gen, device=device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with _autocast(device, precision):
@@ -309,19 +327,27 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
         snr = alphas[t] / (1 - alphas[t])
         weight = torch.clamp(snr, max=snr_gamma) / snr  # min-SNR-γ weighting for ε-prediction
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
-        _optimizer_step(opt, params, loss, _lr(step, steps, lr, warmup=200 if origin == "scratch" else 50))
+        used = (time.time() - start) / (deadline - start) if time_schedule else 0.0
+        _optimizer_step(opt, params, loss, _lr(step, steps, lr, warmup=200 if origin == "scratch" else 50,
+                                               time_progress=used))
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for ema, live in ((ema_unet, unet), (ema_text, text)):
                 torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1 - decay)
         step += 1
-        losses.append(loss.item())
+        pending.append(loss.detach())
         bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if len(pending) == 25 or step == steps:
+            losses += torch.stack(pending).float().cpu().tolist()
+            pending.clear()
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % 250 == 0 or step == steps:
-            checkpoint()
-            log.point(step, step * batch, float(np.mean(losses[-50:])))
+            if time.time() - last_checkpoint >= checkpoint_seconds or step == steps:
+                checkpoint()
+                last_checkpoint = time.time()
+            log.point(step, step * batch, float(np.mean(losses[-50:] or [float("nan")])))
     bar.close()
+    losses += torch.stack(pending).float().cpu().tolist() if pending else []
     checkpoint()
     log.point(step, step * batch, float(np.mean(losses[-200:] or [float("nan")])))
     print(json.dumps({"stage": "unet", "step": step, "loss_last_200": log.data["loss"], "log": str(log.path)}))
@@ -337,19 +363,21 @@ def export(out: Path, dest: Path = M.WEIGHTS):
     state = torch.load(out / "unet.pt", weights_only=True)
     vae = _load_vae(out)
     vae.register_to_config(scaling_factor=state["scale"])
-    unet, text = M.build_unet(), M.build_text_encoder()
+    unet, text = M.build_unet(int(state.get("layers_per_block", 1))), M.build_text_encoder()
     unet.load_state_dict(state["ema_unet"])
     text.load_state_dict(state["ema_text"])
     dest.mkdir(parents=True, exist_ok=True)
     index_path = dest / "model_index.json"
     history = json.loads(index_path.read_text()).get("dragondiff_training", {}) if index_path.exists() else {}
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text)):
+        shutil.rmtree(dest / name, ignore_errors=True)  # no stale single file beside new shards, or the reverse
         module.to(torch.float16).save_pretrained(dest / name, safe_serialization=True, max_shard_size="16MB")
     build_tokenizer().save_pretrained(dest / "tokenizer")
     M.build_scheduler().save_pretrained(dest / "scheduler")
     rounds = list(history.get("rounds", []))
     # One entry per training round: the steps of that run (continued rounds add to the earlier ones).
     rounds.append({"unet_steps": int(state["step"]), "origin": state.get("origin", "scratch"),
+                   "layers_per_block": int(state.get("layers_per_block", 1)),
                    "exported": time.strftime("%Y-%m-%d %H:%M")})
     index_path.write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
@@ -386,6 +414,17 @@ def main(argv=None):
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast precision (bf16)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--from-scratch", action="store_true", help="random init instead of the shipped weights")
+    parser.add_argument("--layers-per-block", type=int, default=1, choices=[1, 2],
+                        help="UNet depth from scratch: 1 (shipped so far) or 2 (SD1.5's, 9 decoder self-attention layers)")
+    parser.add_argument("--pool-size", type=int, default=4000, help="UNet: encoded scenes in the pool (4000)")
+    parser.add_argument("--refresh-every", type=int, default=200, help="UNet: steps between pool refreshes (200)")
+    parser.add_argument("--refresh-count", type=int, default=256, help="UNet: scenes replaced per refresh (256)")
+    parser.add_argument("--time-schedule", action="store_true",
+                        help="UNet: end the cosine LR with the time budget (a one-shot GPU run of unknown speed)")
+    parser.add_argument("--checkpoint-seconds", type=float, default=0.0,
+                        help="UNet: at least this long between checkpoints (0: every 250 steps)")
+    parser.add_argument("--dest", type=Path, default=M.WEIGHTS,
+                        help="export: where the diffusers folder goes (default: the package's weights)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
@@ -399,9 +438,11 @@ def main(argv=None):
     if args.stage in ("all", "unet"):
         minutes = args.minutes * ((1 - args.vae_share) if args.stage == "all" else 1.0)
         train_unet(args.out, args.steps or 8000, minutes, device, args.precision, batch=args.batch or 32,
-                   lr=args.lr, seed=args.seed, from_scratch=args.from_scratch)
+                   lr=args.lr, seed=args.seed, from_scratch=args.from_scratch, layers_per_block=args.layers_per_block,
+                   pool_size=args.pool_size, refresh_every=args.refresh_every, refresh_count=args.refresh_count,
+                   time_schedule=args.time_schedule, checkpoint_seconds=args.checkpoint_seconds)
     if args.stage in ("all", "export"):
-        export(args.out)
+        export(args.out, args.dest)
     if args.stage in ("all", "gates"):
         gates()
 
