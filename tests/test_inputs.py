@@ -297,8 +297,8 @@ def test_unknown_keyword(pipe, img_disc_square):
 
 def test_unknown_preset(pipe, img_disc_square):
     img, disc, _ = img_disc_square
-    with pytest.raises(ValueError, match=r"^preset must be one of \['official', 'paper'\].*'fast'"):
-        _move(pipe, img, disc, preset="fast")
+    with pytest.raises(ValueError, match=r"^preset must be one of \['fast', 'official', 'paper'\].*'quick'"):
+        _move(pipe, img, disc, preset="quick")
 
 
 def test_sde_with_paper_preset(pipe, img_disc_square):

@@ -29,7 +29,7 @@ def test_get_preset():
     custom = Preset(name="x", guidance_until=10)
     assert get_preset(custom) is custom
     with pytest.raises(ValueError, match="preset"):
-        get_preset("fast")
+        get_preset("quick")
 
 
 def test_ddim_table(tiny_pipe):

@@ -29,7 +29,7 @@ IMG, DISC, SQUARE = make_scene()
     (dict(task="move", mask=DISC, bank_steps=(0,)), ValueError, r"^bank_steps: expected a \(first, last\) pair"),
     (dict(task="move", mask=DISC, bank_steps=(30, 10)), ValueError, r"^bank_steps: last step 10 comes before"),
     (dict(task="move", mask=DISC, prompt="a \ud800 cup"), ValueError, r"^prompt: not valid text"),
-    (dict(task="move", mask=DISC, preset="fast"), ValueError, r"^preset must be one of"),
+    (dict(task="move", mask=DISC, preset="quick"), ValueError, r"^preset must be one of"),
     (dict(task="move", mask=DISC, guidance_scale=-1), ValueError, r"^guidance_scale must be a finite number"),
     (dict(task="move", mask=DISC, w_edit="4"), TypeError, r"^w_edit must be a number"),
     (dict(task="move", mask=DISC, num_inference_steps=1001), ValueError, r"^num_inference_steps must be"),

@@ -8,12 +8,27 @@ and handed back to each edit (`pipe.move(inv, mask, ...)`). The latents live on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .attention import MemoryBank
+
+
+@dataclass
+class FeatureCache:
+    """Reference features (up_blocks[1] and [2] outputs of the inverted latent at step i) for one edit prompt.
+
+    They depend only on the inversion, the step and the prompt, so the first edit of an inversion computes them
+    and every later edit with that prompt reads them (the sampler's guided steps then skip one feature pass each).
+    """
+
+    device: torch.device
+    steps: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for feats in self.steps.values() for f in feats)
 
 
 @dataclass(frozen=True)
@@ -27,6 +42,13 @@ class Inversion:
     bank: MemoryBank  # decoder self-attention K/V per layer and step
     model_key: int  # id() of the UNet that made it: an inversion is only valid for that model
     dtype: torch.dtype
+    features: dict[str, FeatureCache] = field(default_factory=dict, compare=False, repr=False)  # by edit prompt
+
+    def feature_cache(self, prompt: str) -> FeatureCache:
+        """The reference-feature cache of edits with this prompt (kept beside the bank)."""
+        if prompt not in self.features:
+            self.features[prompt] = FeatureCache(self.bank.storage_device)
+        return self.features[prompt]
 
     @property
     def size_hw(self) -> tuple[int, int]:
@@ -34,8 +56,9 @@ class Inversion:
 
     @property
     def nbytes(self) -> int:
-        """Memory held: the bank plus the latents."""
-        return self.bank.nbytes() + self.latents.numel() * self.latents.element_size()
+        """Memory held: the bank, the latents and the cached reference features."""
+        return (self.bank.nbytes() + self.latents.numel() * self.latents.element_size()
+                + sum(c.nbytes() for c in self.features.values()))
 
     def __repr__(self) -> str:
         h, w = self.size_hw

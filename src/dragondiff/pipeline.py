@@ -29,7 +29,7 @@ from .backbone import SD1Backbone
 from .inversion import Inversion, merge_banks
 from .presets import Preset, get_preset
 from .result import EditResult
-from .sampler import PassCounts, Schedule, invert, sample
+from .sampler import PassCounts, Schedule, Stopwatch, invert, sample
 from .inputs import Prepared
 from .spec import EditSpec
 from .validate import check_device, check_dtype, check_int, check_number, check_offset, check_scale, check_string
@@ -84,6 +84,10 @@ class DragonPipeline:
         # The working resolution an edit uses when neither the spec nor an Inversion gives one (the official 768;
         # the bundled model's 128, the size it was trained at).
         self.default_max_resolution = DEFAULT_MAX_RESOLUTION
+        # Both energy gradients through one batched backward (same numbers as the official two; see sampler.guidance).
+        self.one_backward = True
+        # Exact per-phase seconds on CUDA (EditResult.phases): synchronises at every phase boundary; benchmarks only.
+        self.precise_timings = False
         # Only the DDIM ᾱ table and timesteps are used: the update is written out in `sampler` so that the guided
         # and unguided ε can enter it separately.
         self.scheduler_config = DDIMScheduler.from_config(scheduler.config).config
@@ -356,8 +360,8 @@ class DragonPipeline:
         ), generator=generator, callback_on_step_end=callback_on_step_end,
             return_intermediates=return_intermediates, progress=progress, bank_device=bank_device)
 
-    def invert(self, image, *, prompt: str = "", max_resolution: int | None = None, num_inference_steps: int = 50,
-               progress: bool = True) -> Inversion:
+    def invert(self, image, *, prompt: str = "", max_resolution: int | None = None,
+               num_inference_steps: int | None = None, preset: str = "official", progress: bool = True) -> Inversion:
         """DDIM-invert an image once, for several edits: every task accepts the result in place of its image and
         then skips its inversion (same output as inverting inside the call; `pass_counts` shows the saving).
 
@@ -366,7 +370,9 @@ class DragonPipeline:
             prompt: the inversion prompt; edits of this inversion use it as their prompt.
             max_resolution: working resolution (area about max_resolution², sides multiples of 64); default the
                 pipeline's `default_max_resolution` (768, the bundled model's 128).
-            num_inference_steps: DDIM steps; edits of this inversion use the same number.
+            num_inference_steps: DDIM steps (default: the preset's, 50 or `fast`'s 20); edits of this inversion use
+                the same number.
+            preset: the preset whose step count is the default (the edits may still use any preset).
             progress: show a progress bar.
         Returns:
             An `Inversion` holding the working-size image, the inverted latents and the memory bank (CPU-resident
@@ -375,7 +381,8 @@ class DragonPipeline:
         if isinstance(image, Inversion):
             raise TypeError("image: already an Inversion; pass it to an edit method instead")
         check_string(prompt, "prompt")
-        steps = check_int(num_inference_steps, "num_inference_steps", 1, 1000)
+        steps = check_int(get_preset(preset).steps if num_inference_steps is None else num_inference_steps,
+                          "num_inference_steps", 1, 1000)
         if max_resolution is None:
             max_resolution = self.default_max_resolution
         prep = self._prepare(image, max_resolution, steps)
@@ -473,8 +480,9 @@ class DragonPipeline:
         """Inversion of images (B, 3, H, W) into their own bank: (latents (n+1, B, 4, h, w), MemoryBank)."""
         controller = BankController(MemoryBank(bank_device))
         with self.backbone.memory_bank(controller):
-            z0 = self.encode_image(pixels)
-            latents = invert(self.backbone, z0, self.encode_prompt(prompts), schedule, controller, counts)
+            with counts.watch.phase("encode"):
+                z0, context = self.encode_image(pixels), self.encode_prompt(prompts)
+            latents = invert(self.backbone, z0, context, schedule, controller, counts)
         return latents, controller.bank
 
     def _run(self, task: Task, prep: Prepared, preset_name: str, n: int, sde: float, seed: int, *, spec=None,
@@ -486,7 +494,7 @@ class DragonPipeline:
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(int(seed))
         bank_device = self._bank_device(bank_device)
-        counts = PassCounts()
+        counts = PassCounts(watch=Stopwatch(self.device if self.precise_timings else None))
         stop = {"at": None}
 
         def step_callback(i, t, z):
@@ -518,14 +526,18 @@ class DragonPipeline:
                                         union_masks=task.union_masks)
             with self.backbone.memory_bank(controller):
                 z_t, ref_t = task.init_latent(inverted[-1])
-                cond, uncond = self.encode_prompt([task.prompt]), self.encode_prompt([""])
+                with counts.watch.phase("encode"):
+                    cond, uncond = self.encode_prompt([task.prompt]), self.encode_prompt([""])
                 final, rec = sample(
                     self.backbone, task, preset, schedule, z_t, inverted, ref_t, cond, uncond, controller, counts,
                     sde_strength=sde, generator=generator, record=intermediates, step_callback=step_callback,
                     progress=bar, should_stop=lambda: stop["at"] is not None,
+                    ref_cache=None if inversion is None else inversion.feature_cache(task.prompt),
+                    one_backward=self.one_backward,
                 )
             timings["sampling"] = time.perf_counter() - start - timings["inversion"]
-            pixels = self.decode_latent(final)
+            with counts.watch.phase("decode"):
+                pixels = self.decode_latent(final)
             timings["decode"] = time.perf_counter() - start - timings["inversion"] - timings["sampling"]
         flags = list(task.flags)
         if stop["at"] is not None:
@@ -545,6 +557,7 @@ class DragonPipeline:
             spec=spec,
             seconds=time.perf_counter() - start,
             timings=timings,
+            phases=dict(counts.watch.seconds),
             inverted_latents=inverted.cpu() if intermediates else None,
             z_T=z_t.cpu() if intermediates else None,
             latents=torch.stack(rec.latents).cpu() if intermediates else None,

@@ -36,6 +36,9 @@ class EditResult:
     spec: object = None  # the resolved EditSpec (every default filled in): re-run it with pipe.edit(spec)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: inversion, sampling, decode
+    # finer phases: encode, inversion, cfg, reference_features, guidance, time_travel, decode (exact on CUDA
+    # only with pipe.precise_timings, which synchronises at each boundary)
+    phases: dict[str, float] = field(default_factory=dict)
     inverted_latents: torch.Tensor | None = None
     z_T: torch.Tensor | None = None
     latents: torch.Tensor | None = None

@@ -6,6 +6,9 @@ the arguments: the bank controller, the task, the counters.
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,19 +23,42 @@ class NonFiniteError(RuntimeError):
     """NaN or Inf appeared in the latent during sampling."""
 
 
+class Stopwatch:
+    """Seconds per phase of an edit. With `sync` (a CUDA device) it waits for the device at each boundary, so
+    the phases are exact but the host can no longer run ahead: the speed benchmark turns it on, edits do not."""
+
+    def __init__(self, sync: torch.device | None = None):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.sync = sync if sync is not None and sync.type == "cuda" else None
+
+    @contextmanager
+    def phase(self, name: str):
+        if self.sync is not None:
+            torch.cuda.synchronize(self.sync)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync is not None:
+                torch.cuda.synchronize(self.sync)
+            self.seconds[name] += time.perf_counter() - start
+
+
 @dataclass
 class PassCounts:
-    """UNet work done by one edit. Feature passes are truncated after up_blocks[2]."""
+    """UNet work done by one edit. Feature passes are truncated after up_blocks[2]. `watch` times the phases."""
 
     inversion_unet: int = 0  # batch = number of inverted images
     cfg_unet: int = 0  # batch 2 (uncond, cond)
     time_travel_unet: int = 0  # batch 1
-    feature_nograd: int = 0  # batch 1, reference features
+    feature_nograd: int = 0  # batch 1, reference features (computed, not taken from an inversion's cache)
+    feature_cached: int = 0  # reference features taken from a reused inversion's cache
     feature_grad: int = 0  # batch 1, generation features
-    backward: int = 0
+    backward: int = 0  # backward passes (one batched backward carries both energy terms)
+    watch: Stopwatch = field(default_factory=Stopwatch, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "watch"}
 
 
 @dataclass
@@ -104,7 +130,7 @@ def invert(backbone, z0: torch.Tensor, context: torch.Tensor, schedule: Schedule
     for j in range(n):
         i = n - 1 - j
         t = schedule.timesteps[i]
-        with controller.use(CAPTURE, step=i):
+        with controller.use(CAPTURE, step=i), counts.watch.phase("inversion"):
             eps = backbone.eps(z, t, context)
         counts.inversion_unet += 1
         z = ddim_inversion_step(z, eps, schedule.alpha(schedule.prev(i)), schedule.alpha(t))
@@ -113,8 +139,13 @@ def invert(backbone, z0: torch.Tensor, context: torch.Tensor, schedule: Schedule
 
 
 def guidance(backbone, task: Task, z: torch.Tensor, ref_features, t: int, cond: torch.Tensor,
-             controller: BankController, counts: PassCounts):
-    """g = c·(∇(s·E_edit)⊙M + ∇(s·E_content)⊙(1−M)), two backward passes, as the official code. Returns (g, energies)."""
+             controller: BankController, counts: PassCounts, one_backward: bool = True):
+    """g = c·(∇(s·E_edit)⊙M + ∇(s·E_content)⊙(1−M)). Returns (g, energies).
+
+    The two gradients are separate vector-Jacobian products (the masks act on them, not on the energies). The
+    official code runs two backward passes; with `one_backward` both go through one batched backward
+    (`is_grads_batched`: the graph is walked once with a batch of two cotangents), same numbers.
+    """
     latent = z.detach().requires_grad_(True)
     with torch.enable_grad(), controller.use(PLAIN):
         gen = backbone.features(latent, t, cond)
@@ -122,14 +153,43 @@ def guidance(backbone, task: Task, z: torch.Tensor, ref_features, t: int, cond: 
         e_edit, e_content = task.energies(gen, ref_features)
         terms = [(k, e) for k, e in enumerate((e_edit, e_content)) if e is not None]
         grads = [torch.zeros_like(latent), torch.zeros_like(latent)]
-        for n, (k, energy) in enumerate(terms):
-            # s multiplies the energy before autograd, as in the official code (matters in fp16).
-            (grads[k],) = torch.autograd.grad(task.energy_scale * energy, latent, retain_graph=n < len(terms) - 1)
+        # s multiplies the energy before autograd, as in the official code (matters in fp16).
+        if one_backward and len(terms) == 2:
+            scaled = torch.stack([task.energy_scale * e for _, e in terms])
+            (both,) = torch.autograd.grad(scaled, latent, grad_outputs=torch.eye(2, dtype=scaled.dtype,
+                                                                                   device=scaled.device),
+                                          is_grads_batched=True)
+            grads = [both[0], both[1]]
             counts.backward += 1
+        else:
+            for n, (k, energy) in enumerate(terms):
+                (grads[k],) = torch.autograd.grad(task.energy_scale * energy, latent,
+                                                  retain_graph=n < len(terms) - 1)
+                counts.backward += 1
     m = task.edit_region.to(z)
     g = task.gradient_coef * (grads[0] * m + grads[1] * (1 - m))
     energies = tuple(float("nan") if e is None else float(e.detach()) for e in (e_edit, e_content))
     return g.detach(), energies
+
+
+@torch.no_grad()
+def _reference_features(backbone, ref_latent, i: int, t: int, cond, controller, counts: PassCounts,
+                        cache, cacheable: bool) -> list[list[torch.Tensor]]:
+    """Features of each reference latent (batch element) at step i; element 0 from / into `cache` if cacheable."""
+    out = []
+    for b in range(ref_latent.shape[0]):
+        use_cache = cache is not None and cacheable and b == 0
+        if use_cache and i in cache.steps:
+            feats = [f.to(ref_latent.device, non_blocking=True) for f in cache.steps[i]]
+            counts.feature_cached += 1
+        else:
+            with controller.use(PLAIN):
+                feats = backbone.features(ref_latent[b : b + 1], t, cond)
+            counts.feature_nograd += 1
+            if use_cache:
+                cache.steps[i] = [f.detach().to(cache.device) for f in feats]
+        out.append(feats)
+    return out
 
 
 @dataclass
@@ -144,10 +204,13 @@ def sample(backbone, task: Task, preset: Preset, schedule: Schedule, z_t: torch.
            ref_t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, controller: BankController,
            counts: PassCounts, *, sde_strength: float, generator: torch.Generator | None,
            record: bool = False, step_callback: Callable | None = None, progress=None,
-           should_stop: Callable[[], bool] | None = None):
+           should_stop: Callable[[], bool] | None = None, ref_cache=None,
+           one_backward: bool = True):
     """Guided DDIM sampling from z_T. `inverted` is the (n+1, B, ...) inversion; `ref_t` replaces inverted[n] as
     the step-0 reference latent (drag's patched z_T). `should_stop()` is asked after every step (and its
-    callback): True ends sampling there. Returns (final latent, SamplingRecord)."""
+    callback): True ends sampling there. `ref_cache` (an inversion's `FeatureCache` for this prompt) supplies the
+    reference features of batch element 0 that a previous edit of the same inversion computed, and keeps new ones.
+    Returns (final latent, SamplingRecord)."""
     n = len(schedule.timesteps)
     rec = SamplingRecord()
     z = z_t
@@ -161,7 +224,7 @@ def sample(backbone, task: Task, preset: Preset, schedule: Schedule, z_t: torch.
         a_t, a_prev = schedule.alpha(t), schedule.alpha(t_prev)
         ref_features = None
         for r in range(repeats):
-            with torch.no_grad(), controller.use(task.bank_mode_at(step), step=i):
+            with torch.no_grad(), controller.use(task.bank_mode_at(step), step=i), counts.watch.phase("cfg"):
                 eps_u, eps_c = backbone.eps(torch.cat([z, z]), t, cfg_context).chunk(2)
             counts.cfg_unet += 1
             eps = eps_u + task.guidance_scale * (eps_c - eps_u)
@@ -170,13 +233,13 @@ def sample(backbone, task: Task, preset: Preset, schedule: Schedule, z_t: torch.
             eps_hat = eps
             if guided:
                 if ref_features is None:  # identical for every repeat of a step: computed once
-                    ref_latent = ref_t if i == 0 else inverted[n - i]
-                    with torch.no_grad(), controller.use(PLAIN):
-                        ref_features = [
-                            backbone.features(ref_latent[b : b + 1], t, cond) for b in range(ref_latent.shape[0])
-                        ]
-                    counts.feature_nograd += ref_latent.shape[0]
-                g, energies = guidance(backbone, task, z, ref_features, t, cond, controller, counts)
+                    with counts.watch.phase("reference_features"):
+                        ref_features = _reference_features(backbone, ref_t if i == 0 else inverted[n - i], i, t,
+                                                           cond, controller, counts, ref_cache,
+                                                           cacheable=i > 0 or torch.equal(ref_t[:1], inverted[n][:1]))
+                with counts.watch.phase("guidance"):
+                    g, energies = guidance(backbone, task, z, ref_features, t, cond, controller, counts,
+                                           one_backward)
                 eps_hat = eps + g
                 if record:
                     rec.guidance.append((i, r, g))
@@ -194,7 +257,7 @@ def sample(backbone, task: Task, preset: Preset, schedule: Schedule, z_t: torch.
                 # Time travel: deterministic re-noising back to t with eps at the source timestep t_prev,
                 # cond only, no bank. The official code also re-noises after the last repeat and discards it.
                 t_src = t_prev
-                with torch.no_grad(), controller.use(PLAIN):
+                with torch.no_grad(), controller.use(PLAIN), counts.watch.phase("time_travel"):
                     eps_src = backbone.eps(z_prev, t_src, cond)
                 counts.time_travel_unet += 1
                 z = time_travel(z_prev, eps_src, schedule.alpha(t_src), a_t)

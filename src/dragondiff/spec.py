@@ -181,7 +181,8 @@ class EditSpec:
         if "reference_prompt" in info.fields and self.reference_prompt is None:
             values["reference_prompt"] = values.get("prompt", self.prompt)
         if self.num_inference_steps is None:
-            values["num_inference_steps"] = 50 if inversion is None else inversion.num_inference_steps
+            values["num_inference_steps"] = (PRESETS[self.preset].steps if inversion is None
+                                             else inversion.num_inference_steps)
         if self.max_resolution is None:
             values["max_resolution"] = max_resolution if inversion is None else inversion.max_resolution
         if self.sde_strength is None:

@@ -138,13 +138,13 @@ def demo(out, preset, seed, threads, tiny, overwrite):
 
 @click.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                           "help_option_names": []},
-               help="Benchmarks: `bench timing` (tiny model), `bench shapes` (bundled model). "
-                    "`dragondiff bench shapes --help` lists their options.")
-@click.argument("which", type=click.Choice(["timing", "shapes"]))
+               help="Benchmarks: `bench speed` (seconds, passes, memory per edit), `bench shapes` (edit quality "
+                    "on the bundled model). `dragondiff bench speed --help` lists each one's options.")
+@click.argument("which", type=click.Choice(["speed", "shapes"]))
 @click.argument("rest", nargs=-1, type=click.UNPROCESSED)
 def bench(which, rest):
-    if which == "timing":
-        from ..bench.timing import main as run
+    if which == "speed":
+        from ..bench.speed import main as run
     else:
         from ..bench.shapes import main as run
     code = run(list(rest)) or 0

@@ -1,0 +1,305 @@
+"""`dragondiff bench speed`: seconds, UNet passes and peak memory per edit, per task and preset.
+
+    dragondiff bench speed                                   # tiny random model, 128 px, every task and preset
+    dragondiff bench speed --model bundled                   # the shapes model at 128 px
+    dragondiff bench speed --model sd15-shaped --size 512 --device cuda --dtype float16
+
+For each preset and task it runs one image three ways: `pipe.invert` + a first edit (= the cost of a plain edit,
+which inverts inside the call), then a later edit of the same inversion (no inversion; the base image's reference
+features come from the inversion's cache). Reported per edit: seconds per phase (encode, inversion, cfg,
+reference_features, guidance, time_travel, decode), pass counts, peak memory (RSS on CPU, sampled every 5 ms;
+`torch.cuda.max_memory_allocated` on CUDA) and the time in forward-equivalents (FE): seconds over one batch-1 UNet
+forward measured in the same process. The `official code` column estimates what the official implementation costs
+for the same schedule: its pass counts (reference-spec §10: no cached features, two backward passes per guidance
+evaluation, the discarded last time-travel pass; equal to §10's table at 50 steps) times the per-pass seconds
+measured here. Run on an otherwise idle machine: it prints and saves numbers, nothing asserts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..presets import PRESETS, get_preset
+
+TASKS = ("move", "resize", "drag", "appearance", "paste")
+PHASES = ("encode", "inversion", "cfg", "reference_features", "guidance", "time_travel", "decode")
+
+
+def scene(size: int):
+    """A disc and a square on green at `size` px, the disc's mask, the square's mask, a drag region."""
+    k = size / 128
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = np.zeros((size, size, 3), np.uint8)
+    img[...] = (40, 160, 70)
+    disc = (xx - 40 * k) ** 2 + (yy - 64 * k) ** 2 <= (18 * k) ** 2
+    square = (abs(xx - 96 * k) <= 14 * k) & (abs(yy - 30 * k) <= 14 * k)
+    img[disc], img[square] = (220, 40, 40), (40, 70, 220)
+    drag = np.zeros_like(disc)
+    drag[int(40 * k) : int(100 * k), int(20 * k) : int(80 * k)] = True
+    return img, disc, square, drag
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak on a GPU, else the process's resident set (sampled)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @contextmanager
+    def measure(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
+        if not os.path.exists("/proc/self/statm"):  # not Linux: no sampling
+            self.peak = 0
+            yield
+            return
+        stop, peak = threading.Event(), [self.rss()]
+
+        def sample():
+            while not stop.wait(0.005):
+                peak[0] = max(peak[0], self.rss())
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.peak = max(peak[0], self.rss())
+
+
+# ----------------------------------------------------------------------------------------- per-pass costs
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def pass_costs(pipe, latent_hw: tuple[int, int], repeats: int = 3) -> dict[str, float]:
+    """Seconds of each kind of pass at this latent size (plain attention, no bank)."""
+    bb, dev = pipe.backbone, pipe.device
+    g = torch.Generator("cpu").manual_seed(0)
+    z = torch.randn((1, 4, *latent_hw), generator=g).to(dev)
+    cond = pipe.encode_prompt([""])
+    t = 500
+    with torch.no_grad():
+        full1 = _median_seconds(lambda: bb.eps(z, t, cond), dev, repeats)
+        full2 = _median_seconds(lambda: bb.eps(torch.cat([z, z]), t, torch.cat([cond, cond])), dev, repeats)
+        feat = _median_seconds(lambda: bb.features(z, t, cond), dev, repeats)
+
+    def grad_fwd():
+        lat = z.clone().requires_grad_(True)
+        with torch.enable_grad():
+            return lat, sum(f.float().pow(2).mean() for f in bb.features(lat, t, cond))
+
+    def grad_fwd_bwd():
+        lat, e = grad_fwd()
+        torch.autograd.grad(e, lat)
+
+    feat_grad = _median_seconds(grad_fwd, dev, repeats)
+    backward = max(0.0, _median_seconds(grad_fwd_bwd, dev, repeats) - feat_grad)
+    return {"unet_forward_b1": full1, "unet_forward_b2": full2, "feature_forward": feat,
+            "feature_forward_grad": feat_grad, "backward": backward}
+
+
+def official_counts(counts: dict, preset_name: str, steps: int, n_images: int,
+                    energy_terms: int = 2) -> dict[str, int]:
+    """The official code's passes for the schedule our edit ran: one inversion of all images (batch n_images),
+    reference features of every image at every guidance evaluation (also the repeats of a step), one backward
+    per energy term, and the discarded time-travel pass after the last repeat of each repeated step."""
+    preset = get_preset(preset_name)
+    tt = counts["time_travel_unet"]
+    if preset.time_travel_repeats > 1 and tt:
+        tt += tt // (preset.time_travel_repeats - 1)
+    return {"inversion_unet": steps, "cfg_unet": counts["cfg_unet"],
+            "time_travel_unet": tt, "feature_nograd": counts["feature_grad"] * n_images,
+            "feature_grad": counts["feature_grad"], "backward": energy_terms * counts["feature_grad"],
+            "n_images": n_images}
+
+
+def estimate_seconds(counts: dict, costs: dict, inversion_batch: int) -> float:
+    inv = costs["unet_forward_b2"] if inversion_batch == 2 else costs["unet_forward_b1"]
+    return (counts["inversion_unet"] * inv + counts["cfg_unet"] * costs["unet_forward_b2"]
+            + counts["time_travel_unet"] * costs["unet_forward_b1"]
+            + counts["feature_nograd"] * costs["feature_forward"]
+            + counts["feature_grad"] * costs["feature_forward_grad"] + counts["backward"] * costs["backward"])
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+def load_model(name: str, device, dtype):
+    from ..pipeline import DragonPipeline
+    from ..tiny import build_sd15_shaped_components, build_tiny_components
+
+    if name == "tiny":
+        return DragonPipeline(**build_tiny_components(), device=device, dtype=dtype), 128
+    if name == "bundled":
+        return DragonPipeline.bundled(device=device, dtype=dtype), 128
+    if name == "sd15-shaped":
+        return DragonPipeline(**build_sd15_shaped_components(device=device), device=device, dtype=dtype), 512
+    return DragonPipeline.from_pretrained(name, device=device, dtype=dtype), 512
+
+
+def _edit(pipe, task: str, image, preset: str, size: int, steps: int | None, reference):
+    img, disc, square, drag = reference
+    kw = dict(preset=preset, num_inference_steps=steps, progress=False, max_resolution=size)
+    if not isinstance(image, np.ndarray):  # an Inversion carries its size and steps
+        kw.pop("max_resolution")
+        kw.pop("num_inference_steps")
+    s = img.shape[0]
+    if task == "move":
+        return pipe.move(image, disc, offset=(s // 4, 0), **kw)
+    if task == "resize":
+        return pipe.move(image, disc, offset=(s // 16, 0), scale=1.3, **kw)
+    if task == "drag":
+        return pipe.drag(image, [((s * 5 // 16, s // 2), (s * 7 // 16, s // 2))], drag, **kw)
+    if task == "appearance":
+        return pipe.replace_appearance(image, disc, img, square, **kw)
+    return pipe.paste(image, img, square, offset=(-s * 3 // 8, s * 3 // 8), **kw)
+
+
+def run(pipe, size: int, tasks, presets, steps: int | None, repeats: int = 3) -> dict:
+    ref = scene(size)
+    dev = pipe.device
+    pipe.precise_timings = True
+    mem = PeakMemory(dev)
+    probe = pipe.invert(ref[0], max_resolution=size, num_inference_steps=1, progress=False)
+    latent_hw = tuple(probe.latents.shape[-2:])
+    costs = pass_costs(pipe, latent_hw, repeats)
+    fe = costs["unet_forward_b1"]
+    _edit(pipe, "move", ref[0], "official", size, 2, ref)  # warm-up of the whole path
+    rows = []
+    for preset in presets:
+        n = steps or PRESETS[preset].steps
+        for task in tasks:
+            two_images = task in ("appearance", "paste")
+            with mem.measure():
+                _sync(dev)
+                t = time.perf_counter()
+                inv = pipe.invert(ref[0], max_resolution=size, num_inference_steps=n, progress=False)
+                _sync(dev)
+                invert_s = time.perf_counter() - t
+                first = _edit(pipe, task, inv, preset, size, n, ref)
+            first_peak = mem.peak
+            with mem.measure():
+                later = _edit(pipe, task, inv, preset, size, n, ref)
+            later_peak = mem.peak
+            # the invert call's passes belong to the first edit
+            first_counts = dict(first.pass_counts, inversion_unet=n + first.pass_counts["inversion_unet"])
+            official = official_counts(first_counts, preset, n, 2 if two_images else 1)
+            official_s = estimate_seconds(official, costs, 2 if two_images else 1)
+            first_s = invert_s + first.seconds
+            row = {
+                "task": task, "preset": preset, "steps": n,
+                "first_edit_s": round(first_s, 3), "later_edit_s": round(later.seconds, 3),
+                "first_edit_fe": round(first_s / fe, 1), "later_edit_fe": round(later.seconds / fe, 1),
+                "official_code_fe_estimate": round(official_s / fe, 1),
+                "first_vs_official": round(first_s / official_s, 3),
+                "later_vs_first": round(later.seconds / first_s, 3),
+                "phases_first_s": {k: round(v, 3) for k, v in
+                                   {"invert_call": invert_s, **first.phases}.items()},
+                "phases_later_s": {k: round(v, 3) for k, v in later.phases.items()},
+                "passes_first": first_counts, "passes_later": later.pass_counts, "passes_official": official,
+                "peak_memory_first_bytes": first_peak, "peak_memory_later_bytes": later_peak,
+                "inversion_bytes": inv.nbytes,
+            }
+            rows.append(row)
+            print(f"{task:10s} {preset:8s} first {first_s:7.2f} s ({row['first_edit_fe']:6.1f} FE)  later "
+                  f"{later.seconds:7.2f} s ({row['later_edit_fe']:6.1f} FE)  official code ~"
+                  f"{row['official_code_fe_estimate']:6.1f} FE  peak {first_peak / 2**20:7.0f} MiB", flush=True)
+    return {"pass_seconds": {k: round(v, 5) for k, v in costs.items()}, "latent_hw": list(latent_hw),
+            "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = ["| task | preset | steps | first edit s (FE) | later edit s (FE) | official code FE (est.) | "
+             "first / official | later / first | passes first: inv, CFG, TT, feat, feat-grad, bwd | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        p = r["passes_first"]
+        lines.append(
+            f"| {r['task']} | {r['preset']} | {r['steps']} | {r['first_edit_s']} ({r['first_edit_fe']}) | "
+            f"{r['later_edit_s']} ({r['later_edit_fe']}) | {r['official_code_fe_estimate']} | "
+            f"{r['first_vs_official']} | {r['later_vs_first']} | {p['inversion_unet']}, {p['cfg_unet']}, "
+            f"{p['time_travel_unet']}, {p['feature_nograd']}, {p['feature_grad']}, {p['backward']} | "
+            f"{r['peak_memory_first_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dragondiff bench speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny",
+                        help="tiny | bundled | sd15-shaped (SD1.5's sizes, random weights) | a diffusers folder")
+    parser.add_argument("--size", type=int, default=None, help="working resolution (128 tiny/bundled, else 512)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["official", "paper", "fast"])
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: each preset's); fewer make a big model affordable on a CPU")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="model dtype (default float16 on CUDA, float32 elsewhere)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
+    parser.add_argument("--two-backward", action="store_true",
+                        help="the official code's two backward passes per guidance step instead of one batched")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (out/bench/speed-<model>-<size>.json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    t = time.perf_counter()
+    pipe, default_size = load_model(args.model, args.device, dtype)
+    pipe.one_backward = not args.two_backward
+    load_s = time.perf_counter() - t
+    size = args.size or default_size
+    result = run(pipe, size, args.tasks, args.presets, args.steps)
+    meta = {"model": args.model, "size": size, "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
+            "gpu": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else None,
+            "threads": args.threads, "one_backward": pipe.one_backward, "load_s": round(load_s, 1),
+            "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor() or None}
+    out = args.out or Path(f"out/bench/speed-{Path(args.model).name}-{size}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, **result}, indent=1))
+    print()
+    print(table(result))
+    print(f"\nFE = one batch-1 UNet forward = {result['pass_seconds']['unet_forward_b1'] * 1e3:.1f} ms; "
+          f"{json.dumps(meta)}  -> {out}")
+    return 0
