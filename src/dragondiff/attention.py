@@ -27,6 +27,23 @@ def decoder_self_attention_names(unet) -> list[str]:
     return names
 
 
+def estimate_bank_bytes(unet, latent_hw: tuple[int, int], steps: int, images: int = 1, dtype=None) -> int:
+    """Bytes of a memory bank before it is captured: K and V of every decoder self-attention layer at every step.
+
+    up_blocks[k] of an n-block decoder works at latent / 2**(n-1-k); its attn1 keys have `to_k.out_features`
+    channels per token.
+    """
+    n_up = len(unet.up_blocks)
+    size = torch.finfo(dtype or unet.dtype).bits // 8
+    total = 0
+    for name in decoder_self_attention_names(unet):
+        block = int(name.split(".")[1])
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        tokens = math.ceil(latent_hw[0] / 2 ** (n_up - 1 - block)) * math.ceil(latent_hw[1] / 2 ** (n_up - 1 - block))
+        total += 2 * tokens * module.to_k.out_features * size
+    return total * steps * images
+
+
 @dataclass
 class MemoryBank:
     """K/V per layer and sampling step: bank[layer][i] = (key, value), each (B, N, C) before the head split.

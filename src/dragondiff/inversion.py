@@ -66,14 +66,32 @@ class Inversion:
                 f"{self.nbytes / 2**20:.1f} MiB)")
 
 
-def merge_banks(banks: list[MemoryBank], device: torch.device) -> MemoryBank:
+class MergedBank:
+    """Several banks read as one whose batch holds their images in order (base, then reference). Entries are
+    concatenated per read, for the one step and layer in use, instead of copying every bank into a new one: a
+    reused inversion's bank is then not held twice during a two-image edit."""
+
+    def __init__(self, banks: list[MemoryBank]):
+        self.banks = banks
+        self.storage_device = banks[0].storage_device
+
+    def get(self, layer: str, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [b.get(layer, step, device) for b in self.banks]
+        return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])
+
+    def store(self, layer, step, key, value):
+        raise RuntimeError("a merged bank is read-only: capture into each image's own bank")
+
+    def layers(self) -> list[str]:
+        return self.banks[0].layers()
+
+    def steps(self, layer: str) -> list[int]:
+        return self.banks[0].steps(layer)
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.banks)
+
+
+def merge_banks(banks: list[MemoryBank]) -> MemoryBank | MergedBank:
     """One bank whose batch holds the images of `banks` in order (base, then reference)."""
-    if len(banks) == 1:
-        return banks[0]
-    merged = MemoryBank(device)
-    for layer in banks[0].layers():
-        for step in banks[0].steps(layer):
-            parts = [b.entries[layer][step] for b in banks]
-            merged.store(layer, step, torch.cat([k.to(device) for k, _ in parts]),
-                         torch.cat([v.to(device) for _, v in parts]))
-    return merged
+    return banks[0] if len(banks) == 1 else MergedBank(banks)

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import inputs as io
-from .attention import PLAIN, REPLACE, BankController, MemoryBank
+from .attention import PLAIN, REPLACE, BankController, MemoryBank, estimate_bank_bytes
 from .backbone import SD1Backbone
 from .inversion import Inversion, merge_banks
 from .presets import Preset, get_preset
@@ -189,6 +189,21 @@ class DragonPipeline:
         self.device, self.dtype = new_device, new_dtype
         return self
 
+    def enable_vae_tiling(self, enabled: bool = True, tile_px: int | None = None) -> "DragonPipeline":
+        """Encode and decode large images in overlapping tiles (diffusers' VAE tiling), so that the VAE's memory
+        stays that of one tile; the UNet work is unchanged. Tiles are blended at their seams, so pixels differ
+        slightly from an untiled decode: off by default. `tile_px`: tile size in pixels (the VAE's own default,
+        512 for SD1.5, when None)."""
+        if tile_px is not None:
+            tile_px = check_int(tile_px, "tile_px", 2 * self.vae_scale_factor, 8192)
+            self.vae.tile_sample_min_size = tile_px
+            self.vae.tile_latent_min_size = tile_px // self.vae_scale_factor
+        if enabled:
+            self.vae.enable_tiling()
+        else:
+            self.vae.disable_tiling()
+        return self
+
     # -------------------------------------------------------------------------------------------- encoders
 
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -223,7 +238,8 @@ class DragonPipeline:
                 there (the result is then decoded from the current latent and flagged).
             return_intermediates: also return every latent, guidance tensor and the inversion.
             progress: show a progress bar.
-            bank_device: where the memory bank lives (default: the CPU on CUDA, else the pipeline's device).
+            bank_device: where the memory bank lives (default: the pipeline's device; on CUDA the CPU when the bank
+                would take more than half the free GPU memory). "cpu" offloads it on a small GPU.
         Returns:
             An `EditResult` whose `spec` is the resolved spec (every default filled in).
         """
@@ -361,7 +377,8 @@ class DragonPipeline:
             return_intermediates=return_intermediates, progress=progress, bank_device=bank_device)
 
     def invert(self, image, *, prompt: str = "", max_resolution: int | None = None,
-               num_inference_steps: int | None = None, preset: str = "official", progress: bool = True) -> Inversion:
+               num_inference_steps: int | None = None, preset: str = "official", progress: bool = True,
+               bank_device=None) -> Inversion:
         """DDIM-invert an image once, for several edits: every task accepts the result in place of its image and
         then skips its inversion (same output as inverting inside the call; `pass_counts` shows the saving).
 
@@ -374,6 +391,8 @@ class DragonPipeline:
                 the same number.
             preset: the preset whose step count is the default (the edits may still use any preset).
             progress: show a progress bar.
+            bank_device: where its bank (and cached reference features) live: default the CPU on CUDA, so that
+                kept inversions hold no GPU memory; the GPU makes each later edit faster.
         Returns:
             An `Inversion` holding the working-size image, the inverted latents and the memory bank (CPU-resident
             on CUDA), with its size in bytes (`nbytes`).
@@ -381,6 +400,8 @@ class DragonPipeline:
         if isinstance(image, Inversion):
             raise TypeError("image: already an Inversion; pass it to an edit method instead")
         check_string(prompt, "prompt")
+        if bank_device is not None:
+            check_device(bank_device, "bank_device")
         steps = check_int(get_preset(preset).steps if num_inference_steps is None else num_inference_steps,
                           "num_inference_steps", 1, 1000)
         if max_resolution is None:
@@ -389,7 +410,8 @@ class DragonPipeline:
         schedule = self._schedule(steps)
         with _unet_lock(self.unet), tqdm(total=steps, desc="dragondiff invert", leave=False,
                                          disable=not progress) as bar:
-            latents, bank = self._invert_batch(prep.pixels, [prompt], schedule, PassCounts(), self._bank_device(None))
+            latents, bank = self._invert_batch(prep.pixels, [prompt], schedule, PassCounts(),
+                                               self._bank_device(bank_device))
             bar.update(steps)
         return Inversion(image=prep.image, original_hw=prep.original_hw, max_resolution=max_resolution,
                          prompt=prompt, num_inference_steps=steps, latents=latents.cpu(), bank=bank,
@@ -473,8 +495,18 @@ class DragonPipeline:
                              f"training steps; use at most {most}")
         return schedule
 
-    def _bank_device(self, bank_device) -> torch.device:
-        return torch.device(bank_device or ("cpu" if self.device.type == "cuda" else self.device))
+    def _bank_device(self, bank_device, latent_hw=None, steps: int = 50, images: int = 1) -> torch.device:
+        """Where a bank lives: as asked; else on the compute device, except on CUDA when the bank would not fit
+        in half of the free GPU memory (or when its size is unknown: `invert`'s banks outlive the edit)."""
+        if bank_device is not None:
+            return torch.device(bank_device)
+        if self.device.type != "cuda":
+            return self.device
+        if latent_hw is None:
+            return torch.device("cpu")
+        need = estimate_bank_bytes(self.unet, latent_hw, steps, images)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.device if need < free // 2 else torch.device("cpu")
 
     def _invert_batch(self, pixels, prompts, schedule, counts, bank_device):
         """Inversion of images (B, 3, H, W) into their own bank: (latents (n+1, B, 4, h, w), MemoryBank)."""
@@ -493,7 +525,8 @@ class DragonPipeline:
         schedule = self._schedule(n)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(int(seed))
-        bank_device = self._bank_device(bank_device)
+        latent_hw = tuple(d // self.vae_scale_factor for d in prep.size_hw)
+        bank_device = self._bank_device(bank_device, latent_hw, n, task.pixels.shape[0])
         counts = PassCounts(watch=Stopwatch(self.device if self.precise_timings else None))
         stop = {"at": None}
 
@@ -522,7 +555,7 @@ class DragonPipeline:
             bar.update(n)
             timings = {"inversion": time.perf_counter() - start}
             inverted = torch.cat([lat for lat, _ in parts], dim=1)
-            controller = BankController(merge_banks([bank for _, bank in parts], bank_device),
+            controller = BankController(merge_banks([bank for _, bank in parts]),
                                         union_masks=task.union_masks)
             with self.backbone.memory_bank(controller):
                 z_t, ref_t = task.init_latent(inverted[-1])

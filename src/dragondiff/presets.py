@@ -5,10 +5,10 @@
 `official` what the official demo runs (alg='D+', DiffEditor schedule): guidance at every step i < 10, then at
            even steps up to 28; steps 22, 24, 26, 28 run three times with time travel; regional SDE at 11..19.
            The IP-Adapter image prompt is not part of this engine yet, so it is off.
-`fast`     ours, not the official code's: 20 sampling steps (and a 20-step inversion), guidance on the official
-           schedule's grid steps (every step below 10, then even ones below 30: 8 of the 20 steps), one pass per
-           step (no time travel), regional SDE on the same window. About a third of `official`'s compute; its
-           quality on the shapes benchmark is in docs/speed.md.
+`fast`     ours, not the official code's: 20 sampling steps (and a 20-step inversion), one guided pass at every
+           step below grid step 40 (16 of the 20), no time travel, the gradient ×1.5 (fewer guided steps need more
+           per step), regional SDE on the same window. About 0.4× `official`'s compute; chosen and validated on
+           the shapes benchmark (docs/speed.md).
 
 Windows are given on the 50-step grid; with fewer steps, step i sits at grid step i * 50 // steps.
 """
@@ -28,6 +28,7 @@ class Preset:
     sde_window: tuple[int, int] | None = None  # inclusive (first, last) steps with regional SDE
     sde_strength: float = 0.0  # default "flexibility strength" (eta inside the edit region)
     steps: int = 50  # sampling (and inversion) steps when the caller gives none
+    guidance_gain: float = 1.0  # multiplies the energy gradient (fewer guided steps need more per step)
 
     def is_guided(self, i: int) -> bool:
         if i >= self.guidance_until:
@@ -53,10 +54,11 @@ OFFICIAL = Preset(
 )
 FAST = Preset(
     name="fast",
-    every_step_until=10,
+    guidance_until=40,
     sde_window=(11, 19),
     sde_strength=0.4,
     steps=20,
+    guidance_gain=1.5,
 )
 PRESETS = {p.name: p for p in (PAPER, OFFICIAL, FAST)}
 

@@ -175,20 +175,22 @@ def guidance(backbone, task: Task, z: torch.Tensor, ref_features, t: int, cond: 
 @torch.no_grad()
 def _reference_features(backbone, ref_latent, i: int, t: int, cond, controller, counts: PassCounts,
                         cache, cacheable: bool) -> list[list[torch.Tensor]]:
-    """Features of each reference latent (batch element) at step i; element 0 from / into `cache` if cacheable."""
-    out = []
-    for b in range(ref_latent.shape[0]):
-        use_cache = cache is not None and cacheable and b == 0
-        if use_cache and i in cache.steps:
-            feats = [f.to(ref_latent.device, non_blocking=True) for f in cache.steps[i]]
-            counts.feature_cached += 1
-        else:
-            with controller.use(PLAIN):
-                feats = backbone.features(ref_latent[b : b + 1], t, cond)
-            counts.feature_nograd += 1
-            if use_cache:
-                cache.steps[i] = [f.detach().to(cache.device) for f in feats]
-        out.append(feats)
+    """Features of each reference latent (batch element) at step i. Element 0 comes from / goes into `cache` when
+    cacheable; the elements still to compute run as one batch (one pass instead of one per image)."""
+    use_cache = cache is not None and cacheable
+    out: list[list[torch.Tensor] | None] = [None] * ref_latent.shape[0]
+    if use_cache and i in cache.steps:
+        out[0] = [f.to(ref_latent.device, non_blocking=True) for f in cache.steps[i]]
+        counts.feature_cached += 1
+    todo = [b for b, feats in enumerate(out) if feats is None]
+    if todo:
+        with controller.use(PLAIN):
+            batch = backbone.features(ref_latent[todo], t, backbone.cat_cond([cond] * len(todo)))
+        counts.feature_nograd += len(todo)
+        for j, b in enumerate(todo):
+            out[b] = [f[j : j + 1] for f in batch]
+        if use_cache and todo[0] == 0:
+            cache.steps[i] = [f.detach().to(cache.device, copy=True) for f in out[0]]
     return out
 
 
@@ -240,7 +242,7 @@ def sample(backbone, task: Task, preset: Preset, schedule: Schedule, z_t: torch.
                 with counts.watch.phase("guidance"):
                     g, energies = guidance(backbone, task, z, ref_features, t, cond, controller, counts,
                                            one_backward)
-                eps_hat = eps + g
+                eps_hat = eps + preset.guidance_gain * g
                 if record:
                     rec.guidance.append((i, r, g))
                 rec.energies.append((i, r) + energies)

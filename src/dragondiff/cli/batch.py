@@ -119,7 +119,8 @@ def batch(root, dry_run, **opts):
     elif pending:
         threads = opts["threads"] or available_threads()[0]
         start = time.perf_counter()
-        pipe = load_pipeline(opts["model"], opts["config"], opts["device"], opts["dtype"], threads)
+        pipe = load_pipeline(opts["model"], opts["config"], opts["device"], opts["dtype"], threads,
+                             opts["vae_tiling"])
         load_seconds = time.perf_counter() - start
         for job, mask in tqdm(pending, desc="dragondiff batch", unit="edit", disable=quiet):
             try:

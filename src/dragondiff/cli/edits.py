@@ -34,7 +34,8 @@ def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
         return
     threads = opts["threads"] or available_threads()[0]
     start = time.perf_counter()
-    pipe = load_pipeline(model or opts["model"], opts["config"], opts["device"], opts["dtype"], threads)
+    pipe = load_pipeline(model or opts["model"], opts["config"], opts["device"], opts["dtype"], threads,
+                         opts["vae_tiling"])
     load_seconds = time.perf_counter() - start
     for job in jobs:
         execute(pipe, job, working_size=opts["working_size"], preview=opts["preview"], quiet=opts["quiet"],

@@ -160,12 +160,12 @@ def bench(which, rest):
 @click.option("--steps", type=click.IntRange(2, 200), default=50, show_default=True,
               help="the DDIM steps the page starts with")
 @model_options
-def ui(host, port, share, steps, model, config, device, dtype, threads):
+def ui(host, port, share, steps, model, config, device, dtype, threads, vae_tiling):
     try:
         from ..ui.app import launch
     except ImportError as e:
         raise InputError(f"the web UI needs Gradio: pip install 'dragondiff[ui]' ({e})") from e
     threads = threads or available_threads()[0]
-    pipe = load_pipeline(model, config, device, dtype, threads)
+    pipe = load_pipeline(model, config, device, dtype, threads, vae_tiling)
     click.echo(f"dragondiff ui: model {model}, {threads} thread(s), http://{host}:{port}", err=True)
     launch(pipe, host=host, port=port, share=share, steps=steps)

@@ -97,6 +97,9 @@ model_options = option_group(
                  help="float32, float16, bfloat16  [default: float16 on CUDA, else float32]"),
     click.option("--threads", type=click.IntRange(1, 512), default=None,
                  help="CPU threads  [default: the cores not busy with other work; see `dragondiff info`]"),
+    click.option("--vae-tiling", is_flag=True,
+                 help="encode/decode in overlapping 512 px tiles: the VAE's memory of one tile for large images "
+                      "(seams are blended, so pixels differ slightly)"),
 )
 
 

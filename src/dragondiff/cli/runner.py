@@ -116,7 +116,7 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def load_pipeline(model: str, config: str | None, device, dtype, threads: int):
+def load_pipeline(model: str, config: str | None, device, dtype, threads: int, vae_tiling: bool = False):
     """Load the model once; single .safetensors files need --config."""
     import torch
 
@@ -129,8 +129,10 @@ def load_pipeline(model: str, config: str | None, device, dtype, threads: int):
             if config is None:
                 raise InputError(f"--model {model}: a single-file checkpoint needs --config (a diffusers folder or "
                                  "hub id with the component configs)")
-            return DragonPipeline.from_single_file(model, config=config, device=device, dtype=dtype)
-        return DragonPipeline.from_pretrained(model, device=device, dtype=dtype)
+            pipe = DragonPipeline.from_single_file(model, config=config, device=device, dtype=dtype)
+        else:
+            pipe = DragonPipeline.from_pretrained(model, device=device, dtype=dtype)
+        return pipe.enable_vae_tiling(vae_tiling)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise InputError(f"--model/--device/--dtype: {e}") from e
 
