@@ -84,8 +84,9 @@ class DragonPipeline:
         # The working resolution an edit uses when neither the spec nor an Inversion gives one (the official 768;
         # the bundled model's 128, the size it was trained at).
         self.default_max_resolution = DEFAULT_MAX_RESOLUTION
-        # Both energy gradients through one batched backward (same numbers as the official two; see sampler.guidance).
-        self.one_backward = True
+        # Both energy gradients through one batched backward (same numbers as the official two; see
+        # sampler.guidance). None = on CUDA only: on the CPU the batched backward measured 9 % slower (docs/speed.md).
+        self.one_backward: bool | None = None
         # Exact per-phase seconds on CUDA (EditResult.phases): synchronises at every phase boundary; benchmarks only.
         self.precise_timings = False
         # Only the DDIM ᾱ table and timesteps are used: the update is written out in `sampler` so that the guided
@@ -566,7 +567,7 @@ class DragonPipeline:
                     sde_strength=sde, generator=generator, record=intermediates, step_callback=step_callback,
                     progress=bar, should_stop=lambda: stop["at"] is not None,
                     ref_cache=None if inversion is None else inversion.feature_cache(task.prompt),
-                    one_backward=self.one_backward,
+                    one_backward=self.device.type == "cuda" if self.one_backward is None else self.one_backward,
                 )
             timings["sampling"] = time.perf_counter() - start - timings["inversion"]
             with counts.watch.phase("decode"):

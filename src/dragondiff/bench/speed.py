@@ -283,8 +283,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="model dtype (default float16 on CUDA, float32 elsewhere)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
-    parser.add_argument("--two-backward", action="store_true",
-                        help="the official code's two backward passes per guidance step instead of one batched")
+    parser.add_argument("--backward", choices=["auto", "one", "two"], default="auto",
+                        help="energy gradients: one batched backward, the official code's two, or auto (one on CUDA)")
     parser.add_argument("--bank-device", default=None,
                         help="where banks live (default: the compute device; cpu = offloaded, for small GPUs)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (out/bench/speed-<model>-<size>.json)")
@@ -293,13 +293,14 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     t = time.perf_counter()
     pipe, default_size = load_model(args.model, args.device, dtype)
-    pipe.one_backward = not args.two_backward
+    pipe.one_backward = {"auto": None, "one": True, "two": False}[args.backward]
     load_s = time.perf_counter() - t
     size = args.size or default_size
     result = run(pipe, size, args.tasks, args.presets, args.steps, bank_device=args.bank_device)
     meta = {"model": args.model, "size": size, "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
             "gpu": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else None,
-            "threads": args.threads, "one_backward": pipe.one_backward,
+            "threads": args.threads,
+            "one_backward": pipe.device.type == "cuda" if pipe.one_backward is None else pipe.one_backward,
             "bank_device": args.bank_device or str(pipe.device), "load_s": round(load_s, 1),
             "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor() or None}
     out = args.out or Path(f"out/bench/speed-{Path(args.model).name}-{size}.json")

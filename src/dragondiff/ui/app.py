@@ -128,6 +128,8 @@ def build_app(pipe, *, steps: int = 50):
                         energy = gr.Number(None, label="Energy scale (empty: the model's recommended)")
 
                 # ------------------------------------------------------------------------------ events
+                # a preset brings its own step count (fast: 20); the slider can still change it afterwards
+                preset.change(lambda name: PRESETS[name].steps, preset, n_steps)
                 # Inputs and outputs are sets/dicts of components: each tab has only some of them.
                 w = {"editor": editor, "clicks": clicks, "reference": ref_editor,
                      "prompt": prompt, "scale": scale, "result": result}
