@@ -7,8 +7,8 @@
            The IP-Adapter image prompt is not part of this engine yet, so it is off.
 `fast`     ours, not the official code's: 20 sampling steps (and a 20-step inversion), one guided pass at every
            step below grid step 40 (16 of the 20), no time travel, the gradient ×1.5 (fewer guided steps need more
-           per step), regional SDE on the same window. About 0.4× `official`'s compute; chosen and validated on
-           the shapes benchmark (docs/speed.md).
+           per step), regional SDE on the same window. About 0.46× `official`'s time on the CPU; chosen and
+           validated on the shapes benchmark (docs/speed.md).
 
 Windows are given on the 50-step grid; with fewer steps, step i sits at grid step i * 50 // steps.
 """

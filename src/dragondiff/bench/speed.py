@@ -297,7 +297,8 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t
     size = args.size or default_size
     result = run(pipe, size, args.tasks, args.presets, args.steps, bank_device=args.bank_device)
-    meta = {"model": args.model, "size": size, "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
+    meta = {"model": args.model, "size": size, "device": str(pipe.device),
+            "dtype": str(pipe.dtype).replace("torch.", ""),
             "gpu": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else None,
             "threads": args.threads,
             "one_backward": pipe.device.type == "cuda" if pipe.one_backward is None else pipe.one_backward,

@@ -50,7 +50,8 @@ SHIPPED = "shipped"  # marks a stage initialised from the package's weights
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _lr(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.05, time_progress: float = 0.0) -> float:
+def _lr(step: int, total: int, peak: float, warmup: int = 100, floor: float = 0.05,
+        time_progress: float = 0.0) -> float:
     """Warm-up, then cosine to `floor`; `time_progress` (share of the time budget used) can finish it early."""
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -415,7 +416,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--from-scratch", action="store_true", help="random init instead of the shipped weights")
     parser.add_argument("--layers-per-block", type=int, default=1, choices=[1, 2],
-                        help="UNet depth from scratch: 1 (shipped so far) or 2 (SD1.5's, 9 decoder self-attention layers)")
+                        help="UNet depth from scratch: 1 (shipped so far) or 2 (SD1.5's: 9 decoder "
+                             "self-attention layers)")
     parser.add_argument("--pool-size", type=int, default=4000, help="UNet: encoded scenes in the pool (4000)")
     parser.add_argument("--refresh-every", type=int, default=200, help="UNet: steps between pool refreshes (200)")
     parser.add_argument("--refresh-count", type=int, default=256, help="UNet: scenes replaced per refresh (256)")
