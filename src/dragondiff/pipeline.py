@@ -190,6 +190,11 @@ class DragonPipeline:
         self.device, self.dtype = new_device, new_dtype
         return self
 
+    @property
+    def uses_one_backward(self) -> bool:
+        """Whether edits send both energy gradients through one batched backward (`one_backward`, or by device)."""
+        return self.device.type == "cuda" if self.one_backward is None else self.one_backward
+
     def enable_vae_tiling(self, enabled: bool = True, tile_px: int | None = None) -> "DragonPipeline":
         """Encode and decode large images in overlapping tiles (diffusers' VAE tiling), so that the VAE's memory
         stays that of one tile; the UNet work is unchanged. Tiles are blended at their seams, so pixels differ
@@ -526,8 +531,7 @@ class DragonPipeline:
         schedule = self._schedule(n)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(int(seed))
-        latent_hw = tuple(d // self.vae_scale_factor for d in prep.size_hw)
-        bank_device = self._bank_device(bank_device, latent_hw, n, task.pixels.shape[0])
+        bank_device = self._bank_device(bank_device, prep.latent_hw, n, task.pixels.shape[0])
         counts = PassCounts(watch=Stopwatch(self.device if self.precise_timings else None))
         stop = {"at": None}
 
@@ -567,7 +571,7 @@ class DragonPipeline:
                     sde_strength=sde, generator=generator, record=intermediates, step_callback=step_callback,
                     progress=bar, should_stop=lambda: stop["at"] is not None,
                     ref_cache=None if inversion is None else inversion.feature_cache(task.prompt),
-                    one_backward=self.device.type == "cuda" if self.one_backward is None else self.one_backward,
+                    one_backward=self.uses_one_backward,
                 )
             timings["sampling"] = time.perf_counter() - start - timings["inversion"]
             with counts.watch.phase("decode"):

@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..inputs import working_size
 from ..presets import PRESETS, get_preset
+from ..sampler import Stopwatch
 
 TASKS = ("move", "resize", "drag", "appearance", "paste")
 PHASES = ("encode", "inversion", "cfg", "reference_features", "guidance", "time_travel", "decode")
@@ -97,21 +99,13 @@ class PeakMemory:
 # ----------------------------------------------------------------------------------------- per-pass costs
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_seconds(fn, device, repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    watch = Stopwatch(device)  # synchronises a CUDA device around each call
+    for k in range(repeats):
+        with watch.phase(str(k)):
+            fn()
+    return statistics.median(watch.seconds.values())
 
 
 def pass_costs(pipe, latent_hw: tuple[int, int], repeats: int = 3) -> dict[str, float]:
@@ -169,10 +163,10 @@ def estimate_seconds(counts: dict, costs: dict, inversion_batch: int) -> float:
 
 def load_model(name: str, device, dtype):
     from ..pipeline import DragonPipeline
-    from ..tiny import build_sd15_shaped_components, build_tiny_components
+    from ..tiny import build_sd15_shaped_components, build_tiny_pipeline
 
     if name == "tiny":
-        return DragonPipeline(**build_tiny_components(), device=device, dtype=dtype), 128
+        return build_tiny_pipeline(device=device, dtype=dtype), 128
     if name == "bundled":
         return DragonPipeline.bundled(device=device, dtype=dtype), 128
     if name == "sd15-shaped":
@@ -182,10 +176,8 @@ def load_model(name: str, device, dtype):
 
 def _edit(pipe, task: str, image, preset: str, size: int, steps: int | None, reference, bank_device=None):
     img, disc, square, drag = reference
+    # `image` is an array or an Inversion made at this size and step count (equal values are accepted)
     kw = dict(preset=preset, num_inference_steps=steps, progress=False, max_resolution=size, bank_device=bank_device)
-    if not isinstance(image, np.ndarray):  # an Inversion carries its size and steps
-        kw.pop("max_resolution")
-        kw.pop("num_inference_steps")
     s = img.shape[0]
     if task == "move":
         return pipe.move(image, disc, offset=(s // 4, 0), **kw)
@@ -203,8 +195,7 @@ def run(pipe, size: int, tasks, presets, steps: int | None, repeats: int = 3, ba
     dev = pipe.device
     pipe.precise_timings = True
     mem = PeakMemory(dev)
-    probe = pipe.invert(ref[0], max_resolution=size, num_inference_steps=1, progress=False)
-    latent_hw = tuple(probe.latents.shape[-2:])
+    latent_hw = tuple(d // pipe.vae_scale_factor for d in working_size(size, size, size))
     costs = pass_costs(pipe, latent_hw, repeats)
     fe = costs["unet_forward_b1"]
     _edit(pipe, "move", ref[0], "official", size, 2, ref)  # warm-up of the whole path
@@ -213,14 +204,13 @@ def run(pipe, size: int, tasks, presets, steps: int | None, repeats: int = 3, ba
         n = steps or PRESETS[preset].steps
         for task in tasks:
             two_images = task in ("appearance", "paste")
+            watch = Stopwatch(dev)
             with mem.measure():
-                _sync(dev)
-                t = time.perf_counter()
-                inv = pipe.invert(ref[0], max_resolution=size, num_inference_steps=n, progress=False,
-                                  bank_device=bank_device or dev)
-                _sync(dev)
-                invert_s = time.perf_counter() - t
+                with watch.phase("invert"):
+                    inv = pipe.invert(ref[0], max_resolution=size, num_inference_steps=n, progress=False,
+                                      bank_device=bank_device or dev)
                 first = _edit(pipe, task, inv, preset, size, n, ref, bank_device)
+            invert_s = watch.seconds["invert"]
             first_peak = mem.peak
             with mem.measure():
                 later = _edit(pipe, task, inv, preset, size, n, ref, bank_device)
@@ -301,7 +291,7 @@ def main(argv=None) -> int:
             "dtype": str(pipe.dtype).replace("torch.", ""),
             "gpu": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else None,
             "threads": args.threads,
-            "one_backward": pipe.device.type == "cuda" if pipe.one_backward is None else pipe.one_backward,
+            "one_backward": pipe.uses_one_backward,
             "bank_device": args.bank_device or str(pipe.device), "load_s": round(load_s, 1),
             "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor() or None}
     out = args.out or Path(f"out/bench/speed-{Path(args.model).name}-{size}.json")

@@ -306,6 +306,12 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
     bar = tqdm(total=steps, initial=step, desc="unet+text")
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # losses still on the device: read back every 25 steps, not every step
+
+    def read_losses():
+        if pending:
+            losses.extend(torch.stack(pending).float().cpu().tolist())
+            pending.clear()
+
     while step < steps and time.time() < deadline:
         if step > 0 and step % refresh_every == 0:
             r = step // refresh_every
@@ -339,8 +345,7 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
         pending.append(loss.detach())
         bar.update(1)
         if len(pending) == 25 or step == steps:
-            losses += torch.stack(pending).float().cpu().tolist()
-            pending.clear()
+            read_losses()
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % 250 == 0 or step == steps:
             if time.time() - last_checkpoint >= checkpoint_seconds or step == steps:
@@ -348,7 +353,7 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
                 last_checkpoint = time.time()
             log.point(step, step * batch, float(np.mean(losses[-50:] or [float("nan")])))
     bar.close()
-    losses += torch.stack(pending).float().cpu().tolist() if pending else []
+    read_losses()
     checkpoint()
     log.point(step, step * batch, float(np.mean(losses[-200:] or [float("nan")])))
     print(json.dumps({"stage": "unet", "step": step, "loss_last_200": log.data["loss"], "log": str(log.path)}))
