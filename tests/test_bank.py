@@ -10,7 +10,8 @@ from dragondiff import inputs as io
 from dragondiff.attention import (CAPTURE, CONCAT, PLAIN, REPLACE, UNION, BankAttnProcessor, BankController,
                                   MemoryBank, bank_processors, decoder_self_attention_names)
 from dragondiff.presets import PAPER
-from dragondiff.sampler import PassCounts, Schedule, invert, sample
+from dragondiff.grid import Grid
+from dragondiff.sampler import EditState, Guidance, PassCounts, Problem, Schedule, invert, sample
 from dragondiff.tasks.base import Task
 
 
@@ -26,8 +27,8 @@ def _setup(pipe, steps=50, images=1):
 def inverted(tiny_pipe):
     px, schedule, controller = _setup(tiny_pipe)
     with bank_processors(tiny_pipe.unet, controller):
-        z0 = tiny_pipe.encode_image(px)
-        cond = tiny_pipe.encode_prompt(["a scene"])
+        z0 = tiny_pipe.backbone.encode_image(px)
+        cond = tiny_pipe.backbone.condition(["a scene"])
         inv = invert(tiny_pipe.backbone, z0, cond, schedule, controller, PassCounts())
     return inv, controller, cond, schedule
 
@@ -53,17 +54,17 @@ def test_bank_off_by_one(tiny_pipe, inverted):
     layer = controller.bank.layers()[4]
     probe = BankController(MemoryBank(torch.device("cpu")))
     with bank_processors(tiny_pipe.unet, probe), torch.no_grad(), probe.use(CAPTURE, step=0):
-        tiny_pipe.unet(inv[49 - i], schedule.timesteps[i], encoder_hidden_states=cond)
+        tiny_pipe.unet(inv[49 - i], schedule.timesteps[i], encoder_hidden_states=cond.text)
     seen = probe.bank.entries[layer][0][0]
     torch.testing.assert_close(seen, controller.bank.entries[layer][i][0])
     with bank_processors(tiny_pipe.unet, probe), torch.no_grad(), probe.use(CAPTURE, step=1):
-        tiny_pipe.unet(inv[50 - i], schedule.timesteps[i], encoder_hidden_states=cond)
+        tiny_pipe.unet(inv[50 - i], schedule.timesteps[i], encoder_hidden_states=cond.text)
     assert not torch.allclose(probe.bank.entries[layer][1][0], controller.bank.entries[layer][i][0])
 
 
 def _eps(pipe, controller, mode, z, t, cond, step):
     with bank_processors(pipe.unet, controller), torch.no_grad(), controller.use(mode, step=step):
-        return pipe.unet(z, t, encoder_hidden_states=cond).sample
+        return pipe.unet(z, t, encoder_hidden_states=cond.text).sample
 
 
 def test_modes_change_attention_only_with_a_foreign_bank(tiny_pipe, inverted):
@@ -87,7 +88,7 @@ def test_union_mode_takes_background_from_base_and_object_from_reference(tiny_pi
     px[1] = -px[1]  # a different "reference" image
     _, disc, _ = make_scene()
     with bank_processors(tiny_pipe.unet, controller):
-        inv = invert(tiny_pipe.backbone, tiny_pipe.encode_image(px), tiny_pipe.encode_prompt(["a", "b"]), schedule,
+        inv = invert(tiny_pipe.backbone, tiny_pipe.backbone.encode_image(px), tiny_pipe.backbone.condition(["a", "b"]), schedule,
                      controller, PassCounts())
     layer = controller.bank.layers()[-1]  # 16x16 tokens
     kb, vb = controller.bank.entries[layer][3]
@@ -124,17 +125,17 @@ def test_bank_used_only_inside_its_window(tiny_pipe, mode, first, last):
     img, disc, square = make_scene()
     spy.union_masks = {"base": torch.from_numpy(disc), "replace": torch.from_numpy(square)}
     zeros = torch.zeros(1, 1, 16, 16)
-    task = Task(name="probe", pixels=px, inversion_prompts=["a"] * px.shape[0], prompt="a", guidance_scale=4.0,
-                energy_scale=0.0, gradient_coef=0.0, edit_region=zeros, sde_region=zeros, bank_mode=mode,
-                bank_first=first, bank_last=last)
+    task = Task(name="probe", pixels=px, inversion_prompts=["a"] * px.shape[0], prompt="a",
+                grid=Grid((128, 128), 8, 2), edit_region=zeros, sde_region=zeros, bank_mode=mode)
+    guidance = Guidance(cfg_scale=4.0, energy_scale=0.0, gradient_coef=0.0, bank_window=(first, last))
     with bank_processors(tiny_pipe.unet, spy):
-        inv = invert(tiny_pipe.backbone, tiny_pipe.encode_image(px), tiny_pipe.encode_prompt(task.inversion_prompts),
+        inv = invert(tiny_pipe.backbone, tiny_pipe.backbone.encode_image(px), tiny_pipe.backbone.condition(task.inversion_prompts),
                      schedule, spy, PassCounts())
         spy.calls.clear()
         z_t, ref_t = task.init_latent(inv[-1])
-        cond = tiny_pipe.encode_prompt(["a"])
-        sample(tiny_pipe.backbone, task, PAPER, schedule, z_t, inv, ref_t, cond, tiny_pipe.encode_prompt([""]), spy,
-               PassCounts(), sde_strength=0.0, generator=None)
+        cond = tiny_pipe.backbone.condition(["a"])
+        problem = Problem(task, guidance, z_t, inv, ref_t, cond, tiny_pipe.backbone.condition([""]))
+        sample(tiny_pipe.backbone, PAPER, schedule, problem, EditState(spy, PassCounts()))
     per_step = {}
     for m, step, batch in spy.calls:
         assert batch == 2  # CFG halves share the bank

@@ -29,8 +29,10 @@ def no_model(monkeypatch):
     def boom(self, *args, **kwargs):
         raise ModelWorkStarted("validation should have failed before the models ran")
 
-    for name in ("encode_image", "encode_prompt", "decode_latent"):
-        monkeypatch.setattr(DragonPipeline, name, boom)
+    from dragondiff.backbone import SD1Backbone
+
+    for name in ("encode_image", "condition", "decode", "forward"):
+        monkeypatch.setattr(SD1Backbone, name, boom)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from .inversion import Inversion
 from .pipeline import DEFAULT_MODEL, DragonPipeline
 from .presets import OFFICIAL, PAPER, Preset
 from .result import EditResult
-from .sampler import NonFiniteError
+from .errors import NonFiniteError
 from .spec import EditSpec
 
 __version__ = "0.1.0"

@@ -136,11 +136,19 @@ class BankController:
         raise ValueError(f"unknown bank mode {mode!r}")
 
 
-class BankAttnProcessor:
-    """Self-attention with keys/values supplied by the controller. Same math as diffusers' SDPA processor."""
+@dataclass
+class BankSlot:
+    """Where the installed bank processors find the controller of the edit in progress (None: plain attention).
+    Owned by one backbone; the processors stay the same objects across edits, only this value changes."""
 
-    def __init__(self, controller: BankController, layer: str):
-        self.controller = controller
+    controller: BankController | None = None
+
+
+class BankAttnProcessor:
+    """Self-attention with keys/values supplied by the slot's controller. Same math as diffusers' SDPA processor."""
+
+    def __init__(self, slot: BankSlot, layer: str):
+        self.slot = slot
         self.layer = layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
@@ -158,7 +166,9 @@ class BankAttnProcessor:
         batch = hidden_states.shape[0]
 
         query = attn.to_q(hidden_states)
-        key, value = self.controller.transform(self.layer, attn.to_k(hidden_states), attn.to_v(hidden_states))
+        key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if self.slot.controller is not None:
+            key, value = self.slot.controller.transform(self.layer, key, value)
 
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -179,15 +189,28 @@ class BankAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def install_bank_processors(unet, slot: BankSlot) -> dict | None:
+    """Put bank processors reading `slot` on the decoder self-attention layers (every other processor, e.g. an
+    image prompt's cross-attention, is kept). Returns the processors they replaced, or None when this slot's
+    processors are installed already (installing is idempotent)."""
+    names = decoder_self_attention_names(unet)
+    current = unet.attn_processors
+    if all(isinstance(current[n], BankAttnProcessor) and current[n].slot is slot for n in names):
+        return None
+    installed = dict(current)
+    for name in names:
+        installed[name] = BankAttnProcessor(slot, name.removesuffix(".processor"))
+    unet.set_attn_processor(installed)
+    return current
+
+
 @contextmanager
 def bank_processors(unet, controller: BankController):
-    """Install bank processors on the decoder self-attention layers for one edit; always restore the originals."""
-    originals = dict(unet.attn_processors)
-    installed = dict(originals)
-    for name in decoder_self_attention_names(unet):
-        installed[name] = BankAttnProcessor(controller, name.removesuffix(".processor"))
-    unet.set_attn_processor(installed)
+    """Bank processors driven by `controller` for the duration of the block; the originals always come back."""
+    slot = BankSlot(controller)
+    originals = install_bank_processors(unet, slot)
     try:
         yield
     finally:
-        unet.set_attn_processor(originals)
+        if originals is not None:
+            unet.set_attn_processor(originals)

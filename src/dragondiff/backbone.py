@@ -1,31 +1,123 @@
-"""The model behind the sampler: every call the inversion, the guided sampler and the feature passes make.
+"""The model behind the sampler: every model call the inversion, the guided sampler and the feature passes make.
 
-The sampler never touches a UNet directly; it asks a backbone for ε, for guidance features, for prompt and image
-encodings and for decoding, in the spirit of k-diffusion's `model(x, sigma, **extra_args)`. `cond` is opaque to
-the sampler (it only batches conds with `cat_cond` and slices them by batch), so a backbone with extra
-conditioning (SDXL's pooled text embedding and size ids, a DiT's class label) fits the same loop.
+The sampler never touches a UNet directly; it asks a backbone for ε, for guidance features, for conditioning and
+for encoding and decoding, in the spirit of k-diffusion's `model(x, sigma, **extra_args)`. Conditioning is a
+`Conditioning` value built by `backbone.condition(...)`: the sampler batches and slices it without knowing its
+fields, so image-prompt tokens or SDXL's pooled text and size ids travel in it without touching the sampler.
+
 `SD1Backbone` is the first implementation: a stock diffusers `UNet2DConditionModel`, `AutoencoderKL` and CLIP text
-encoder, changed only through attention processors (the memory bank) and forward hooks (the feature pass).
+encoder, changed only through attention processors (the memory bank). One explicit forward serves both the ε
+prediction and the feature pass, which stops after the last feature block instead of running the whole UNet.
+A second backbone (SD2.x, SDXL) is another class with the same methods, listed in `loading.BACKBONES`.
 """
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .attention import bank_processors, decoder_self_attention_names
-from .features import FEATURE_BLOCKS, extract_features
+from .attention import BankSlot, decoder_self_attention_names, estimate_bank_bytes, install_bank_processors
+from .errors import NonFiniteError
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the model is conditioned on, batch first: text token embeddings, optional image-prompt tokens, and
+    added conditions keyed by name (e.g. SDXL's pooled text and size ids). Built only by `backbone.condition`."""
+
+    text: torch.Tensor  # (B, L, C)
+    image_tokens: torch.Tensor | None = None  # (B, N, C) image-prompt tokens, for a backbone that reads them
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, ...) each
+
+    @property
+    def batch(self) -> int:
+        return self.text.shape[0]
+
+    def _map(self, fn) -> "Conditioning":
+        return replace(self, text=fn(self.text),
+                       image_tokens=None if self.image_tokens is None else fn(self.image_tokens),
+                       added={k: fn(v) for k, v in self.added.items()})
+
+    def __getitem__(self, index) -> "Conditioning":
+        """Batch elements `index` (an int keeps the batch dimension)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return self._map(lambda t: t[index])
+
+    def repeat(self, n: int) -> "Conditioning":
+        return self._map(lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
+
+    @staticmethod
+    def cat(conds: Sequence["Conditioning"]) -> "Conditioning":
+        """One conditioning whose batch holds the given ones in order (e.g. [uncond, cond] for CFG)."""
+        first = conds[0]
+        if any((c.image_tokens is None) != (first.image_tokens is None) or set(c.added) != set(first.added)
+               for c in conds):
+            raise ValueError("conditionings to batch must carry the same kinds of conditions")
+        return Conditioning(
+            text=torch.cat([c.text for c in conds]),
+            image_tokens=None if first.image_tokens is None else torch.cat([c.image_tokens for c in conds]),
+            added={k: torch.cat([c.added[k] for c in conds]) for k in first.added},
+        )
 
 
 class SD1Backbone:
+    """Stable Diffusion 1.x: ε-prediction UNet2DConditionModel, AutoencoderKL with scale factor 8, CLIP text."""
+
+    NAME = "SD1.x"
+    SUPPORTS = ("SD1.x-style diffusers layouts: a UNet2DConditionModel without added conditions, ε-prediction, "
+                "a CLIP text encoder")
+    # Guidance features: outputs of these up blocks (the official up_ft_index), compared on a grid FEATURE_FACTOR
+    # times the latent resolution (the official code resizes both maps to 2x the latent, i.e. H/4).
+    FEATURE_BLOCKS = (1, 2)
+    FEATURE_FACTOR = 2
+
     def __init__(self, unet, vae, text_encoder, tokenizer):
         if len(getattr(unet, "up_blocks", [])) < 3:
             raise ValueError("unet: expected an SD1.x-style UNet2DConditionModel with at least 3 up blocks")
         decoder_self_attention_names(unet)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        # Edits change what the decoder self-attention reads (the bank), so edits on one backbone are serialised.
+        self.lock = threading.RLock()
+        self._bank = BankSlot()
+
+    # ------------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def accepts(cls, unet_config, scheduler_config=None) -> bool:
+        """Whether a model with this UNet (and scheduler) configuration is an SD1.x-style model."""
+        plain = (unet_config.get("addition_embed_type") is None and unet_config.get("class_embed_type") is None
+                 and unet_config.get("in_channels", 4) == 4)
+        eps = scheduler_config is None or scheduler_config.get("prediction_type", "epsilon") == "epsilon"
+        return plain and eps
+
+    @classmethod
+    def from_pretrained(cls, source: str, *, use_safetensors=True, local_files_only: bool = False):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        common = {"local_files_only": local_files_only}
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=use_safetensors,
+                                                    **common)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=use_safetensors, **common)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder",
+                                                     use_safetensors=use_safetensors, **common)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
+        return cls(unet, vae, text_encoder, tokenizer)
+
+    @property
+    def modules(self) -> tuple[torch.nn.Module, ...]:
+        return self.unet, self.vae, self.text_encoder
+
+    @property
+    def key(self) -> int:
+        """Identifies the weights an Inversion was made with (an inversion is only valid for them)."""
+        return id(self.unet)
 
     @property
     def device(self) -> torch.device:
@@ -35,46 +127,156 @@ class SD1Backbone:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move / cast every module; a failed move (e.g. out of memory) puts them back and re-raises."""
+        before = [(next(m.parameters()).device, next(m.parameters()).dtype) for m in self.modules]
+        try:
+            for module in self.modules:
+                param = next(module.parameters())
+                if param.device != device or param.dtype != dtype:  # diffusers warns on no-op casts
+                    module.to(device=device, dtype=dtype)
+        except (RuntimeError, AssertionError):
+            for module, (dev, dt) in zip(self.modules, before):
+                module.to(device=dev, dtype=dt)
+            raise
+
+    # --------------------------------------------------------------------------------------------- grids
+
     @property
     def vae_factor(self) -> int:
         """Pixels per latent cell, from the VAE's configuration (as diffusers' `vae_scale_factor`)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    # ------------------------------------------------------------------------------------ the sampler's calls
+    @property
+    def feature_factor(self) -> int:
+        """Feature-grid cells per latent cell."""
+        return self.FEATURE_FACTOR
 
-    def eps(self, z: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+    @property
+    def vae_tiling(self) -> bool:
+        return bool(getattr(self.vae, "use_tiling", False))
+
+    def set_vae_tiling(self, enabled: bool, tile_px: int | None = None) -> None:
+        """Encode and decode in overlapping tiles of tile_px pixels (the VAE's own default when None)."""
+        if tile_px is not None:
+            self.vae.tile_sample_min_size = tile_px
+            self.vae.tile_latent_min_size = tile_px // self.vae_factor
+        if enabled:
+            self.vae.enable_tiling()
+        else:
+            self.vae.disable_tiling()
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.tokenizer.model_max_length
+
+    # ------------------------------------------------------------------------------------------ the model
+
+    def forward(self, z: torch.Tensor, t, cond: Conditioning, stop_after: int | None = None):
+        """The UNet on latents z at timestep t. Returns ε (fp32) or, with `stop_after=k`, the outputs of the up
+        blocks up to k (model dtype, differentiable); up_blocks[k+1:], norm_out and conv_out are then not run.
+
+        Written out (the stock UNet2DConditionModel.forward without ControlNet/adapter/GLIGEN inputs) so that the
+        feature pass is a plain truncated call, not a full forward stopped by an exception: graph capture and
+        compilation see one static function.
+        """
+        unet = self.unet
+        sample = z.to(unet.dtype)
+        context = cond.text.to(unet.dtype)
+        if cond.image_tokens is not None:
+            raise ValueError("cond: this backbone has no image-prompt layers loaded")
+        added = {k: v.to(unet.dtype) for k, v in cond.added.items()} or None
+        upsample_factor = 2 ** unet.num_upsamplers
+        forward_upsample_size = any(d % upsample_factor != 0 for d in sample.shape[-2:])
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None)
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added)
+        emb = emb + aug if aug is not None else emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        context = unet.process_encoder_hidden_states(encoder_hidden_states=context, added_cond_kwargs=added)
+        sample = unet.conv_in(sample)
+        skips = (sample,)
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=context)
+            else:
+                sample, res = block(hidden_states=sample, temb=emb)
+            skips += res
+        if unet.mid_block is not None:
+            if getattr(unet.mid_block, "has_cross_attention", False):
+                sample = unet.mid_block(sample, emb, encoder_hidden_states=context)
+            else:
+                sample = unet.mid_block(sample, emb)
+        outputs = []
+        last = len(unet.up_blocks) - 1
+        for i, block in enumerate(unet.up_blocks):
+            res = skips[-len(block.resnets):]
+            skips = skips[: -len(block.resnets)]
+            size = skips[-1].shape[2:] if i < last and forward_upsample_size else None
+            if getattr(block, "has_cross_attention", False):
+                sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res,
+                               encoder_hidden_states=context, upsample_size=size)
+            else:
+                sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res, upsample_size=size)
+            if stop_after is not None:
+                outputs.append(sample)
+                if i == stop_after:
+                    return outputs
+        if unet.conv_norm_out:
+            sample = unet.conv_act(unet.conv_norm_out(sample))
+        return unet.conv_out(sample).float()
+
+    def eps(self, z: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
         """ε prediction in fp32, whatever the model's dtype."""
-        out = self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=cond.to(self.unet.dtype), return_dict=False)
-        return out[0].float()
+        return self.forward(z, t, cond)
 
-    def features(self, z: torch.Tensor, t, cond: torch.Tensor, layers=FEATURE_BLOCKS) -> list[torch.Tensor]:
-        """Guidance features (outputs of the given up blocks) at their native resolutions; differentiable."""
-        if tuple(layers) != FEATURE_BLOCKS:
-            raise ValueError(f"layers: SD1Backbone extracts up_blocks {FEATURE_BLOCKS}, got {layers}")
-        return extract_features(self.unet, z, t, cond)
+    def features(self, z: torch.Tensor, t, cond: Conditioning) -> list[torch.Tensor]:
+        """Guidance features (outputs of FEATURE_BLOCKS) at their native resolutions; differentiable."""
+        outputs = self.forward(z, t, cond, stop_after=max(self.FEATURE_BLOCKS))
+        return [outputs[i] for i in self.FEATURE_BLOCKS]
 
-    @staticmethod
-    def cat_cond(conds: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(list(conds))
+    # ------------------------------------------------------------------------------------ the memory bank
 
     @contextmanager
     def memory_bank(self, controller):
-        """Route the decoder self-attention K/V through a bank controller for the duration of the block."""
-        with bank_processors(self.unet, controller):
-            yield
+        """Route the decoder self-attention K/V through a bank controller for the duration of the block.
 
-    # ----------------------------------------------------------------------------------------- encoders
+        The bank processors read their controller from a slot owned by this backbone: installing them is
+        idempotent, and what they do is data (the controller's mode and step), so a compiled or graph-captured UNet
+        would not need rebuilding per edit. By default the original processors come back after the block.
+        """
+        with self.lock:
+            originals = install_bank_processors(self.unet, self._bank)
+            self._bank.controller = controller
+            try:
+                yield
+            finally:
+                self._bank.controller = None
+                if originals is not None:
+                    self.unet.set_attn_processor(originals)
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B, 77, C) last hidden states, padded to the tokenizer's max length (SD conditioning)."""
+    def bank_bytes(self, latent_hw: tuple[int, int], steps: int, images: int = 1) -> int:
+        """Bytes a memory bank of `images` images over `steps` steps will take, before capturing it."""
+        return estimate_bank_bytes(self.unet, latent_hw, steps, images)
+
+    # ------------------------------------------------------------------------------------------- encoders
+
+    def _check_prompts(self, prompts: Sequence[str]) -> list[str]:
         for k, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise TypeError(f"prompt: expected a string, got {type(p).__name__} (prompt #{k})")
+        return list(prompts)
+
+    @torch.no_grad()
+    def condition(self, prompts: Sequence[str]) -> Conditioning:
+        """Conditioning of each prompt: (B, 77, C) last hidden states, padded to the tokenizer's max length.
+        The unconditional branch is `condition([""])`."""
         limit = self.tokenizer.model_max_length
-        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
-                                return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self.device))[0].float()
+        tokens = self.tokenizer(self._check_prompts(prompts), padding="max_length", max_length=limit,
+                                truncation=True, return_tensors="pt")
+        return Conditioning(text=self.text_encoder(tokens.input_ids.to(self.device))[0].float())
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens of a prompt with its start/end tokens (what must fit in the text encoder's window)."""
@@ -89,8 +291,6 @@ class SD1Backbone:
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> np.ndarray:
         """(1, 4, h, w) latent -> (H, W, 3) uint8."""
-        from .sampler import NonFiniteError
-
         x = self.vae.decode((latent / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
         if not torch.isfinite(x).all():
             raise NonFiniteError(f"NaN/Inf in the VAE decode ({self.vae.dtype}); try dtype=torch.float32 for the VAE")

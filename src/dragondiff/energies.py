@@ -51,10 +51,10 @@ def _total(terms) -> torch.Tensor | None:
 # --- Move / resize: raw cos in the edit and content terms, 0.5 per layer, inpaint without the 0.5 ----------
 
 
-def move_edit(gen, ref_scaled, cur_cells, tar_cells, w_edit):
-    """Σ_f 0.5·w_edit / (1 + 4·mean cos(F[cur], Rˢ[tar])), paired point-wise."""
+def move_edit(gen, ref_scaled, dest_cells, src_cells, w_edit):
+    """Σ_f 0.5·w_edit / (1 + 4·mean cos(F[dest], Rˢ[src])), paired point-wise."""
     return _total(
-        None if (m := _mean_or_none(cos(select(f, cur_cells), select(r, tar_cells)))) is None
+        None if (m := _mean_or_none(cos(select(f, dest_cells), select(r, src_cells)))) is None
         else 0.5 * inverse_energy(w_edit, m)
         for f, r in zip(gen, ref_scaled)
     )

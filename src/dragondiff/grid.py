@@ -1,21 +1,20 @@
 """`Grid`: the three resolutions of an edit and the factors between them, in one place.
 
-image (working size, H x W) --/vae_factor--> latent (h x w) --x2--> feature grid (the resolution the energies
-compare features at: outputs of up_blocks[1] and [2] resized to twice the latent size, i.e. H/4 on SD1.x).
-The VAE factor is read from the model (8 for SD1.x/SDXL VAEs), as diffusers' `vae_scale_factor`.
+image (working size, H x W) --/vae_factor--> latent (h x w) --x feature_factor--> feature grid (the resolution the
+energies compare features at; on SD1.x twice the latent size, i.e. H/4). Both factors come from the backbone
+(`backbone.vae_factor`, read from the VAE's configuration, and `backbone.feature_factor`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-FEATURES_PER_LATENT = 2  # the official code resizes both feature maps to 2x the latent resolution
-
 
 @dataclass(frozen=True)
 class Grid:
     image_hw: tuple[int, int]
-    vae_factor: int = 8
+    vae_factor: int
+    feature_factor: int
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -24,12 +23,17 @@ class Grid:
     @property
     def feature_hw(self) -> tuple[int, int]:
         h, w = self.latent_hw
-        return FEATURES_PER_LATENT * h, FEATURES_PER_LATENT * w
+        return self.feature_factor * h, self.feature_factor * w
+
+    def scaled_feature_hw(self, scale: float) -> tuple[int, int]:
+        """The feature grid scaled by `scale` (truncated), e.g. the move task's resized reference canvas."""
+        h, w = self.feature_hw
+        return int(h * scale), int(w * scale)
 
     @property
     def feature_cell(self) -> int:
         """Image pixels per feature cell (4 on SD1.x)."""
-        return self.vae_factor // FEATURES_PER_LATENT
+        return self.vae_factor // self.feature_factor
 
     def feature_to_latent(self, index: int) -> int:
-        return index // FEATURES_PER_LATENT
+        return index // self.feature_factor

@@ -159,23 +159,23 @@ def to_pixels(image: np.ndarray) -> "np.ndarray":
 
 @dataclass
 class Prepared:
-    """An edit's inputs at the working size: the base image (and, for two-image tasks, the reference)."""
+    """An edit's base image at the working size, and the readers of its masks and of a reference image (which
+    return what they read; a task keeps it, nothing is written back here)."""
 
     original_hw: tuple[int, int]
     size_hw: tuple[int, int]
     image: np.ndarray  # (H, W, 3) uint8, working size
     pixels: "torch.Tensor"  # (1, 3, H, W) in [-1, 1]
-    vae_factor: int = 8
+    vae_factor: int  # the backbone's grid factors (`Grid`)
+    feature_factor: int
     inversion: object = None  # an Inversion reused in place of inverting the image
-    reference_image: np.ndarray | None = None
-    reference_pixels: "torch.Tensor | None" = None
 
     @classmethod
-    def from_image(cls, image: np.ndarray, max_resolution: int, vae_factor: int = 8) -> "Prepared":
+    def from_image(cls, image: np.ndarray, max_resolution: int, vae_factor: int, feature_factor: int) -> "Prepared":
         h, w = image.shape[:2]
         size = working_size(h, w, max_resolution)
         work = resize_image(image, size)
-        return cls((h, w), size, work, torch.from_numpy(to_pixels(work)), vae_factor)
+        return cls((h, w), size, work, torch.from_numpy(to_pixels(work)), vae_factor, feature_factor)
 
     @property
     def input_scale(self) -> tuple[float, float]:
@@ -184,7 +184,7 @@ class Prepared:
 
     @property
     def grid(self) -> Grid:
-        return Grid(self.size_hw, self.vae_factor)
+        return Grid(self.size_hw, self.vae_factor, self.feature_factor)
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -197,14 +197,13 @@ class Prepared:
             raise ValueError(f"{name}: the mask vanishes at the working size {self.size_hw[1]}x{self.size_hw[0]}")
         return torch.from_numpy(m)
 
-    def reference(self, reference, reference_mask) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """Reference image and its mask, stretched to the base image's working size (official: any aspect)."""
+    def reference(self, reference, reference_mask) -> tuple["torch.Tensor", np.ndarray, "torch.Tensor"]:
+        """Reference pixels, image and mask, stretched to the base image's working size (official: any aspect)."""
         ref = load_image(reference, "reference")
         m = load_mask(reference_mask, "reference_mask", ref.shape[:2])
         h, w = self.size_hw
         stretched = np.asarray(Image.fromarray(ref).resize((w, h), Image.BICUBIC))
-        self.reference_image = stretched
         m = torch.from_numpy(resize_mask(m, (h, w)))
         if not m.any():
             raise ValueError("reference_mask: the mask vanishes at the working size")
-        return torch.from_numpy(to_pixels(stretched)), m
+        return torch.from_numpy(to_pixels(stretched)), stretched, m

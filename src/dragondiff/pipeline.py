@@ -11,73 +11,60 @@ swapped for the duration of an edit); all per-edit state lives inside the call.
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
-import weakref
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import inputs as io
-from .attention import PLAIN, REPLACE, BankController, MemoryBank, estimate_bank_bytes
-from .backbone import SD1Backbone
+from . import loading
+from .attention import PLAIN, REPLACE, BankController, MemoryBank
+from .inputs import Prepared, load_image, to_pixels
 from .inversion import Inversion, merge_banks
+from .limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, check
+from .loading import BUNDLED_ID, DEFAULT_MODEL, default_device
 from .presets import Preset, get_preset
 from .result import EditResult
-from .sampler import PassCounts, Schedule, Stopwatch, invert, sample
-from .inputs import Prepared
+from .sampler import (EditState, Guidance, PassCounts, Problem, Schedule, StepInfo, Stopwatch, invert, sample,
+                      sample_text_to_image)
 from .spec import EditSpec
-from .validate import check_device, check_dtype, check_int, check_number, check_offset, check_scale, check_string
 from .tasks import TASKS
 from .tasks.base import Task
+from .validate import check_device, check_dtype, check_int, check_offset, check_scale, check_string
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUNDLED_ID = "dragondiff:shapes"
-BUNDLED_RESOLUTION = 128  # the bundled model's scenes
-DEFAULT_MAX_RESOLUTION = 768  # the official demo's
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The official demo's energy slider shows s / 1000: the energy scale of a spec is in those units.
+ENERGY_UNIT = 1000.0
 # The official demo's CFG scale and energy scale (slider units) per task, from the task registry: what an edit uses
 # when neither the caller nor the model's recommended settings give a value. Chosen upstream for SD1.5 at 512 px.
 OFFICIAL_SETTINGS = {name: dict(info.settings) for name, info in TASKS.items()}
-# A model may ship its own recommended settings in this file beside its weights (same shape as OFFICIAL_SETTINGS).
-SETTINGS_FILE = "dragondiff_defaults.json"
-
-
-_UNET_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def _unet_lock(unet) -> threading.RLock:
-    """Edits swap the attention processors of a UNet, so edits on one UNet (from any pipeline) are serialised."""
-    with _LOCKS_GUARD:
-        if unet not in _UNET_LOCKS:
-            _UNET_LOCKS[unet] = threading.RLock()
-        return _UNET_LOCKS[unet]
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 class DragonPipeline:
-    """DragonDiffusion on stock diffusers components (UNet2DConditionModel, AutoencoderKL, CLIP text encoder)."""
+    """DragonDiffusion on a backbone (SD1.x: stock diffusers UNet2DConditionModel, AutoencoderKL, CLIP text
+    encoder). Load once, edit many: `edit(spec)` runs any task; `move`, `drag`, `replace_appearance` and `paste`
+    are its typed wrappers. Edits on one backbone are serialised by its lock."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, device=None, dtype=None,
-                 recommended_settings: dict | None = None):
+    def __init__(self, unet=None, vae=None, text_encoder=None, tokenizer=None, scheduler=None, *, backbone=None,
+                 device=None, dtype=None, recommended_settings: dict | None = None):
+        """Either the components (unet, vae, text_encoder, tokenizer; the backbone class is picked from the UNet's
+        configuration) or a ready `backbone`, and the scheduler whose ᾱ table the edits use."""
         from diffusers import DDIMScheduler
 
-        self.backbone = SD1Backbone(unet, vae, text_encoder, tokenizer)
-        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.recommended_settings = check_settings(recommended_settings or {}, "recommended_settings")
+        if backbone is None:
+            if unet is None:
+                raise TypeError("DragonPipeline needs a backbone or its components (unet, vae, text_encoder, tokenizer)")
+            cls = loading.backbone_class(unet.config, None if scheduler is None else scheduler.config)
+            backbone = cls(unet, vae, text_encoder, tokenizer)
+        elif any(c is not None for c in (unet, vae, text_encoder, tokenizer)):
+            raise TypeError("DragonPipeline: pass a backbone or its components, not both")
+        if scheduler is None:
+            raise TypeError("DragonPipeline needs a scheduler (its ᾱ table and timesteps)")
+        self.backbone = backbone
+        self.recommended_settings = loading.check_settings(recommended_settings or {}, "recommended_settings")
         # Where the weights came from (set by the loaders; None for components built in memory), for provenance.
         self.model_id: str | None = None
         self.model_path: Path | None = None
@@ -95,9 +82,9 @@ class DragonPipeline:
         device = check_device(device, "device") if device is not None else default_device()
         dtype = check_dtype(dtype, "dtype") if dtype is not None else (
             torch.float16 if device.type == "cuda" else torch.float32)
-        self.device, self.dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+        self.device, self.dtype = backbone.device, backbone.dtype
         self.to(device, dtype)
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in backbone.modules:
             module.eval().requires_grad_(False)
 
     # ----------------------------------------------------------------------------------------------- loading
@@ -105,35 +92,15 @@ class DragonPipeline:
     @classmethod
     def from_pretrained(cls, id_or_folder: str | Path = DEFAULT_MODEL, *, device=None, dtype=None,
                         local_files_only: bool = False, allow_pickle: bool = False) -> "DragonPipeline":
-        """Load an SD1.x diffusers layout (hub id or folder). Safetensors only unless allow_pickle=True."""
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        source = model_id = str(id_or_folder)
-        if source == BUNDLED_ID:
-            from .shapes import model as shapes_model
-
-            if not shapes_model.is_available():
-                raise ValueError(f"id_or_folder: {BUNDLED_ID!r} weights are not in this installation")
-            source, local_files_only = str(shapes_model.WEIGHTS), True
-        safe = None if allow_pickle else True
-        common = {"local_files_only": local_files_only}
-        try:
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=safe, **common)
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=safe, **common)
-            text_encoder = CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder", use_safetensors=safe, **common
-            )
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
-            scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **common)
-        except (OSError, EnvironmentError, ValueError) as e:
-            hint = "" if allow_pickle else " (only .safetensors weights are loaded unless allow_pickle=True)"
-            raise ValueError(f"id_or_folder: cannot load an SD1.x model from {source!r}{hint}: {e}") from e
-        pipe = cls(unet, vae, text_encoder, tokenizer, scheduler, device=device, dtype=dtype,
-                   recommended_settings=read_settings(source))
-        pipe.model_id = model_id
+        """Load a diffusers layout (hub id or folder); the backbone class is chosen from the model's configuration
+        (`loading.BACKBONES`). Safetensors only unless allow_pickle=True."""
+        backbone, scheduler, settings = loading.load_pretrained(id_or_folder, local_files_only=local_files_only,
+                                                                allow_pickle=allow_pickle)
+        pipe = cls(backbone=backbone, scheduler=scheduler, device=device, dtype=dtype, recommended_settings=settings)
+        source, _ = loading.resolve_source(id_or_folder)
+        pipe.model_id = str(id_or_folder)
         pipe.model_path = Path(source) if Path(source).is_dir() else None
-        if model_id == BUNDLED_ID:
+        if pipe.model_id == BUNDLED_ID:
             pipe.default_max_resolution = BUNDLED_RESOLUTION
         return pipe
 
@@ -147,27 +114,10 @@ class DragonPipeline:
                          local_files_only: bool = False, allow_pickle: bool = False) -> "DragonPipeline":
         """Load one original-layout SD1.x checkpoint. `config` is a diffusers folder or hub id giving the
         component configs and tokenizer (offline, pass a local folder)."""
-        from diffusers import StableDiffusionPipeline
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"path: checkpoint not found: {path}")
-        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-            raise ValueError(
-                f"path: {path.name} is a pickle checkpoint, which can run arbitrary code when loaded; "
-                "convert it to .safetensors or pass allow_pickle=True if you trust it"
-            )
-        if path.suffix.lower() not in PICKLE_SUFFIXES + (".safetensors",):
-            raise ValueError(f"path: expected a .safetensors (or, with allow_pickle, .ckpt) file, got {path.name}")
-        try:
-            sd = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config), local_files_only=local_files_only,
-                safety_checker=None, requires_safety_checker=False,
-            )
-        except (OSError, EnvironmentError, ValueError, KeyError) as e:
-            raise ValueError(f"path: cannot load {path.name} as an SD1.x checkpoint with config {config!r}: {e}") from e
-        pipe = cls(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler, device=device, dtype=dtype)
-        pipe.model_id, pipe.model_path = str(path), path
+        backbone, scheduler = loading.load_single_file(path, config=config, local_files_only=local_files_only,
+                                                       allow_pickle=allow_pickle)
+        pipe = cls(backbone=backbone, scheduler=scheduler, device=device, dtype=dtype)
+        pipe.model_id, pipe.model_path = str(path), Path(path)
         return pipe
 
     def to(self, device=None, dtype=None) -> "DragonPipeline":
@@ -175,20 +125,19 @@ class DragonPipeline:
         puts the components back, so the pipeline stays usable as it was."""
         new_device = self.device if device is None else check_device(device, "device")
         new_dtype = self.dtype if dtype is None else check_dtype(dtype, "dtype")
-        modules = (self.unet, self.vae, self.text_encoder)
-        before = [(next(m.parameters()).device, next(m.parameters()).dtype) for m in modules]
         try:
-            for module in modules:
-                param = next(module.parameters())
-                if param.device != new_device or param.dtype != new_dtype:  # diffusers warns on no-op casts
-                    module.to(device=new_device, dtype=new_dtype)
+            self.backbone.to(new_device, new_dtype)
         except (RuntimeError, AssertionError) as e:
-            for module, (dev, dt) in zip(modules, before):
-                module.to(device=dev, dtype=dt)
             raise RuntimeError(f"device={new_device}, dtype={new_dtype}: moving the model failed ({e}); the "
                                "pipeline is unchanged") from e
         self.device, self.dtype = new_device, new_dtype
         return self
+
+    # Read-only views of the backbone's components, for users who want to inspect or reuse them.
+    unet = property(lambda self: self.backbone.unet)
+    vae = property(lambda self: self.backbone.vae)
+    text_encoder = property(lambda self: self.backbone.text_encoder)
+    tokenizer = property(lambda self: self.backbone.tokenizer)
 
     @property
     def uses_one_backward(self) -> bool:
@@ -201,28 +150,23 @@ class DragonPipeline:
         slightly from an untiled decode: off by default. `tile_px`: tile size in pixels (the VAE's own default,
         512 for SD1.5, when None)."""
         if tile_px is not None:
-            tile_px = check_int(tile_px, "tile_px", 2 * self.vae_scale_factor, 8192)
-            self.vae.tile_sample_min_size = tile_px
-            self.vae.tile_latent_min_size = tile_px // self.vae_scale_factor
-        if enabled:
-            self.vae.enable_tiling()
-        else:
-            self.vae.disable_tiling()
+            tile_px = check_int(tile_px, "tile_px", 2 * self.backbone.vae_factor, 8192)
+        self.backbone.set_vae_tiling(enabled, tile_px)
         return self
 
-    # -------------------------------------------------------------------------------------------- encoders
+    def schedule(self, num_inference_steps: int) -> Schedule:
+        """The DDIM timesteps and ᾱ table of an n-step edit (checked against the scheduler's training steps)."""
+        from diffusers import DDIMScheduler
 
-    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B, 77, C) text conditioning (the backbone's)."""
-        return self.backbone.encode_prompt(prompts)
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """VAE posterior mean x scaling factor (deterministic, as the official code)."""
-        return self.backbone.encode_image(pixels)
-
-    def decode_latent(self, latent: torch.Tensor) -> np.ndarray:
-        """(1, 4, h, w) latent -> (H, W, 3) uint8 image."""
-        return self.backbone.decode(latent)
+        n = int(num_inference_steps)
+        make = lambda k: Schedule.from_scheduler(DDIMScheduler.from_config(self.scheduler_config), k)  # noqa: E731
+        schedule = make(n)
+        train_steps = len(schedule.alphas_cumprod)
+        if max(schedule.timesteps) >= train_steps:  # checked before any model work
+            most = next(k for k in range(n - 1, 0, -1) if max(make(k).timesteps) < train_steps)
+            raise ValueError(f"num_inference_steps={n}: this scheduler's timesteps would pass its {train_steps} "
+                             f"training steps; use at most {most}")
+        return schedule
 
     # ------------------------------------------------------------------------------------------------ edits
 
@@ -230,11 +174,6 @@ class DragonPipeline:
              callback_on_step_end: Callable | None = None, return_intermediates: bool = False,
              progress: bool = True, bank_device=None) -> EditResult:
         """Run one edit described by an `EditSpec`.
-
-        Steps: 1. check the runtime arguments; 2. resolve the spec's defaults (task registry, the model's
-        recommended settings, a reused inversion); 3. prepare the inputs at the working size; 4. build the task
-        (geometry, masks, energies) through the registry; 5. invert (unless given an `Inversion`), initialise
-        z_T, run guided sampling, decode.
 
         Args:
             spec: the edit.
@@ -249,6 +188,7 @@ class DragonPipeline:
         Returns:
             An `EditResult` whose `spec` is the resolved spec (every default filled in).
         """
+        # 1. Check the runtime arguments.
         if not isinstance(spec, EditSpec):
             raise TypeError(f"spec: expected an EditSpec, got {type(spec).__name__}")
         self._check_runtime(generator, callback_on_step_end, bank_device)
@@ -256,13 +196,23 @@ class DragonPipeline:
         if inversion is not None and spec.prompt is not None and spec.prompt != inversion.prompt:
             raise ValueError(f"prompt: {spec.prompt!r} differs from the prompt the inversion was made with "
                              f"({inversion.prompt!r}); pass the same prompt (or none) or invert again")
+        # 2. Resolve the defaults: the task registry, the model's recommended settings, a reused inversion.
         spec = spec.resolved(self.recommended_settings, inversion, self.default_max_resolution)
         self._warn_long_prompts(spec)
+        # 3. The inputs at the working size; 4. the task (geometry, masks, energies) through the registry.
         prep = self._prepare(spec.image, spec.max_resolution, spec.num_inference_steps)
         task = TASKS[spec.task].build(spec, prep)
-        return self._run(task, prep, spec.preset, spec.num_inference_steps, spec.sde_strength, spec.seed, spec=spec,
-                         generator=generator, callback=callback_on_step_end, intermediates=return_intermediates,
-                         progress=progress, bank_device=bank_device)
+        # 5. How strongly to guide, in one value.
+        preset = get_preset(spec.preset)
+        guidance = Guidance(cfg_scale=spec.guidance_scale, energy_scale=spec.energy_scale * ENERGY_UNIT,
+                            gradient_coef=spec.gradient_coef, gain=preset.guidance_gain,
+                            sde_strength=spec.sde_strength, bank_window=spec.bank_steps)
+        # 6. Invert, sample, decode.
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(int(spec.seed))
+        return self._run(task, prep, guidance, preset, spec.num_inference_steps, spec=spec, generator=generator,
+                         callback=callback_on_step_end, intermediates=return_intermediates, progress=progress,
+                         bank_device=bank_device)
 
     def move(self, image, mask, offset=(0, 0), scale: float = 1.0, *, prompt: str | None = None,
              reference_region=None, w_edit: float | None = None, w_content: float | None = None,
@@ -408,32 +358,36 @@ class DragonPipeline:
         check_string(prompt, "prompt")
         if bank_device is not None:
             check_device(bank_device, "bank_device")
-        steps = check_int(get_preset(preset).steps if num_inference_steps is None else num_inference_steps,
-                          "num_inference_steps", 1, 1000)
+        steps = check("num_inference_steps",
+                      get_preset(preset).steps if num_inference_steps is None else num_inference_steps)
         if max_resolution is None:
             max_resolution = self.default_max_resolution
         prep = self._prepare(image, max_resolution, steps)
-        schedule = self._schedule(steps)
-        with _unet_lock(self.unet), tqdm(total=steps, desc="dragondiff invert", leave=False,
-                                         disable=not progress) as bar:
+        schedule = self.schedule(steps)
+        with self.backbone.lock, tqdm(total=steps, desc="dragondiff invert", leave=False,
+                                      disable=not progress) as bar:
             latents, bank = self._invert_batch(prep.pixels, [prompt], schedule, PassCounts(),
                                                self._bank_device(bank_device))
             bar.update(steps)
         return Inversion(image=prep.image, original_hw=prep.original_hw, max_resolution=max_resolution,
                          prompt=prompt, num_inference_steps=steps, latents=latents.cpu(), bank=bank,
-                         model_key=id(self.unet), dtype=self.dtype)
+                         model_key=self.backbone.key, dtype=self.dtype)
 
     def reconstruct(self, image, *, prompt: str | None = None, use_bank: bool = True, guidance_scale: float = 1.0,
-                    num_inference_steps: int | None = None, max_resolution: int | None = None,
-                    return_intermediates: bool = False, progress: bool = True) -> EditResult:
+                    preset: str = DEFAULT_PRESET, num_inference_steps: int | None = None,
+                    max_resolution: int | None = None, return_intermediates: bool = False,
+                    progress: bool = True) -> EditResult:
         """No edit: DDIM inversion, then unguided sampling from z_T (with the memory bank replacing the decoder
         self-attention K/V at every step if use_bank). Measures how faithfully the model inverts an image.
 
-        Args: as `move` (image, prompt, guidance_scale, num_inference_steps, max_resolution,
+        Args: as `move` (image, prompt, guidance_scale, preset, num_inference_steps, max_resolution,
             return_intermediates, progress); use_bank: replace the decoder self-attention K/V at every step.
+            The step count defaults to an Inversion's, else the preset's.
         """
         inversion = image if isinstance(image, Inversion) else None
-        steps = num_inference_steps or (inversion.num_inference_steps if inversion else 50)
+        preset_ = get_preset(preset)
+        steps = num_inference_steps or (inversion.num_inference_steps if inversion else preset_.steps)
+        steps = check("num_inference_steps", steps)
         resolution = max_resolution or (inversion.max_resolution if inversion else self.default_max_resolution)
         prep = self._prepare(image, resolution, steps)
         if prompt is None:
@@ -442,16 +396,30 @@ class DragonPipeline:
         h, w = prep.latent_hw
         nothing = torch.zeros(1, 1, h, w)
         task = Task(name="reconstruct", pixels=prep.pixels, inversion_prompts=[prompt], prompt=prompt,
-                    guidance_scale=check_number(guidance_scale, "guidance_scale", 0, 50), energy_scale=0.0,
-                    gradient_coef=0.0, edit_region=nothing, sde_region=nothing,
-                    bank_mode=REPLACE if use_bank else PLAIN, bank_first=0, bank_last=None)
-        return self._run(task, prep, "official", steps, 0.0, 0, intermediates=return_intermediates,
-                         progress=progress)
+                    grid=prep.grid, edit_region=nothing, sde_region=nothing, bank_mode=REPLACE if use_bank else PLAIN)
+        guidance = Guidance(cfg_scale=check("guidance_scale", guidance_scale), energy_scale=0.0, gradient_coef=0.0)
+        return self._run(task, prep, guidance, preset_, steps, generator=torch.Generator("cpu").manual_seed(0),
+                         intermediates=return_intermediates, progress=progress)
+
+    def text_to_image(self, prompts: list[str], *, num_inference_steps: int = 50, guidance_scale: float = 4.0,
+                      generator: torch.Generator | None = None, size_hw: tuple[int, int] | None = None) -> list:
+        """Generate one image per prompt (plain DDIM with CFG, no edit): what the model draws from text alone.
+        size_hw: the image size (default: the default working resolution, square). Returns HxWx3 uint8 arrays."""
+        steps = check("num_inference_steps", num_inference_steps)
+        schedule = self.schedule(steps)
+        h, w = size_hw or (self.default_max_resolution,) * 2
+        f = self.backbone.vae_factor
+        z = torch.randn((len(prompts), 4, h // f, w // f), generator=generator)
+        with self.backbone.lock:
+            cond, uncond = self.backbone.condition(prompts), self.backbone.condition([""] * len(prompts))
+            z = sample_text_to_image(self.backbone, schedule, z.to(self.device), cond, uncond,
+                                     check("guidance_scale", guidance_scale))
+            return [self.backbone.decode(z[k : k + 1]) for k in range(len(prompts))]
 
     # ------------------------------------------------------------------------------------------- internals
 
     def _warn_long_prompts(self, spec) -> None:
-        limit = self.tokenizer.model_max_length
+        limit = self.backbone.max_prompt_tokens
         for name in ("prompt", "reference_prompt"):
             text = getattr(spec, name)
             if text and self.backbone.prompt_length(text) > limit:
@@ -469,37 +437,22 @@ class DragonPipeline:
             check_device(bank_device, "bank_device")
 
     def _prepare(self, image, max_resolution: int, num_inference_steps: int) -> Prepared:
+        factors = (self.backbone.vae_factor, self.backbone.feature_factor)
         if isinstance(image, Inversion):
-            return self._prepare_inversion(image, max_resolution, num_inference_steps)
-        img = io.load_image(image, "image")
-        return Prepared.from_image(img, max_resolution, self.vae_scale_factor)
+            return self._prepare_inversion(image, max_resolution, num_inference_steps, factors)
+        return Prepared.from_image(load_image(image, "image"), max_resolution, *factors)
 
-    def _prepare_inversion(self, inv: Inversion, max_resolution: int, num_inference_steps: int) -> Prepared:
+    def _prepare_inversion(self, inv: Inversion, max_resolution: int, num_inference_steps: int,
+                           factors: tuple[int, int]) -> Prepared:
         """An edit of an already inverted image: check that it fits this model and these options."""
-        if inv.model_key != id(self.unet) or inv.dtype != self.dtype:
+        if inv.model_key != self.backbone.key or inv.dtype != self.dtype:
             raise ValueError("image: this Inversion was made by another model or dtype; invert with this pipeline")
         for key, value, own in (("max_resolution", max_resolution, inv.max_resolution),
                                 ("num_inference_steps", num_inference_steps, inv.num_inference_steps)):
             if value != own:
                 raise ValueError(f"{key}={value!r} differs from the inversion's ({own}); leave it out or invert again")
-        return Prepared(inv.original_hw, inv.size_hw, inv.image, torch.from_numpy(io.to_pixels(inv.image)),
-                        self.vae_scale_factor, inversion=inv)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.backbone.vae_factor
-
-    def _schedule(self, n: int) -> Schedule:
-        from diffusers import DDIMScheduler
-
-        schedule = Schedule.from_scheduler(DDIMScheduler.from_config(self.scheduler_config), int(n))
-        train_steps = len(schedule.alphas_cumprod)
-        if max(schedule.timesteps) >= train_steps:  # checked before any model work
-            most = next(k for k in range(int(n) - 1, 0, -1) if max(Schedule.from_scheduler(
-                DDIMScheduler.from_config(self.scheduler_config), k).timesteps) < train_steps)
-            raise ValueError(f"num_inference_steps={n}: this scheduler's timesteps would pass its {train_steps} "
-                             f"training steps; use at most {most}")
-        return schedule
+        return Prepared(inv.original_hw, inv.size_hw, inv.image, torch.from_numpy(to_pixels(inv.image)),
+                        *factors, inversion=inv)
 
     def _bank_device(self, bank_device, latent_hw=None, steps: int = 50, images: int = 1) -> torch.device:
         """Where a bank lives: as asked; else on the compute device, except on CUDA when the bank would not fit
@@ -510,98 +463,121 @@ class DragonPipeline:
             return self.device
         if latent_hw is None:
             return torch.device("cpu")
-        need = estimate_bank_bytes(self.unet, latent_hw, steps, images)
         free, _ = torch.cuda.mem_get_info(self.device)
-        return self.device if need < free // 2 else torch.device("cpu")
+        return self.device if self.backbone.bank_bytes(latent_hw, steps, images) < free // 2 else torch.device("cpu")
 
     def _invert_batch(self, pixels, prompts, schedule, counts, bank_device):
         """Inversion of images (B, 3, H, W) into their own bank: (latents (n+1, B, 4, h, w), MemoryBank)."""
         controller = BankController(MemoryBank(bank_device))
         with self.backbone.memory_bank(controller):
             with counts.watch.phase("encode"):
-                z0, context = self.encode_image(pixels), self.encode_prompt(prompts)
-            latents = invert(self.backbone, z0, context, schedule, controller, counts)
+                z0, cond = self.backbone.encode_image(pixels), self.backbone.condition(prompts)
+            latents = invert(self.backbone, z0, cond, schedule, controller, counts)
         return latents, controller.bank
 
-    def _run(self, task: Task, prep: Prepared, preset_name: str, n: int, sde: float, seed: int, *, spec=None,
+    def _invert_parts(self, task: Task, inversion: Inversion | None, schedule: Schedule, counts: PassCounts,
+                      bank_device) -> tuple[torch.Tensor, object]:
+        """Phase 1: the inversion of every image of the task in one batch, with its bank; a reused base inversion
+        is taken as it is and only the reference (if any) is inverted. Returns (latents (n+1, B, ...), bank)."""
+        parts = [] if inversion is None else [(inversion.latents.to(self.device), inversion.bank)]
+        if task.pixels.shape[0] > len(parts):
+            parts.append(self._invert_batch(task.pixels[len(parts):], task.inversion_prompts[len(parts):],
+                                            schedule, counts, bank_device))
+        return torch.cat([lat for lat, _ in parts], dim=1), merge_banks([bank for _, bank in parts])
+
+    def _run(self, task: Task, prep: Prepared, guidance: Guidance, preset: Preset, n: int, *, spec=None,
              generator=None, callback=None, intermediates: bool = False, progress: bool = True,
              bank_device=None) -> EditResult:
-        preset: Preset = get_preset(preset_name)
+        """Invert (phase 1), sample (phase 2), decode and assemble the result (phase 3)."""
         inversion = prep.inversion
-        schedule = self._schedule(n)
-        if generator is None:
-            generator = torch.Generator("cpu").manual_seed(int(seed))
+        schedule = self.schedule(n)
         bank_device = self._bank_device(bank_device, prep.latent_hw, n, task.pixels.shape[0])
         counts = PassCounts(watch=Stopwatch(self.device if self.precise_timings else None))
-        stop = {"at": None}
-
-        def step_callback(i, t, z):
-            if callback is None:
-                return z
-            out = callback(self, i, t, {"latents": z}) or {}
-            if out.get("interrupt"):
-                stop["at"] = i
-            if "latents" not in out:
-                return z
-            new = out["latents"]
-            if not isinstance(new, torch.Tensor) or new.shape != z.shape:
-                raise TypeError(f"callback_on_step_end must return {{'latents': tensor of shape {tuple(z.shape)}}}, "
-                                f"got {type(new).__name__} {tuple(getattr(new, 'shape', ()))}")
-            return new.to(z)
-
+        record = StepRecord(self, callback, intermediates)
         start = time.perf_counter()
-        with _unet_lock(self.unet), tqdm(total=2 * n, desc=f"dragondiff {task.name}", leave=False,
-                                         disable=not progress) as bar:
-            # All images in one batch; with a reused base inversion, only the reference (if any) is inverted.
-            parts = [] if inversion is None else [(inversion.latents.to(self.device), inversion.bank)]
-            if task.pixels.shape[0] > len(parts):
-                parts.append(self._invert_batch(task.pixels[len(parts):], task.inversion_prompts[len(parts):],
-                                                schedule, counts, bank_device))
+        with self.backbone.lock, tqdm(total=2 * n, desc=f"dragondiff {task.name}", leave=False,
+                                      disable=not progress) as bar:
+            inverted, bank = self._invert_parts(task, inversion, schedule, counts, bank_device)
             bar.update(n)
             timings = {"inversion": time.perf_counter() - start}
-            inverted = torch.cat([lat for lat, _ in parts], dim=1)
-            controller = BankController(merge_banks([bank for _, bank in parts]),
-                                        union_masks=task.union_masks)
+            controller = BankController(bank, union_masks=task.union_masks)
             with self.backbone.memory_bank(controller):
                 z_t, ref_t = task.init_latent(inverted[-1])
                 with counts.watch.phase("encode"):
-                    cond, uncond = self.encode_prompt([task.prompt]), self.encode_prompt([""])
-                final, rec = sample(
-                    self.backbone, task, preset, schedule, z_t, inverted, ref_t, cond, uncond, controller, counts,
-                    sde_strength=sde, generator=generator, record=intermediates, step_callback=step_callback,
-                    progress=bar, should_stop=lambda: stop["at"] is not None,
-                    ref_cache=None if inversion is None else inversion.feature_cache(task.prompt),
-                    one_backward=self.uses_one_backward,
-                )
+                    cond, uncond = self.backbone.condition([task.prompt]), self.backbone.condition([""])
+                problem = Problem(task, guidance, z_t, inverted, ref_t, cond, uncond)
+                state = EditState(controller, counts, generator, one_backward=self.uses_one_backward,
+                                  ref_cache=None if inversion is None else inversion.feature_cache(task.prompt))
+                record.bar = bar
+                final, energies = sample(self.backbone, preset, schedule, problem, state, on_step=record)
             timings["sampling"] = time.perf_counter() - start - timings["inversion"]
             with counts.watch.phase("decode"):
-                pixels = self.decode_latent(final)
+                pixels = self.backbone.decode(final)
             timings["decode"] = time.perf_counter() - start - timings["inversion"] - timings["sampling"]
+        return self._result(task, prep, preset, pixels, z_t, inverted, energies, counts, record, spec=spec,
+                            seconds=time.perf_counter() - start, timings=timings)
+
+    def _result(self, task, prep, preset, pixels, z_t, inverted, energies, counts, record, *, spec, seconds,
+                timings) -> EditResult:
+        """Phase 3: the result object (intermediates only when they were recorded)."""
         flags = list(task.flags)
-        if stop["at"] is not None:
-            flags.append(f"interrupted after step {stop['at']} by callback_on_step_end")
+        if record.stopped_at is not None:
+            flags.append(f"interrupted after step {record.stopped_at} by callback_on_step_end")
+        keep = record.intermediates
         return EditResult(
             image=Image.fromarray(pixels),
             task=task.name,
             preset=preset.name,
             input_image=Image.fromarray(prep.image),
-            reference_image=None if prep.reference_image is None else Image.fromarray(prep.reference_image),
+            reference_image=None if task.reference_image is None else Image.fromarray(task.reference_image),
             masks=task.masks,
             edit_area=_edit_area(task, prep.size_hw),
             input_scale=prep.input_scale,
-            energies=rec.energies,
+            energies=energies,
             pass_counts=counts.as_dict(),
             flags=flags,
             spec=spec,
-            seconds=time.perf_counter() - start,
+            seconds=seconds,
             timings=timings,
             phases=dict(counts.watch.seconds),
-            inverted_latents=inverted.cpu() if intermediates else None,
-            z_T=z_t.cpu() if intermediates else None,
-            latents=torch.stack(rec.latents).cpu() if intermediates else None,
-            guidance=[(i, r, g.cpu()) for i, r, g in rec.guidance] if intermediates else None,
-            eps_cfg=[(i, r, e.cpu()) for i, r, e in rec.eps_cfg] if intermediates else None,
+            inverted_latents=inverted.cpu() if keep else None,
+            z_T=z_t.cpu() if keep else None,
+            latents=torch.stack(record.latents).cpu() if keep else None,
+            guidance=[(i, r, g.cpu()) for i, r, g in record.guidance] if keep else None,
+            eps_cfg=[(i, r, e.cpu()) for i, r, e in record.eps_cfg] if keep else None,
         )
+
+
+class StepRecord:
+    """The pipeline's `on_step` hook: the user's `callback_on_step_end` (diffusers' convention: it may replace the
+    latent or ask to stop), the progress bar, and the intermediates when they were asked for."""
+
+    def __init__(self, pipe, callback, intermediates: bool):
+        self.pipe, self.callback, self.intermediates = pipe, callback, intermediates
+        self.bar = None
+        self.stopped_at: int | None = None
+        self.latents: list[torch.Tensor] = []
+        self.guidance: list[tuple[int, int, torch.Tensor]] = []
+        self.eps_cfg: list[tuple[int, int, torch.Tensor]] = []
+
+    def __call__(self, step: StepInfo) -> None:
+        if self.callback is not None:
+            out = self.callback(self.pipe, step.i, step.t, {"latents": step.latent}) or {}
+            if out.get("interrupt"):
+                step.stop, self.stopped_at = True, step.i
+            if "latents" in out:
+                new = out["latents"]
+                if not isinstance(new, torch.Tensor) or new.shape != step.latent.shape:
+                    raise TypeError(f"callback_on_step_end must return {{'latents': tensor of shape "
+                                    f"{tuple(step.latent.shape)}}}, got {type(new).__name__} "
+                                    f"{tuple(getattr(new, 'shape', ()))}")
+                step.latent = new.to(step.latent)
+        if self.intermediates:
+            self.latents.append(step.latent)
+            self.eps_cfg.extend((step.i, r, e) for r, e in enumerate(step.eps_cfg))
+            self.guidance.extend((step.i, r, g) for r, g in enumerate(step.gradients))
+        if self.bar is not None:
+            self.bar.update(1)
 
 
 _COMMON_ARGS = """
@@ -639,26 +615,3 @@ def _bank_from_start(bank_start):
     return check_int(bank_start, "bank_start", 0, 1000), None
 
 
-def check_settings(settings: dict, name: str) -> dict:
-    """Validate a recommended-settings table: {task: {"guidance_scale": x, "energy_scale": y}}."""
-    if not isinstance(settings, dict):
-        raise TypeError(f"{name}: expected a dict of task -> settings, got {type(settings).__name__}")
-    out = {}
-    for task, values in settings.items():
-        if task not in OFFICIAL_SETTINGS:
-            raise ValueError(f"{name}: unknown task {task!r}; allowed: {sorted(OFFICIAL_SETTINGS)}")
-        if not isinstance(values, dict) or not set(values) <= {"guidance_scale", "energy_scale"}:
-            raise ValueError(f"{name}[{task!r}]: expected a dict with guidance_scale and/or energy_scale, got {values!r}")
-        out[task] = {k: check_number(v, f"{name}[{task!r}][{k!r}]", 0, 100) for k, v in values.items()}
-    return out
-
-
-def read_settings(folder) -> dict:
-    """The model's recommended settings from SETTINGS_FILE in a local model folder ({} when there is none)."""
-    import json
-
-    path = Path(folder) / SETTINGS_FILE
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    return check_settings(data.get("settings", {}), str(path))

@@ -99,7 +99,7 @@ def build_sidecar(result, pipe, *, sidecar: Path, output: Path, full_resolution:
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "threads": threads,
-        "vae_tiling": bool(getattr(pipe.vae, "use_tiling", False)),  # changes pixels at tile seams
+        "vae_tiling": pipe.backbone.vae_tiling,  # changes pixels at tile seams
         "platform": f"{platform.system()} {platform.machine()}",
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},

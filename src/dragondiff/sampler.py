@@ -1,7 +1,10 @@
 """DDIM inversion with memory-bank capture, and the guided DDIM sampler.
 
 Latents are kept in fp32 whatever the model dtype; the UNet sees them cast to its dtype. All per-edit state is in
-the arguments: the bank controller, the task, the counters.
+the arguments. The sampler's whole contract with the layers around it is written here: the model it calls
+(`Model`: a backbone), what it asks of a task (`GuidedTask`), the guidance settings as one value (`Guidance`), the
+problem and the per-edit state (`Problem`, `EditState`), and one per-step hook (`on_step(StepInfo)`) through which
+callers see, replace or stop the latent, record intermediates and report progress.
 """
 
 from __future__ import annotations
@@ -10,17 +13,94 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from .attention import CAPTURE, PLAIN, BankController
+from .errors import NonFiniteError
 from .presets import Preset
-from .tasks.base import Task
 
 
-class NonFiniteError(RuntimeError):
-    """NaN or Inf appeared in the latent during sampling."""
+
+
+class Model(Protocol):
+    """What the sampler calls (a backbone). `cond` values come from the model's own `condition` and are batched
+    with `type(cond).cat` and `cond.repeat`; the sampler never looks inside them."""
+
+    def eps(self, z: torch.Tensor, t, cond) -> torch.Tensor: ...
+
+    def features(self, z: torch.Tensor, t, cond) -> list[torch.Tensor]: ...
+
+
+class GuidedTask(Protocol):
+    """What the sampler asks of a task: its energies, where their gradients apply, its bank mode."""
+
+    edit_region: torch.Tensor  # (1, 1, h, w) M: the edit gradient inside, the content gradient outside
+    sde_region: torch.Tensor  # (1, 1, h, w) where the regional SDE adds noise
+    bank_mode: str  # the memory-bank mode inside the guidance's bank window
+
+    def energies(self, gen: list[torch.Tensor], refs: list[list[torch.Tensor]]): ...
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Every strength of an edit in one value, built by the pipeline: CFG, the energy scale s (the demo's slider
+    value x1000), the gradient factor c and the preset's gain on it, the regional SDE's eta, the bank window."""
+
+    cfg_scale: float
+    energy_scale: float  # s: multiplies each energy before autograd
+    gradient_coef: float  # c: multiplies the masked gradient
+    gain: float = 1.0  # the preset's factor on c·gradient (fewer guided steps need more per step)
+    sde_strength: float = 0.0
+    bank_window: tuple[int, int | None] = (0, None)  # (first, last) grid steps using the bank; last None: to the end
+
+    @property
+    def guided(self) -> bool:
+        return self.energy_scale != 0
+
+    def bank_mode_at(self, mode: str, grid_step: int) -> str:
+        first, last = self.bank_window
+        return mode if first <= grid_step and (last is None or grid_step <= last) else PLAIN
+
+
+@dataclass
+class Problem:
+    """What to sample: from z_T with the task's energies against the inversion's reference latents."""
+
+    task: GuidedTask
+    guidance: Guidance
+    z_t: torch.Tensor  # (1, 4, h, w) starting latent
+    inverted: torch.Tensor  # (n+1, B, 4, h, w) the inversion
+    ref_t: torch.Tensor  # (B, 4, h, w) the step-0 reference latents (drag patches inv[T])
+    cond: object  # the edit prompt's conditioning (sampling and feature passes)
+    uncond: object  # the unconditional branch's
+
+
+@dataclass
+class EditState:
+    """Per-edit state the sampler uses and updates: the bank controller, counters, the noise generator, the
+    reference-feature cache of a reused inversion, and whether both gradients share one backward."""
+
+    controller: BankController
+    counts: "PassCounts"
+    generator: torch.Generator | None = None
+    ref_cache: object = None
+    one_backward: bool = True
+
+
+@dataclass
+class StepInfo:
+    """What `on_step` sees after sampling step i. It may set `latent` (same shape) to change what the next step
+    starts from, and `stop` to end sampling there. `eps_cfg` and `gradients` hold one tensor per repeat."""
+
+    i: int
+    t: int
+    latent: torch.Tensor
+    eps_cfg: list[torch.Tensor]
+    gradients: list[torch.Tensor]  # g of each guided repeat (before the preset's gain)
+    energies: list[tuple[float, float]]  # (E_edit, E_content) of each guided repeat
+    stop: bool = False
 
 
 class Stopwatch:
@@ -138,7 +218,7 @@ def invert(backbone, z0: torch.Tensor, context: torch.Tensor, schedule: Schedule
     return torch.stack(latents)
 
 
-def guidance(backbone, task: Task, z: torch.Tensor, ref_features, t: int, cond: torch.Tensor,
+def guidance(backbone: Model, task: GuidedTask, settings: Guidance, z: torch.Tensor, ref_features, t: int, cond,
              controller: BankController, counts: PassCounts, one_backward: bool = True):
     """g = c·(∇(s·E_edit)⊙M + ∇(s·E_content)⊙(1−M)). Returns (g, energies).
 
@@ -155,7 +235,7 @@ def guidance(backbone, task: Task, z: torch.Tensor, ref_features, t: int, cond: 
         grads = [torch.zeros_like(latent), torch.zeros_like(latent)]
         # s multiplies the energy before autograd, as in the official code (matters in fp16).
         if one_backward and len(terms) == 2:
-            scaled = torch.stack([task.energy_scale * e for _, e in terms])
+            scaled = torch.stack([settings.energy_scale * e for _, e in terms])
             (both,) = torch.autograd.grad(scaled, latent, grad_outputs=torch.eye(2, dtype=scaled.dtype,
                                                                                    device=scaled.device),
                                           is_grads_batched=True)
@@ -163,11 +243,11 @@ def guidance(backbone, task: Task, z: torch.Tensor, ref_features, t: int, cond: 
             counts.backward += 1
         else:
             for n, (k, energy) in enumerate(terms):
-                (grads[k],) = torch.autograd.grad(task.energy_scale * energy, latent,
+                (grads[k],) = torch.autograd.grad(settings.energy_scale * energy, latent,
                                                   retain_graph=n < len(terms) - 1)
                 counts.backward += 1
     m = task.edit_region.to(z)
-    g = task.gradient_coef * (grads[0] * m + grads[1] * (1 - m))
+    g = settings.gradient_coef * (grads[0] * m + grads[1] * (1 - m))
     energies = tuple(float("nan") if e is None else float(e.detach()) for e in (e_edit, e_content))
     return g.detach(), energies
 
@@ -185,7 +265,7 @@ def _reference_features(backbone, ref_latent, i: int, t: int, cond, controller, 
     todo = [b for b, feats in enumerate(out) if feats is None]
     if todo:
         with controller.use(PLAIN):
-            batch = backbone.features(ref_latent[todo], t, backbone.cat_cond([cond] * len(todo)))
+            batch = backbone.features(ref_latent[todo], t, cond.repeat(len(todo)))
         counts.feature_nograd += len(todo)
         for j, b in enumerate(todo):
             out[b] = [f[j : j + 1] for f in batch]
@@ -194,64 +274,56 @@ def _reference_features(backbone, ref_latent, i: int, t: int, cond, controller, 
     return out
 
 
-@dataclass
-class SamplingRecord:
-    latents: list[torch.Tensor] = field(default_factory=list)  # after every step (last repeat)
-    guidance: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (i, repeat, g)
-    energies: list[tuple[int, int, float, float]] = field(default_factory=list)  # (i, repeat, E_edit, E_content)
-    eps_cfg: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
-
-
-def sample(backbone, task: Task, preset: Preset, schedule: Schedule, z_t: torch.Tensor, inverted: torch.Tensor,
-           ref_t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, controller: BankController,
-           counts: PassCounts, *, sde_strength: float, generator: torch.Generator | None,
-           record: bool = False, step_callback: Callable | None = None, progress=None,
-           should_stop: Callable[[], bool] | None = None, ref_cache=None,
-           one_backward: bool = True):
-    """Guided DDIM sampling from z_T. `inverted` is the (n+1, B, ...) inversion; `ref_t` replaces inverted[n] as
-    the step-0 reference latent (drag's patched z_T). `should_stop()` is asked after every step (and its
-    callback): True ends sampling there. `ref_cache` (an inversion's `FeatureCache` for this prompt) supplies the
-    reference features of batch element 0 that a previous edit of the same inversion computed, and keeps new ones.
-    Returns (final latent, SamplingRecord)."""
+def sample(backbone: Model, preset: Preset, schedule: Schedule, problem: Problem, state: EditState,
+           on_step: Callable[[StepInfo], None] | None = None) -> tuple[torch.Tensor, list]:
+    """Guided DDIM sampling from `problem.z_t`. At step 0 the reference latent is `problem.ref_t` (drag's patched
+    z_T), after that the inversion's. `state.ref_cache` (a reused inversion's `FeatureCache` for this prompt)
+    supplies the reference features of batch element 0 that an earlier edit computed, and keeps new ones.
+    `on_step(StepInfo)` runs after every step. Returns (final latent, [(i, repeat, E_edit, E_content)])."""
+    task, settings, inverted, cond = problem.task, problem.guidance, problem.inverted, problem.cond
+    controller, counts = state.controller, state.counts
     n = len(schedule.timesteps)
-    rec = SamplingRecord()
-    z = z_t
-    cfg_context = backbone.cat_cond([uncond, cond])
+    energies_log = []
+    z = problem.z_t
+    cfg_context = type(cond).cat([problem.uncond, cond])
     sde_mask = task.sde_region.to(z)
     for i, t in enumerate(schedule.timesteps):
         step = schedule.grid_step(i)
-        guided = task.energy_scale != 0 and preset.is_guided(step)
+        guided = settings.guided and preset.is_guided(step)
         repeats = preset.repeats(step) if guided else 1
         t_prev = schedule.prev(i)
         a_t, a_prev = schedule.alpha(t), schedule.alpha(t_prev)
         ref_features = None
+        info = StepInfo(i, t, z, [], [], [])
         for r in range(repeats):
-            with torch.no_grad(), controller.use(task.bank_mode_at(step), step=i), counts.watch.phase("cfg"):
+            with torch.no_grad(), controller.use(settings.bank_mode_at(task.bank_mode, step), step=i), \
+                    counts.watch.phase("cfg"):
                 eps_u, eps_c = backbone.eps(torch.cat([z, z]), t, cfg_context).chunk(2)
             counts.cfg_unet += 1
-            eps = eps_u + task.guidance_scale * (eps_c - eps_u)
-            if record:
-                rec.eps_cfg.append((i, r, eps))
+            eps = eps_u + settings.cfg_scale * (eps_c - eps_u)
+            info.eps_cfg.append(eps)
             eps_hat = eps
             if guided:
                 if ref_features is None:  # identical for every repeat of a step: computed once
                     with counts.watch.phase("reference_features"):
-                        ref_features = _reference_features(backbone, ref_t if i == 0 else inverted[n - i], i, t,
-                                                           cond, controller, counts, ref_cache,
-                                                           cacheable=i > 0 or torch.equal(ref_t[:1], inverted[n][:1]))
+                        ref_latent = problem.ref_t if i == 0 else inverted[n - i]
+                        cacheable = i > 0 or torch.equal(problem.ref_t[:1], inverted[n][:1])
+                        ref_features = _reference_features(backbone, ref_latent, i, t, cond, controller, counts,
+                                                           state.ref_cache, cacheable=cacheable)
                 with counts.watch.phase("guidance"):
-                    g, energies = guidance(backbone, task, z, ref_features, t, cond, controller, counts,
-                                           one_backward)
-                eps_hat = eps + preset.guidance_gain * g
-                if record:
-                    rec.guidance.append((i, r, g))
-                rec.energies.append((i, r) + energies)
+                    g, energies = guidance(backbone, task, settings, z, ref_features, t, cond, controller, counts,
+                                           state.one_backward)
+                eps_hat = eps + settings.gain * g
+                info.gradients.append(g)
+                info.energies.append(energies)
+                energies_log.append((i, r) + energies)
             # DDIM: guided eps for x0, unguided eps for the direction (as the official code).
             z_prev = ddim_step(z, eps_hat, a_t, a_prev, eps_dir=eps)
-            if sde_strength > 0 and preset.has_sde(step):
-                noise = torch.randn(z.shape, generator=generator, device=generator.device if generator else z.device)
+            if settings.sde_strength > 0 and preset.has_sde(step):
+                gen = state.generator
+                noise = torch.randn(z.shape, generator=gen, device=gen.device if gen else z.device)
                 base = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-                sigma = sde_strength * base.sqrt()
+                sigma = settings.sde_strength * base.sqrt()
                 # Outside the region eta = 0: plain DDIM; inside: DDIM with noise sigma.
                 z_sde = ddim_step(z, eps_hat, a_t, a_prev, eps_dir=eps, sigma=sigma, noise=noise.to(z))
                 z_prev = (1 - sde_mask) * z_prev + sde_mask * z_sde
@@ -267,14 +339,31 @@ def sample(backbone, task: Task, preset: Preset, schedule: Schedule, z_t: torch.
                 z = z_prev
         if not torch.isfinite(z).all():
             raise NonFiniteError(
-                f"NaN/Inf in the latent after sampling step {i} (t={t}); lower energy_scale or use float32"
+                f"NaN/Inf in the latent after sampling step {i} (t={t}); lower the guidance strength "
+                "(energy_scale, gradient_coef) or use float32"
             )
-        if step_callback is not None:
-            z = step_callback(i, t, z)
-        if record:
-            rec.latents.append(z)
-        if progress is not None:
-            progress.update(1)
-        if should_stop is not None and should_stop():
-            break
-    return z, rec
+        if on_step is not None:
+            info.latent = z
+            on_step(info)
+            if info.latent is not z:
+                if not isinstance(info.latent, torch.Tensor) or info.latent.shape != z.shape:
+                    raise TypeError(f"on_step: the latent must stay a tensor of shape {tuple(z.shape)}, got "
+                                    f"{type(info.latent).__name__} {tuple(getattr(info.latent, 'shape', ()))}")
+                z = info.latent.to(z)
+            if info.stop:
+                break
+    return z, energies_log
+
+
+@torch.no_grad()
+def sample_text_to_image(backbone: Model, schedule: Schedule, z_t: torch.Tensor, cond, uncond,
+                         cfg_scale: float) -> torch.Tensor:
+    """Plain deterministic DDIM with classifier-free guidance from noise z_t (no bank, no energies): what the
+    model generates from its prompts alone, used to check a model's quality."""
+    z = z_t
+    context = type(cond).cat([uncond, cond])
+    for i, t in enumerate(schedule.timesteps):
+        eps_u, eps_c = backbone.eps(torch.cat([z, z]), t, context).chunk(2)
+        eps = eps_u + cfg_scale * (eps_c - eps_u)
+        z = ddim_step(z, eps, schedule.alpha(t), schedule.alpha(schedule.prev(i)))
+    return z

@@ -24,7 +24,7 @@ import torch
 from . import metrics as mt
 from .cases import ENGINE_TASK, make_case
 from ..presets import PRESETS
-from ..shapes.scenes import COLOURS, random_scene, render
+from ..shapes.scenes import COLOURS, SIZE, random_scene, render
 
 TASKS = ("move", "resize", "drag", "appearance", "paste")
 _PIPES: dict = {}
@@ -43,7 +43,8 @@ def _pipe(model: str | None = None):
 def settings_rows(model: str | None, choice: str) -> list[tuple[str, dict]]:
     """(label, overrides) per row: the official demo's CFG/energy, and/or the model's recommended ones (read from
     the model folder's settings file, without loading the model)."""
-    from ..pipeline import OFFICIAL_SETTINGS, read_settings
+    from ..loading import read_settings
+    from ..pipeline import OFFICIAL_SETTINGS
     from ..shapes.model import WEIGHTS
 
     rows = []
@@ -61,9 +62,9 @@ def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
     px = torch.from_numpy(np.concatenate([to_pixels(im) for im in images]))
     out = []
     for k in range(0, len(px), 32):
-        z = pipe.encode_image(px[k : k + 32])
+        z = pipe.backbone.encode_image(px[k : k + 32])
         for j in range(z.shape[0]):
-            out.append(pipe.decode_latent(z[j : j + 1]))
+            out.append(pipe.backbone.decode(z[j : j + 1]))
     return np.stack(out)
 
 
@@ -186,22 +187,10 @@ def contact_sheet(rows, path: Path, per_task: int = 4):
         Image.fromarray(np.concatenate(sum([[ln, sep] for ln in lines], [])[:-1], axis=0)).save(path)
 
 
-@torch.no_grad()
 def generate(pipe, captions, seed: int, guidance_scale: float = 4.0, steps: int = 50) -> np.ndarray:
     """Plain DDIM text-to-image sampling with CFG (quality check of the model, not an edit)."""
-    from diffusers import DDIMScheduler
-
-    from ..sampler import Schedule, ddim_step
-
-    schedule = Schedule.from_scheduler(DDIMScheduler.from_config(pipe.scheduler_config), steps)
-    cond, uncond = pipe.encode_prompt(captions), pipe.encode_prompt([""] * len(captions))
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn((len(captions), 4, 16, 16), generator=gen)
-    for i, t in enumerate(schedule.timesteps):
-        eps_u, eps_c = pipe.backbone.eps(torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
-        eps = eps_u + guidance_scale * (eps_c - eps_u)
-        z = ddim_step(z, eps, schedule.alpha(t), schedule.alpha(schedule.prev(i)))
-    return np.stack([pipe.decode_latent(z[k : k + 1]) for k in range(len(captions))])
+    return np.stack(pipe.text_to_image(list(captions), num_inference_steps=steps, guidance_scale=guidance_scale,
+                                       generator=torch.Generator().manual_seed(seed), size_hw=(SIZE, SIZE)))
 
 
 def caption_found(image: np.ndarray, scene) -> bool:

@@ -113,11 +113,11 @@ def pass_costs(pipe, latent_hw: tuple[int, int], repeats: int = 3) -> dict[str, 
     bb, dev = pipe.backbone, pipe.device
     g = torch.Generator("cpu").manual_seed(0)
     z = torch.randn((1, 4, *latent_hw), generator=g).to(dev)
-    cond = pipe.encode_prompt([""])
+    cond = bb.condition([""])
     t = 500
     with torch.no_grad():
         full1 = _median_seconds(lambda: bb.eps(z, t, cond), dev, repeats)
-        full2 = _median_seconds(lambda: bb.eps(torch.cat([z, z]), t, torch.cat([cond, cond])), dev, repeats)
+        full2 = _median_seconds(lambda: bb.eps(torch.cat([z, z]), t, cond.repeat(2)), dev, repeats)
         feat = _median_seconds(lambda: bb.features(z, t, cond), dev, repeats)
 
     def grad_fwd():
@@ -195,7 +195,7 @@ def run(pipe, size: int, tasks, presets, steps: int | None, repeats: int = 3, ba
     dev = pipe.device
     pipe.precise_timings = True
     mem = PeakMemory(dev)
-    latent_hw = tuple(d // pipe.vae_scale_factor for d in working_size(size, size, size))
+    latent_hw = tuple(d // pipe.backbone.vae_factor for d in working_size(size, size, size))
     costs = pass_costs(pipe, latent_hw, repeats)
     fe = costs["unet_forward_b1"]
     _edit(pipe, "move", ref[0], "official", size, 2, ref)  # warm-up of the whole path

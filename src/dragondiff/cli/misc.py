@@ -9,14 +9,15 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..pipeline import BUNDLED_ID, BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, default_device
+from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION
+from ..loading import BUNDLED_ID, default_device
 from ..presets import PRESETS
 from .options import available_threads, model_options
 from .runner import InputError, check_output, load_pipeline, quiet_third_party, save_image
 
 
 def _model_info(model: str) -> dict:
-    from ..pipeline import read_settings
+    from ..loading import read_settings
     from ..provenance import file_hash, folder_hash
 
     out = {"id": model}

@@ -7,7 +7,9 @@ import re
 
 import click
 
-from ..pipeline import BUNDLED_ID, BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, OFFICIAL_SETTINGS
+from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION
+from ..loading import BUNDLED_ID
+from ..pipeline import OFFICIAL_SETTINGS
 from ..presets import PRESETS
 from ..tasks import TASKS
 

@@ -25,21 +25,24 @@ class AppearanceTask(Task):
     w_content: float = None
 
     def energies(self, gen, refs):
-        f = resize_features(gen)
-        base, ref = resize_features(refs[0]), resize_features(refs[1])
+        hw = self.grid.feature_hw
+        f = resize_features(gen, hw)
+        base, ref = resize_features(refs[0], hw), resize_features(refs[1], hw)
         return (
             E.appearance_edit(f, ref, self.inside, self.ref_inside, self.w_edit),
             E.keep_background(f, base, ~self.inside, self.w_content),
         )
 
 
-def build_appearance(*, mask, reference_mask, grid, **common) -> AppearanceTask:
+def build_appearance(*, mask, reference_mask, **common) -> AppearanceTask:
     """mask, reference_mask: image-res bool tensors, both at the base image's working size."""
+    grid = common["grid"]
     feat_hw, latent_hw = grid.feature_hw, grid.latent_hw
     inside, ref_inside = nearest(mask, feat_hw), nearest(reference_mask, feat_hw)
     for name, m in (("mask", inside), ("reference_mask", ref_inside)):
         if not m.any():
-            raise ValueError(f"{name}: the object is smaller than one feature cell (4 px) at the working size")
+            raise ValueError(f"{name}: the object is smaller than one feature cell ({grid.feature_cell} px) at the "
+                             "working size")
     if inside.all():
         raise ValueError("mask: the object covers the whole image; leave some background")
     region = latent_region(inside, latent_hw)
@@ -58,9 +61,9 @@ def build_appearance(*, mask, reference_mask, grid, **common) -> AppearanceTask:
 
 def from_spec(spec, prep) -> AppearanceTask:
     obj = prep.mask(spec.mask, "mask")
-    prep.reference_pixels, ref_mask = prep.reference(spec.reference, spec.reference_mask)
-    return build_appearance(mask=obj, reference_mask=ref_mask, grid=prep.grid, w_edit=spec.w_edit,
-                            w_content=spec.w_content, **common_fields(spec, prep, reference=True))
+    ref_pixels, ref_image, ref_mask = prep.reference(spec.reference, spec.reference_mask)
+    return build_appearance(mask=obj, reference_mask=ref_mask, w_edit=spec.w_edit, w_content=spec.w_content,
+                            **common_fields(spec, prep, reference=(ref_pixels, ref_image)))
 
 
 INFO = TaskInfo(

@@ -1,8 +1,9 @@
-"""What every task provides to the sampler, and the grid geometry the tasks share.
+"""What every task provides, and the grid geometry the tasks share.
 
-A task is built by a `DragonPipeline` method from validated inputs. The sampler only asks it for: the images and
-prompts to invert, its z_T initialisation, its two energies, the region where the edit gradient applies,
-the regional-SDE region, and its memory-bank mode and window.
+A task is built by its registry entry's `build(spec, prep)` from a resolved spec and the prepared inputs. The
+pipeline asks it for the images and prompts to invert and its z_T initialisation; the sampler (through its
+`GuidedTask` contract) for its two energies, the region where the edit gradient applies, the regional-SDE region
+and its memory-bank mode. How strongly it is guided is not the task's: that is the pipeline's `Guidance`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attention import PLAIN
+from ..grid import Grid
 
 
 def nearest(mask, size: tuple[int, int]) -> torch.Tensor:
@@ -85,24 +86,16 @@ class TaskInfo:
     doc: str = ""
 
 
-def common_fields(spec, prep, reference: bool = False) -> dict:
-    """The Task fields every task fills the same way from a resolved spec."""
-    pixels = prep.pixels
-    prompts = [spec.prompt]
-    if reference:
-        pixels = torch.cat([pixels, prep.reference_pixels.to(pixels)])
+def common_fields(spec, prep, reference: tuple[torch.Tensor, np.ndarray] | None = None) -> dict:
+    """The Task fields every task fills the same way. `reference`: the reference image's (pixels, working-size
+    uint8 image) for two-image tasks, inverted with the base image as batch element 1."""
+    pixels, prompts, reference_image = prep.pixels, [spec.prompt], None
+    if reference is not None:
+        ref_pixels, reference_image = reference
+        pixels = torch.cat([pixels, ref_pixels.to(pixels)])
         prompts.append(spec.reference_prompt)
-    first, last = spec.bank_steps
-    return {
-        "pixels": pixels,
-        "inversion_prompts": prompts,
-        "prompt": spec.prompt,
-        "guidance_scale": spec.guidance_scale,
-        "energy_scale": spec.energy_scale * 1000.0,
-        "gradient_coef": spec.gradient_coef,
-        "bank_first": first,
-        "bank_last": last,
-    }
+    return {"pixels": pixels, "inversion_prompts": prompts, "prompt": spec.prompt, "grid": prep.grid,
+            "reference_image": reference_image}
 
 
 @dataclass
@@ -113,21 +106,14 @@ class Task:
     pixels: torch.Tensor  # (B, 3, H, W) in [-1, 1]: B = 1 (base) or 2 (base, reference)
     inversion_prompts: list[str]
     prompt: str  # edit prompt: sampling condition and feature-pass condition
-    guidance_scale: float
-    energy_scale: float  # s, already x1000
-    gradient_coef: float  # c
+    grid: Grid  # the edit's image / latent / feature sizes
     edit_region: torch.Tensor  # (1, 1, h, w) M: edit gradient inside, content gradient outside
     sde_region: torch.Tensor  # (1, 1, h, w) region of the regional SDE
-    bank_mode: str
-    bank_first: int
-    bank_last: int | None  # None: to the last step
+    bank_mode: str  # inside the bank window (the spec's bank_steps); plain attention outside it
+    reference_image: np.ndarray | None = None  # two-image tasks: the reference at the working size, as used
     union_masks: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # what the result reports ("as used")
     flags: list[str] = field(default_factory=list)  # degenerate energy terms skipped, etc.
-
-    def bank_mode_at(self, grid_step: int) -> str:
-        inside = self.bank_first <= grid_step and (self.bank_last is None or grid_step <= self.bank_last)
-        return self.bank_mode if inside else PLAIN
 
     def init_latent(self, inverted_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From inv[T] (B, 4, h, w): the starting latent z_T (1, 4, h, w) and the step-0 reference latent (B, ...)."""

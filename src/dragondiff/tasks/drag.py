@@ -45,19 +45,21 @@ class DragTask(Task):
         return z, z.clone()  # the official view aliasing: inv[T] used at step 0 is the patched latent
 
     def energies(self, gen, refs):
-        f, r = resize_features(gen), resize_features(refs[0])
+        f, r = resize_features(gen, self.grid.feature_hw), resize_features(refs[0], self.grid.feature_hw)
         return E.drag_edit(f, r, self.pairs, self.w_edit, self.w_inpaint), E.drag_content(
             f, r, self.other, self.w_content
         )
 
 
-def build_drag(*, mask, points_scaled, grid, **common) -> DragTask:
+def build_drag(*, mask, points_scaled, **common) -> DragTask:
     """mask: image-res bool tensor (working size). points_scaled: [((hx, hy), (tx, ty))] in working pixels."""
+    grid = common["grid"]
     latent_hw, feat_hw, cell_px = grid.latent_hw, grid.feature_hw, grid.feature_cell
     h, w = latent_hw
     inside = nearest(mask, feat_hw)
     if not inside.any():
-        raise ValueError("mask: the editable area is smaller than one feature cell (4 px); draw a larger mask")
+        raise ValueError(f"mask: the editable area is smaller than one feature cell ({cell_px} px); draw a "
+                         "larger mask")
     other = ~inside
     if not other.any():
         raise ValueError("mask: the editable area covers the whole image; leave some background outside it")
@@ -72,7 +74,7 @@ def build_drag(*, mask, points_scaled, grid, **common) -> DragTask:
         if handle == target:
             raise ValueError(
                 f"points[{k}]: handle ({hx:.0f}, {hy:.0f}) and target ({tx:.0f}, {ty:.0f}) fall in the same "
-                "4-px feature cell; move the target at least 4 px away"
+                f"{cell_px}-px feature cell; move the target at least {cell_px} px away"
             )
         handle_box, target_box = box_cells(*handle), box_cells(*target)
         hb = torch.zeros(feat_hw, dtype=torch.bool)
@@ -112,7 +114,7 @@ def from_spec(spec, prep) -> DragTask:
         ty = min(int(scaled[-1][1][1]), prep.size_hw[0] - 1)
         if not editable[ty, tx]:
             raise ValueError(f"points[{k}]: target ({target[0]:g}, {target[1]:g}) lies outside the editable mask")
-    return build_drag(mask=editable, points_scaled=scaled, grid=prep.grid, w_edit=spec.w_edit,
+    return build_drag(mask=editable, points_scaled=scaled, w_edit=spec.w_edit,
                       w_content=spec.w_content, w_inpaint=spec.w_inpaint, **common_fields(spec, prep))
 
 

@@ -22,8 +22,8 @@ class MoveTask(Task):
     object_mask: torch.Tensor = None  # image-res bool
     scale: float = 1.0
     shift_latent: tuple[int, int] = (0, 0)
-    cur_cells: tuple = None
-    tar_cells: tuple = None
+    dest_cells: tuple = None
+    src_cells: tuple = None
     other: torch.Tensor = None
     non_overlap: torch.Tensor = None
     region: torch.Tensor = None
@@ -43,58 +43,57 @@ class MoveTask(Task):
 
     def energies(self, gen, refs):
         ref = refs[0]
-        f, r0 = resize_features(gen), resize_features(ref)
-        rs = resize_features(ref, self.scale)
-        e_edit = E.move_edit(f, rs, self.cur_cells, self.tar_cells, self.w_edit)
+        f, r0 = resize_features(gen, self.grid.feature_hw), resize_features(ref, self.grid.feature_hw)
+        rs = resize_features(ref, self.grid.scaled_feature_hw(self.scale))
+        e_edit = E.move_edit(f, rs, self.dest_cells, self.src_cells, self.w_edit)
         e_content = E.move_content(
             f, r0, self.other, self.non_overlap, self.region, self.w_content, self.w_contrast, self.w_inpaint
         )
         return e_edit, e_content
 
 
-def build_move(
-    *, object_mask, reference_region, offset_px, input_scale, scale, grid, **common
-) -> MoveTask:
+def build_move(*, object_mask, reference_region, offset_px, input_scale, scale, **common) -> MoveTask:
     """object_mask / reference_region: image-res bool tensors at working size; offset_px in original pixels;
     input_scale = (sx, sy), working size / original size per axis."""
     dx, dy = offset_px
     sx, sy = input_scale
+    grid = common["grid"]
     feat_hw, latent_hw, cell, f = grid.feature_hw, grid.latent_hw, grid.feature_cell, grid.vae_factor
     mask_org = nearest(object_mask, feat_hw)
     if not mask_org.any():
-        raise ValueError("mask: the object is smaller than one feature cell (4 px) at the working size; "
+        raise ValueError(f"mask: the object is smaller than one feature cell ({cell} px) at the working size; "
                          "draw a larger mask or raise max_resolution")
-    canvas = (int(feat_hw[0] * scale), int(feat_hw[1] * scale))
+    canvas = grid.scaled_feature_hw(scale)
     if min(canvas) < 1:
-        raise ValueError(f"scale={scale:g} shrinks the image below one feature cell (4 px); use a larger scale")
+        raise ValueError(f"scale={scale:g} shrinks the image below one feature cell ({cell} px); use a larger scale")
     mask_tar = nearest(object_mask, canvas)
     if not mask_tar.any():
-        raise ValueError(f"scale={scale:g} shrinks the object below one feature cell (4 px); use a larger scale")
-    # Official feature-grid shift: floor-divide by 4 first, then x scale, then truncate.
+        raise ValueError(f"scale={scale:g} shrinks the object below one feature cell ({cell} px); use a larger scale")
+    # Official feature-grid shift: floor-divide by the cell size first, then x scale, then truncate.
     shift_f = (int((dy * sy) // cell * scale), int((dx * sx) // cell * scale))
-    tar_cells, cur_cells = paired_cells(mask_tar, shift_f, feat_hw)
-    if tar_cells[0].numel() == 0:
+    src_cells, dest_cells = paired_cells(mask_tar, shift_f, feat_hw)
+    if src_cells[0].numel() == 0:
         raise ValueError(
             f"offset={offset_px} with scale={scale:g} moves the whole object outside the image; nothing to place"
         )
-    mask_cur = cells_to_mask(cur_cells, feat_hw)
+    mask_dest = cells_to_mask(dest_cells, feat_hw)
     flags = []
-    if tar_cells[0].numel() < int(mask_tar.sum()):
+    if src_cells[0].numel() < int(mask_tar.sum()):
         flags.append("part of the moved object falls outside the image and is dropped")
-    other = ~(mask_cur | mask_org)
-    non_overlap = mask_org & ~mask_cur
+    other = ~(mask_dest | mask_org)
+    non_overlap = mask_org & ~mask_dest
     if not non_overlap.any():
         flags.append("the destination covers the source: no vacated area, contrast/inpaint terms skipped")
     region = other if reference_region is None else nearest(reference_region, feat_hw)
     if not region.any():
-        raise ValueError("reference_region: empty on the 4-px feature grid; draw a larger region")
-    union = latent_region(mask_org | mask_cur, latent_hw)
+        raise ValueError(f"reference_region: empty on the {cell}-px feature grid; draw a larger region")
+    union = latent_region(mask_org | mask_dest, latent_hw)
     # The official latent shift forgets input_scale (dx/8); we apply it (fidelity.md).
     shift_latent = (int(dy * sy / f * scale), int(dx * sx / f * scale))
     masks = {
         "object": object_mask.numpy(),
         "source_cells": mask_org.numpy(),
-        "destination_cells": mask_cur.numpy(),
+        "destination_cells": mask_dest.numpy(),
         "background_cells": other.numpy(),
         "vacated_cells": non_overlap.numpy(),
     }
@@ -102,7 +101,7 @@ def build_move(
         masks["reference_region"] = reference_region.numpy()
     return MoveTask(
         name="move",
-        edit_region=latent_region(mask_cur, latent_hw),
+        edit_region=latent_region(mask_dest, latent_hw),
         sde_region=union,
         bank_mode=REPLACE,
         masks=masks,
@@ -110,8 +109,8 @@ def build_move(
         object_mask=object_mask,
         scale=scale,
         shift_latent=shift_latent,
-        cur_cells=cur_cells,
-        tar_cells=tar_cells,
+        dest_cells=dest_cells,
+        src_cells=src_cells,
         other=other,
         non_overlap=non_overlap,
         region=region,
@@ -127,7 +126,7 @@ def from_spec(spec, prep) -> MoveTask:
     region = None if spec.reference_region is None else prep.mask(spec.reference_region, "reference_region")
     return build_move(
         object_mask=obj, reference_region=region, offset_px=(dx, dy), input_scale=prep.input_scale,
-        scale=spec.scale, grid=prep.grid, w_edit=spec.w_edit, w_content=spec.w_content,
+        scale=spec.scale, w_edit=spec.w_edit, w_content=spec.w_content,
         w_contrast=spec.w_contrast, w_inpaint=spec.w_inpaint, **common_fields(spec, prep),
     )
 

@@ -45,24 +45,27 @@ class PasteTask(Task):
         return base * (1 - m) + moved * m, inverted_t
 
     def energies(self, gen, refs):
-        f = resize_features(gen)
-        base, ref = resize_features(refs[0]), resize_features(refs[1])
+        hw = self.grid.feature_hw
+        f = resize_features(gen, hw)
+        base, ref = resize_features(refs[0], hw), resize_features(refs[1], hw)
         return (
             E.paste_edit(f, ref, self.dest_cells, self.src_cells, self.w_edit),
             E.keep_background(f, base, ~self.dest, self.w_content),
         )
 
 
-def build_paste(*, reference_mask, offset_px, input_scale, grid, **common) -> PasteTask:
+def build_paste(*, reference_mask, offset_px, input_scale, **common) -> PasteTask:
     """reference_mask: image-res bool tensor at working size, already scaled about the centre like the image."""
     dx, dy = offset_px
     sx, sy = input_scale  # working size / original size, per axis
     image_hw = tuple(reference_mask.shape)
+    grid = common["grid"]
     feat_hw, latent_hw, cell, f = grid.feature_hw, grid.latent_hw, grid.feature_cell, grid.vae_factor
     dest_image = place(reference_mask, (int(dy * sy), int(dx * sx)), image_hw)
     dest = nearest(dest_image, feat_hw)
     if not dest.any():
-        raise ValueError(f"offset={offset_px}: the pasted object lands outside the image (or below 4 px)")
+        raise ValueError(f"offset={offset_px}: the pasted object lands outside the image (or below one "
+                         f"{cell}-px feature cell)")
     # Source cells = destination cells shifted back on the feature grid (official pairing).
     back = (-int(dy * sy / cell), -int(dx * sx / cell))
     dest_cells, src_cells = paired_cells(dest, back, feat_hw)
@@ -89,16 +92,15 @@ def build_paste(*, reference_mask, offset_px, input_scale, grid, **common) -> Pa
 
 
 def from_spec(spec, prep) -> PasteTask:
-    ref_pixels, ref_mask = prep.reference(spec.reference, spec.reference_mask)
+    ref_pixels, _, ref_mask = prep.reference(spec.reference, spec.reference_mask)
     ref_pixels = scale_about_centre(ref_pixels, spec.scale)  # zero padding = mid-grey in [-1, 1]
     ref_mask = scale_about_centre(ref_mask, spec.scale)
-    prep.reference_image = ((ref_pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+    ref_image = ((ref_pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
     if not ref_mask.any():
         raise ValueError(f"scale={spec.scale:g} crops the reference object away entirely")
-    prep.reference_pixels = ref_pixels
     return build_paste(reference_mask=ref_mask, offset_px=spec.offset, input_scale=prep.input_scale,
-                       grid=prep.grid, w_edit=spec.w_edit, w_content=spec.w_content,
-                       **common_fields(spec, prep, reference=True))
+                       w_edit=spec.w_edit, w_content=spec.w_content,
+                       **common_fields(spec, prep, reference=(ref_pixels, ref_image)))
 
 
 INFO = TaskInfo(

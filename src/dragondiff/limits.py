@@ -1,0 +1,55 @@
+"""Every limit and default of the settings an edit shares across tasks, in one table.
+
+The spec, the pipeline, a model's recommended-settings file, the CLI options and the web UI all read their ranges
+and defaults from here, so a value one of them accepts is never refused by another later on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .validate import check_int, check_number
+
+DEFAULT_PRESET = "official"
+DEFAULT_SEED = 42
+DEFAULT_MAX_RESOLUTION = 768  # the official demo's working resolution
+BUNDLED_RESOLUTION = 128  # the bundled shapes model's scenes
+
+
+@dataclass(frozen=True)
+class Limit:
+    """An inclusive range [low, high] of one setting; `integer` settings are whole numbers."""
+
+    low: float
+    high: float
+    integer: bool = False
+    doc: str = ""
+
+    def check(self, value, name: str):
+        if self.integer:
+            return check_int(value, name, int(self.low), int(self.high))
+        return check_number(value, name, self.low, self.high)
+
+    @property
+    def text(self) -> str:
+        """'1..1000' for integers, '[0, 50]' for numbers (as the error messages write them)."""
+        return f"{int(self.low)}..{int(self.high)}" if self.integer else f"[{self.low:g}, {self.high:g}]"
+
+
+LIMITS: dict[str, Limit] = {
+    "num_inference_steps": Limit(1, 1000, integer=True, doc="DDIM steps (sampling and inversion)"),
+    "guidance_scale": Limit(0, 50, doc="classifier-free guidance scale"),
+    "energy_scale": Limit(0, 100, doc="guidance strength in the official demo's slider units (x1e3)"),
+    "gradient_coef": Limit(0, 10, doc="factor c on the energy gradient"),
+    "sde_strength": Limit(0, 1, doc="eta of the regional SDE inside the edit region"),
+    "max_resolution": Limit(64, 2048, integer=True, doc="working resolution: area about N² pixels"),
+    "seed": Limit(0, 2**63 - 1, integer=True, doc="seeds the regional-SDE noise"),
+    "bank_step": Limit(0, 1000, integer=True, doc="a step index of a memory-bank window (50-step grid)"),
+    "energy_weight": Limit(0, math.inf, doc="weight of one energy term"),
+}
+
+
+def check(name: str, value, label: str | None = None):
+    """Check `value` against LIMITS[name]; the error names `label` (default: name)."""
+    return LIMITS[name].check(value, label or name)
