@@ -14,6 +14,7 @@ A second backbone (SD2.x, SDXL) is another class with the same methods, listed i
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Sequence
@@ -66,6 +67,19 @@ class Conditioning:
         )
 
 
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(module: torch.nn.Module) -> threading.RLock:
+    """One re-entrant lock per model object: edits change what its attention layers read, so edits on one UNet
+    are serialised even when several backbones (or pipelines) wrap it."""
+    with _LOCKS_GUARD:
+        if module not in _LOCKS:
+            _LOCKS[module] = threading.RLock()
+        return _LOCKS[module]
+
+
 class SD1Backbone:
     """Stable Diffusion 1.x: ε-prediction UNet2DConditionModel, AutoencoderKL with scale factor 8, CLIP text."""
 
@@ -82,8 +96,7 @@ class SD1Backbone:
             raise ValueError("unet: expected an SD1.x-style UNet2DConditionModel with at least 3 up blocks")
         decoder_self_attention_names(unet)
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        # Edits change what the decoder self-attention reads (the bank), so edits on one backbone are serialised.
-        self.lock = threading.RLock()
+        self.lock = model_lock(unet)
         self._bank = BankSlot()
 
     # ------------------------------------------------------------------------------------------- loading
@@ -249,11 +262,11 @@ class SD1Backbone:
         """
         with self.lock:
             originals = install_bank_processors(self.unet, self._bank)
-            self._bank.controller = controller
+            previous, self._bank.controller = self._bank.controller, controller
             try:
                 yield
             finally:
-                self._bank.controller = None
+                self._bank.controller = previous
                 if originals is not None:
                     self.unet.set_attn_processor(originals)
 
