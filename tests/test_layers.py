@@ -1,0 +1,79 @@
+"""No module imports from a layer above its own (docs/architecture.md), lazy imports inside functions included.
+
+Every module of the package must be placed in LAYERS: a new module fails this test until it is given a layer.
+"""
+
+import ast
+from pathlib import Path
+
+import dragondiff
+
+ROOT = Path(dragondiff.__file__).parent
+
+# Bottom to top; a module may import its own layer and those below. Within the top layer only the listed
+# directions are allowed: the CLI fronts everything; the web UI, the benchmarks and the trainer stay apart.
+LAYERS = [
+    ("leaves", {"errors", "validate", "limits", "grid", "presets", "result", "metrics", "shapes", "shapes.scenes",
+                "shapes.tokenizer", "shapes.model"}),
+    ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone"}),
+    ("engine", {"sampler"}),
+    ("tasks and description", {"tasks", "tasks.base", "tasks.move", "tasks.drag", "tasks.appearance", "tasks.paste",
+                               "spec"}),
+    ("facade", {"pipeline", "loading", "dragondiff"}),
+    ("delivery", {"output", "provenance", "dragbench", "tiny"}),
+    ("edges", {"cli", "ui", "bench", "train", "__main__"}),
+]
+EDGE_IMPORTS = {"cli": {"cli", "ui", "bench", "train"}, "__main__": {"cli"}, "ui": {"ui"}, "bench": {"bench"},
+                "train": {"train"}}
+
+
+def _modules():
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        yield path, ".".join(parts) or "dragondiff"
+
+
+def _imports(path: Path, name: str):
+    package = name.split(".") if path.name == "__init__.py" and name != "dragondiff" else name.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = package[: len(package) - (node.level - 1)]
+            if node.module:
+                yield ".".join(base + node.module.split("."))
+            else:
+                yield from (".".join(base + [a.name]) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dragondiff."):
+            yield node.module.removeprefix("dragondiff.")
+        elif isinstance(node, ast.Import):
+            yield from (a.name.removeprefix("dragondiff.") for a in node.names if a.name.startswith("dragondiff."))
+
+
+def _layer(name: str) -> int:
+    for candidate in (name, name.split(".")[0]):
+        for rank, (_, members) in enumerate(LAYERS):
+            if candidate in members:
+                return rank
+    raise AssertionError(f"{name}: no layer in tests/test_layers.py LAYERS; place it (and in docs/architecture.md)")
+
+
+def test_no_module_imports_from_a_layer_above():
+    upward = []
+    for path, name in _modules():
+        if name == "dragondiff":
+            continue  # the package's public names re-export the facade
+        for target in _imports(path, name):
+            if target in ("", "__version__") or target == "dragondiff":
+                continue
+            if _layer(target) > _layer(name):
+                upward.append(f"{name} -> {target}")
+            top = name.split(".")[0]
+            if top in EDGE_IMPORTS and _layer(target) == len(LAYERS) - 1 and target.split(".")[0] not in EDGE_IMPORTS[top]:
+                upward.append(f"{name} -> {target} (edges stay apart)")
+    assert not upward, "imports from a layer above:\n" + "\n".join(sorted(upward))
+
+
+def test_every_module_has_a_layer():
+    for _, name in _modules():
+        _layer(name)
