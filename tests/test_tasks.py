@@ -203,7 +203,7 @@ def test_reused_inversion_gives_the_same_edit_without_inverting_again(tiny_pipe,
     prompt = {"move": "a red disc", "drag": "shapes", "appearance": "a disc"}[task]
     inv = tiny_pipe.invert(IMG, prompt=prompt, num_inference_steps=8, **FAST)
     assert inv.latents.shape[:2] == (9, 1) and inv.latents.device.type == "cpu"
-    assert inv.nbytes > inv.bank.nbytes() > 0
+    assert inv.nbytes > inv.bank.nbytes > 0
     direct = run(tiny_pipe, task, num_inference_steps=8)
     for edit in range(2):  # the inversion is not consumed by an edit
         reused = _run_on(tiny_pipe, task, inv)

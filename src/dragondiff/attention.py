@@ -68,6 +68,7 @@ class MemoryBank:
     def steps(self, layer: str) -> list[int]:
         return sorted(self.entries[layer])
 
+    @property
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for d in self.entries.values() for k, _ in d.values())
 

@@ -27,6 +27,7 @@ class FeatureCache:
     device: torch.device
     steps: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
+    @property
     def nbytes(self) -> int:
         return sum(f.numel() * f.element_size() for feats in self.steps.values() for f in feats)
 
@@ -57,8 +58,8 @@ class Inversion:
     @property
     def nbytes(self) -> int:
         """Memory held: the bank, the latents and the cached reference features."""
-        return (self.bank.nbytes() + self.latents.numel() * self.latents.element_size()
-                + sum(c.nbytes() for c in self.features.values()))
+        return (self.bank.nbytes + self.latents.numel() * self.latents.element_size()
+                + sum(c.nbytes for c in self.features.values()))
 
     def __repr__(self) -> str:
         h, w = self.size_hw
@@ -88,8 +89,9 @@ class MergedBank:
     def steps(self, layer: str) -> list[int]:
         return self.banks[0].steps(layer)
 
+    @property
     def nbytes(self) -> int:
-        return sum(b.nbytes() for b in self.banks)
+        return sum(b.nbytes for b in self.banks)
 
 
 def merge_banks(banks: list[MemoryBank]) -> MemoryBank | MergedBank:
