@@ -8,7 +8,9 @@ DragBench (Shi et al., DragDiffusion) stores each sample as a folder:
 
 `meta_data.pkl` is a pickle, and unpickling runs whatever the file names. `read_meta` uses an unpickler that can
 build only numpy arrays and dtypes (plus the lists, tuples, dicts, strings and numbers pickle makes without
-calling anything); any other global in the file is refused before anything of it runs.
+calling anything); any other global in the file is refused before anything of it runs. The array constructors
+it allows are called only after their shape has been checked against a size bound (the sample image's pixels),
+so a tiny file cannot make us allocate gigabytes.
 """
 
 from __future__ import annotations
@@ -38,10 +40,70 @@ class UnsafePickleError(ValueError):
     """A pickle asked for something other than numpy arrays and plain data."""
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, source: str):
+# An array in a DragBench pickle is a mask (H x W, maybe x 3) or a point list: at most a few values per image pixel.
+VALUES_PER_PIXEL = 4
+DEFAULT_MAX_ELEMENTS = 40_000_000 * VALUES_PER_PIXEL  # inputs.MAX_INPUT_PIXELS images
+
+
+def _shape_argument(func, args):
+    """The shape an allowed array constructor is asked to allocate, or None for calls that allocate nothing
+    beyond data already in the file."""
+    name = getattr(func, "__name__", "")
+    if func is np.ndarray:
+        return args[0] if args else None
+    if name == "_reconstruct":
+        return args[1] if len(args) > 1 else None
+    if name == "_frombuffer":
+        return args[2] if len(args) > 2 else None
+    return None
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler (its opcodes can be overridden; DragBench pickles are tiny), with `find_class`
+    limited to _ALLOWED and every call of an allowed array constructor checked before it allocates."""
+
+    def __init__(self, file, source: str, max_elements: int):
         super().__init__(file)
         self.source = source
+        self.max_elements = max_elements
+        self.dispatch = dict(self.dispatch)
+        self.dispatch[pickle.REDUCE[0]] = _RestrictedUnpickler._reduce
+        self.dispatch[pickle.NEWOBJ[0]] = _RestrictedUnpickler._newobj
+        self.dispatch[pickle.NEWOBJ_EX[0]] = _RestrictedUnpickler._newobj_ex
+
+    def _check_size(self, func, args) -> None:
+        shape = _shape_argument(func, args)
+        if shape is None:
+            return
+        dims = shape if isinstance(shape, (tuple, list)) else (shape,)
+        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
+            raise UnsafePickleError(f"{self.source}: an array shape must be non-negative integers; nothing of this "
+                                    "file was run")
+        elements = int(np.prod([int(d) for d in dims], dtype=object)) if dims else 1
+        if elements > self.max_elements:
+            raise UnsafePickleError(f"{self.source}: asks for an array of {elements:,} values; a sample of this "
+                                    f"image holds at most {self.max_elements:,}; nothing was allocated")
+
+    def _reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        self._check_size(func, args)
+        self.stack[-1] = func(*args)
+
+    def _newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self._check_size(cls, args)
+        self.append(cls.__new__(cls, *args))
+
+    def _newobj_ex(self):
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if kwargs:
+            raise UnsafePickleError(f"{self.source}: keyword construction is not allowed in a DragBench pickle")
+        self._check_size(cls, args)
+        self.append(cls.__new__(cls, *args))
 
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
@@ -55,10 +117,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"{self.source}: persistent ids are not allowed in a DragBench meta_data.pkl")
 
 
-def load_restricted(data: bytes, source: str = "pickle"):
-    """Unpickle `data` allowing only numpy arrays/dtypes and plain containers, strings and numbers."""
+def load_restricted(data: bytes, source: str = "pickle", max_elements: int = DEFAULT_MAX_ELEMENTS):
+    """Unpickle `data` allowing only numpy arrays/dtypes and plain containers, strings and numbers, none with more
+    than `max_elements` values."""
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), source).load()
+        return _RestrictedUnpickler(io.BytesIO(data), source, max_elements).load()
     except UnsafePickleError:
         raise
     except Exception as e:  # truncated or corrupt files raise many different errors
@@ -83,10 +146,12 @@ class Sample:
                         prompt=self.prompt, **fields)
 
 
-def read_meta(path: str | Path) -> dict:
-    """meta_data.pkl -> {"prompt": str, "points": list of (x, y), "mask": (H, W) array}; checked field by field."""
+def read_meta(path: str | Path, image_hw: tuple[int, int] | None = None) -> dict:
+    """meta_data.pkl -> {"prompt": str, "points": list of (x, y), "mask": (H, W) array}; checked field by field.
+    `image_hw`: the sample image's size, which bounds every array in the file before it is allocated."""
     path = Path(path)
-    meta = load_restricted(path.read_bytes(), str(path))
+    limit = DEFAULT_MAX_ELEMENTS if image_hw is None else max(1024, image_hw[0] * image_hw[1] * VALUES_PER_PIXEL)
+    meta = load_restricted(path.read_bytes(), str(path), limit)
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a dict with prompt, points and mask, got {type(meta).__name__}")
     missing = [k for k in ("prompt", "points", "mask") if k not in meta]
@@ -109,6 +174,17 @@ def read_meta(path: str | Path) -> dict:
     return {"prompt": meta["prompt"], "points": [tuple(p) for p in pts.tolist()], "mask": mask}
 
 
+def _image_hw(path: Path) -> tuple[int, int] | None:
+    """The image's size from its header (nothing decoded); None when it cannot be read (reported later)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (OSError, ValueError):
+        return None
+
+
 def read_sample(folder: str | Path) -> Sample:
     """Read one sample folder; errors say what is missing or malformed."""
     folder = Path(folder)
@@ -118,7 +194,7 @@ def read_sample(folder: str | Path) -> Sample:
     meta_path = folder / META_NAME
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: no {META_NAME}")
-    meta = read_meta(meta_path)
+    meta = read_meta(meta_path, _image_hw(image))
     mask = meta["mask"] > (127 if meta["mask"].max() > 1 else 0)
     pts = meta["points"]
     pairs = tuple((pts[k], pts[k + 1]) for k in range(0, len(pts), 2))

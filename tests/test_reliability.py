@@ -1,0 +1,48 @@
+"""Inputs that used to exhaust memory or fail late (issue: reliability), each refused early and by name."""
+
+import pickle
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from dragondiff import dragbench
+
+
+class _ArrayBomb:
+    """Pickles as a call of the allowed numpy.ndarray constructor with a huge shape (a 40000x40000 array)."""
+
+    def __reduce__(self):
+        return np.ndarray, ((40000, 40000), "f2")
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_tiny_pickle_cannot_allocate_a_huge_array(tmp_path, protocol):
+    data = pickle.dumps({"prompt": "x", "points": [(1, 1), (2, 2)], "mask": _ArrayBomb()}, protocol=protocol)
+    assert len(data) < 200
+    path = tmp_path / "meta_data.pkl"
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(dragbench.UnsafePickleError, match=r"1,600,000,000 values.*nothing was allocated"):
+            dragbench.read_meta(path, image_hw=(64, 64))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20
+
+
+def test_array_reconstruction_is_bounded_by_the_image(tmp_path):
+    """The usual pickled mask (numpy's _reconstruct + setstate) loads; one larger than the image allows does not."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:20, 10:20] = 1
+    path = tmp_path / "meta_data.pkl"
+    path.write_bytes(pickle.dumps({"prompt": "p", "points": [(1, 1), (5, 5)], "mask": mask}))
+    assert np.array_equal(dragbench.read_meta(path, image_hw=(64, 64))["mask"], mask)
+    big = np.zeros((200, 200), np.uint8)
+    path.write_bytes(pickle.dumps({"prompt": "p", "points": [(1, 1), (5, 5)], "mask": big}))
+    # _reconstruct allocates an empty array; the data comes from the file, so only a shape past the bound fails
+    out = dragbench.read_meta(path, image_hw=(400, 400))["mask"]
+    assert out.shape == (200, 200)
+    with pytest.raises(dragbench.UnsafePickleError, match="at most 16,384"):
+        dragbench.load_restricted(pickle.dumps(_ArrayBomb()), "x", max_elements=16_384)
