@@ -71,13 +71,20 @@ def test_mask_of_another_size(pipe, img_disc_square):
         _move(pipe, img, small)
 
 
-def test_non_binary_mask(pipe, img_disc_square):
-    img, _, _ = img_disc_square
+def test_grey_masks_are_thresholded_at_half(pipe, img_disc_square):
+    """Anti-aliased and JPEG masks are read at 50 %; values outside 0..255 are still refused by name."""
+    from dragondiff.inputs import load_mask
+
     gradient = np.tile(np.arange(128, dtype=np.uint8) * 2, (128, 1))  # 0..254
-    with pytest.raises(ValueError, match=r"^mask: mask values must be 0/1 or 0/255"):
-        _move(pipe, img, gradient)
-    with pytest.raises(ValueError, match=r"^mask: mask values"):
-        _move(pipe, img, Image.fromarray(gradient))  # same as an 8-bit PIL image
+    assert np.array_equal(load_mask(gradient, "mask"), gradient >= 128)
+    assert np.array_equal(load_mask(Image.fromarray(gradient), "mask"), gradient >= 128)  # 8-bit PIL the same
+    soft = gradient.astype(np.float32) / 255
+    assert np.array_equal(load_mask(soft, "mask"), soft >= 0.5)
+    img, _, _ = img_disc_square
+    with pytest.raises(ValueError, match=r"^mask: mask values must lie in 0..255 .*from 0 to 300"):
+        _move(pipe, img, gradient.astype(np.int32) + (gradient.astype(np.int32) == 254) * 46)
+    with pytest.raises(ValueError, match=r"^mask: mask values must lie in 0..255 .*from -1"):
+        _move(pipe, img, gradient.astype(np.int16) - (gradient == 0))
 
 
 def test_nan_in_float_mask(pipe, img_disc_square):

@@ -74,7 +74,9 @@ def load_image(image: ImageLike, name: str = "image") -> np.ndarray:
 
 
 def load_mask(mask: MaskLike, name: str, size_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Return an HxW bool mask. Accepts PIL (L/1/RGB with equal channels), bool, 0/1 or 0/255 arrays, or a path.
+    """Return an HxW bool mask. Accepts PIL (L/1/RGB with equal channels), bool arrays, 0/1 arrays, or any 8-bit
+    grey levels 0..255 (anti-aliased or JPEG masks from paint programs), which are thresholded at 50 %: a pixel is
+    selected when its value is at least 128 (or, for a float mask within 0..1, at least 0.5).
 
     ``size_hw`` is the size of the image the mask belongs to (before any resizing); masks of another size are
     rejected rather than stretched, since a silently stretched mask selects the wrong object.
@@ -100,11 +102,16 @@ def load_mask(mask: MaskLike, name: str, size_hw: tuple[int, int] | None = None)
             raise ValueError(f"{name}: mask dtype {mask.dtype} is not supported")
         if np.issubdtype(mask.dtype, np.floating) and not np.isfinite(mask).all():
             raise ValueError(f"{name}: mask contains NaN or Inf")
-        values = np.unique(mask)
-        if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
-            shown = values[:6].tolist()
-            raise ValueError(f"{name}: mask values must be 0/1 or 0/255 (binary), got values {shown}...")
-        out = mask > 0
+        low, high = mask.min(), mask.max()
+        if low < 0 or high > 255:
+            raise ValueError(f"{name}: mask values must lie in 0..255 (or be 0/1), got values from {low:g} to "
+                             f"{high:g}")
+        if set(np.unique(mask).tolist()) <= {0, 1}:
+            out = mask > 0
+        elif np.issubdtype(mask.dtype, np.floating) and high <= 1:
+            out = mask >= 0.5
+        else:
+            out = mask >= 128
     if size_hw is not None and out.shape != tuple(size_hw):
         raise ValueError(
             f"{name}: mask is {out.shape[1]}x{out.shape[0]} but its image is {size_hw[1]}x{size_hw[0]}; "
