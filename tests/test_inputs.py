@@ -247,26 +247,48 @@ def test_missing_files(pipe, img_disc_square, tmp_path):
         pipe.replace_appearance(img, disc, tmp_path / "ref.png", disc, **FAST)
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
-def test_alpha_and_palette_images(pipe, img_disc_square, mode, tmp_path):
-    img, disc, _ = img_disc_square
+@pytest.mark.parametrize("mode,how", [("RGBA", "flattened onto white"), ("LA", "flattened onto white"),
+                                      ("P", "converted to RGB"), ("1", "converted to RGB"), ("CMYK", "converted")])
+def test_alpha_palette_and_other_modes_are_converted_with_a_note(img_disc_square, mode, how, tmp_path):
+    """What the web UI accepts, the API and CLI accept too: converted as the UI shows it, with a note."""
+    from dragondiff.errors import InputNote
+    from dragondiff.inputs import load_image
+
+    img, _, _ = img_disc_square
     pil = Image.fromarray(img).convert(mode)
-    with pytest.raises(ValueError, match=rf"^image: PIL mode '{mode}' \(palette or alpha\) is not accepted"):
-        _move(pipe, pil, disc)
-    # also when read from a file
-    pil.save(tmp_path / "x.png")
-    with pytest.raises(ValueError, match=rf"^image: PIL mode '{mode}'"):
-        _move(pipe, tmp_path / "x.png", disc)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")  # PNG has no CMYK
+    pil.save(path)
+    for source in (pil, path):
+        with pytest.warns(InputNote, match=rf"^image: '{mode}' image.*{how}"):
+            out = load_image(source, "image")
+        assert out.shape == img.shape and out.dtype == np.uint8
+    if mode in ("RGBA", "LA"):  # fully opaque: nothing changes but the channel count
+        expected = img if mode == "RGBA" else np.asarray(Image.fromarray(img).convert("L").convert("RGB"))
+        assert np.array_equal(load_image(pil, "image"), expected)
 
 
-def test_16_bit_image(pipe, img_disc_square, tmp_path):
-    _, disc, _ = img_disc_square
+def test_transparent_pixels_become_white(img_disc_square):
+    from dragondiff.inputs import load_image
+
+    img, disc, _ = img_disc_square
+    rgba = np.dstack([img, np.where(disc, 0, 255).astype(np.uint8)])
+    with pytest.warns(UserWarning):
+        out = load_image(Image.fromarray(rgba, "RGBA"), "image")
+    assert (out[disc] == 255).all() and np.array_equal(out[~disc], img[~disc])
+
+
+def test_16_bit_image(img_disc_square, tmp_path):
+    from dragondiff.inputs import load_image
+
     pil = Image.new("I;16", (128, 128), 1000)
-    with pytest.raises(ValueError, match=r"^image: 'I;16' is a 16/32-bit image"):
-        _move(pipe, pil, disc)
+    with pytest.warns(UserWarning, match=r"^image: 16-bit grey \('I;16'\) scaled to 8-bit RGB"):
+        out = load_image(pil, "image")
+    assert (out == 4).all()  # 1000 / 257 rounds to 4
     pil.save(tmp_path / "x16.png")
-    with pytest.raises(ValueError, match=r"^image: 'I(;16)?' is a 16/32-bit image"):
-        _move(pipe, tmp_path / "x16.png", disc)
+    with pytest.warns(UserWarning, match="16-bit grey"):
+        assert (load_image(tmp_path / "x16.png", "image") == 4).all()
+    with pytest.raises(ValueError, match=r"^image: a 32-bit float image"):
+        load_image(Image.new("F", (16, 16), 0.5), "image")
 
 
 def test_float_image_array(pipe, img_disc_square):
@@ -291,8 +313,8 @@ def test_image_of_wrong_type(pipe, img_disc_square):
 
 def test_reference_image_is_named(pipe, img_disc_square):
     img, disc, square = img_disc_square
-    with pytest.raises(ValueError, match=r"^reference: PIL mode 'RGBA'"):
-        pipe.replace_appearance(img, disc, Image.fromarray(img).convert("RGBA"), square, **FAST)
+    with pytest.raises(ValueError, match=r"^reference: a 32-bit float image"):
+        pipe.replace_appearance(img, disc, Image.new("F", (128, 128), 0.5), square, **FAST)
 
 
 # ------------------------------------------------------------------------------------------------ options

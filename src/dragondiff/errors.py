@@ -3,3 +3,7 @@
 
 class NonFiniteError(RuntimeError):
     """NaN or Inf appeared in a latent or an image."""
+
+
+class InputNote(UserWarning):
+    """An input was accepted after a conversion the user should know about (e.g. transparency flattened)."""

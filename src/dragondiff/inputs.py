@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .errors import InputNote
 from .grid import Grid
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
@@ -44,21 +46,42 @@ def _open_path(value, name: str) -> Image.Image:
         raise ValueError(f"{name}: cannot read {path} as an image ({e})") from e
 
 
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L")
+
+
+def pil_to_rgb(image: Image.Image, name: str) -> tuple[np.ndarray, str | None]:
+    """Any PIL image as HxWx3 uint8 RGB, the way the web UI shows it: transparency flattened onto white, palette,
+    1-bit, CMYK and grey converted, 16-bit grey scaled to 8 bits. Returns (array, a note saying what was done or
+    None for RGB and L). Float images are refused."""
+    mode = image.mode
+    if mode == "F":
+        raise ValueError(f"{name}: a 32-bit float image (PIL mode 'F'); pass an 8- or 16-bit image")
+    if mode in _WIDE_GREY_MODES:
+        grey = np.asarray(image).astype(np.int64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise ValueError(f"{name}: {mode!r} values must lie in 0..65535 (16-bit grey), got "
+                             f"{grey.min()}..{grey.max()}")
+        grey = np.rint(grey / 257.0).astype(np.uint8)
+        return np.ascontiguousarray(np.stack([grey] * 3, -1)), f"16-bit grey ({mode!r}) scaled to 8-bit RGB"
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA")).astype(np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        flat = np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        return flat, f"{mode!r} image with transparency: flattened onto white"
+    rgb = np.asarray(image.convert("RGB"))
+    return rgb, None if mode in ("RGB", "L") else f"{mode!r} image converted to RGB"
+
+
 def load_image(image: ImageLike, name: str = "image") -> np.ndarray:
-    """Return an HxWx3 uint8 RGB array. Accepts a PIL image (RGB or L), an HxWx3 uint8 array or a path."""
+    """Return an HxWx3 uint8 RGB array. Accepts a PIL image of any 8/16-bit mode (converted as `pil_to_rgb` says,
+    with an `InputNote` warning), an HxWx3 uint8 array or a path."""
     if isinstance(image, (str, os.PathLike)):
         image = _open_path(image, name)
     if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in image.info:
-            raise ValueError(
-                f"{name}: PIL mode {image.mode!r} (palette or alpha) is not accepted; "
-                "flatten it onto a background and pass an RGB image (e.g. image.convert('RGB'))"
-            )
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            raise ValueError(f"{name}: {image.mode!r} is a 16/32-bit image; pass 8-bit RGB")
-        if image.mode not in ("RGB", "L"):
-            raise ValueError(f"{name}: PIL mode {image.mode!r} is not supported; pass an RGB (or L) image")
-        image = np.asarray(image.convert("RGB"))
+        image, note = pil_to_rgb(image, name)
+        if note:
+            warnings.warn(f"{name}: {note}", InputNote, stacklevel=2)
     if not isinstance(image, np.ndarray):
         raise TypeError(f"{name}: expected a PIL image, an HxWx3 uint8 array or a path, got {type(image).__name__}")
     if image.dtype != np.uint8:
