@@ -46,3 +46,43 @@ def test_array_reconstruction_is_bounded_by_the_image(tmp_path):
     assert out.shape == (200, 200)
     with pytest.raises(dragbench.UnsafePickleError, match="at most 16,384"):
         dragbench.load_restricted(pickle.dumps(_ArrayBomb()), "x", max_elements=16_384)
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """'Billion laughs': each anchor a list of nine aliases of the one before (9**9 leaves when expanded)."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    for k in range(1, levels):
+        lines.append(f"l{k}: &l{k} [" + ", ".join([f"*l{k - 1}"] * 9) + "]")
+    return "\n".join(lines) + f"\noffset: *l{levels - 1}\n"
+
+
+def test_messages_print_a_short_sketch_of_a_huge_value():
+    import yaml
+
+    from dragondiff.validate import check_offset, check_point, shown
+
+    data = yaml.safe_load(_alias_bomb())
+    tracemalloc.start()
+    try:
+        with pytest.raises(TypeError, match=r"^offset must be a \(dx, dy\) pair") as err:
+            check_offset(data["offset"])
+        with pytest.raises(TypeError) as err2:
+            check_point(data["offset"], "points[0] handle")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(str(err.value)) < 400 and len(str(err2.value)) < 400
+    assert peak < 5 * 2**20
+    assert shown(0.1) == "0.1" and len(shown("x" * 10_000)) < 80
+
+
+def test_prompts_are_bounded_before_tokenising(tiny_pipe):
+    from dragondiff.limits import LIMITS
+
+    most = int(LIMITS["prompt_chars"].high)
+    huge = "a red disc " * 1_000_000  # 11 MB
+    with pytest.raises(ValueError, match=rf"prompt #0: 11,000,000 characters; at most {most:,}"):
+        tiny_pipe.backbone.condition([huge])
+    with pytest.raises(ValueError, match="characters; at most"):
+        tiny_pipe.backbone.prompt_length(huge)
+    assert tiny_pipe.backbone.prompt_length("a" * most) > 0

@@ -24,6 +24,7 @@ import torch
 
 from .attention import BankSlot, decoder_self_attention_names, estimate_bank_bytes, install_bank_processors
 from .errors import NonFiniteError
+from .limits import check_prompt
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,7 @@ class SD1Backbone:
         for k, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise TypeError(f"prompt: expected a string, got {type(p).__name__} (prompt #{k})")
+            check_prompt(p, f"prompt #{k}")
         return list(prompts)
 
     @torch.no_grad()
@@ -293,7 +295,7 @@ class SD1Backbone:
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens of a prompt with its start/end tokens (what must fit in the text encoder's window)."""
-        return len(self.tokenizer(prompt, truncation=False).input_ids)
+        return len(self.tokenizer(check_prompt(prompt), truncation=False).input_ids)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .validate import check_int, check_number
+from .validate import check_int, check_number, check_string
 
 DEFAULT_PRESET = "official"
 DEFAULT_SEED = 42
@@ -47,7 +47,20 @@ LIMITS: dict[str, Limit] = {
     "seed": Limit(0, 2**63 - 1, integer=True, doc="seeds the regional-SDE noise"),
     "bank_step": Limit(0, 1000, integer=True, doc="a step index of a memory-bank window (50-step grid)"),
     "energy_weight": Limit(0, math.inf, doc="weight of one energy term"),
+    # CLIP reads 77 tokens (a few hundred characters); longer prompts are cut with a warning, and past this many
+    # characters refused before anything tokenises them (a 50 MB prompt took 9.9 GB to tokenise).
+    "prompt_chars": Limit(0, 2000, integer=True, doc="characters of a prompt"),
 }
+
+
+def check_prompt(value, name: str = "prompt") -> str:
+    """A text prompt: a string of at most LIMITS['prompt_chars'] characters."""
+    value = check_string(value, name)
+    most = int(LIMITS["prompt_chars"].high)
+    if len(value) > most:
+        raise ValueError(f"{name}: {len(value):,} characters; at most {most:,} are allowed (the text encoder reads "
+                         "77 tokens, a few hundred characters)")
+    return value
 
 
 def check(name: str, value, label: str | None = None):

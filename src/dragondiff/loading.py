@@ -14,7 +14,7 @@ import torch
 
 from .backbone import SD1Backbone
 from .limits import LIMITS
-from .validate import check_number
+from .validate import check_number, shown
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUNDLED_ID = "dragondiff:shapes"
@@ -124,10 +124,10 @@ def check_settings(settings: dict, name: str) -> dict:
     out = {}
     for task, values in settings.items():
         if task not in TASKS:
-            raise ValueError(f"{name}: unknown task {task!r}; allowed: {sorted(TASKS)}")
+            raise ValueError(f"{name}: unknown task {shown(task)}; allowed: {sorted(TASKS)}")
         if not isinstance(values, dict) or not set(values) <= {"guidance_scale", "energy_scale"}:
             raise ValueError(f"{name}[{task!r}]: expected a dict with guidance_scale and/or energy_scale, "
-                             f"got {values!r}")
+                             f"got {shown(values)}")
         out[task] = {k: check_number(v, f"{name}[{task!r}][{k!r}]", LIMITS[k].low, LIMITS[k].high)
                      for k, v in values.items()}
     return out
