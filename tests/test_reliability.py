@@ -86,3 +86,33 @@ def test_prompts_are_bounded_before_tokenising(tiny_pipe):
     with pytest.raises(ValueError, match="characters; at most"):
         tiny_pipe.backbone.prompt_length(huge)
     assert tiny_pipe.backbone.prompt_length("a" * most) > 0
+
+
+def test_every_geometry_check_runs_without_the_model(monkeypatch):
+    """plan_edit (what a dry run calls) finds what the edit would refuse after loading the model: an offset of
+    (0, 0), a handle equal to its target, an object moved off the image; and passes a valid edit."""
+    from conftest import make_scene
+    from dragondiff.backbone import SD1Backbone
+    from dragondiff.loading import model_factors
+    from dragondiff.pipeline import plan_edit
+    from dragondiff.spec import EditSpec
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    for name in ("forward", "condition", "encode_image", "decode"):
+        monkeypatch.setattr(SD1Backbone, name, boom)
+    img, disc, _ = make_scene()
+    factors = model_factors("dragondiff:shapes")
+    assert factors == (8, 2)
+    cases = [
+        (EditSpec(task="move", image=img, mask=disc, offset=(0, 0)), r"offset=\(0, 0\) with scale=1 is not an edit"),
+        (EditSpec(task="move", image=img, mask=disc, offset=(400, 0)), "outside the image"),
+        (EditSpec(task="drag", image=img, mask=disc, points=[((36, 44), (37, 44))]), "same 4-px feature cell"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(ValueError, match=message):
+            plan_edit(spec, factors=factors, default_max_resolution=128)
+    spec, prep, task = plan_edit(EditSpec(task="move", image=img, mask=disc, offset=(16, 0)), factors=factors,
+                                 default_max_resolution=128)
+    assert spec.w_edit == 4.0 and prep.size_hw == (128, 128) and task.name == "move"

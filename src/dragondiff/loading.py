@@ -114,6 +114,25 @@ def load_single_file(path, *, config, local_files_only: bool = False, allow_pick
     return cls(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer), sd.scheduler
 
 
+def model_factors(id_or_folder) -> tuple[int, int] | None:
+    """(vae_factor, feature_factor) of a model from its configuration files alone (no weights loaded), for checks
+    before loading; None when the configuration cannot be read here (e.g. a hub id that is not cached)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    try:
+        source, _ = resolve_source(id_or_folder)
+        if Path(source).is_file():
+            return None
+        common = {"local_files_only": True}
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet", **common)
+        scheduler = DDIMScheduler.load_config(source, subfolder="scheduler", **common)
+        vae = AutoencoderKL.load_config(source, subfolder="vae", **common)
+        cls = backbone_class(unet, scheduler)
+    except (OSError, EnvironmentError, ValueError):
+        return None
+    return 2 ** (len(vae["block_out_channels"]) - 1), cls.FEATURE_FACTOR
+
+
 def check_settings(settings: dict, name: str) -> dict:
     """Validate a recommended-settings table {task: {"guidance_scale": x, "energy_scale": y}} against the same
     limits an edit has (a value this accepts is never refused at edit time)."""

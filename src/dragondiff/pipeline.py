@@ -196,12 +196,13 @@ class DragonPipeline:
         if inversion is not None and spec.prompt is not None and spec.prompt != inversion.prompt:
             raise ValueError(f"prompt: {spec.prompt!r} differs from the prompt the inversion was made with "
                              f"({inversion.prompt!r}); pass the same prompt (or none) or invert again")
-        # 2. Resolve the defaults: the task registry, the model's recommended settings, a reused inversion.
-        spec = spec.resolved(self.recommended_settings, inversion, self.default_max_resolution)
+        # 2. Resolve the defaults (the task registry, the model's recommended settings, a reused inversion);
+        # 3. the inputs at the working size; 4. the task (geometry, masks, energies) through the registry.
+        spec, prep, task = plan_edit(spec, factors=(self.backbone.vae_factor, self.backbone.feature_factor),
+                                     recommended=self.recommended_settings,
+                                     default_max_resolution=self.default_max_resolution,
+                                     prepare=lambda s: self._prepare(s.image, s.max_resolution, s.num_inference_steps))
         self._warn_long_prompts(spec)
-        # 3. The inputs at the working size; 4. the task (geometry, masks, energies) through the registry.
-        prep = self._prepare(spec.image, spec.max_resolution, spec.num_inference_steps)
-        task = TASKS[spec.task].build(spec, prep)
         # 5. How strongly to guide, in one value.
         preset = get_preset(spec.preset)
         guidance = Guidance(cfg_scale=spec.guidance_scale, energy_scale=spec.energy_scale * ENERGY_UNIT,
@@ -546,6 +547,22 @@ class DragonPipeline:
             guidance=[(i, r, g.cpu()) for i, r, g in record.guidance] if keep else None,
             eps_cfg=[(i, r, e.cpu()) for i, r, e in record.eps_cfg] if keep else None,
         )
+
+
+def plan_edit(spec: EditSpec, *, factors: tuple[int, int], recommended: dict | None = None,
+              default_max_resolution: int = DEFAULT_MAX_RESOLUTION, prepare: Callable | None = None):
+    """Steps 2-4 of an edit, none of which needs the model: resolve the spec's defaults, prepare the inputs at the
+    working size, build the task (geometry, masks, cells). Returns (resolved spec, Prepared, Task); raises the
+    same named errors the edit would. `factors` = the backbone's (vae_factor, feature_factor)
+    (`loading.model_factors` reads them from a model's configuration without loading it), so a dry run checks
+    everything an edit checks before its first model call."""
+    inversion = spec.image if isinstance(spec.image, Inversion) else None
+    spec = spec.resolved(recommended, inversion, default_max_resolution)
+    if prepare is not None:
+        prep = prepare(spec)
+    else:
+        prep = Prepared.from_image(load_image(spec.image, "image"), spec.max_resolution, *factors)
+    return spec, prep, TASKS[spec.task].build(spec, prep)
 
 
 class StepRecord:
