@@ -77,3 +77,26 @@ def test_no_module_imports_from_a_layer_above():
 def test_every_module_has_a_layer():
     for _, name in _modules():
         _layer(name)
+
+
+def test_no_branch_on_a_task_name_outside_the_tasks():
+    """Outside tasks/, no comparison and no dict key spells a task's name: the registry tells the edges what each
+    task needs (adding a task is one module, one registry line and its tests)."""
+    from dragondiff.tasks import TASKS
+
+    names = set(TASKS)
+    found = []
+    for path, name in _modules():
+        if name.startswith("tasks"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                parts = [node.left, *node.comparators]
+                for part in parts:
+                    items = part.elts if isinstance(part, (ast.Tuple, ast.List, ast.Set)) else [part]
+                    found += [f"{name}:{node.lineno} compares with {i.value!r}" for i in items
+                              if isinstance(i, ast.Constant) and i.value in names]
+            elif isinstance(node, ast.Dict):
+                found += [f"{name}:{node.lineno} keys a table by {k.value!r}" for k in node.keys
+                          if isinstance(k, ast.Constant) and k.value in names]
+    assert not found, "task names outside tasks/:\n" + "\n".join(found)
