@@ -126,7 +126,8 @@ class EditSpec:
         set_("seed", check("seed", seed))
         if num_inference_steps is not None:
             n, limit = num_inference_steps, LIMITS["num_inference_steps"]
-            if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)) or not limit.low <= n <= limit.high:
+            integer = isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
+            if not integer or not limit.low <= n <= limit.high:
                 raise ValueError(f"num_inference_steps must be an integer in {limit.text}, got {n!r}")
             num_inference_steps = int(n)
         set_("num_inference_steps", num_inference_steps)

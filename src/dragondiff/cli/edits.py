@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ..spec import EditSpec
-from .options import edit_options, model_options, option_group, run_options, spec_fields, task_fields, task_options, \
-    weight_options
+from .options import (edit_options, model_options, option_group, run_options, spec_fields, task_fields, task_options,
+                      weight_options)
 from .runner import IMAGE_SUFFIXES, InputError, Job, check_inputs, check_jobs, execute, open_model, output_name
 
 

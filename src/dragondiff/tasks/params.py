@@ -158,5 +158,5 @@ def range_text(f: dataclasses.Field) -> str:
     if meta["kind"] == SCALE:
         return f"(0, {meta['high']:g}]"
     if meta["kind"] == NUMBER:
-        return f"[{meta['low']:g}, {'inf' if math.isinf(meta['high']) else format(meta['high'], 'g')}]"
+        return f"≥ {meta['low']:g}" if math.isinf(meta["high"]) else f"[{meta['low']:g}, {meta['high']:g}]"
     return ""
