@@ -1,5 +1,6 @@
 """The command line through its installed entry point, on the tiny model saved in tests/data (2 DDIM steps)."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -246,3 +247,24 @@ def test_readme_examples_validate():
     assert out.returncode == 0 and out.stdout.count("valid") == 2, out.stderr
     out = cli("batch", "examples/dragbench", "-o", "/tmp/dragondiff-never-written", "--dry-run", cwd=root)
     assert out.returncode == 0 and "shapes/circle_right: valid" in out.stdout, out.stderr
+
+
+def test_task_options_are_derived_from_params_and_limits():
+    """Each task command offers exactly its Params fields (plus the shared groups); ranges come from the limits."""
+    from click.testing import CliRunner
+
+    from dragondiff.cli import cli as group
+    from dragondiff.cli.options import COMMON_SPEC_FIELDS
+    from dragondiff.limits import LIMITS
+    from dragondiff.tasks import TASKS
+
+    shared = {p.name for p in group.commands["run"].params} | set(COMMON_SPEC_FIELDS) | {"image", "output"}
+    for task, info in TASKS.items():
+        names = {p.name for p in group.commands[task].params}
+        assert names - shared == set(info.params.names()), task
+        required = {p.name for p in group.commands[task].params if p.required} - {"image"}
+        assert required == {f.name for f in info.params.fields() if f.default is dataclasses.MISSING}, task
+    steps = next(p for p in group.commands["move"].params if p.name == "steps")
+    assert (steps.type.min, steps.type.max) == (LIMITS["num_inference_steps"].low, LIMITS["num_inference_steps"].high)
+    text = CliRunner().invoke(group, ["move", "--help"]).output
+    assert "[default: 50]" not in text and "fast 20" in text and "fast:" in text

@@ -402,8 +402,12 @@ def test_bad_seed_and_callback(pipe, img_disc_square):
 
 def test_bad_bank_start(pipe, img_disc_square):
     img, disc, _ = img_disc_square
-    with pytest.raises(ValueError, match=r"^bank_start"):
+    with pytest.raises(ValueError, match=r"^bank_start"), pytest.warns(DeprecationWarning, match="bank_steps"):
         _move(pipe, img, disc, bank_start=-1)
+    with pytest.raises(TypeError, match=r"^bank_start: give bank_steps"):
+        _move(pipe, img, disc, bank_start=3, bank_steps=(3, None))
+    with pytest.raises(ValueError, match=r"^bank_steps first must be an integer in 0\.\.1000"):
+        _move(pipe, img, disc, bank_steps=(-1, None))
 
 
 @pytest.mark.parametrize("prompt", [123, ["a cup"], b"a cup"])  # None: the default (inversion prompt or "")

@@ -1,7 +1,9 @@
 """EditSpec: validation names the field, defaults come from the task registry once, specs serialise, and
 pipe.edit(spec) is what the task methods run."""
 
+import dataclasses
 import json
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -46,7 +48,7 @@ def test_resolved_fills_each_default_from_the_registry_and_keeps_what_was_given(
     spec = EditSpec(task="move", image="in.png", mask="m.png", offset=(10, 0), w_edit=7.0)
     full = spec.resolved()
     move = TASKS["move"]
-    assert full.w_edit == 7.0 and full.w_content == move.defaults["w_content"]
+    assert full.params.w_edit == 7.0 and full.w_content == move.params.field("w_content").default
     assert full.gradient_coef == 0.08 and full.bank_steps == (5, None) and full.scale == 1.0
     assert (full.guidance_scale, full.energy_scale) == (move.settings["guidance_scale"], move.settings["energy_scale"])
     assert (full.prompt, full.num_inference_steps, full.max_resolution, full.sde_strength) == ("", 50, 768, 0.4)
@@ -54,10 +56,11 @@ def test_resolved_fills_each_default_from_the_registry_and_keeps_what_was_given(
     assert spec.resolved(recommended).guidance_scale == 2.0
     assert EditSpec(task="move", image="a.png", mask="m.png", guidance_scale=3.0).resolved(recommended
                                                                                          ).guidance_scale == 3.0
-    # every task declares a default for each weight field it uses
+    # every task declares a default for each weight field it uses, and its official guidance settings
     for info in TASKS.values():
-        weights = {f for f in info.fields if f.startswith("w_")}
-        assert weights <= set(info.defaults) and {"gradient_coef", "bank_steps"} <= set(info.defaults)
+        weights = [f for f in info.params.fields() if f.name.startswith("w_")]
+        assert weights and all(isinstance(f.default, float) and f.metadata["doc"] for f in weights)
+        assert set(info.settings) == {"guidance_scale", "energy_scale", "gradient_coef", "bank_steps"}
 
 
 def test_json_round_trip_with_relative_paths(tmp_path):
@@ -74,7 +77,11 @@ def test_json_round_trip_with_relative_paths(tmp_path):
     with pytest.raises(ValueError, match=r"^image: <in-memory array .*> cannot be loaded from a spec"):
         EditSpec.from_dict(in_memory)
     schema = EditSpec.json_schema()
-    assert set(schema["properties"]) == set(data) and schema["properties"]["task"]["enum"] == sorted(TASKS)
+    assert set(data) <= set(schema["properties"]) and schema["properties"]["task"]["enum"] == sorted(TASKS)
+    drag = next(c["then"] for c in schema["allOf"] if c["if"]["properties"]["task"]["const"] == "drag")
+    assert drag["required"] == ["mask", "points"] and drag["properties"]["offset"] == {"type": "null"}
+    assert set(data) == {"task", "image"} | {f.name for f in fields(EditSpec)} - {"params", "task", "image"} | set(
+        TASKS["drag"].params.names())  # flat: the task's own fields beside the common ones
 
 
 def test_edit_runs_the_spec_and_its_result_re_runs(tiny_pipe, tmp_path):
@@ -90,3 +97,37 @@ def test_edit_runs_the_spec_and_its_result_re_runs(tiny_pipe, tmp_path):
     assert np.array_equal(np.asarray(tiny_pipe.edit(reloaded, progress=False).image), np.asarray(out.image))
     with pytest.raises(TypeError, match=r"^spec: expected an EditSpec"):
         tiny_pipe.edit({"task": "move"})
+
+
+def test_params_are_the_tasks_typed_fields():
+    from dragondiff.tasks.move import MoveParams
+
+    spec = EditSpec(task="move", image="in.png", mask="m.png", offset=[10, 0])
+    assert isinstance(spec.params, MoveParams) and spec.params.offset == (10.0, 0.0) and spec.params.scale == 1.0
+    assert spec.offset is spec.params.offset  # the task's fields read as attributes too
+    with pytest.raises(AttributeError, match=r"^points: not a field"):
+        spec.points
+    # the same edit from params (an instance or a dict), and replace() reaching into params
+    assert EditSpec(task="move", image="in.png", params=MoveParams(mask="m.png", offset=(10, 0))) == spec
+    assert EditSpec(task="move", image="in.png", params={"mask": "m.png", "offset": (10, 0)}) == spec
+    assert dataclasses.replace(spec, scale=2.0).params == MoveParams(mask="m.png", offset=(10, 0), scale=2.0)
+    with pytest.raises(TypeError, match=r"^params: a MoveParams for task 'drag'"):
+        EditSpec(task="drag", image="in.png", params=spec.params)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'colour'"):
+        EditSpec(task="move", image="in.png", mask="m.png", colour="red")
+    # another task's fields may be None (old sidecars write them as null), never a value
+    assert EditSpec(task="move", image="in.png", mask="m.png", offset=(10, 0), points=None, reference=None) == spec
+    # reference_prompt defaults to the prompt when the spec is resolved
+    paste = EditSpec(task="paste", image="a.png", reference="r.png", reference_mask="rm.png", prompt="a cat")
+    assert paste.params.reference_prompt is None and paste.resolved().params.reference_prompt == "a cat"
+
+
+def test_flat_and_nested_json_load_the_same_spec(tmp_path):
+    flat = {"task": "paste", "image": "a.png", "reference": "r.png", "reference_mask": "rm.png", "scale": 2,
+            "mask": None, "points": None, "w_contrast": None, "seed": 3}
+    nested = {"task": "paste", "image": "a.png", "params": {"reference": "r.png", "reference_mask": "rm.png",
+                                                            "scale": 2}, "seed": 3}
+    assert EditSpec.from_dict(flat, tmp_path) == EditSpec.from_dict(nested, tmp_path)
+    assert EditSpec.from_dict(flat, tmp_path).params.reference == str(tmp_path / "r.png")
+    with pytest.raises(ValueError, match=r"^points: not used by task 'paste'"):
+        EditSpec.from_dict({**flat, "points": [[[1, 1], [5, 5]]]})

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from .errors import InputNote
 from .grid import Grid
+from .limits import LIMITS
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 MaskLike = Union[Image.Image, np.ndarray, str, os.PathLike]
@@ -151,8 +152,9 @@ def working_size(height: int, width: int, max_resolution: int) -> tuple[int, int
     """Working (H', W'): area about max_resolution², sides multiples of 64 (np.round, halves to even)."""
     if not isinstance(max_resolution, (int, np.integer)) or isinstance(max_resolution, bool):
         raise TypeError(f"max_resolution must be an int, got {type(max_resolution).__name__}")
-    if not 64 <= max_resolution <= 2048:
-        raise ValueError(f"max_resolution must be in 64..2048, got {max_resolution}")
+    limit = LIMITS["max_resolution"]
+    if not limit.low <= max_resolution <= limit.high:
+        raise ValueError(f"max_resolution must be in {limit.text}, got {max_resolution}")
     k = math.sqrt(max_resolution**2 / (height * width))
     h = int(np.round(height * k / 64)) * 64
     w = int(np.round(width * k / 64)) * 64

@@ -31,16 +31,21 @@ from .presets import Preset, get_preset
 from .result import EditResult
 from .sampler import (EditState, Guidance, PassCounts, Problem, Schedule, StepInfo, Stopwatch, invert, sample,
                       sample_text_to_image)
-from .spec import EditSpec
+from .spec import COMMON_FIELDS, EditSpec
 from .tasks import TASKS
 from .tasks.base import Task
-from .validate import check_device, check_dtype, check_int, check_offset, check_scale, check_string
+from .tasks.drag import DragParams
+from .tasks.move import MoveParams
+from .tasks.params import TEXT, check_value
+from .tasks.paste import PasteParams
+from .validate import check_device, check_dtype, check_int, check_string
 
 # The official demo's energy slider shows s / 1000: the energy scale of a spec is in those units.
 ENERGY_UNIT = 1000.0
 # The official demo's CFG scale and energy scale (slider units) per task, from the task registry: what an edit uses
 # when neither the caller nor the model's recommended settings give a value. Chosen upstream for SD1.5 at 512 px.
-OFFICIAL_SETTINGS = {name: dict(info.settings) for name, info in TASKS.items()}
+OFFICIAL_SETTINGS = {name: {k: info.settings[k] for k in ("guidance_scale", "energy_scale")}
+                     for name, info in TASKS.items()}
 
 
 class DragonPipeline:
@@ -215,14 +220,15 @@ class DragonPipeline:
                          callback=callback_on_step_end, intermediates=return_intermediates, progress=progress,
                          bank_device=bank_device)
 
+    # The task methods: typed wrappers that build an EditSpec and run it. Their own arguments are the task's Params
+    # fields (dragondiff.tasks.<task>); `**settings` are EditSpec's common fields, by keyword: guidance_scale,
+    # energy_scale, gradient_coef, bank_steps, preset, seed, num_inference_steps, max_resolution, sde_strength.
+
     def move(self, image, mask, offset=(0, 0), scale: float = 1.0, *, prompt: str | None = None,
              reference_region=None, w_edit: float | None = None, w_content: float | None = None,
-             w_contrast: float | None = None, w_inpaint: float | None = None, guidance_scale: float | None = None,
-             energy_scale: float | None = None, gradient_coef: float | None = None, bank_start: int | None = None,
-             preset: str = "official", seed: int = 42, num_inference_steps: int | None = None,
-             max_resolution: int | None = None, sde_strength: float | None = None, generator=None,
+             w_contrast: float | None = None, w_inpaint: float | None = None, generator=None,
              callback_on_step_end=None, return_intermediates: bool = False, progress: bool = True,
-             bank_device=None) -> EditResult:
+             bank_device=None, **settings) -> EditResult:
         """Move the masked object by offset=(dx, dy) original-image pixels; scale != 1 also resizes it.
 
         Official geometry: shift, then scale about the image centre.
@@ -232,56 +238,51 @@ class DragonPipeline:
             mask: the object (PIL, bool/0-1/0-255 array or path, the size of the image).
             offset: (dx, dy) in original pixels.
             scale: resize factor in (0, 10].
+            prompt: the edit prompt (inversion, sampling and feature passes); default "" or an Inversion's.
             reference_region: optional mask of what the vacated area should come to look like (default: the
                 background).
-            w_edit, w_content, w_contrast, w_inpaint: energy weights (default 4, 6, 0.2, 0.8).
-            bank_start: first step that uses the memory bank (default 5).
+            w_edit, w_content, w_contrast, w_inpaint: energy weights (None: the defaults of `MoveParams`).
+            generator, callback_on_step_end, return_intermediates, progress, bank_device: see `edit`.
+            **settings: EditSpec's common fields (guidance_scale, energy_scale, gradient_coef, bank_steps, preset,
+                seed, num_inference_steps, max_resolution, sde_strength; see `EditSpec`).
+        Returns:
+            An `EditResult` (image at the working size, the resolved spec, masks, energies, pass counts).
         """
-        check_offset(offset), check_scale(scale)  # positional: None is not "the default" here
-        return self.edit(EditSpec(
-            task="move", image=image, mask=mask, offset=offset, scale=scale, reference_region=reference_region,
-            prompt=prompt, w_edit=w_edit, w_content=w_content, w_contrast=w_contrast, w_inpaint=w_inpaint,
-            guidance_scale=guidance_scale, energy_scale=energy_scale, gradient_coef=gradient_coef,
-            bank_steps=_bank_from_start(bank_start), preset=preset, seed=seed,
-            num_inference_steps=num_inference_steps, max_resolution=max_resolution, sde_strength=sde_strength,
-        ), generator=generator, callback_on_step_end=callback_on_step_end,
-            return_intermediates=return_intermediates, progress=progress, bank_device=bank_device)
+        _positional(MoveParams, offset=offset, scale=scale)
+        params = dict(mask=mask, offset=offset, scale=scale, reference_region=reference_region, w_edit=w_edit,
+                      w_content=w_content, w_contrast=w_contrast, w_inpaint=w_inpaint)
+        return self._edit_task("move", image, params, prompt, settings, generator=generator,
+                               callback_on_step_end=callback_on_step_end, return_intermediates=return_intermediates,
+                               progress=progress, bank_device=bank_device)
 
     def drag(self, image, points, mask, *, prompt: str | None = None, w_edit: float | None = None,
-             w_content: float | None = None, w_inpaint: float | None = None, guidance_scale: float | None = None,
-             energy_scale: float | None = None, gradient_coef: float | None = None, bank_start: int | None = None,
-             preset: str = "official", seed: int = 42, num_inference_steps: int | None = None,
-             max_resolution: int | None = None, sde_strength: float | None = None, generator=None,
+             w_content: float | None = None, w_inpaint: float | None = None, generator=None,
              callback_on_step_end=None, return_intermediates: bool = False, progress: bool = True,
-             bank_device=None) -> EditResult:
+             bank_device=None, **settings) -> EditResult:
         """Drag content from handle points to target points inside an editable mask (pixels outside it are kept).
 
         Args:
             image: PIL image, HxWx3 uint8 array, path, or an `Inversion` from `invert`.
             points: [((handle_x, handle_y), (target_x, target_y)), ...] in original pixels.
             mask: the editable area (targets must lie inside it).
-            w_edit, w_content, w_inpaint: energy weights (default 4, 6, 0.2).
-            bank_start: first step that uses the memory bank (default 5).
+            prompt: the edit prompt; default "" or an Inversion's.
+            w_edit, w_content, w_inpaint: energy weights (None: the defaults of `DragParams`).
+            generator, callback_on_step_end, return_intermediates, progress, bank_device: see `edit`.
+            **settings: EditSpec's common fields, as for `move`.
+        Returns:
+            An `EditResult`.
         """
-        if points is None:
-            raise TypeError("points: expected a non-empty list of ((hx, hy), (tx, ty)) pairs")
-        return self.edit(EditSpec(
-            task="drag", image=image, points=points, mask=mask, prompt=prompt, w_edit=w_edit, w_content=w_content,
-            w_inpaint=w_inpaint, guidance_scale=guidance_scale, energy_scale=energy_scale,
-            gradient_coef=gradient_coef, bank_steps=_bank_from_start(bank_start), preset=preset, seed=seed,
-            num_inference_steps=num_inference_steps, max_resolution=max_resolution, sde_strength=sde_strength,
-        ), generator=generator, callback_on_step_end=callback_on_step_end,
-            return_intermediates=return_intermediates, progress=progress, bank_device=bank_device)
+        _positional(DragParams, points=points)
+        params = dict(points=points, mask=mask, w_edit=w_edit, w_content=w_content, w_inpaint=w_inpaint)
+        return self._edit_task("drag", image, params, prompt, settings, generator=generator,
+                               callback_on_step_end=callback_on_step_end, return_intermediates=return_intermediates,
+                               progress=progress, bank_device=bank_device)
 
     def replace_appearance(self, image, mask, reference, reference_mask, *, prompt: str | None = None,
                            reference_prompt: str | None = None, w_edit: float | None = None,
-                           w_content: float | None = None, guidance_scale: float | None = None,
-                           energy_scale: float | None = None, gradient_coef: float | None = None,
-                           bank_steps: tuple[int, int | None] | None = None, preset: str = "official",
-                           seed: int = 42, num_inference_steps: int | None = None,
-                           max_resolution: int | None = None, sde_strength: float | None = None, generator=None,
-                           callback_on_step_end=None, return_intermediates: bool = False, progress: bool = True,
-                           bank_device=None) -> EditResult:
+                           w_content: float | None = None, generator=None, callback_on_step_end=None,
+                           return_intermediates: bool = False, progress: bool = True, bank_device=None,
+                           **settings) -> EditResult:
         """Give the masked object in `image` the appearance of the masked object in `reference`.
 
         Args:
@@ -289,27 +290,25 @@ class DragonPipeline:
             mask: the object to change.
             reference: the image whose object lends its appearance (stretched to the image's working size).
             reference_mask: that object, the size of `reference`.
+            prompt: the edit prompt; default "" or an Inversion's.
             reference_prompt: the reference's inversion prompt (default: `prompt`).
-            w_edit, w_content: energy weights (default 3.5, 5).
-            bank_steps: (first, last) steps that use the memory bank (default (0, 35)).
+            w_edit, w_content: energy weights (None: the defaults of `AppearanceParams`).
+            generator, callback_on_step_end, return_intermediates, progress, bank_device: see `edit`.
+            **settings: EditSpec's common fields, as for `move`.
+        Returns:
+            An `EditResult`.
         """
-        return self.edit(EditSpec(
-            task="appearance", image=image, mask=mask, reference=reference, reference_mask=reference_mask,
-            prompt=prompt, reference_prompt=reference_prompt, w_edit=w_edit, w_content=w_content,
-            guidance_scale=guidance_scale, energy_scale=energy_scale, gradient_coef=gradient_coef,
-            bank_steps=bank_steps, preset=preset, seed=seed, num_inference_steps=num_inference_steps,
-            max_resolution=max_resolution, sde_strength=sde_strength,
-        ), generator=generator, callback_on_step_end=callback_on_step_end,
-            return_intermediates=return_intermediates, progress=progress, bank_device=bank_device)
+        params = dict(mask=mask, reference=reference, reference_mask=reference_mask,
+                      reference_prompt=reference_prompt, w_edit=w_edit, w_content=w_content)
+        return self._edit_task("appearance", image, params, prompt, settings, generator=generator,
+                               callback_on_step_end=callback_on_step_end, return_intermediates=return_intermediates,
+                               progress=progress, bank_device=bank_device)
 
     def paste(self, image, reference, reference_mask, offset=(0, 0), scale: float = 1.0, *,
               prompt: str | None = None, reference_prompt: str | None = None, w_edit: float | None = None,
-              w_content: float | None = None, guidance_scale: float | None = None, energy_scale: float | None = None,
-              gradient_coef: float | None = None, bank_steps: tuple[int, int | None] | None = None,
-              preset: str = "official", seed: int = 42, num_inference_steps: int | None = None,
-              max_resolution: int | None = None, sde_strength: float | None = None, generator=None,
-              callback_on_step_end=None, return_intermediates: bool = False, progress: bool = True,
-              bank_device=None) -> EditResult:
+              w_content: float | None = None, generator=None, callback_on_step_end=None,
+              return_intermediates: bool = False, progress: bool = True, bank_device=None,
+              **settings) -> EditResult:
         """Paste the masked object of `reference` into `image`, at its reference position shifted by
         offset=(dx, dy) base-image pixels, scaled by `scale` about the image centre (official geometry).
 
@@ -319,19 +318,36 @@ class DragonPipeline:
             reference_mask: that object, the size of `reference`.
             offset: (dx, dy) in base-image pixels.
             scale: resize factor in (0, 4].
+            prompt: the edit prompt; default "" or an Inversion's.
             reference_prompt: the reference's inversion prompt (default: `prompt`).
-            w_edit, w_content: energy weights (default 4, 6).
-            bank_steps: (first, last) steps that use the memory bank (default (0, 35)).
+            w_edit, w_content: energy weights (None: the defaults of `PasteParams`).
+            generator, callback_on_step_end, return_intermediates, progress, bank_device: see `edit`.
+            **settings: EditSpec's common fields, as for `move`.
+        Returns:
+            An `EditResult`.
         """
-        check_offset(offset), check_scale(scale, high=4.0)
-        return self.edit(EditSpec(
-            task="paste", image=image, reference=reference, reference_mask=reference_mask, offset=offset,
-            scale=scale, prompt=prompt, reference_prompt=reference_prompt, w_edit=w_edit, w_content=w_content,
-            guidance_scale=guidance_scale, energy_scale=energy_scale, gradient_coef=gradient_coef,
-            bank_steps=bank_steps, preset=preset, seed=seed, num_inference_steps=num_inference_steps,
-            max_resolution=max_resolution, sde_strength=sde_strength,
-        ), generator=generator, callback_on_step_end=callback_on_step_end,
-            return_intermediates=return_intermediates, progress=progress, bank_device=bank_device)
+        _positional(PasteParams, offset=offset, scale=scale)
+        params = dict(reference=reference, reference_mask=reference_mask, offset=offset, scale=scale,
+                      reference_prompt=reference_prompt, w_edit=w_edit, w_content=w_content)
+        return self._edit_task("paste", image, params, prompt, settings, generator=generator,
+                               callback_on_step_end=callback_on_step_end, return_intermediates=return_intermediates,
+                               progress=progress, bank_device=bank_device)
+
+    def _edit_task(self, task: str, image, params: dict, prompt, settings: dict, **runtime) -> EditResult:
+        """A task method's spec, run by `edit`. `bank_start=k` (the release's move/drag keyword) still means
+        bank_steps=(k, None) for this release, with a DeprecationWarning."""
+        settings = dict(settings)
+        if "bank_start" in settings:
+            start = settings.pop("bank_start")
+            if settings.get("bank_steps") is not None:
+                raise TypeError("bank_start: give bank_steps=(first, last) or the deprecated bank_start, not both")
+            warnings.warn("bank_start=k is deprecated; use bank_steps=(k, None)", DeprecationWarning, stacklevel=3)
+            settings["bank_steps"] = None if start is None else (check("bank_step", start, "bank_start"), None)
+        for key in settings:
+            if key not in COMMON_FIELDS or key == "prompt":
+                raise TypeError(f"{task}() got an unexpected keyword argument {key!r}")
+        spec = EditSpec(task=task, image=image, params=params, prompt=prompt, **settings)
+        return self.edit(spec, **runtime)
 
     def invert(self, image, *, prompt: str = "", max_resolution: int | None = None,
                num_inference_steps: int | None = None, preset: str = "official", progress: bool = True,
@@ -421,8 +437,9 @@ class DragonPipeline:
 
     def _warn_long_prompts(self, spec) -> None:
         limit = self.backbone.max_prompt_tokens
-        for name in ("prompt", "reference_prompt"):
-            text = getattr(spec, name)
+        texts = {"prompt": spec.prompt, **{f.name: getattr(spec.params, f.name) for f in spec.params.fields()
+                                           if f.metadata["kind"] == TEXT}}
+        for name, text in texts.items():
             if text and self.backbone.prompt_length(text) > limit:
                 warnings.warn(f"{name}: longer than the text encoder's {limit} tokens; the rest is cut off",
                               stacklevel=3)
@@ -597,27 +614,6 @@ class StepRecord:
             self.bar.update(1)
 
 
-_COMMON_ARGS = """
-            prompt: the edit prompt (inversion, sampling and feature passes); default "" or an Inversion's.
-            guidance_scale: CFG scale; energy_scale: guidance strength in the demo's slider units (x1e3). Left as
-                None they take the model's recommended settings if it ships them, else the official demo's.
-            gradient_coef: the factor c on the energy gradient (default 0.08 move, 0.04 others).
-            preset: "official" (the demo's D+ schedule) or "paper".
-            seed: seeds the regional-SDE noise (ignored when `generator` is given).
-            num_inference_steps: DDIM steps (default 50, or an Inversion's).
-            max_resolution: working resolution, area about max_resolution² (default an Inversion's, else the
-                pipeline's `default_max_resolution`: 768, the bundled model's 128).
-            sde_strength: η of the regional SDE (default: the preset's).
-            generator, callback_on_step_end, return_intermediates, progress, bank_device: see `edit`.
-        Returns:
-            An `EditResult` (image at the working size, the resolved spec, masks, energies, pass counts).
-        """
-
-
-for _method in (DragonPipeline.move, DragonPipeline.drag, DragonPipeline.replace_appearance, DragonPipeline.paste):
-    _method.__doc__ = _method.__doc__.rstrip() + "\n" + _COMMON_ARGS
-
-
 def _edit_area(task: Task, size_hw: tuple[int, int]) -> np.ndarray:
     """Where the edit may change the image (working size, bool): the task's guided and SDE regions, whose
     outside the content energy and the memory bank hold to the input."""
@@ -626,9 +622,8 @@ def _edit_area(task: Task, size_hw: tuple[int, int]) -> np.ndarray:
     return up[0, 0].numpy() > 0.5
 
 
-def _bank_from_start(bank_start):
-    if bank_start is None:
-        return None
-    return check_int(bank_start, "bank_start", 0, 1000), None
-
-
+def _positional(params: type, **values) -> None:
+    """Check a task method's positional task arguments: their defaults are in the signature, so None there is a
+    wrong value, not "the default" (as it is for a keyword left None)."""
+    for name, value in values.items():
+        check_value(params.field(name), value)

@@ -1,21 +1,32 @@
 """`EditSpec`: one typed, validated, serialisable description of an edit.
 
-The Python API (`pipe.move(...)` and friends), `pipe.edit(spec)`, spec files and results all speak it:
+An edit is the fields every task shares (task, image, prompt, guidance settings, preset, seed, steps, resolution)
+plus `params`, the task's own frozen parameters (`MoveParams`, `DragParams`, ...: declared in its task module with
+types, defaults, ranges and docs). The Python API (`pipe.move(...)` and friends), `pipe.edit(spec)`, spec files and
+results all speak it:
 
     spec = EditSpec(task="move", image="cup.png", mask="cup_mask.png", offset=(120, 0), prompt="a cup")
+    spec.params                   # MoveParams(mask='cup_mask.png', offset=(120.0, 0.0), scale=1.0, ...)
     out = pipe.edit(spec)
     out.spec.to_json()            # the resolved spec: every default filled in, re-runnable with pipe.edit
 
-Fields a task does not use must stay None; a field left None takes the task's default (declared once, in the
-task registry `dragondiff.tasks.TASKS`), or for `guidance_scale` / `energy_scale` the model's recommended
-settings when it ships them. Every error names the field. Image and mask fields accept paths (serialisable) or
-in-memory images (PIL, arrays; `image` also an `Inversion`), which serialise as a short description only.
+The constructor takes the task's fields as keywords (as above), or `params=` (a Params instance or a dict). A task
+field left None takes its default from the task's Params; a common field left None takes the task's official
+setting (`TaskInfo.settings`), or for `guidance_scale` / `energy_scale` the model's recommended settings when it
+ships them, when the spec is resolved. Every error names the field. Image and mask fields accept paths
+(serialisable) or in-memory images (PIL, arrays; `image` also an `Inversion`), which serialise as a short
+description only.
+
+JSON is flat: the task's fields sit beside the common ones (`{"task": "move", "image": ..., "mask": ...,
+"offset": [...], ...}`), as every spec file and sidecar written so far; `from_dict` routes those keys into params.
+For convenience the task's fields also read as attributes (`spec.offset` is `spec.params.offset`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,38 +34,30 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .validate import check_int, check_number, check_offset, check_point, check_scale, check_string
+from .limits import DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, DEFAULT_SEED, LIMITS, check
+from .presets import PRESETS
+from .tasks import TASKS
+from .tasks.params import IMAGE, MASK, NUMBER, OFFSET, POINTS, SCALE, SOURCE_KINDS, TEXT, Params, required
+from .validate import check_string
 
 Point = tuple[float, float]
-SEED_LIMIT = 2**63  # torch.Generator.manual_seed accepts [-2**63, 2**64); we keep seeds non-negative int64
 
-# Fields that hold images or masks (paths, or in-memory objects).
-SOURCE_FIELDS = ("image", "mask", "reference", "reference_mask", "reference_region")
-# Per-task fields (the rest are common to every task).
-TASK_FIELDS = ("mask", "reference", "reference_mask", "reference_region", "offset", "scale", "points",
-               "reference_prompt", "w_edit", "w_content", "w_contrast", "w_inpaint")
-
-
-def _check_points(points) -> tuple:
-    if isinstance(points, np.ndarray):
-        points = points.tolist()
-    if isinstance(points, (str, bytes)) or not isinstance(points, (list, tuple)) or len(points) == 0:
-        raise TypeError("points: expected a non-empty list of ((hx, hy), (tx, ty)) pairs")
-    out = []
-    for k, pair in enumerate(points):
-        if not isinstance(pair, (list, tuple, np.ndarray)) or len(pair) != 2:
-            raise TypeError(f"points[{k}]: expected a (handle, target) pair of (x, y) points, got {pair!r}")
-        out.append(tuple(check_point(p, f"points[{k}] {role}") for p, role in zip(pair, ("handle", "target"))))
-    return tuple(out)
+# Every task's own field names (a flat spec file may carry another task's fields as null: old sidecars do).
+PARAM_FIELDS: dict[str, Any] = {}
+for _info in TASKS.values():
+    for _f in dataclasses.fields(_info.params):
+        PARAM_FIELDS.setdefault(_f.name, _f)
+# Fields that hold images or masks (paths, or in-memory objects), derived from the tasks' Params.
+SOURCE_FIELDS = ("image",) + tuple(n for n, f in PARAM_FIELDS.items() if f.metadata["kind"] in SOURCE_KINDS)
 
 
 def _check_bank_steps(value) -> tuple[int, Optional[int]]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"bank_steps: expected a (first, last) pair of step indices (last may be None), got {value!r}")
     first, last = value
-    first = check_int(first, "bank_steps first", 0, 1000)
+    first = check("bank_step", first, "bank_steps first")
     if last is not None:
-        last = check_int(last, "bank_steps last", 0, 1000)
+        last = check("bank_step", last, "bank_steps last")
         if last < first:
             raise ValueError(f"bank_steps: last step {last} comes before first step {first}")
     return first, last
@@ -71,115 +74,126 @@ def describe_source(value) -> Any:
     return f"<in-memory {type(value).__name__}>"
 
 
-@dataclass(frozen=True)
+def _json(value):
+    return json.loads(json.dumps(value)) if isinstance(value, tuple) else value  # tuples -> lists
+
+
+@dataclass(frozen=True, init=False)
 class EditSpec:
-    """One edit. Coordinates are (x, y) in the original image's pixels; energy_scale is in the official demo's
-    slider units (x1e3). See the task methods of `DragonPipeline` for what each field means per task."""
+    """One edit: the common fields below plus `params`, the task's own parameters (see the task's Params class,
+    e.g. `dragondiff.tasks.move.MoveParams`). Coordinates are (x, y) in the original image's pixels;
+    energy_scale is in the official demo's slider units (x1e3)."""
 
     task: str
     image: Any
-    mask: Any = None
-    reference: Any = None
-    reference_mask: Any = None
-    reference_region: Any = None
-    offset: Optional[Point] = None
-    scale: Optional[float] = None
-    points: Optional[tuple[tuple[Point, Point], ...]] = None
+    params: Params
     prompt: Optional[str] = None
-    reference_prompt: Optional[str] = None
-    w_edit: Optional[float] = None
-    w_content: Optional[float] = None
-    w_contrast: Optional[float] = None
-    w_inpaint: Optional[float] = None
     guidance_scale: Optional[float] = None
     energy_scale: Optional[float] = None
     gradient_coef: Optional[float] = None
     bank_steps: Optional[tuple[int, Optional[int]]] = None
-    preset: str = "official"
-    seed: int = 42
+    preset: str = DEFAULT_PRESET
+    seed: int = DEFAULT_SEED
     num_inference_steps: Optional[int] = None
     max_resolution: Optional[int] = None
     sde_strength: Optional[float] = None
 
-    def __post_init__(self):
-        from .presets import PRESETS
-        from .tasks import TASKS
-
-        if self.task not in TASKS:
-            raise ValueError(f"task: unknown task {self.task!r}; allowed: {sorted(TASKS)}")
-        info = TASKS[self.task]
-        for name in TASK_FIELDS:
-            if getattr(self, name) is not None and name not in info.fields:
-                raise ValueError(f"{name}: not used by task {self.task!r} (its fields: {', '.join(info.fields)})")
-        for name in info.required:
-            if getattr(self, name) is None:
-                raise ValueError(f"{name}: required by task {self.task!r}")
-        if self.image is None:
+    def __init__(self, task: str, image: Any, params: Params | dict | None = None, *, prompt: str | None = None,
+                 guidance_scale: float | None = None, energy_scale: float | None = None,
+                 gradient_coef: float | None = None, bank_steps: tuple[int, int | None] | None = None,
+                 preset: str = DEFAULT_PRESET, seed: int = DEFAULT_SEED, num_inference_steps: int | None = None,
+                 max_resolution: int | None = None, sde_strength: float | None = None, **task_fields):
+        """`task_fields`: the task's own fields as keywords (None = not given); with `params` given too, they
+        replace those fields of it (so `dataclasses.replace(spec, mask=...)` works)."""
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (building a frozen dataclass)
+        if not isinstance(task, str) or task not in TASKS:
+            raise ValueError(f"task: unknown task {task!r}; allowed: {sorted(TASKS)}")
+        set_("task", task)
+        set_("params", self._params(task, params, task_fields))
+        if image is None:
             raise ValueError("image: required")
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (normalising a frozen dataclass)
-        for name in SOURCE_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, Path):
-                set_(name, str(value))
-        if self.offset is not None:
-            set_("offset", check_offset(self.offset))
-        if self.scale is not None:
-            set_("scale", check_scale(self.scale, "scale", info.max_scale))
-        if self.points is not None:
-            set_("points", _check_points(self.points))
-        for name in ("prompt", "reference_prompt"):
-            if getattr(self, name) is not None:
-                check_string(getattr(self, name), name)
-        for name in ("w_edit", "w_content", "w_contrast", "w_inpaint", "gradient_coef"):
-            if getattr(self, name) is not None:
-                set_(name, check_number(getattr(self, name), name))
-        if self.guidance_scale is not None:
-            set_("guidance_scale", check_number(self.guidance_scale, "guidance_scale", 0, 50))
-        if self.energy_scale is not None:
-            set_("energy_scale", check_number(self.energy_scale, "energy_scale", 0, 100))
-        if self.bank_steps is not None:
-            set_("bank_steps", _check_bank_steps(self.bank_steps))
-        if not isinstance(self.preset, str) or self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        set_("seed", check_int(self.seed, "seed", 0, SEED_LIMIT - 1))
-        if self.num_inference_steps is not None:
-            n = self.num_inference_steps
-            if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)) or not 1 <= n <= 1000:
-                raise ValueError(f"num_inference_steps must be an integer in 1..1000, got {n!r}")
-            set_("num_inference_steps", int(n))
-        if self.max_resolution is not None:
-            if not isinstance(self.max_resolution, (int, np.integer)) or isinstance(self.max_resolution, bool):
-                raise TypeError(f"max_resolution must be an int, got {type(self.max_resolution).__name__}")
-            if not 64 <= self.max_resolution <= 2048:
-                raise ValueError(f"max_resolution must be in 64..2048, got {self.max_resolution}")
-            set_("max_resolution", int(self.max_resolution))
-        if self.sde_strength is not None:
-            set_("sde_strength", check_number(self.sde_strength, "sde_strength", 0, 1))
-            if self.sde_strength > 0 and PRESETS[self.preset].sde_window is None:
-                raise ValueError(f"sde_strength={self.sde_strength:g}: the {self.preset!r} preset has no regional "
-                                 "SDE; use 'official'")
+        set_("image", str(image) if isinstance(image, Path) else image)
+        if prompt is not None:
+            check_string(prompt, "prompt")
+        set_("prompt", prompt)
+        for name, value in (("guidance_scale", guidance_scale), ("energy_scale", energy_scale),
+                            ("gradient_coef", gradient_coef)):
+            set_(name, None if value is None else check(name, value))
+        set_("bank_steps", None if bank_steps is None else _check_bank_steps(bank_steps))
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        set_("preset", preset)
+        set_("seed", check("seed", seed))
+        if num_inference_steps is not None:
+            n, limit = num_inference_steps, LIMITS["num_inference_steps"]
+            integer = isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
+            if not integer or not limit.low <= n <= limit.high:
+                raise ValueError(f"num_inference_steps must be an integer in {limit.text}, got {n!r}")
+            num_inference_steps = int(n)
+        set_("num_inference_steps", num_inference_steps)
+        if max_resolution is not None:
+            limit = LIMITS["max_resolution"]
+            if not isinstance(max_resolution, (int, np.integer)) or isinstance(max_resolution, bool):
+                raise TypeError(f"max_resolution must be an int, got {type(max_resolution).__name__}")
+            if not limit.low <= max_resolution <= limit.high:
+                raise ValueError(f"max_resolution must be in {limit.text}, got {max_resolution}")
+            max_resolution = int(max_resolution)
+        set_("max_resolution", max_resolution)
+        if sde_strength is not None:
+            sde_strength = check("sde_strength", sde_strength)
+            if sde_strength > 0 and PRESETS[preset].sde_window is None:
+                raise ValueError(f"sde_strength={sde_strength:g}: the {preset!r} preset has no regional SDE; use "
+                                 "'official'")
+        set_("sde_strength", sde_strength)
+
+    @staticmethod
+    def _params(task: str, params, task_fields: dict) -> Params:
+        cls = TASKS[task].params
+        for name in task_fields:
+            if name not in PARAM_FIELDS:
+                raise TypeError(f"EditSpec() got an unexpected keyword argument {name!r}")
+        # None means "not given"; a field of another task is refused only when it holds a value.
+        given = {k: v for k, v in task_fields.items() if v is not None}
+        if isinstance(params, Params):
+            if type(params) is not cls:
+                raise TypeError(f"params: a {type(params).__name__} for task {task!r}; expected {cls.__name__}")
+            if not given:
+                return params
+            given = {**params.as_dict(), **given}
+        elif isinstance(params, dict):
+            given = {**{k: v for k, v in params.items() if v is not None}, **given}
+        elif params is not None:
+            raise TypeError(f"params: expected a {cls.__name__} or a dict, got {type(params).__name__}")
+        return cls.build(given)
+
+    def __getattr__(self, name: str):
+        """The task's own fields read as attributes: `spec.offset` is `spec.params.offset`."""
+        if name.startswith("__") or name == "params":
+            raise AttributeError(name)
+        params = object.__getattribute__(self, "params")
+        if name in params.names():
+            return getattr(params, name)
+        raise AttributeError(f"{name}: not a field of EditSpec nor of task {self.task!r} (its fields: "
+                             f"{', '.join(params.names())})")
 
     # ------------------------------------------------------------------------------------------- defaults
 
-    def resolved(self, recommended: dict | None = None, inversion=None, max_resolution: int = 768) -> "EditSpec":
-        """A copy with every None that has a default filled in: the task's weights and bank window, the model's
-        recommended (else the official) CFG / energy scale, the inversion's prompt, steps and resolution (else
-        `max_resolution`, the pipeline's default)."""
-        from .presets import PRESETS
-        from .tasks import TASKS
-
+    def resolved(self, recommended: dict | None = None, inversion=None,
+                 max_resolution: int = DEFAULT_MAX_RESOLUTION) -> "EditSpec":
+        """A copy with every None that has a default filled in: the task's official gradient_coef and bank window,
+        the model's recommended (else the official) CFG / energy scale, the inversion's prompt, steps and
+        resolution (else `max_resolution`, the pipeline's default), and params that default to another field
+        (reference_prompt: the prompt). The task's own defaults are filled in on construction already."""
         info = TASKS[self.task]
         values = {}
-        for key, default in info.defaults.items():
+        for key in ("gradient_coef", "bank_steps"):
             if getattr(self, key) is None:
-                values[key] = default
+                values[key] = info.settings[key]
         for key in ("guidance_scale", "energy_scale"):
             if getattr(self, key) is None:
                 values[key] = (recommended or {}).get(self.task, {}).get(key, info.settings[key])
         if self.prompt is None:
             values["prompt"] = "" if inversion is None else inversion.prompt
-        if "reference_prompt" in info.fields and self.reference_prompt is None:
-            values["reference_prompt"] = values.get("prompt", self.prompt)
         if self.num_inference_steps is None:
             values["num_inference_steps"] = (PRESETS[self.preset].steps if inversion is None
                                              else inversion.num_inference_steps)
@@ -187,19 +201,27 @@ class EditSpec:
             values["max_resolution"] = max_resolution if inversion is None else inversion.max_resolution
         if self.sde_strength is None:
             values["sde_strength"] = PRESETS[self.preset].sde_strength
+        params = {}
+        for f in self.params.fields():
+            source = f.metadata["default_from"]
+            if source is not None and getattr(self.params, f.name) is None:
+                params[f.name] = values.get(source, getattr(self, source))
+        if params:
+            values["params"] = dataclasses.replace(self.params, **params)
         return dataclasses.replace(self, **values)
 
     # ---------------------------------------------------------------------------------------- serialising
 
     def to_dict(self) -> dict:
-        out = {}
+        """Flat JSON data: task, image, the task's own fields, then the common fields (what spec files and the
+        sidecars of every release hold)."""
+        out = {"task": self.task, "image": describe_source(self.image)}
+        for f in self.params.fields():
+            value = getattr(self.params, f.name)
+            out[f.name] = describe_source(value) if f.metadata["kind"] in SOURCE_KINDS else _json(value)
         for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in SOURCE_FIELDS:
-                value = describe_source(value)
-            elif isinstance(value, tuple):
-                value = json.loads(json.dumps(value))  # tuples -> lists
-            out[f.name] = value
+            if f.name not in ("task", "image", "params"):
+                out[f.name] = _json(getattr(self, f.name))
         return out
 
     def to_json(self, **kwargs) -> str:
@@ -207,24 +229,32 @@ class EditSpec:
 
     @classmethod
     def from_dict(cls, data: dict, base_dir: str | os.PathLike | None = None) -> "EditSpec":
-        """Build from JSON data; relative paths are taken relative to `base_dir` (a spec file's folder)."""
+        """Build from JSON data (flat; a nested "params" object is accepted too); relative paths are taken
+        relative to `base_dir` (a spec file's folder). Another task's fields may be present as null."""
         if not isinstance(data, dict):
             raise TypeError(f"spec: expected a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
+        data = dict(data)
+        nested = data.pop("params", None)
+        if nested is not None:
+            if not isinstance(nested, dict):
+                raise TypeError(f"params: expected a JSON object, got {type(nested).__name__}")
+            for key, value in nested.items():
+                if data.get(key) is not None:
+                    raise ValueError(f"{key}: given both flat and in params")
+                data[key] = value
+        known = {"task", "image"} | COMMON_FIELDS | set(PARAM_FIELDS)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown field; allowed: {sorted(known)}")
-        data = dict(data)
         for name in SOURCE_FIELDS:
             value = data.get(name)
             if isinstance(value, str) and value.startswith("<in-memory"):
                 raise ValueError(f"{name}: {value} cannot be loaded from a spec; give a file path")
             if isinstance(value, str) and base_dir is not None and not os.path.isabs(value):
                 data[name] = str(Path(base_dir) / value)
-        if isinstance(data.get("offset"), list):
-            data["offset"] = tuple(data["offset"])
-        if isinstance(data.get("bank_steps"), list):
-            data["bank_steps"] = tuple(data["bank_steps"])
+        for name in ("offset", "bank_steps"):
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
         if "task" not in data or "image" not in data:
             raise ValueError(f"{'task' if 'task' not in data else 'image'}: required")
         return cls(**data)
@@ -235,30 +265,69 @@ class EditSpec:
 
     @staticmethod
     def json_schema() -> dict:
-        """JSON schema of the serialised form (image and mask fields are file paths there)."""
-        from .presets import PRESETS
-        from .tasks import TASKS
+        """JSON schema of the serialised (flat) form, derived from the tasks' Params and `dragondiff.limits`
+        (image and mask fields are file paths there). Each task's clause requires its own required fields and
+        allows another task's fields only as null."""
+        def common(name, kind="number"):
+            limit = LIMITS[name]
+            return {"type": ["integer" if limit.integer else kind, "null"], "minimum": limit.low,
+                    "maximum": limit.high, "description": limit.doc}
 
-        num = {"type": ["number", "null"]}
-        point = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}
-        props = {
-            "task": {"enum": sorted(TASKS)},
-            **{name: {"type": ["string", "null"], "description": "file path"} for name in SOURCE_FIELDS},
-            "offset": {"oneOf": [point, {"type": "null"}], "description": "(dx, dy) original pixels"},
-            "scale": num,
-            "points": {"type": ["array", "null"], "minItems": 1,
-                       "items": {"type": "array", "items": point, "minItems": 2, "maxItems": 2},
-                       "description": "[[handle_xy, target_xy], ...] original pixels"},
+        props = {"task": {"enum": sorted(TASKS)}, "image": {"type": ["string", "null"], "description": "file path"}}
+        for name, f in PARAM_FIELDS.items():
+            widest = [g for info in TASKS.values() for g in dataclasses.fields(info.params) if g.name == name]
+            props[name] = _field_schema(max(widest, key=lambda g: g.metadata["high"] or 0))
+        props.update({
             "prompt": {"type": ["string", "null"]},
-            "reference_prompt": {"type": ["string", "null"]},
-            **{name: num for name in ("w_edit", "w_content", "w_contrast", "w_inpaint", "guidance_scale",
-                                      "energy_scale", "gradient_coef", "sde_strength")},
-            "bank_steps": {"type": ["array", "null"], "items": {"type": ["integer", "null"]}, "minItems": 2,
-                           "maxItems": 2},
+            "guidance_scale": common("guidance_scale"),
+            "energy_scale": common("energy_scale"),
+            "gradient_coef": common("gradient_coef"),
+            "bank_steps": {"type": ["array", "null"], "minItems": 2, "maxItems": 2,
+                           "items": {"type": ["integer", "null"], "minimum": LIMITS["bank_step"].low,
+                                     "maximum": LIMITS["bank_step"].high},
+                           "description": "(first, last) steps that use the memory bank; last may be null"},
             "preset": {"enum": sorted(PRESETS)},
-            "seed": {"type": "integer", "minimum": 0, "maximum": SEED_LIMIT - 1},
-            "num_inference_steps": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000},
-            "max_resolution": {"type": ["integer", "null"], "minimum": 64, "maximum": 2048},
-        }
+            "seed": {"type": "integer", "minimum": LIMITS["seed"].low, "maximum": LIMITS["seed"].high},
+            "num_inference_steps": common("num_inference_steps"),
+            "max_resolution": common("max_resolution"),
+            "sde_strength": common("sde_strength"),
+        })
+        clauses = []
+        for name, info in TASKS.items():
+            own = {f.name: _field_schema(f) for f in info.params.fields()}
+            others = {n: {"type": "null"} for n in PARAM_FIELDS if n not in own}
+            required_ = [f.name for f in info.params.fields() if required(f)]
+            clauses.append({"if": {"properties": {"task": {"const": name}}},
+                            "then": {"required": required_, "properties": {**own, **others}}})
         return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "EditSpec", "type": "object",
-                "properties": props, "required": ["task", "image"], "additionalProperties": False}
+                "properties": props, "required": ["task", "image"], "additionalProperties": False,
+                "allOf": clauses}
+
+
+COMMON_FIELDS = {f.name for f in fields(EditSpec)} - {"task", "image", "params"}
+
+
+def _field_schema(f: dataclasses.Field) -> dict:
+    """JSON schema of one Params field (null allowed: the field's default)."""
+    kind, meta = f.metadata["kind"], f.metadata
+    point = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}
+    if kind in (IMAGE, MASK):
+        out = {"type": ["string", "null"], "description": f"{meta['doc']}; file path"}
+    elif kind == OFFSET:
+        out = {"oneOf": [point, {"type": "null"}], "description": meta["doc"]}
+    elif kind == POINTS:
+        out = {"type": ["array", "null"], "minItems": 1,
+               "items": {"type": "array", "items": point, "minItems": 2, "maxItems": 2}, "description": meta["doc"]}
+    elif kind == SCALE:
+        out = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": meta["high"], "description": meta["doc"]}
+    elif kind == NUMBER:
+        out = {"type": ["number", "null"], "minimum": meta["low"], "description": meta["doc"]}
+        if math.isfinite(meta["high"]):
+            out["maximum"] = meta["high"]
+    elif kind == TEXT:
+        out = {"type": ["string", "null"], "description": meta["doc"]}
+    else:
+        raise AssertionError(kind)
+    if f.default is not dataclasses.MISSING and f.default is not None:
+        out["default"] = _json(f.default)
+    return out

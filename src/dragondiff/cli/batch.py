@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -14,9 +13,9 @@ from tqdm.auto import tqdm
 
 from .. import dragbench
 from ..provenance import is_sidecar
-from .edits import _spec_fields, read_spec_file
-from .options import available_threads, edit_options, model_options, run_options
-from .runner import InputError, Job, check_inputs, execute, load_pipeline
+from .edits import read_spec_file
+from .options import edit_options, model_options, run_options, spec_fields
+from .runner import InputError, Job, check_inputs, execute, open_model, output_name
 
 SPEC_SUFFIXES = (".json", ".yaml", ".yml")
 MASK_NAME = "editable_mask.png"  # a DragBench mask written beside the output, so that the sidecar can re-run it
@@ -58,7 +57,7 @@ def _spec_file_jobs(path: Path, root: Path, out: Path) -> list[Job]:
     rel = path.relative_to(root)
     jobs = []
     for k, (label, spec) in enumerate(specs):
-        name = f"{rel.stem}.png" if len(specs) == 1 else f"{rel.stem}-{k}.png"
+        name = output_name(rel.stem, k, len(specs))
         jobs.append(Job(spec, out / rel.parent / name, str(rel) if len(specs) == 1 else f"{rel}[{k}]",
                         inputs=[path]))
     return jobs
@@ -89,7 +88,7 @@ def batch(root, dry_run, **opts):
     items = collect(root, out)
     if not items:
         raise InputError(f"DIR: no DragBench sample (original_image.png + meta_data.pkl) or spec file under {root}")
-    fields = _spec_fields(opts)
+    fields = spec_fields(opts)
     quiet = opts["quiet"]
     failures: list[tuple[str, str]] = []
     pending: list[tuple[Job, np.ndarray | None]] = []
@@ -117,18 +116,14 @@ def batch(root, dry_run, **opts):
         for job, _ in pending:
             click.echo(f"{job.label}: valid -> {job.output}")
     elif pending:
-        threads = opts["threads"] or available_threads()[0]
-        start = time.perf_counter()
-        pipe = load_pipeline(opts["model"], opts["config"], opts["device"], opts["dtype"], threads,
-                             opts["vae_tiling"])
-        load_seconds = time.perf_counter() - start
+        loaded = open_model(opts)
         for job, mask in tqdm(pending, desc="dragondiff batch", unit="edit", disable=quiet):
             try:
                 if mask is not None:
                     job.output.parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(mask.astype(np.uint8) * 255).save(job.output.parent / MASK_NAME)
-                execute(pipe, job, working_size=opts["working_size"], preview=opts["preview"], quiet=True,
-                        threads=threads, load_seconds=load_seconds)
+                execute(loaded.pipe, job, working_size=opts["working_size"], preview=opts["preview"], quiet=True,
+                        threads=loaded.threads, load_seconds=loaded.seconds)
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # noqa: BLE001 (one failing sample must not stop the batch)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import click
 
 from ..spec import EditSpec
-from .options import (COMMON_SPEC_FIELDS, OFFSET, PAIRS, available_threads, edit_options, model_options,
-                      option_group, run_options, weight_options)
-from .runner import IMAGE_SUFFIXES, InputError, Job, check_inputs, check_jobs, execute, load_pipeline
-
-WEIGHTS = ("w_edit", "w_content", "w_contrast", "w_inpaint")
+from .options import (edit_options, model_options, option_group, run_options, spec_fields, task_fields, task_options,
+                      weight_options)
+from .runner import IMAGE_SUFFIXES, InputError, Job, check_inputs, check_jobs, execute, open_model, output_name
 
 
 def make_spec(task: str, label: str, **fields) -> EditSpec:
@@ -32,20 +29,10 @@ def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
         for job in jobs:
             click.echo(f"{job.label}: valid ({job.spec.task} -> {job.output})")
         return
-    threads = opts["threads"] or available_threads()[0]
-    start = time.perf_counter()
-    pipe = load_pipeline(model or opts["model"], opts["config"], opts["device"], opts["dtype"], threads,
-                         opts["vae_tiling"])
-    load_seconds = time.perf_counter() - start
+    loaded = open_model(opts, model)
     for job in jobs:
-        execute(pipe, job, working_size=opts["working_size"], preview=opts["preview"], quiet=opts["quiet"],
-                threads=threads, load_seconds=load_seconds)
-
-
-def _spec_fields(opts: dict) -> dict:
-    out = {field: opts[name] for name, field in COMMON_SPEC_FIELDS.items()}
-    out.update({name: opts.get(name) for name in WEIGHTS})
-    return out
+        execute(loaded.pipe, job, working_size=opts["working_size"], preview=opts["preview"], quiet=opts["quiet"],
+                threads=loaded.threads, load_seconds=loaded.seconds)
 
 
 def _default_output(image: str, task: str) -> Path:
@@ -55,84 +42,31 @@ def _default_output(image: str, task: str) -> Path:
 _dry_run = click.option("--dry-run", is_flag=True, help="only validate the inputs and the output path")
 
 
-def _task_command(task: str, help_text: str):
-    """The decorators every task command shares."""
+def task_command(task: str, help_text: str) -> click.Command:
+    """`dragondiff TASK IMAGE ...`: the task's own options derived from its Params, then the shared groups."""
 
-    def apply(f):
-        groups = [edit_options, weight_options(task), model_options, run_options, _dry_run]
-        for group in reversed(groups):
-            f = group(f)
-        command = click.command(task, help=help_text, no_args_is_help=True)(f)
-        # Help lists the task's own arguments first, then the shared groups in the order above.
-        n_shared = sum(len(group(lambda: None).__click_params__) for group in groups)
-        command.params = command.params[n_shared:] + command.params[:n_shared]
-        return command
+    def run_task(image, **opts):
+        spec = make_spec(task, task, image=image, **spec_fields(opts), **task_fields(task, opts))
+        output = Path(opts["output"]) if opts["output"] else _default_output(image, task)
+        run_jobs([Job(spec, output, task)], opts)
 
-    return apply
+    options = option_group(click.argument("image", type=click.Path(dir_okay=False)), task_options(task),
+                           edit_options, weight_options(task), model_options, run_options, _dry_run)
+    return click.command(task, help=help_text, no_args_is_help=True)(options(run_task))
 
 
-def _run_single(task: str, image: str, opts: dict, **task_fields) -> None:
-    spec = make_spec(task, task, image=image, **_spec_fields(opts), **task_fields)
-    output = Path(opts["output"]) if opts["output"] else _default_output(image, task)
-    run_jobs([Job(spec, output, task)], opts)
-
-
-@_task_command("move", "Move the masked object by --offset; --scale also resizes it (about the image centre, as the "
-                       "official code).\n\nExample: dragondiff move cup.png --mask cup_mask.png --offset 120,0 "
-                       "--prompt 'a cup on a table'")
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--mask", required=True, type=click.Path(dir_okay=False), help="the object (white on black image)")
-@click.option("--offset", type=OFFSET, default=None, help="(dx, dy) in input pixels  [default: 0,0]")
-@click.option("--scale", type=float, default=None, help="size factor  [default: 1]")
-@click.option("--reference-region", type=click.Path(dir_okay=False), default=None,
-              help="mask of the area to fill the vacated place from  [default: the background]")
-def move(image, mask, offset, scale, reference_region, **opts):
-    _run_single("move", image, opts, mask=mask, offset=offset, scale=scale, reference_region=reference_region)
-
-
-@_task_command("drag", "Drag content from handle points to target points inside an editable mask.\n\n"
-                       "Example: dragondiff drag face.png --mask face_mask.png --points '120,200:140,190 "
-                       "300,200:280,190'")
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--mask", required=True, type=click.Path(dir_okay=False), help="the editable area")
-@click.option("--points", required=True, type=PAIRS, multiple=True,
-              help="handle:target pairs 'hx,hy:tx,ty' in input pixels; repeat the option or separate pairs by "
-                   "spaces")
-def drag(image, mask, points, **opts):
-    _run_single("drag", image, opts, mask=mask, points=tuple(p for group in points for p in group))
-
-
-# --reference, --reference-mask, --reference-prompt (appearance and paste).
-reference_options = option_group(
-    click.option("--reference", required=True, type=click.Path(dir_okay=False),
-                 help="the image holding the object"),
-    click.option("--reference-mask", required=True, type=click.Path(dir_okay=False),
-                 help="the object in --reference"),
-    click.option("--reference-prompt", default=None, help="prompt of the reference image  [default: --prompt]"),
-)
-
-
-@_task_command("appearance", "Give the masked object the appearance of the object masked in a reference image.\n\n"
-                             "Example: dragondiff appearance apple.png --mask apple_mask.png --reference pear.png "
-                             "--reference-mask pear_mask.png")
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--mask", required=True, type=click.Path(dir_okay=False), help="the object to restyle")
-@reference_options
-def appearance(image, mask, reference, reference_mask, reference_prompt, **opts):
-    _run_single("appearance", image, opts, mask=mask, reference=reference, reference_mask=reference_mask,
-                reference_prompt=reference_prompt)
-
-
-@_task_command("paste", "Paste the object masked in a reference image into IMAGE, shifted by --offset and scaled by "
-                        "--scale.\n\nExample: dragondiff paste room.png --reference cat.png --reference-mask "
-                        "cat_mask.png --offset -80,40")
-@click.argument("image", type=click.Path(dir_okay=False))
-@reference_options
-@click.option("--offset", type=OFFSET, default=None, help="(dx, dy) in input pixels  [default: 0,0]")
-@click.option("--scale", type=float, default=None, help="size factor  [default: 1]")
-def paste(image, reference, reference_mask, offset, scale, reference_prompt, **opts):
-    _run_single("paste", image, opts, reference=reference, reference_mask=reference_mask, offset=offset,
-                scale=scale, reference_prompt=reference_prompt)
+move = task_command("move", "Move the masked object by --offset; --scale also resizes it (about the image centre, as "
+                            "the official code).\n\nExample: dragondiff move cup.png --mask cup_mask.png --offset "
+                            "120,0 --prompt 'a cup on a table'")
+drag = task_command("drag", "Drag content from handle points to target points inside an editable mask.\n\n"
+                            "Example: dragondiff drag face.png --mask face_mask.png --points '120,200:140,190 "
+                            "300,200:280,190'")
+appearance = task_command("appearance", "Give the masked object the appearance of the object masked in a reference "
+                                        "image.\n\nExample: dragondiff appearance apple.png --mask apple_mask.png "
+                                        "--reference pear.png --reference-mask pear_mask.png")
+paste = task_command("paste", "Paste the object masked in a reference image into IMAGE, shifted by --offset and "
+                              "scaled by --scale.\n\nExample: dragondiff paste room.png --reference cat.png "
+                              "--reference-mask cat_mask.png --offset -80,40")
 
 
 # ------------------------------------------------------------------------------------------------ spec files
@@ -192,7 +126,7 @@ def spec_jobs(files: list[Path], output: str | None) -> tuple[list[Job], str | N
     jobs, models = [], {m for _, _, m in read if m}
     for f, specs, _ in read:
         for k, (label, spec) in enumerate(specs):
-            name = f"{f.stem}.png" if len(specs) == 1 else f"{f.stem}-{k}.png"
+            name = output_name(f.stem, k, len(specs))
             jobs.append(Job(spec, Path(output) if single_file else folder / name, label, inputs=[f]))
     if len(models) > 1:
         raise InputError(f"spec files: the sidecars name different models ({', '.join(sorted(models))}); "

@@ -9,11 +9,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION
+from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, DEFAULT_SEED
 from ..loading import BUNDLED_ID, default_device
 from ..presets import PRESETS
-from .options import available_threads, model_options
-from .runner import InputError, check_output, load_pipeline, quiet_third_party, save_image
+from .options import available_threads, int_range, model_options
+from .runner import InputError, check_output, open_model, quiet_third_party, save_image
 
 
 def _model_info(model: str) -> dict:
@@ -95,8 +95,8 @@ def _free_folder(base: str, names) -> Path:
                             "result.png and side_by_side.png.")
 @click.option("--out", default=None,
               help="output folder  [default: ./dragondiff-demo, or dragondiff-demo-2, -3, ... if that one is taken]")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="official", show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=DEFAULT_PRESET, show_default=True)
+@click.option("--seed", type=int_range("seed"), default=DEFAULT_SEED, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 512), default=None,
               help="CPU threads  [default: the cores not busy with other work]")
 @click.option("--tiny", is_flag=True, help="use a tiny random model (smoke test of the pipeline)")
@@ -158,15 +158,14 @@ def bench(which, rest):
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True)
 @click.option("--share", is_flag=True, help="also open a public Gradio share link (off by default)")
-@click.option("--steps", type=click.IntRange(2, 200), default=50, show_default=True,
-              help="the DDIM steps the page starts with")
+@click.option("--steps", type=int_range("num_inference_steps"), default=PRESETS[DEFAULT_PRESET].steps,
+              show_default=True, help="the DDIM steps the page starts with")
 @model_options
-def ui(host, port, share, steps, model, config, device, dtype, threads, vae_tiling):
+def ui(host, port, share, steps, **opts):
     try:
         from ..ui.app import launch
     except ImportError as e:
         raise InputError(f"the web UI needs Gradio: pip install 'dragondiff[ui]' ({e})") from e
-    threads = threads or available_threads()[0]
-    pipe = load_pipeline(model, config, device, dtype, threads, vae_tiling)
-    click.echo(f"dragondiff ui: model {model}, {threads} thread(s), http://{host}:{port}", err=True)
-    launch(pipe, host=host, port=port, share=share, steps=steps)
+    loaded = open_model(opts)
+    click.echo(f"dragondiff ui: model {opts['model']}, {loaded.threads} thread(s), http://{host}:{port}", err=True)
+    launch(loaded.pipe, host=host, port=port, share=share, steps=steps)

@@ -1,4 +1,5 @@
-"""Options shared by the subcommands, value parsers (points, offsets) and the thread count."""
+"""Options shared by the subcommands, the task options derived from each task's Params, value parsers (points,
+offsets) and the thread count. Ranges and defaults come from `dragondiff.limits` and the task registry."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import re
 
 import click
 
-from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION
+from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, DEFAULT_SEED, LIMITS
 from ..loading import BUNDLED_ID
-from ..pipeline import OFFICIAL_SETTINGS
 from ..presets import PRESETS
 from ..tasks import TASKS
+from ..tasks import params as P
 
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _PAIR = re.compile(rf"^{_NUMBER},{_NUMBER}$")
@@ -83,8 +84,29 @@ def available_threads() -> tuple[int, str]:
 
 
 def _settings_help(key: str) -> str:
-    official = ", ".join(f"{task} {OFFICIAL_SETTINGS[task][key]:g}" for task in TASKS)
+    official = ", ".join(f"{task} {info.settings[key]:g}" for task, info in TASKS.items())
     return f"default: the model's recommended value if it ships one, else the official demo's ({official})"
+
+
+def _official_help(key: str) -> str:
+    official = ", ".join(f"{task} {info.settings[key]:g}" for task, info in TASKS.items())
+    return f"[default: the official demo's: {official}]"
+
+
+def int_range(name: str) -> click.IntRange:
+    return click.IntRange(int(LIMITS[name].low), int(LIMITS[name].high))
+
+
+def float_range(name: str) -> click.FloatRange:
+    return click.FloatRange(LIMITS[name].low, LIMITS[name].high)
+
+
+PRESET_HELP = "; ".join(f"{name}: {doc}" for name, doc in (
+    ("official", "the demo's D+ schedule (50 steps)"),
+    ("fast", f"ours: {PRESETS['fast'].steps} steps, 16 of them guided, validated on the shapes benchmark"),
+    ("paper", "the paper's schedule (50 steps)"),
+))
+STEPS_DEFAULT = ", ".join(f"{name} {preset.steps}" for name, preset in sorted(PRESETS.items()))
 
 
 # --model, --config, --device, --dtype, --threads.
@@ -121,39 +143,77 @@ run_options = option_group(
 # Settings common to the edit subcommands (the EditSpec's common fields).
 edit_options = option_group(
     click.option("--prompt", default=None, help="text prompt  [default: empty]"),
-    click.option("--preset", type=click.Choice(sorted(PRESETS)), default="official", show_default=True,
-                 help="official: the demo's D+ schedule; paper: the paper's"),
-    click.option("--steps", type=click.IntRange(1, 999), default=None,
-                 help="DDIM steps  [default: 50]"),
-    click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=42, show_default=True,
+    click.option("--preset", type=click.Choice(sorted(PRESETS)), default=DEFAULT_PRESET, show_default=True,
+                 help=PRESET_HELP),
+    click.option("--steps", type=int_range("num_inference_steps"), default=None,
+                 help=f"DDIM steps  [default: the preset's: {STEPS_DEFAULT}]"),
+    click.option("--seed", type=int_range("seed"), default=DEFAULT_SEED, show_default=True,
                  help="seeds the regional-SDE noise"),
-    click.option("--max-resolution", type=click.IntRange(64, 2048), default=None,
+    click.option("--max-resolution", type=int_range("max_resolution"), default=None,
                  help=f"working resolution: area about N² px  [default: {DEFAULT_MAX_RESOLUTION}; "
                       f"{BUNDLED_RESOLUTION} with the bundled model]"),
-    click.option("--guidance-scale", type=float, default=None, help="CFG scale; " + _settings_help("guidance_scale")),
-    click.option("--energy-scale", type=float, default=None,
+    click.option("--guidance-scale", type=float_range("guidance_scale"), default=None,
+                 help="CFG scale; " + _settings_help("guidance_scale")),
+    click.option("--energy-scale", type=float_range("energy_scale"), default=None,
                  help="guidance strength in the demo's slider units; " + _settings_help("energy_scale")),
-    click.option("--gradient-coef", type=float, default=None,
-                 help="factor on the energy gradient  [default: move 0.08, others 0.04]"),
+    click.option("--gradient-coef", type=float_range("gradient_coef"), default=None,
+                 help="factor on the energy gradient  " + _official_help("gradient_coef")),
     click.option("-o", "--output", default=None, help="output image (.png, .jpg, .webp)  "
                                                       "[default: <image>-<task>.png here]"),
 )
-
-
-def weight_options(task: str):
-    """--w-edit etc. for the weights a task uses, each with its default from the task registry."""
-    info = TASKS[task]
-
-    def apply(f):
-        for name in reversed([n for n in ("w_edit", "w_content", "w_contrast", "w_inpaint") if n in info.fields]):
-            f = click.option(f"--{name.replace('_', '-')}", type=float, default=None,
-                             help=f"energy weight {name}  [default: {info.defaults[name]:g}]")(f)
-        return f
-
-    return apply
-
 
 # EditSpec fields the common options fill (CLI name -> spec field).
 COMMON_SPEC_FIELDS = {"prompt": "prompt", "preset": "preset", "steps": "num_inference_steps", "seed": "seed",
                       "max_resolution": "max_resolution", "guidance_scale": "guidance_scale",
                       "energy_scale": "energy_scale", "gradient_coef": "gradient_coef"}
+
+
+def spec_fields(opts: dict) -> dict:
+    """The common EditSpec fields set by `edit_options` (None where an option was not given)."""
+    return {field: opts[name] for name, field in COMMON_SPEC_FIELDS.items()}
+
+
+# --------------------------------------------------------------------------- task options, from the tasks' Params
+
+def _option(f):
+    """The click option of one Params field: its kind gives the type, its doc, default and range the help."""
+    kind, meta = f.metadata["kind"], f.metadata
+    shown, limits = P.default_help(f), P.range_text(f)
+    help_text = meta["doc"] + (f"; range {limits}" if limits else "") + (f"  [default: {shown}]" if shown else "")
+    kwargs = {"default": None, "help": help_text}
+    if kind in P.SOURCE_KINDS:
+        kwargs.update(required=P.required(f), type=click.Path(dir_okay=False))
+    elif kind == P.OFFSET:
+        kwargs.update(type=OFFSET, help=meta["doc"] + f"; DX,DY  [default: {shown}]")
+    elif kind == P.POINTS:
+        kwargs.update(required=P.required(f), type=PAIRS, multiple=True,
+                      help=meta["doc"] + ": 'hx,hy:tx,ty'; repeat the option or separate pairs by spaces")
+    elif kind in (P.NUMBER, P.SCALE):
+        kwargs.update(type=float)
+    return click.option("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def _params_options(task: str, weights: bool):
+    fields = [f for f in TASKS[task].params.fields() if (f.metadata["group"] == "weight") == weights]
+    return option_group(*(_option(f) for f in fields))
+
+
+def task_options(task: str):
+    """The task's own options (files, offset, scale, points, prompts), derived from its Params."""
+    return _params_options(task, weights=False)
+
+
+def weight_options(task: str):
+    """--w-edit etc. for the energy weights a task has, each with its default from its Params."""
+    return _params_options(task, weights=True)
+
+
+def task_fields(task: str, opts: dict) -> dict:
+    """The task's Params values from the parsed options (None where not given); several --points flattened."""
+    out = {}
+    for f in TASKS[task].params.fields():
+        value = opts.get(f.name)
+        if f.metadata["kind"] == P.POINTS and value is not None:
+            value = tuple(p for group in value for p in group) or None
+        out[f.name] = value
+    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..spec import SOURCE_FIELDS, EditSpec
+from ..spec import EditSpec
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -45,8 +45,7 @@ class Job:
 
     def input_files(self) -> set[Path]:
         files = {Path(p).resolve() for p in self.inputs}
-        for name in SOURCE_FIELDS:
-            value = getattr(self.spec, name)
+        for _, value in [("image", self.spec.image), *self.spec.params.sources()]:
             if isinstance(value, str):
                 files.add(Path(value).resolve())
         return files
@@ -83,25 +82,34 @@ def check_jobs(jobs: list[Job], overwrite: bool, preview: bool) -> None:
 
 
 def check_inputs(spec: EditSpec, label: str) -> None:
-    """Read every image and mask of the spec (no model): missing files, unreadable images, mask sizes, points."""
+    """Read every image and mask of the spec (no model): missing files, unreadable images, mask sizes, points.
+    Which fields are files, and whose size each mask has, comes from the task's Params."""
     from ..inputs import load_image, load_mask
+    from ..tasks import params as P
     from ..validate import check_point
 
     try:
-        image = load_image(spec.image, "image")
-        hw = image.shape[:2]
-        if spec.mask is not None:
-            load_mask(spec.mask, "mask", hw)
-        if spec.reference_region is not None:
-            load_mask(spec.reference_region, "reference_region", hw)
-        if spec.reference is not None:
-            ref = load_image(spec.reference, "reference")
-            load_mask(spec.reference_mask, "reference_mask", ref.shape[:2])
-        for k, (handle, target) in enumerate(spec.points or ()):
-            check_point(handle, f"points[{k}] handle", hw)
-            check_point(target, f"points[{k}] target", hw)
+        images = {"image": load_image(spec.image, "image")}
+        fields = spec.params.fields()
+        for f in fields:
+            value = getattr(spec.params, f.name)
+            if f.metadata["kind"] == P.IMAGE and value is not None:
+                images[f.name] = load_image(value, f.name)
+        for f in fields:
+            value = getattr(spec.params, f.name)
+            if f.metadata["kind"] == P.MASK and value is not None:
+                load_mask(value, f.name, images[f.metadata["of"]].shape[:2])
+            if f.metadata["kind"] == P.POINTS and value is not None:
+                for k, (handle, target) in enumerate(value):
+                    check_point(handle, f"{f.name}[{k}] handle", images["image"].shape[:2])
+                    check_point(target, f"{f.name}[{k}] target", images["image"].shape[:2])
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise InputError(f"{label}: {e}") from e
+
+
+def output_name(stem: str, k: int, count: int) -> str:
+    """The result file of edit k of a spec file holding `count` edits: <stem>.png, or <stem>-<k>.png."""
+    return f"{stem}.png" if count == 1 else f"{stem}-{k}.png"
 
 
 def quiet_third_party() -> None:
@@ -135,6 +143,27 @@ def load_pipeline(model: str, config: str | None, device, dtype, threads: int, v
         return pipe.enable_vae_tiling(vae_tiling)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise InputError(f"--model/--device/--dtype: {e}") from e
+
+
+@dataclass
+class Loaded:
+    """The pipeline a command loaded from its `model_options`, the threads it runs on, and the load time."""
+
+    pipe: object
+    threads: int
+    seconds: float
+
+
+def open_model(opts: dict, model: str | None = None) -> Loaded:
+    """The one model loader of the commands: threads (--threads, else the idle cores), then the model given by
+    `model_options` (or `model`, e.g. the one a sidecar names), timed."""
+    from .options import available_threads
+
+    threads = opts["threads"] or available_threads()[0]
+    start = time.perf_counter()
+    pipe = load_pipeline(model or opts["model"], opts["config"], opts["device"], opts["dtype"], threads,
+                         opts["vae_tiling"])
+    return Loaded(pipe, threads, time.perf_counter() - start)
 
 
 def save_image(image, path: Path) -> None:

@@ -8,6 +8,7 @@ Bank: masked union (base background + reference object), steps 0..35. c = 0.04.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,6 +16,7 @@ from .. import energies as E
 from ..attention import UNION
 from ..features import resize_features
 from .base import Task, TaskInfo, common_fields, latent_region, nearest
+from .params import IMAGE, MASK, TEXT, Params, param, weight
 
 
 @dataclass
@@ -59,19 +61,32 @@ def build_appearance(*, mask, reference_mask, **common) -> AppearanceTask:
     )
 
 
+@dataclass(frozen=True)
+class AppearanceParams(Params):
+    """Parameters of an appearance replacement."""
+
+    TASK = "appearance"
+    mask: Any = param(kind=MASK, of="image", doc="the object to restyle")
+    reference: Any = param(kind=IMAGE, doc="the image whose object lends its appearance")
+    reference_mask: Any = param(kind=MASK, of="reference", doc="that object, the size of the reference")
+    reference_prompt: str = param(None, kind=TEXT, default_from="prompt", default_text="the prompt",
+                                  doc="the reference image's inversion prompt")
+    w_edit: float = weight(3.5, "weight of the edit energy (object's mean features like the reference's)")
+    w_content: float = weight(5.0, "weight of the content energy (outside the object kept)")
+
+
 def from_spec(spec, prep) -> AppearanceTask:
-    obj = prep.mask(spec.mask, "mask")
-    ref_pixels, ref_image, ref_mask = prep.reference(spec.reference, spec.reference_mask)
-    return build_appearance(mask=obj, reference_mask=ref_mask, w_edit=spec.w_edit, w_content=spec.w_content,
+    p = spec.params
+    obj = prep.mask(p.mask, "mask")
+    ref_pixels, ref_image, ref_mask = prep.reference(p.reference, p.reference_mask)
+    return build_appearance(mask=obj, reference_mask=ref_mask, w_edit=p.w_edit, w_content=p.w_content,
                             **common_fields(spec, prep, reference=(ref_pixels, ref_image)))
 
 
 INFO = TaskInfo(
     name="appearance",
     build=from_spec,
-    fields=("mask", "reference", "reference_mask", "reference_prompt", "w_edit", "w_content"),
-    required=("mask", "reference", "reference_mask"),
-    defaults={"w_edit": 3.5, "w_content": 5.0, "gradient_coef": 0.04, "bank_steps": (0, 35)},
-    settings={"guidance_scale": 5.0, "energy_scale": 2.0},
+    params=AppearanceParams,
+    settings={"guidance_scale": 5.0, "energy_scale": 2.0, "gradient_coef": 0.04, "bank_steps": (0, 35)},
     doc="give the masked object the appearance of the masked object in a reference image",
 )

@@ -74,15 +74,13 @@ def latent_region(feature_mask: torch.Tensor, latent_hw: tuple[int, int]) -> tor
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """A task's registration: its spec fields, defaults (the only place they are written) and builder."""
+    """A task's registration: its typed parameters (fields, defaults, ranges: the only place they are written), the
+    official demo's guidance settings for it, and its builder."""
 
     name: str
     build: Callable  # (resolved EditSpec, inputs.Prepared) -> Task
-    fields: tuple[str, ...]  # task-specific EditSpec fields it uses
-    required: tuple[str, ...]
-    defaults: dict  # values of its fields (and gradient_coef, bank_steps) when the spec leaves them None
-    settings: dict  # the official demo's guidance_scale and energy_scale (slider units)
-    max_scale: float = 10.0
+    params: type  # the task's frozen Params dataclass (tasks/params.py): EditSpec.params is one
+    settings: dict  # the official demo's guidance_scale, energy_scale (slider units), gradient_coef, bank_steps
     doc: str = ""
 
 
@@ -93,7 +91,7 @@ def common_fields(spec, prep, reference: tuple[torch.Tensor, np.ndarray] | None 
     if reference is not None:
         ref_pixels, reference_image = reference
         pixels = torch.cat([pixels, ref_pixels.to(pixels)])
-        prompts.append(spec.reference_prompt)
+        prompts.append(spec.params.reference_prompt)
     return {"pixels": pixels, "inversion_prompts": prompts, "prompt": spec.prompt, "grid": prep.grid,
             "reference_image": reference_image}
 

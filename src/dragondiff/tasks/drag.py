@@ -9,6 +9,7 @@ Bank: concatenate, from step 5 on. c = 0.04.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from ..attention import CONCAT
 from ..features import resize_features
 from ..validate import check_point
 from .base import Task, TaskInfo, common_fields, latent_region, nearest
+from .params import MASK, POINTS, Params, param, weight
 
 BOX = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # raster order of a 3x3 box
 
@@ -102,11 +104,24 @@ def build_drag(*, mask, points_scaled, **common) -> DragTask:
     )
 
 
+@dataclass(frozen=True)
+class DragParams(Params):
+    """Parameters of a drag."""
+
+    TASK = "drag"
+    mask: Any = param(kind=MASK, of="image", doc="the editable area (targets must lie inside it)")
+    points: tuple = param(kind=POINTS, doc="((handle_x, handle_y), (target_x, target_y)) pairs in original pixels")
+    w_edit: float = weight(4.0, "weight of the edit energy (target boxes like the handle boxes)")
+    w_content: float = weight(6.0, "weight of the content energy (outside the editable area kept)")
+    w_inpaint: float = weight(0.2, "weight of the inpainting term (handle boxes left behind)")
+
+
 def from_spec(spec, prep) -> DragTask:
-    editable = prep.mask(spec.mask, "mask", levels=1)  # the demo's sketch mask is 0/1
+    p = spec.params
+    editable = prep.mask(p.mask, "mask", levels=1)  # the demo's sketch mask is 0/1
     sx, sy = prep.input_scale
     scaled = []
-    for k, (handle, target) in enumerate(spec.points):
+    for k, (handle, target) in enumerate(p.points):
         handle = check_point(handle, f"points[{k}] handle", prep.original_hw)
         target = check_point(target, f"points[{k}] target", prep.original_hw)
         scaled.append(((handle[0] * sx, handle[1] * sy), (target[0] * sx, target[1] * sy)))
@@ -114,16 +129,14 @@ def from_spec(spec, prep) -> DragTask:
         ty = min(int(scaled[-1][1][1]), prep.size_hw[0] - 1)
         if not editable[ty, tx]:
             raise ValueError(f"points[{k}]: target ({target[0]:g}, {target[1]:g}) lies outside the editable mask")
-    return build_drag(mask=editable, points_scaled=scaled, w_edit=spec.w_edit,
-                      w_content=spec.w_content, w_inpaint=spec.w_inpaint, **common_fields(spec, prep))
+    return build_drag(mask=editable, points_scaled=scaled, w_edit=p.w_edit,
+                      w_content=p.w_content, w_inpaint=p.w_inpaint, **common_fields(spec, prep))
 
 
 INFO = TaskInfo(
     name="drag",
     build=from_spec,
-    fields=("mask", "points", "w_edit", "w_content", "w_inpaint"),
-    required=("mask", "points"),
-    defaults={"w_edit": 4.0, "w_content": 6.0, "w_inpaint": 0.2, "gradient_coef": 0.04, "bank_steps": (5, None)},
-    settings={"guidance_scale": 4.0, "energy_scale": 2.0},
+    params=DragParams,
+    settings={"guidance_scale": 4.0, "energy_scale": 2.0, "gradient_coef": 0.04, "bank_steps": (5, None)},
     doc="drag content from handle points to target points inside an editable mask",
 )

@@ -8,6 +8,7 @@ Bank: replace, from step 5 on. c = 0.08.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,6 +16,7 @@ from .. import energies as E
 from ..attention import REPLACE
 from ..features import resize_features
 from .base import Task, TaskInfo, cells_to_mask, common_fields, latent_region, nearest, paired_cells, place
+from .params import MASK, OFFSET, SCALE, Params, param, weight
 
 
 @dataclass
@@ -118,27 +120,40 @@ def build_move(*, object_mask, reference_region, offset_px, input_scale, scale, 
     )
 
 
+@dataclass(frozen=True)
+class MoveParams(Params):
+    """Parameters of a move (and resize)."""
+
+    TASK = "move"
+    mask: Any = param(kind=MASK, of="image", doc="the object (white on black, the size of the image)")
+    offset: tuple[float, float] = param((0.0, 0.0), kind=OFFSET, doc="(dx, dy) in original pixels")
+    scale: float = param(1.0, kind=SCALE, high=10.0, doc="size factor, about the image centre")
+    reference_region: Any = param(None, kind=MASK, of="image", default_text="the background",
+                                  doc="mask of the area the vacated place should come to look like")
+    w_edit: float = weight(4.0, "weight of the edit energy (object at its destination)")
+    w_content: float = weight(6.0, "weight of the content energy (background kept)")
+    w_contrast: float = weight(0.2, "weight of the contrast term (vacated area unlike the object)")
+    w_inpaint: float = weight(0.8, "weight of the inpainting term (vacated area like the reference region)")
+
+
 def from_spec(spec, prep) -> MoveTask:
-    dx, dy = spec.offset
-    if dx == 0 and dy == 0 and spec.scale == 1:
+    p = spec.params
+    dx, dy = p.offset
+    if dx == 0 and dy == 0 and p.scale == 1:
         raise ValueError("offset=(0, 0) with scale=1 is not an edit; give a displacement or a scale")
-    obj = prep.mask(spec.mask, "mask")
-    region = None if spec.reference_region is None else prep.mask(spec.reference_region, "reference_region")
+    obj = prep.mask(p.mask, "mask")
+    region = None if p.reference_region is None else prep.mask(p.reference_region, "reference_region")
     return build_move(
         object_mask=obj, reference_region=region, offset_px=(dx, dy), input_scale=prep.input_scale,
-        scale=spec.scale, w_edit=spec.w_edit, w_content=spec.w_content,
-        w_contrast=spec.w_contrast, w_inpaint=spec.w_inpaint, **common_fields(spec, prep),
+        scale=p.scale, w_edit=p.w_edit, w_content=p.w_content,
+        w_contrast=p.w_contrast, w_inpaint=p.w_inpaint, **common_fields(spec, prep),
     )
 
 
 INFO = TaskInfo(
     name="move",
     build=from_spec,
-    fields=("mask", "reference_region", "offset", "scale", "w_edit", "w_content", "w_contrast", "w_inpaint"),
-    required=("mask",),
-    defaults={"offset": (0.0, 0.0), "scale": 1.0, "w_edit": 4.0, "w_content": 6.0, "w_contrast": 0.2,
-              "w_inpaint": 0.8, "gradient_coef": 0.08, "bank_steps": (5, None)},
-    settings={"guidance_scale": 4.0, "energy_scale": 0.5},
-    max_scale=10.0,
+    params=MoveParams,
+    settings={"guidance_scale": 4.0, "energy_scale": 0.5, "gradient_coef": 0.08, "bank_steps": (5, None)},
     doc="move (and resize) the masked object by offset, scaled about the image centre",
 )

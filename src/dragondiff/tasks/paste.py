@@ -8,6 +8,7 @@ Bank: masked union (base background + reference object), steps 0..35. c = 0.04.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from .. import energies as E
 from ..attention import UNION
 from ..features import resize_features
 from .base import Task, TaskInfo, cells_to_mask, common_fields, latent_region, nearest, paired_cells, place
+from .params import IMAGE, MASK, OFFSET, SCALE, TEXT, Params, param, weight
 
 
 def scale_about_centre(x: torch.Tensor, scale: float, mode: str = "nearest") -> torch.Tensor:
@@ -91,26 +93,39 @@ def build_paste(*, reference_mask, offset_px, input_scale, **common) -> PasteTas
     )
 
 
+@dataclass(frozen=True)
+class PasteParams(Params):
+    """Parameters of a paste."""
+
+    TASK = "paste"
+    reference: Any = param(kind=IMAGE, doc="the image holding the object")
+    reference_mask: Any = param(kind=MASK, of="reference", doc="the object in the reference")
+    offset: tuple[float, float] = param((0.0, 0.0), kind=OFFSET,
+                                        doc="(dx, dy) from the object's reference position, in base-image pixels")
+    scale: float = param(1.0, kind=SCALE, high=4.0, doc="size factor of the reference, about its centre")
+    reference_prompt: str = param(None, kind=TEXT, default_from="prompt", default_text="the prompt",
+                                  doc="the reference image's inversion prompt")
+    w_edit: float = weight(4.0, "weight of the edit energy (pasted object like the reference's)")
+    w_content: float = weight(6.0, "weight of the content energy (outside the destination kept)")
+
+
 def from_spec(spec, prep) -> PasteTask:
-    ref_pixels, _, ref_mask = prep.reference(spec.reference, spec.reference_mask)
-    ref_pixels = scale_about_centre(ref_pixels, spec.scale)  # zero padding = mid-grey in [-1, 1]
-    ref_mask = scale_about_centre(ref_mask, spec.scale)
+    p = spec.params
+    ref_pixels, _, ref_mask = prep.reference(p.reference, p.reference_mask)
+    ref_pixels = scale_about_centre(ref_pixels, p.scale)  # zero padding = mid-grey in [-1, 1]
+    ref_mask = scale_about_centre(ref_mask, p.scale)
     ref_image = ((ref_pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
     if not ref_mask.any():
-        raise ValueError(f"scale={spec.scale:g} crops the reference object away entirely")
-    return build_paste(reference_mask=ref_mask, offset_px=spec.offset, input_scale=prep.input_scale,
-                       w_edit=spec.w_edit, w_content=spec.w_content,
+        raise ValueError(f"scale={p.scale:g} crops the reference object away entirely")
+    return build_paste(reference_mask=ref_mask, offset_px=p.offset, input_scale=prep.input_scale,
+                       w_edit=p.w_edit, w_content=p.w_content,
                        **common_fields(spec, prep, reference=(ref_pixels, ref_image)))
 
 
 INFO = TaskInfo(
     name="paste",
     build=from_spec,
-    fields=("reference", "reference_mask", "offset", "scale", "reference_prompt", "w_edit", "w_content"),
-    required=("reference", "reference_mask"),
-    defaults={"offset": (0.0, 0.0), "scale": 1.0, "w_edit": 4.0, "w_content": 6.0, "gradient_coef": 0.04,
-              "bank_steps": (0, 35)},
-    settings={"guidance_scale": 4.0, "energy_scale": 1.5},
-    max_scale=4.0,
+    params=PasteParams,
+    settings={"guidance_scale": 4.0, "energy_scale": 1.5, "gradient_coef": 0.04, "bank_steps": (0, 35)},
     doc="paste the masked object of a reference image into the image, shifted by offset and scaled",
 )

@@ -1,0 +1,162 @@
+"""A task's own parameters, typed: each task module declares a frozen `Params` dataclass whose fields carry their
+kind, default, range and a one-line doc (`param(...)`). The spec validates them, the JSON schema, the CLI options
+and `dragondiff.cli.runner.check_inputs` are derived from them; nothing else lists a task's fields.
+
+    @dataclass(frozen=True)
+    class MoveParams(Params):
+        mask: Any = param(kind=MASK, of="image", doc="the object")
+        offset: tuple[float, float] = param((0.0, 0.0), kind=OFFSET, doc="(dx, dy) in original pixels")
+
+A field without a default is required. None given for a field that has a default takes the default (so callers
+may pass None for "not given"); `default_from` names the common spec field a None resolves to (`reference_prompt`
+takes the prompt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..limits import LIMITS
+from ..validate import check_number, check_offset, check_point, check_scale, check_string
+
+# Kinds of parameter: what a value is, how it is checked, serialised and offered on the command line.
+IMAGE = "image"  # an image: a path (serialisable) or an in-memory image
+MASK = "mask"  # a mask the size of the image named by its `of`: a path or an in-memory mask
+OFFSET = "offset"  # (dx, dy) in original pixels
+POINTS = "points"  # ((handle_xy, target_xy), ...) in original pixels
+SCALE = "scale"  # a size factor in (0, high]
+NUMBER = "number"  # a float in [low, high]
+TEXT = "text"  # a prompt
+SOURCE_KINDS = (IMAGE, MASK)
+
+
+def param(default=dataclasses.MISSING, *, kind: str, doc: str, low: float | None = None,
+          high: float | None = None, of: str | None = None, default_from: str | None = None,
+          default_text: str | None = None, group: str | None = None):
+    """A Params field. kind: one of the kinds above; low/high: the range of a NUMBER (or the top of a SCALE);
+    of: for a MASK, the image field whose size it has; default_from: the common spec field a None resolves to;
+    default_text: how help texts name a default that is not a value ("the background"); group: "weight" for
+    the energy weights (listed after the common options on the command line)."""
+    meta = {"kind": kind, "doc": doc, "low": low, "high": high, "of": of, "default_from": default_from,
+            "default_text": default_text, "group": group}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def weight(default: float, doc: str):
+    """An energy weight: a NUMBER in the energy-weight range of `dragondiff.limits`."""
+    limit = LIMITS["energy_weight"]
+    return param(default, kind=NUMBER, low=limit.low, high=limit.high, doc=doc, group="weight")
+
+
+def check_points(points) -> tuple:
+    if isinstance(points, np.ndarray):
+        points = points.tolist()
+    if isinstance(points, (str, bytes)) or not isinstance(points, (list, tuple)) or len(points) == 0:
+        raise TypeError("points: expected a non-empty list of ((hx, hy), (tx, ty)) pairs")
+    out = []
+    for k, pair in enumerate(points):
+        if not isinstance(pair, (list, tuple, np.ndarray)) or len(pair) != 2:
+            raise TypeError(f"points[{k}]: expected a (handle, target) pair of (x, y) points, got {pair!r}")
+        out.append(tuple(check_point(p, f"points[{k}] {role}") for p, role in zip(pair, ("handle", "target"))))
+    return tuple(out)
+
+
+def check_value(f: dataclasses.Field, value):
+    """`value` of Params field `f`, checked and normalised (paths to str, lists to tuples); errors name the field."""
+    kind, meta = f.metadata["kind"], f.metadata
+    if kind in SOURCE_KINDS:
+        return str(value) if isinstance(value, Path) else value
+    if kind == OFFSET:
+        return check_offset(value, f.name)
+    if kind == POINTS:
+        return check_points(value)
+    if kind == SCALE:
+        return check_scale(value, f.name, meta["high"])
+    if kind == NUMBER:
+        return check_number(value, f.name, meta["low"], meta["high"])
+    if kind == TEXT:
+        return check_string(value, f.name)
+    raise AssertionError(f"{f.name}: unknown parameter kind {kind!r}")
+
+
+def required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+@dataclass(frozen=True)
+class Params:
+    """Base of every task's parameters: validates each field on construction (errors name the field)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                if required(f):
+                    raise ValueError(f"{f.name}: required by task {self.task_name()!r}")
+                if f.default is not None:
+                    object.__setattr__(self, f.name, f.default)
+                continue
+            object.__setattr__(self, f.name, check_value(f, value))
+
+    @classmethod
+    def task_name(cls) -> str:
+        return getattr(cls, "TASK", cls.__name__)
+
+    @classmethod
+    def fields(cls) -> tuple[dataclasses.Field, ...]:
+        return dataclasses.fields(cls)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def field(cls, name: str) -> dataclasses.Field:
+        return {f.name: f for f in dataclasses.fields(cls)}[name]
+
+    @classmethod
+    def build(cls, values: dict) -> "Params":
+        """From a dict of field values; a key the task does not have is named in the error."""
+        unknown = [k for k in values if k not in cls.names()]
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not used by task {cls.task_name()!r} (its fields: "
+                             f"{', '.join(cls.names())})")
+        missing = [f.name for f in dataclasses.fields(cls) if required(f) and f.name not in values]
+        if missing:
+            raise ValueError(f"{missing[0]}: required by task {cls.task_name()!r}")
+        return cls(**values)
+
+    def sources(self) -> Iterator[tuple[str, Any]]:
+        """(name, value) of the image and mask fields that are set."""
+        for f in dataclasses.fields(self):
+            if f.metadata["kind"] in SOURCE_KINDS and getattr(self, f.name) is not None:
+                yield f.name, getattr(self, f.name)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def default_help(f: dataclasses.Field) -> str:
+    """The default as help texts show it: '4', '0,0', 'the background'; '' for a required field."""
+    if f.metadata["default_text"]:
+        return f.metadata["default_text"]
+    if required(f) or f.default is None:
+        return ""
+    if isinstance(f.default, tuple):
+        return ",".join(f"{v:g}" for v in f.default)
+    return f"{f.default:g}" if isinstance(f.default, (int, float)) else str(f.default)
+
+
+def range_text(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    if meta["kind"] == SCALE:
+        return f"(0, {meta['high']:g}]"
+    if meta["kind"] == NUMBER:
+        return f"≥ {meta['low']:g}" if math.isinf(meta["high"]) else f"[{meta['low']:g}, {meta['high']:g}]"
+    return ""
