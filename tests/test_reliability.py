@@ -116,3 +116,21 @@ def test_every_geometry_check_runs_without_the_model(monkeypatch):
     spec, prep, task = plan_edit(EditSpec(task="move", image=img, mask=disc, offset=(16, 0)), factors=factors,
                                  default_max_resolution=128)
     assert spec.w_edit == 4.0 and prep.size_hw == (128, 128) and task.name == "move"
+
+
+def test_spec_bounds_prompts_and_prints_bounded_values():
+    from dragondiff.limits import LIMITS
+    from dragondiff.spec import EditSpec
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 10:20] = True
+    most = int(LIMITS["prompt_chars"].high)
+    with pytest.raises(ValueError, match=rf"^prompt: 50,000,000 characters; at most {most:,}"):
+        EditSpec(task="move", image=img, mask=mask, offset=(8, 0), prompt="x" * 50_000_000)
+    with pytest.raises(ValueError, match="^reference_prompt: .*characters; at most"):
+        EditSpec(task="appearance", image=img, mask=mask, reference=img, reference_mask=mask,
+                 reference_prompt="y" * (most + 1))
+    with pytest.raises(ValueError) as err:
+        EditSpec(task="move" * 10_000, image=img)
+    assert len(str(err.value)) < 300

@@ -34,11 +34,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .limits import DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, DEFAULT_SEED, LIMITS, check
+from .limits import DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, DEFAULT_SEED, LIMITS, check, check_prompt
 from .presets import PRESETS
 from .tasks import TASKS
 from .tasks.params import IMAGE, MASK, NUMBER, OFFSET, POINTS, SCALE, SOURCE_KINDS, TEXT, Params, required
-from .validate import check_string
+from .validate import shown
 
 Point = tuple[float, float]
 
@@ -53,7 +53,7 @@ SOURCE_FIELDS = ("image",) + tuple(n for n, f in PARAM_FIELDS.items() if f.metad
 
 def _check_bank_steps(value) -> tuple[int, Optional[int]]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"bank_steps: expected a (first, last) pair of step indices (last may be None), got {value!r}")
+        raise ValueError(f"bank_steps: expected a (first, last) pair of step indices (last may be None), got {shown(value)}")
     first, last = value
     first = check("bank_step", first, "bank_steps first")
     if last is not None:
@@ -107,28 +107,28 @@ class EditSpec:
         replace those fields of it (so `dataclasses.replace(spec, mask=...)` works)."""
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (building a frozen dataclass)
         if not isinstance(task, str) or task not in TASKS:
-            raise ValueError(f"task: unknown task {task!r}; allowed: {sorted(TASKS)}")
+            raise ValueError(f"task: unknown task {shown(task)}; allowed: {sorted(TASKS)}")
         set_("task", task)
         set_("params", self._params(task, params, task_fields))
         if image is None:
             raise ValueError("image: required")
         set_("image", str(image) if isinstance(image, Path) else image)
         if prompt is not None:
-            check_string(prompt, "prompt")
+            check_prompt(prompt, "prompt")
         set_("prompt", prompt)
         for name, value in (("guidance_scale", guidance_scale), ("energy_scale", energy_scale),
                             ("gradient_coef", gradient_coef)):
             set_(name, None if value is None else check(name, value))
         set_("bank_steps", None if bank_steps is None else _check_bank_steps(bank_steps))
         if not isinstance(preset, str) or preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {shown(preset)}")
         set_("preset", preset)
         set_("seed", check("seed", seed))
         if num_inference_steps is not None:
             n, limit = num_inference_steps, LIMITS["num_inference_steps"]
             integer = isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
             if not integer or not limit.low <= n <= limit.high:
-                raise ValueError(f"num_inference_steps must be an integer in {limit.text}, got {n!r}")
+                raise ValueError(f"num_inference_steps must be an integer in {limit.text}, got {shown(n)}")
             num_inference_steps = int(n)
         set_("num_inference_steps", num_inference_steps)
         if max_resolution is not None:

@@ -22,8 +22,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..limits import LIMITS
-from ..validate import check_number, check_offset, check_point, check_scale, check_string
+from ..limits import LIMITS, check_prompt
+from ..validate import check_number, check_offset, check_point, check_scale, shown
 
 # Kinds of parameter: what a value is, how it is checked, serialised and offered on the command line.
 IMAGE = "image"  # an image: a path (serialisable) or an in-memory image
@@ -62,7 +62,7 @@ def check_points(points) -> tuple:
     out = []
     for k, pair in enumerate(points):
         if not isinstance(pair, (list, tuple, np.ndarray)) or len(pair) != 2:
-            raise TypeError(f"points[{k}]: expected a (handle, target) pair of (x, y) points, got {pair!r}")
+            raise TypeError(f"points[{k}]: expected a (handle, target) pair of (x, y) points, got {shown(pair)}")
         out.append(tuple(check_point(p, f"points[{k}] {role}") for p, role in zip(pair, ("handle", "target"))))
     return tuple(out)
 
@@ -81,7 +81,7 @@ def check_value(f: dataclasses.Field, value):
     if kind == NUMBER:
         return check_number(value, f.name, meta["low"], meta["high"])
     if kind == TEXT:
-        return check_string(value, f.name)
+        return check_prompt(value, f.name)
     raise AssertionError(f"{f.name}: unknown parameter kind {kind!r}")
 
 
