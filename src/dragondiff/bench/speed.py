@@ -35,11 +35,9 @@ from ..inputs import working_size
 from ..presets import PRESETS, get_preset
 from ..sampler import Stopwatch
 from ..spec import EditSpec
-from ..tasks import TASKS
 from ..tasks.base import ExampleScene
+from .cases import BENCH_CASES
 
-# benchmark case name -> the task that runs it and its example edit (move declares "move" and "resize")
-EXAMPLES = {name: (info, case.example) for info in TASKS.values() for name, case in info.bench.items()}
 PHASES = ("encode", "inversion", "cfg", "reference_features", "guidance", "time_travel", "decode")
 
 
@@ -182,8 +180,8 @@ def _edit(pipe, case: str, image, preset: str, size: int, steps: int | None, exa
           bank_device=None):
     """Case `case`'s example edit of the scene; `image` is its image or an Inversion made at this size and step
     count (equal values are accepted)."""
-    info, fields = EXAMPLES[case]
-    spec = EditSpec(task=info.name, image=image, **fields(example), preset=preset, num_inference_steps=steps,
+    info, declared = BENCH_CASES[case]
+    spec = EditSpec(task=info.name, image=image, **declared.example(example), preset=preset, num_inference_steps=steps,
                     max_resolution=size)
     return pipe.edit(spec, progress=False, bank_device=bank_device)
 
@@ -196,12 +194,12 @@ def run(pipe, size: int, tasks, presets, steps: int | None, repeats: int = 3, ba
     latent_hw = tuple(d // pipe.backbone.vae_factor for d in working_size(size, size, size))
     costs = pass_costs(pipe, latent_hw, repeats)
     fe = costs["unet_forward_b1"]
-    _edit(pipe, next(iter(EXAMPLES)), example.image, "official", size, 2, example)  # warm-up of the whole path
+    _edit(pipe, next(iter(BENCH_CASES)), example.image, "official", size, 2, example)  # warm-up of the whole path
     rows = []
     for preset in presets:
         n = steps or PRESETS[preset].steps
         for task in tasks:
-            n_images = EXAMPLES[task][0].images
+            n_images = BENCH_CASES[task][0].images
             watch = Stopwatch(dev)
             with mem.measure():
                 with watch.phase("invert"):
@@ -263,7 +261,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="tiny",
                         help="tiny | bundled | sd15-shaped (SD1.5's sizes, random weights) | a diffusers folder")
     parser.add_argument("--size", type=int, default=None, help="working resolution (128 tiny/bundled, else 512)")
-    parser.add_argument("--tasks", nargs="+", choices=list(EXAMPLES), default=list(EXAMPLES),
+    parser.add_argument("--tasks", nargs="+", choices=list(BENCH_CASES), default=list(BENCH_CASES),
                         help="benchmark cases (each task's declared cases)")
     parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["official", "paper", "fast"])
     parser.add_argument("--steps", type=int, default=None,

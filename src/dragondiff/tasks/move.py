@@ -172,7 +172,8 @@ def _make_move(seed, rng, scene) -> dict | None:
 
 def _make_resize(seed, rng, scene) -> dict | None:
     """The first object scaled by 0.7 or 1.3 and displaced by 16-32 px. With scale s the engine puts the object's
-    centre at c + (p + d − c)·s (c = image centre), so for a wanted centre p' the offset is d = (p' − c)/s + c − p."""
+    centre at c + (p + d − c)·s (c = image centre), so for a wanted centre p' the offset is
+    d = (p' − c)/s + c − p."""
     from ..shapes.scenes import SIZE, Shape, displaced, make_scene
 
     obj, others = scene.shapes[0], scene.shapes[1:]
