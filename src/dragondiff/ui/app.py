@@ -137,7 +137,7 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
                 with gr.Row():
                     again = gr.Button("Edit this result", elem_id=f"{task}-again")
                     undo = gr.Button("Undo edit", elem_id=f"{task}-undo")
-        prompt = gr.Textbox(label="Prompt", value=ui.example_prompt(examples[names[0]][1]), elem_id=f"{task}-prompt")
+        prompt = gr.Textbox(label="Prompt", value=examples[names[0]][1], elem_id=f"{task}-prompt")
         scale = (gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Scale", elem_id=f"{task}-scale")
                  if ui.scale else None)
         run = gr.Button("Run", variant="primary", elem_id=f"{task}-run")
