@@ -292,10 +292,10 @@ def build_app(pipe, *, steps: int = 50):
         gr.Markdown("## dragondiff: DragonDiffusion drag-style editing\n"
                     f"Model: `{pipe.model_id or 'in-memory'}`. Brush the mask on the image, click points, Run. "
                     "The inversion of an image is computed once and reused by every further edit of it.")
-        # One Session per page load; handlers change it in place, so
-        # quick successive clicks all land in it whatever order their events finish in.
-        state = gr.State()
-        app.load(Session, None, state, **PRIVATE)
+        # One Session per page load: Gradio gives each browser session its own copy of this fresh one (a plain
+        # value: no load event, which the API would list). Handlers change it in place, so quick successive
+        # clicks all land in it whatever order their events finish in.
+        state = gr.State(Session())
         for info in TASKS.values():
             if info.ui is not None:
                 _task_tab(gr, pipe, info, state, steps, examples, reference_image)

@@ -117,7 +117,7 @@ class Session:
     inversion_seconds: float = 0.0
     history: list = field(default_factory=list)  # earlier input images, for undo
     points: dict = field(default_factory=dict)  # task -> clicked points (x, y) in image pixels
-    folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dragondiff-ui-")))
+    folder: Path | None = None  # made at the first edit (a fresh Session is copied for every page load)
     runs: int = 0
 
     def push(self, image: np.ndarray) -> None:
@@ -198,6 +198,8 @@ def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dic
         raise UIError(str(e)) from e
     session.runs += 1
     out = full_resolution(result, image)
+    if session.folder is None:
+        session.folder = Path(tempfile.mkdtemp(prefix="dragondiff-ui-"))
     run = session.folder / f"edit-{session.runs:03d}"
     run.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(run / "input.png")
