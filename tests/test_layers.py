@@ -13,8 +13,8 @@ ROOT = Path(dragondiff.__file__).parent
 # Bottom to top; a module may import its own layer and those below. Within the top layer only the listed
 # directions are allowed: the CLI fronts everything; the web UI, the benchmarks and the trainer stay apart.
 LAYERS = [
-    ("leaves", {"errors", "validate", "limits", "grid", "presets", "result", "metrics", "shapes", "shapes.scenes",
-                "shapes.tokenizer", "shapes.model"}),
+    ("leaves", {"errors", "validate", "limits", "grid", "presets", "result", "shapes", "shapes.scenes",
+                "shapes.metrics", "shapes.tokenizer", "shapes.model"}),
     ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone"}),
     ("engine", {"sampler"}),
     ("tasks and description", {"tasks", "tasks.base", "tasks.move", "tasks.drag", "tasks.appearance", "tasks.paste",

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dragondiff.bench import metrics as mt
+from dragondiff.shapes import metrics as mt
 from dragondiff.bench.cases import make_case
 from dragondiff.shapes.scenes import COLOURS, RADIUS, Shape, make_scene, random_scene, with_shape
 

@@ -8,6 +8,9 @@ from PIL import Image
 
 from conftest import FULL as FAST
 from conftest import make_scene
+from dragondiff.bench.cases import BENCH_CASES
+from dragondiff.spec import EditSpec
+from dragondiff.tasks import TASKS
 from dragondiff.tiny import build_tiny_pipeline
 
 IMG, DISC, SQUARE = make_scene()
@@ -15,29 +18,41 @@ DRAG_MASK = np.zeros((128, 128), bool)
 DRAG_MASK[64:120, 64:124] = True
 
 
-def run(pipe, task, **kw):
+# Every benchmark case the tasks declare (BENCH_CASES: move declares "move" and "resize"), as an edit of this
+# file's scene: its spec fields, the region it edits, and how many of its first steps' reference features a
+# reused inversion cannot give (drag writes its z_T patch into inv[T], which step 0's reference features see).
+EDITS = {
+    "move": dict(fields=dict(mask=DISC, offset=(24, 0), prompt="a red disc"),
+                 region=DISC | np.roll(DISC, 24, axis=1)),
+    "resize": dict(fields=dict(mask=DISC, offset=(16, 8), scale=1.3, prompt="a red disc"),
+                   region=DISC | np.roll(DISC, 24, axis=1)),
+    "drag": dict(fields=dict(points=[((96, 88), (112, 88))], mask=DRAG_MASK, prompt="shapes"), region=DRAG_MASK,
+                 uncached_steps=1),
+    "appearance": dict(fields=dict(mask=DISC, reference=IMG, reference_mask=SQUARE, prompt="a disc"), region=DISC),
+    "paste": dict(fields=dict(reference=IMG, reference_mask=SQUARE, offset=(-60, -40), prompt="shapes"),
+                  region=np.roll(np.roll(SQUARE, -60, axis=1), -40, axis=0)),
+}
+CALL_ARGS = ("generator", "callback_on_step_end", "return_intermediates", "progress")  # pipe.edit's, not the spec's
+TASK_CASES = [next(iter(info.bench)) for info in TASKS.values()]  # one case per task, named as the task
+
+
+def test_every_declared_case_has_an_edit_here():
+    assert set(EDITS) == set(BENCH_CASES)
+
+
+def run(pipe, case, image=IMG, **kw):
     kw = {**FAST, **kw}
-    if task == "move":
-        return pipe.move(IMG, DISC, offset=(24, 0), prompt="a red disc", **kw)
-    if task == "resize":
-        return pipe.move(IMG, DISC, offset=(16, 8), scale=1.3, prompt="a red disc", **kw)
-    if task == "drag":
-        return pipe.drag(IMG, [((96, 88), (112, 88))], DRAG_MASK, prompt="shapes", **kw)
-    if task == "appearance":
-        return pipe.replace_appearance(IMG, DISC, IMG, SQUARE, prompt="a disc", **kw)
-    if task == "paste":
-        return pipe.paste(IMG, IMG, SQUARE, offset=(-60, -40), prompt="shapes", **kw)
-    raise KeyError(task)
+    call = {k: kw.pop(k) for k in CALL_ARGS if k in kw}
+    spec = EditSpec(task=BENCH_CASES[case][0].name, image=image, **{**EDITS[case]["fields"], **kw})
+    return pipe.edit(spec, **call)
 
 
-def edit_region(task):
-    if task in ("move", "resize"):
-        return DISC | np.roll(DISC, 24, axis=1)
-    if task == "drag":
-        return DRAG_MASK
-    if task == "appearance":
-        return DISC
-    return np.roll(np.roll(SQUARE, -60, axis=1), -40, axis=0)
+def edit_region(case):
+    return EDITS[case]["region"]
+
+
+def images(case):
+    return BENCH_CASES[case][0].images
 
 
 def far_from(region, margin=24):
@@ -58,7 +73,7 @@ OFFICIAL_COUNTS = {
 }
 
 
-@pytest.fixture(scope="module", params=["move", "resize", "drag", "appearance", "paste"])
+@pytest.fixture(scope="module", params=list(BENCH_CASES))
 def official_run(request, tiny_pipe):
     task = request.param
     return task, run(tiny_pipe, task, preset="official"), run(tiny_pipe, task, preset="official", energy_scale=0.0)
@@ -69,8 +84,8 @@ def test_output_image(official_run):
     assert isinstance(out.image, Image.Image) and out.image.size == (128, 128) and out.image.mode == "RGB"
     assert out.input_image.size == (128, 128)
     assert np.isfinite(np.array([e[2:] for e in out.energies], dtype=float)).all()
-    assert out.task == ("move" if task == "resize" else task) and out.preset == "official"
-    assert (out.reference_image is not None) == (task in ("appearance", "paste"))
+    assert out.task == BENCH_CASES[task][0].name and out.preset == "official"
+    assert (out.reference_image is not None) == (images(task) == 2)
 
 
 def test_pass_counts_against_reference_spec(official_run):
@@ -82,16 +97,16 @@ def test_pass_counts_against_reference_spec(official_run):
     from dragondiff.bench.speed import official_counts
 
     task, out, _ = official_run
-    ref = OFFICIAL_COUNTS["double" if task in ("appearance", "paste") else "single"]
-    images = 2 if task in ("appearance", "paste") else 1
+    ref = OFFICIAL_COUNTS["double" if images(task) == 2 else "single"]
+    n_images = images(task)
     got = out.pass_counts
     for key in ("inversion_unet", "cfg_unet", "feature_grad", "backward"):
         assert got[key] == ref[key], key
     assert got["time_travel_unet"] == ref["time_travel_unet"] - 4
-    assert got["feature_nograd"] == ref["feature_nograd"] - 8 * images
+    assert got["feature_nograd"] == ref["feature_nograd"] - 8 * n_images
     assert got["feature_cached"] == 0
     assert len(out.energies) == 28
-    derived = official_counts(got, "official", 50, images)
+    derived = official_counts(got, "official", 50, n_images)
     assert {k: derived[k] for k in ref} == ref
 
 
@@ -107,14 +122,13 @@ def test_edit_changes_inside_more_than_far_away(official_run):
     assert base.pass_counts["backward"] == 0 and base.pass_counts["cfg_unet"] == 50
 
 
-@pytest.mark.parametrize("task", ["move", "drag", "appearance", "paste"])
+@pytest.mark.parametrize("task", TASK_CASES)
 def test_paper_counts_and_determinism(tiny_pipe, task):
     a = run(tiny_pipe, task, preset="paper", num_inference_steps=10)
     b = run(tiny_pipe, task, preset="paper", num_inference_steps=10)
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
-    images = 2 if task in ("appearance", "paste") else 1
     # 10 steps on the 50-step grid: steps 0..5 map to grid steps 0..25 < 30, all guided once
-    assert a.pass_counts == dict(inversion_unet=10, cfg_unet=10, time_travel_unet=0, feature_nograd=6 * images,
+    assert a.pass_counts == dict(inversion_unet=10, cfg_unet=10, time_travel_unet=0, feature_nograd=6 * images(task),
                                  feature_cached=0, feature_grad=6, backward=12)
 
 
@@ -200,15 +214,14 @@ def test_reused_inversion_gives_the_same_edit_without_inverting_again(tiny_pipe,
     """pipe.invert once, then edit: same image as inverting inside the call (bit for bit for one-image tasks;
     the two-image tasks then invert the base and the reference apart, equal to fp32 rounding), no inversion
     passes for the base image."""
-    prompt = {"move": "a red disc", "drag": "shapes", "appearance": "a disc"}[task]
-    inv = tiny_pipe.invert(IMG, prompt=prompt, num_inference_steps=8, **FAST)
+    inv = tiny_pipe.invert(IMG, prompt=EDITS[task]["fields"]["prompt"], num_inference_steps=8, **FAST)
     assert inv.latents.shape[:2] == (9, 1) and inv.latents.device.type == "cpu"
     assert inv.nbytes > inv.bank.nbytes > 0
     direct = run(tiny_pipe, task, num_inference_steps=8)
     for edit in range(2):  # the inversion is not consumed by an edit
         reused = _run_on(tiny_pipe, task, inv)
         a, b = np.asarray(direct.image).astype(int), np.asarray(reused.image).astype(int)
-        if task == "appearance":
+        if images(task) == 2:
             assert np.abs(a - b).max() <= 2
             assert reused.pass_counts["inversion_unet"] == 8  # the reference only, batch 1
         else:
@@ -216,7 +229,8 @@ def test_reused_inversion_gives_the_same_edit_without_inverting_again(tiny_pipe,
             assert reused.pass_counts["inversion_unet"] == 0
         # The second edit reads the base image's reference features from the inversion's cache.
         cached = reused.pass_counts["feature_cached"]
-        assert cached == (0 if edit == 0 else direct.pass_counts["feature_grad"] - int(task == "drag"))
+        uncached = EDITS[task].get("uncached_steps", 0)
+        assert cached == (0 if edit == 0 else direct.pass_counts["feature_grad"] - uncached)
         assert reused.pass_counts["feature_nograd"] + cached == direct.pass_counts["feature_nograd"]
         assert {k: v for k, v in reused.pass_counts.items() if k not in ("inversion_unet", "feature_nograd",
                                                                            "feature_cached")} == {
@@ -224,13 +238,10 @@ def test_reused_inversion_gives_the_same_edit_without_inverting_again(tiny_pipe,
                                                                      "feature_cached")}
 
 
-def _run_on(pipe, task, inv):
-    kw = dict(progress=False)
-    if task == "move":
-        return pipe.move(inv, DISC, offset=(24, 0), **kw)
-    if task == "drag":
-        return pipe.drag(inv, [((96, 88), (112, 88))], DRAG_MASK, **kw)
-    return pipe.replace_appearance(inv, DISC, IMG, SQUARE, **kw)
+def _run_on(pipe, case, inv):
+    """The case's edit of an Inversion (its size, steps and prompt come from the inversion)."""
+    spec = EditSpec(task=BENCH_CASES[case][0].name, image=inv, **EDITS[case]["fields"])
+    return pipe.edit(spec, progress=False)
 
 
 def test_reused_inversion_refuses_what_does_not_match_it(tiny_pipe):

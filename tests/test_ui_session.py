@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import make_scene
+from dragondiff.tasks.paste import paste_offset
 from dragondiff.ui import session as S
 
 
@@ -41,7 +42,7 @@ def test_point_checks_and_paste_offset():
     S.check_points([(1, 1), (5, 5)], "drag", (128, 128))
     ref_mask = np.zeros((64, 64), bool)
     ref_mask[10:20, 30:40] = True  # centre (34.5, 14.5) -> (69, 29) at the base's 128 px
-    assert S.paste_offset((100, 50), ref_mask, (64, 64), (128, 128)) == pytest.approx((31, 21))
+    assert paste_offset((100, 50), ref_mask, (64, 64), (128, 128)) == pytest.approx((31, 21))
     assert S.display_factor((128, 128)) == 3 and S.display_factor((1024, 768)) == 1
     drawn = S.draw_points(np.zeros((128, 128, 3), np.uint8), None, [(10, 10), (50, 60)])
     assert drawn.size == (384, 384) and np.asarray(drawn)[31, 31].any()  # the handle's dot at 3x

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .result import EditResult
+from .tasks import TASKS
 
 # The region the edit may change, grown by this share of the longer side (at least MIN_MARGIN_PX), and faded out
 # over as much again: the guidance acts on whole latent cells and the decoder spreads a little beyond them.
@@ -87,30 +88,14 @@ def overlay(image: Image.Image, mask: np.ndarray, colour=(255, 200, 0), opacity:
     return Image.fromarray(np.rint(arr * (1 - tint) + np.array(colour, np.float32) * tint).astype(np.uint8))
 
 
-# The mask a user drew, per task, as EditResult.masks names it.
-_USER_MASK = {"move": "object", "drag": "editable", "appearance": "object", "paste": "destination"}
-
-
-def _arrows(result: EditResult) -> list[tuple[tuple[float, float], tuple[float, float]]]:
-    spec, (sx, sy) = result.spec, result.input_scale
-    if spec is None:
-        return []
-    if spec.task == "drag":
-        return [((hx * sx, hy * sy), (tx * sx, ty * sy)) for (hx, hy), (tx, ty) in spec.points]
-    if spec.task == "move":
-        ys, xs = np.nonzero(result.masks["object"])
-        if len(xs) == 0:
-            return []
-        start = (float(xs.mean()), float(ys.mean()))
-        return [(start, (start[0] + spec.offset[0] * sx, start[1] + spec.offset[1] * sy))]
-    return []
-
-
 def preview(result: EditResult) -> Image.Image:
-    """Input with the mask tinted and the drag/move arrows, the reference (two-image tasks), then the result."""
-    mask = result.masks.get(_USER_MASK.get(result.task, ""))
+    """Input with the user's mask tinted and the task's arrows (a drag's, a move's), the reference (two-image
+    tasks), then the result."""
+    info = TASKS.get(result.task)
+    mask = None if info is None or info.user_mask is None else result.masks.get(info.user_mask)
     left = result.input_image if mask is None else overlay(result.input_image, mask)
-    for start, end in _arrows(result):
+    arrows = [] if info is None or info.arrows is None or result.spec is None else info.arrows(result)
+    for start, end in arrows:
         left = draw_arrow(left, start, end)
     panels = [left]
     if result.reference_image is not None:

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics as mt
-from .cases import ENGINE_TASK, make_case
+from .cases import BENCH_CASES, make_case
 from ..presets import PRESETS
-from ..shapes.scenes import COLOURS, SIZE, random_scene, render
+from ..shapes import metrics as mt
+from ..shapes.scenes import COLOURS, EVAL_SCENE_BASE, SIZE, random_scene, render
 
-TASKS = ("move", "resize", "drag", "appearance", "paste")
+CASE_NAMES = tuple(BENCH_CASES)  # move, resize, drag, appearance, paste: declared by the tasks
 _PIPES: dict = {}
 
 
@@ -49,9 +49,10 @@ def settings_rows(model: str | None, choice: str) -> list[tuple[str, dict]]:
 
     rows = []
     if choice in ("official", "both"):
-        rows.append(("official defaults", {t: dict(OFFICIAL_SETTINGS[m]) for t, m in ENGINE_TASK.items()}))
+        rows.append(("official defaults", {c: dict(OFFICIAL_SETTINGS[info.name])
+                                           for c, (info, _) in BENCH_CASES.items()}))
     if choice in ("model", "both") and read_settings(model or WEIGHTS):
-        rows.append(("model defaults", {t: {} for t in ENGINE_TASK}))
+        rows.append(("model defaults", {c: {} for c in BENCH_CASES}))
     return rows
 
 
@@ -73,57 +74,13 @@ def run_edit(pipe, case, preset: str, seed: int = 42, **options):
     return pipe.edit(case.spec(preset=preset, max_resolution=128, seed=seed, **options), progress=False)
 
 
-def _geometry(pipe, case, output, colours, bg):
-    """move, resize, drag: the object's colour segmented in the output against the ground-truth placement."""
-    t, scene, target = mt.THRESHOLDS, case.scene, case.target
-    src, tgt = scene.masks[case.index], target.masks[case.index]
-    others = [c for k, c in enumerate(colours) if k != case.index]
-    seg = mt.segment(output, colours[case.index], others, bg)
-    c_out, c_tgt = mt.centroid(seg), mt.centroid(tgt)
-    dist = np.hypot(*(mt.centroid(src) - c_tgt))
-    m = {"centroid_err_px": float(dist if c_out is None else np.hypot(*(c_out - c_tgt))), "iou": mt.iou(seg, tgt)}
-    vacated = src & ~mt.dilate(tgt, 2)
-    m["vacated"] = float(1 - seg[vacated].mean()) if vacated.any() else float("nan")
-    keep = ~(mt.dilate(src, 4) | mt.dilate(tgt, 4))
-    ok = m["centroid_err_px"] <= t["centroid_px"] and m["iou"] >= t["iou"]
-    if case.task != "drag":
-        ok = ok and (np.isnan(m["vacated"]) or m["vacated"] >= t["vacated"])
-    if case.task == "resize":
-        m["area_ratio"] = float(seg.sum() / src.sum())
-        m["area_ratio_rel_err"] = abs(m["area_ratio"] / case.kwargs["scale"] ** 2 - 1)
-        ok = ok and m["area_ratio_rel_err"] <= t["area_ratio_rel"]
-    return m, keep, ok
-
-
-def _appearance(pipe, case, output, colours, bg):
-    """The object's median colour against the reference object's, and the reference colour's shape."""
-    t, obj = mt.THRESHOLDS, case.scene.masks[case.index]
-    ref_recon = vae_roundtrip(pipe, case.reference.image[None])[0]
-    ref_colour = mt.measured_colour(ref_recon, case.reference.masks[0])
-    others = [c for k, c in enumerate(colours) if k != case.index] + [colours[case.index]]
-    m = {"delta_e": mt.delta_e(mt.measured_colour(output, obj), ref_colour),
-         "shape_iou": mt.iou(mt.segment(output, ref_colour, others, bg), obj)}
-    return m, ~mt.dilate(obj, 4), m["delta_e"] <= t["delta_e"] and m["shape_iou"] >= t["shape_iou"]
-
-
-def _paste(pipe, case, output, colours, bg):
-    """The pasted object's colour against its ground-truth placement."""
-    ref_recon = vae_roundtrip(pipe, case.reference.image[None])[0]
-    piece = mt.measured_colour(ref_recon, case.reference.masks[0])
-    placed = case.target.masks[case.target_index]
-    m = {"iou": mt.iou(mt.segment(output, piece, colours, bg), placed)}
-    return m, ~mt.dilate(placed, 4), m["iou"] >= mt.THRESHOLDS["iou"]
-
-
-EVALUATORS = {"move": _geometry, "resize": _geometry, "drag": _geometry, "appearance": _appearance, "paste": _paste}
-
-
 def evaluate(pipe, case, output: np.ndarray) -> dict:
     """Metrics of one output image for one case (also used for the baseline)."""
     scene = case.scene
     recon, bg = vae_roundtrip(pipe, np.stack([scene.image, render([], scene.background)[0]]))
     colours = [mt.measured_colour(recon, m) for m in scene.masks]
-    m, keep, ok = EVALUATORS[case.task](pipe, case, output, colours, bg)
+    m, keep, ok = BENCH_CASES[case.task][1].evaluate(case, output, colours, bg,
+                                                     lambda images: vae_roundtrip(pipe, images))
     m["bg_psnr_recon_db"] = mt.psnr(output, recon, keep)
     m["bg_psnr_input_db"] = mt.psnr(output, scene.image, keep)
     m["success"] = bool(ok and m["bg_psnr_recon_db"] >= mt.THRESHOLDS["bg_psnr_db"])
@@ -157,7 +114,7 @@ def summarise(rows, preset):
     """One line per task and settings row (label), then the no-edit baseline of the task."""
     table = []
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    for task in TASKS:
+    for task in CASE_NAMES:
         for label in labels + ["baseline"]:
             rs = [r for r in rows if r["task"] == task and r["label"] == (labels[0] if label == "baseline" else label)]
             if not rs:
@@ -177,7 +134,7 @@ def contact_sheet(rows, path: Path, per_task: int = 4):
     from PIL import Image
 
     lines = []
-    for task in TASKS:
+    for task in CASE_NAMES:
         rs = [r for r in rows if r["task"] == task and "images" in r][:per_task]
         for r in rs:
             gap = np.full((128, 4, 3), 255, np.uint8)
@@ -207,8 +164,6 @@ def caption_found(image: np.ndarray, scene) -> bool:
 
 
 def quality(pipe, n_vae: int = 256, n_inv: int = 32, n_samples: int = 64) -> dict:
-    from ..train.shapes import EVAL_SCENE_BASE
-
     scenes = [random_scene(EVAL_SCENE_BASE + 100_000 + k) for k in range(n_vae)]
     images = np.stack([s.image for s in scenes])
     recon = vae_roundtrip(pipe, images)
@@ -241,7 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--first-case", type=int, default=0,
                         help="index of the first case (0: the shipped case seeds; the model's recommended settings "
                              "were chosen on cases 0-19, so cases from 1000 on check them on unseen seeds)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--tasks", nargs="+", default=list(CASE_NAMES), choices=CASE_NAMES,
+                        help="benchmark cases (the tasks' declared cases)")
     parser.add_argument("--preset", default="official", choices=sorted(PRESETS))
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     parser.add_argument("--sheet", type=int, default=4, help="cases per task on the contact sheet")
@@ -267,13 +223,13 @@ def main(argv=None) -> int:
     fixed = {k: v for k, v in (("guidance_scale", args.guidance_scale), ("energy_scale", args.energy_scale))
              if v is not None}
     if fixed:
-        rows_spec = [(" ".join(f"{k}={v:g}" for k, v in fixed.items()), {t: dict(fixed) for t in ENGINE_TASK})]
+        rows_spec = [(" ".join(f"{k}={v:g}" for k, v in fixed.items()), {c: dict(fixed) for c in BENCH_CASES})]
     else:
         rows_spec = settings_rows(args.model, args.settings)
     tag = args.preset + "".join(f"_{k[0]}s{v:g}" for k, v in fixed.items())
     if not fixed and args.settings != "both":
         tag += f"_{args.settings}"
-    if list(args.tasks) != list(TASKS):
+    if list(args.tasks) != list(CASE_NAMES):
         tag += "_" + "-".join(args.tasks)
     cases = range(args.first_case, args.first_case + args.cases)
     jobs = [(task, k, args.preset, k < args.first_case + args.sheet, overrides[task], args.model, label)

@@ -34,13 +34,15 @@ import torch
 from ..inputs import working_size
 from ..presets import PRESETS, get_preset
 from ..sampler import Stopwatch
+from ..spec import EditSpec
+from ..tasks.base import ExampleScene
+from .cases import BENCH_CASES
 
-TASKS = ("move", "resize", "drag", "appearance", "paste")
 PHASES = ("encode", "inversion", "cfg", "reference_features", "guidance", "time_travel", "decode")
 
 
-def scene(size: int):
-    """A disc and a square on green at `size` px, the disc's mask, the square's mask, a drag region."""
+def scene(size: int) -> ExampleScene:
+    """A disc (the object) and a square (the other object) on green at `size` px, and a drag region."""
     k = size / 128
     yy, xx = np.mgrid[0:size, 0:size]
     img = np.zeros((size, size, 3), np.uint8)
@@ -50,7 +52,7 @@ def scene(size: int):
     img[disc], img[square] = (220, 40, 40), (40, 70, 220)
     drag = np.zeros_like(disc)
     drag[int(40 * k) : int(100 * k), int(20 * k) : int(80 * k)] = True
-    return img, disc, square, drag
+    return ExampleScene(image=img, object=disc, other=square, region=drag, size=size)
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -174,53 +176,47 @@ def load_model(name: str, device, dtype):
     return DragonPipeline.from_pretrained(name, device=device, dtype=dtype), 512
 
 
-def _edit(pipe, task: str, image, preset: str, size: int, steps: int | None, reference, bank_device=None):
-    img, disc, square, drag = reference
-    # `image` is an array or an Inversion made at this size and step count (equal values are accepted)
-    kw = dict(preset=preset, num_inference_steps=steps, progress=False, max_resolution=size, bank_device=bank_device)
-    s = img.shape[0]
-    if task == "move":
-        return pipe.move(image, disc, offset=(s // 4, 0), **kw)
-    if task == "resize":
-        return pipe.move(image, disc, offset=(s // 16, 0), scale=1.3, **kw)
-    if task == "drag":
-        return pipe.drag(image, [((s * 5 // 16, s // 2), (s * 7 // 16, s // 2))], drag, **kw)
-    if task == "appearance":
-        return pipe.replace_appearance(image, disc, img, square, **kw)
-    return pipe.paste(image, img, square, offset=(-s * 3 // 8, s * 3 // 8), **kw)
+def _edit(pipe, case: str, image, preset: str, size: int, steps: int | None, example: ExampleScene,
+          bank_device=None):
+    """Case `case`'s example edit of the scene; `image` is its image or an Inversion made at this size and step
+    count (equal values are accepted)."""
+    info, declared = BENCH_CASES[case]
+    spec = EditSpec(task=info.name, image=image, **declared.example(example), preset=preset, num_inference_steps=steps,
+                    max_resolution=size)
+    return pipe.edit(spec, progress=False, bank_device=bank_device)
 
 
 def run(pipe, size: int, tasks, presets, steps: int | None, repeats: int = 3, bank_device=None) -> dict:
-    ref = scene(size)
+    example = scene(size)
     dev = pipe.device
     pipe.precise_timings = True
     mem = PeakMemory(dev)
     latent_hw = tuple(d // pipe.backbone.vae_factor for d in working_size(size, size, size))
     costs = pass_costs(pipe, latent_hw, repeats)
     fe = costs["unet_forward_b1"]
-    _edit(pipe, "move", ref[0], "official", size, 2, ref)  # warm-up of the whole path
+    _edit(pipe, next(iter(BENCH_CASES)), example.image, "official", size, 2, example)  # warm-up of the whole path
     rows = []
     for preset in presets:
         n = steps or PRESETS[preset].steps
         for task in tasks:
-            two_images = task in ("appearance", "paste")
+            n_images = BENCH_CASES[task][0].images
             watch = Stopwatch(dev)
             with mem.measure():
                 with watch.phase("invert"):
-                    inv = pipe.invert(ref[0], max_resolution=size, num_inference_steps=n, progress=False,
+                    inv = pipe.invert(example.image, max_resolution=size, num_inference_steps=n, progress=False,
                                       bank_device=bank_device or dev)
-                first = _edit(pipe, task, inv, preset, size, n, ref, bank_device)
+                first = _edit(pipe, task, inv, preset, size, n, example, bank_device)
             invert_s = watch.seconds["invert"]
             first_peak = mem.peak
             with mem.measure():
-                later = _edit(pipe, task, inv, preset, size, n, ref, bank_device)
+                later = _edit(pipe, task, inv, preset, size, n, example, bank_device)
             later_peak = mem.peak
             # the invert call's passes belong to the first edit
             first_counts = dict(first.pass_counts, inversion_unet=n + first.pass_counts["inversion_unet"])
-            official = official_counts(first_counts, preset, n, 2 if two_images else 1)
+            official = official_counts(first_counts, preset, n, n_images)
             # plus the work both implementations share outside the UNet passes (VAE, text encoder)
             shared = first.phases.get("encode", 0.0) + first.phases.get("decode", 0.0)
-            official_s = estimate_seconds(official, costs, 2 if two_images else 1) + shared
+            official_s = estimate_seconds(official, costs, n_images) + shared
             first_s = invert_s + first.seconds
             row = {
                 "task": task, "preset": preset, "steps": n,
@@ -265,7 +261,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="tiny",
                         help="tiny | bundled | sd15-shaped (SD1.5's sizes, random weights) | a diffusers folder")
     parser.add_argument("--size", type=int, default=None, help="working resolution (128 tiny/bundled, else 512)")
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", choices=list(BENCH_CASES), default=list(BENCH_CASES),
+                        help="benchmark cases (each task's declared cases)")
     parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["official", "paper", "fast"])
     parser.add_argument("--steps", type=int, default=None,
                         help="sampling steps (default: each preset's); fewer make a big model affordable on a CPU")

@@ -76,10 +76,9 @@ def info(model, as_json):
 
 def demo_case():
     """The demo's example: a bundled-style scene with one object and room to move it."""
-    from ..shapes.scenes import Shape, make_scene
+    from ..shapes.scenes import demo_scene
 
-    scene = make_scene([Shape("circle", "red", 40.0, 64.0, 20.0), Shape("square", "blue", 100.0, 28.0, 16.0)],
-                       ("green", None, 0.0))
+    scene = demo_scene()
     return scene, scene.masks[0], (44, 24)
 
 

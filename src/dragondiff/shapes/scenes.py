@@ -24,6 +24,11 @@ COLOURS = {
 KINDS = ("circle", "square", "triangle")
 RADIUS = (16, 28)  # px: circle radius, half side of a square, circumradius-ish of a triangle
 MARGIN = 4  # px kept between shapes and from the border
+# Seed ranges kept apart: the trainer's VAE data, UNet pool and evaluation scenes, and the benchmark's cases.
+VAE_SCENE_BASE = 10_000_000
+UNET_SCENE_BASE = 20_000_000
+CASE_SEED_BASE = 70_000_000
+EVAL_SCENE_BASE = 90_000_000
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,8 @@ def make_scene(shapes: list[Shape], bg, size: int = SIZE) -> Scene:
     return Scene(image, masks, caption(shapes, bg), list(shapes), bg)
 
 
-def _fits(shape: Shape, others: list[Shape], size: int) -> bool:
+def fits(shape: Shape, others: list[Shape], size: int) -> bool:
+    """Whether the shape lies inside the image (MARGIN from the border) and clear of every other shape."""
     x0, y0, x1, y1 = shape.bbox()
     if x0 < MARGIN or y0 < MARGIN or x1 > size - MARGIN or y1 > size - MARGIN:
         return False
@@ -118,7 +124,7 @@ def random_shape(rng, colour: str, others: list[Shape], size: int = SIZE, tries:
     for _ in range(tries):
         r = float(rng.uniform(*RADIUS))
         s = Shape(str(rng.choice(KINDS)), colour, float(rng.uniform(r, size - r)), float(rng.uniform(r, size - r)), r)
-        if _fits(s, others, size):
+        if fits(s, others, size):
             return s
     return None
 
@@ -154,3 +160,20 @@ def with_shape(scene: Scene, index: int, **changes) -> Scene:
     shapes = list(scene.shapes)
     shapes[index] = replace(shapes[index], **changes)
     return make_scene(shapes, scene.background, scene.image.shape[0])
+
+
+def displaced(rng, shape: Shape, others: list[Shape], lo: float = 24.0, hi: float = 40.0, tries: int = 200,
+              size: int = SIZE) -> Shape | None:
+    """The shape moved by a random distance in [lo, hi) in a random direction to where it fits, or None."""
+    for _ in range(tries):
+        ang, dist = rng.uniform(0, 2 * np.pi), rng.uniform(lo, hi)
+        moved = Shape(shape.kind, shape.colour, shape.cx + dist * np.cos(ang), shape.cy + dist * np.sin(ang), shape.r)
+        if fits(moved, others, size):
+            return moved
+    return None
+
+
+def demo_scene() -> Scene:
+    """The example scene of `dragondiff demo` and of the web UI: a red circle with room to move, a blue square."""
+    return make_scene([Shape("circle", "red", 40.0, 64.0, 20.0), Shape("square", "blue", 100.0, 28.0, 16.0)],
+                      ("green", None, 0.0))

@@ -15,7 +15,7 @@ import torch
 from .. import energies as E
 from ..attention import UNION
 from ..features import resize_features
-from .base import Task, TaskInfo, common_fields, latent_region, nearest
+from .base import BenchCase, Task, TaskInfo, TaskUI, common_fields, latent_region, nearest
 from .params import IMAGE, MASK, TEXT, Params, param, weight
 
 
@@ -83,10 +83,63 @@ def from_spec(spec, prep) -> AppearanceTask:
                             **common_fields(spec, prep, reference=(ref_pixels, ref_image)))
 
 
+# ------------------------------------------------------------------------------ edges: UI, preview, benchmarks
+# (the benchmark's scene generator and metrics are imported when a case is made or scored)
+
+
+def _make_appearance(seed, rng, scene) -> dict | None:
+    """The first object recoloured to a colour not in the scene, given by a one-shape reference scene."""
+    from ..shapes.scenes import COLOURS, Shape, make_scene
+
+    obj, others = scene.shapes[0], scene.shapes[1:]
+    used = {obj.colour, scene.background[0]} | {o.colour for o in others}
+    if scene.background[1]:
+        used.add(scene.background[1])
+    free = [c for c in COLOURS if c not in used]
+    if not free:
+        return None
+    colour = str(rng.choice(free))
+    ref_shape = Shape(str(rng.choice(["circle", "square", "triangle"])), colour, 64.0, 64.0, 22.0)
+    bg_ref = next(c for c in COLOURS if c != colour)
+    reference = make_scene([ref_shape], (bg_ref, None, 0.0))
+    target = make_scene([Shape(obj.kind, colour, obj.cx, obj.cy, obj.r)] + others, scene.background)
+    # The prompt names the object without its old colour: a user asking for a new look would not write the old
+    # one, and with it CFG pulls the object back to that colour (measured: docs/shapes-model.md).
+    prompt = scene.caption.replace(f"a {obj.colour} {obj.kind}", f"a {obj.kind}", 1)
+    fields = {"mask": scene.masks[0], "reference": reference.image, "reference_mask": reference.masks[0],
+              "reference_prompt": reference.caption}
+    return {"target": target, "index": 0, "kwargs": fields, "reference": reference, "prompt": prompt}
+
+
+def _evaluate_appearance(case, output, colours, background, roundtrip):
+    """The object's median colour against the reference object's, and the reference colour's shape."""
+    from ..shapes.metrics import THRESHOLDS, delta_e, dilate, iou, measured_colour, segment
+
+    obj = case.scene.masks[case.index]
+    ref_recon = roundtrip(case.reference.image[None])[0]
+    ref_colour = measured_colour(ref_recon, case.reference.masks[0])
+    others = [c for k, c in enumerate(colours) if k != case.index] + [colours[case.index]]
+    m = {"delta_e": delta_e(measured_colour(output, obj), ref_colour),
+         "shape_iou": iou(segment(output, ref_colour, others, background), obj)}
+    return m, ~dilate(obj, 4), m["delta_e"] <= THRESHOLDS["delta_e"] and m["shape_iou"] >= THRESHOLDS["shape_iou"]
+
+
+UI = TaskUI(
+    title="Appearance",
+    # ask for the new look without naming the old colour (the example scenes' object is red)
+    example_prompt=lambda caption: caption.replace("a red ", "a ", 1),
+)
+
 INFO = TaskInfo(
     name="appearance",
     build=from_spec,
     params=AppearanceParams,
     settings={"guidance_scale": 5.0, "energy_scale": 2.0, "gradient_coef": 0.04, "bank_steps": (0, 35)},
     doc="give the masked object the appearance of the masked object in a reference image",
+    images=2,
+    user_mask="object",
+    ui=UI,
+    bench={"appearance": BenchCase(
+        seed_offset=3_000_000, make=_make_appearance, evaluate=_evaluate_appearance,
+        example=lambda sc: {"mask": sc.object, "reference": sc.image, "reference_mask": sc.other})},
 )

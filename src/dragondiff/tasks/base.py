@@ -82,6 +82,62 @@ class TaskInfo:
     params: type  # the task's frozen Params dataclass (tasks/params.py): EditSpec.params is one
     settings: dict  # the official demo's guidance_scale, energy_scale (slider units), gradient_coef, bank_steps
     doc: str = ""
+    # What the edges need (UI, previews, benchmarks); nothing outside tasks/ branches on a task's name.
+    images: int = 1  # 1, or 2 when it takes a reference image (with its reference_mask)
+    user_mask: str | None = None  # the EditResult.masks key of the mask the user draws (tinted in previews)
+    arrows: Callable | None = None  # (EditResult) -> [((x, y), (x, y)), ...] drawn on the preview's input
+    ui: TaskUI | None = None  # its tab in the web UI
+    bench: dict = field(default_factory=dict)  # benchmark case name -> BenchCase ("resize" is a move case)
+
+
+@dataclass(frozen=True)
+class TaskUI:
+    """A task's tab in the web UI: what the user brushes and clicks, and how the clicks become spec fields."""
+
+    title: str
+    mask_on_image: bool = True  # the user brushes the `mask` field on the image
+    click_help: str | None = None  # how to click the points; None: the task takes no clicks
+    # n clicked points -> None, or raises ValueError saying what is missing
+    check_clicks: Callable[[int], None] = lambda n: None
+    # (points [(x, y), ...] in image pixels, image_hw, reference_mask or None, reference_hw or None, scale) ->
+    # the task's spec fields besides mask / reference / reference_mask
+    clicks_to_fields: Callable[..., dict] = lambda points, **_: {}
+    scale: bool = False  # a Scale slider (the `scale` field)
+    # the fields clicks_to_fields makes, as the app's API endpoint takes them instead: name -> "number" | "json"
+    api_fields: dict = field(default_factory=dict)
+    example_prompt: Callable[[str], str] = lambda caption: caption  # an example scene's caption -> the prompt
+
+
+@dataclass(frozen=True)
+class ExampleScene:
+    """Two objects on a background, for the speed benchmark's edits: the image, the first object's mask, the
+    second object's mask and a region around the first (a drag's editable mask); `size` its side in pixels."""
+
+    image: np.ndarray
+    object: np.ndarray
+    other: np.ndarray
+    region: np.ndarray
+    size: int
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One benchmark case of a task. The shapes benchmark draws case k of it from the seeds
+    shapes.scenes.CASE_SEED_BASE + seed_offset + 1000·k (+ retries) and scores its output; the speed benchmark
+    times `example`.
+
+    make(seed, rng, scene) -> dict of bench.cases.Case fields (target, index, kwargs, and optionally reference,
+        target_index, prompt) or None when the random scene does not fit the case (the next seed is tried).
+    evaluate(case, output, colours, background, roundtrip) -> (metrics dict, bool mask of the background to
+        compare, success before the background check); colours: the input objects' colours as rendered,
+        roundtrip(images) -> the model's VAE reconstruction of uint8 images.
+    example(ExampleScene) -> spec fields of one edit of that scene.
+    """
+
+    seed_offset: int
+    make: Callable
+    evaluate: Callable
+    example: Callable
 
 
 def common_fields(spec, prep, reference: tuple[torch.Tensor, np.ndarray] | None = None) -> dict:

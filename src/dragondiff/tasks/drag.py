@@ -18,7 +18,7 @@ from .. import energies as E
 from ..attention import CONCAT
 from ..features import resize_features
 from ..validate import check_point
-from .base import Task, TaskInfo, common_fields, latent_region, nearest
+from .base import BenchCase, Task, TaskInfo, TaskUI, common_fields, latent_region, nearest
 from .params import MASK, POINTS, Params, param, weight
 
 BOX = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # raster order of a 3x3 box
@@ -133,10 +133,83 @@ def from_spec(spec, prep) -> DragTask:
                       w_content=p.w_content, w_inpaint=p.w_inpaint, **common_fields(spec, prep))
 
 
+# ------------------------------------------------------------------------------ edges: UI, preview, benchmarks
+# (numpy only here; the benchmark's scene generator and metrics are imported when a case is made or scored)
+
+
+def _check_clicks(n: int) -> None:
+    if n == 0 or n % 2:
+        raise ValueError(f"points: drag needs handle/target pairs; {n} point{'s' * (n != 1)} clicked "
+                         f"({'click a target for the last handle' if n % 2 else 'click a handle, then its target'})")
+
+
+def _clicks_to_fields(points, **_) -> dict:
+    return {"points": [(points[k], points[k + 1]) for k in range(0, len(points), 2)]}
+
+
+def _arrows(result) -> list:
+    """From each handle to its target (at the working size)."""
+    (sx, sy) = result.input_scale
+    return [((hx * sx, hy * sy), (tx * sx, ty * sy)) for (hx, hy), (tx, ty) in result.spec.points]
+
+
+def _make_drag(seed, rng, scene) -> dict | None:
+    """The first object dragged by 12-24 px. Five handles on the object (its centre and halfway to its edge left,
+    right, up, down), each dragged by the same displacement: one 3x3 feature box (12 px) at the centre of a
+    32-56 px object does not say whether the object should move or stretch, so the ground truth "translated"
+    needs the whole object held. The editable mask is the box around source and target, 8 px wider."""
+    from ..shapes.scenes import SIZE, displaced, make_scene
+
+    obj, others = scene.shapes[0], scene.shapes[1:]
+    moved = displaced(rng, obj, others, lo=12.0, hi=24.0)
+    if moved is None:
+        return None
+    d = (moved.cx - obj.cx, moved.cy - obj.cy)
+    q = obj.r / 2
+    points = [((obj.cx + ox, obj.cy + oy), (obj.cx + ox + d[0], obj.cy + oy + d[1]))
+              for ox, oy in ((0, 0), (q, 0), (-q, 0), (0, q), (0, -q))]
+    x0 = max(0, int(min(obj.cx, moved.cx) - obj.r - 8))
+    x1 = min(SIZE, int(max(obj.cx, moved.cx) + obj.r + 8))
+    y0 = max(0, int(min(obj.cy, moved.cy) - obj.r - 8))
+    y1 = min(SIZE, int(max(obj.cy, moved.cy) + obj.r + 8))
+    editable = np.zeros((SIZE, SIZE), bool)
+    editable[y0:y1, x0:x1] = True
+    if editable.mean() > 0.7:
+        return None
+    target = make_scene([moved] + others, scene.background)
+    return {"target": target, "index": 0, "kwargs": {"points": points, "mask": editable}}
+
+
+def _evaluate_drag(case, output, colours, background, roundtrip):
+    """As a move, except that the source area need not be vacated (a drag may stretch)."""
+    from ..shapes.metrics import placed, placement
+
+    m, keep, _ = placement(case, output, colours, background)
+    return m, keep, placed(m, vacated=False)
+
+
+def _example(sc) -> dict:
+    s = sc.size
+    return {"points": [((s * 5 // 16, s // 2), (s * 7 // 16, s // 2))], "mask": sc.region}
+
+
+UI = TaskUI(
+    title="Drag",
+    click_help="click handle, target, handle, target, ...",
+    check_clicks=_check_clicks,
+    clicks_to_fields=_clicks_to_fields,
+    api_fields={"points": "json"},
+)
+
 INFO = TaskInfo(
     name="drag",
     build=from_spec,
     params=DragParams,
     settings={"guidance_scale": 4.0, "energy_scale": 2.0, "gradient_coef": 0.04, "bank_steps": (5, None)},
     doc="drag content from handle points to target points inside an editable mask",
+    images=1,
+    user_mask="editable",
+    arrows=_arrows,
+    ui=UI,
+    bench={"drag": BenchCase(seed_offset=2_000_000, make=_make_drag, evaluate=_evaluate_drag, example=_example)},
 )

@@ -10,12 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import energies as E
 from ..attention import REPLACE
 from ..features import resize_features
-from .base import Task, TaskInfo, cells_to_mask, common_fields, latent_region, nearest, paired_cells, place
+from .base import (BenchCase, Task, TaskInfo, TaskUI, cells_to_mask, common_fields, latent_region, nearest,
+                   paired_cells, place)
 from .params import MASK, OFFSET, SCALE, Params, param, weight
 
 
@@ -150,10 +152,101 @@ def from_spec(spec, prep) -> MoveTask:
     )
 
 
+# ------------------------------------------------------------------------------ edges: UI, preview, benchmarks
+# (numpy only here; the benchmark's scene generator and metrics are imported when a case is made or scored)
+
+
+def _check_clicks(n: int) -> None:
+    if n != 2:
+        raise ValueError(f"points: move needs one handle (on the object) and one target; {n} clicked")
+
+
+def _clicks_to_fields(points, *, scale: float = 1.0, **_) -> dict:
+    (hx, hy), (tx, ty) = points
+    return {"offset": (tx - hx, ty - hy), "scale": scale}
+
+
+def _arrows(result) -> list:
+    """From the object's centre by the offset (at the working size)."""
+    spec, (sx, sy) = result.spec, result.input_scale
+    ys, xs = np.nonzero(result.masks["object"])
+    if len(xs) == 0:
+        return []
+    start = (float(xs.mean()), float(ys.mean()))
+    return [(start, (start[0] + spec.offset[0] * sx, start[1] + spec.offset[1] * sy))]
+
+
+def _make_move(seed, rng, scene) -> dict | None:
+    """The first object displaced by 24-40 px to where it fits."""
+    from ..shapes.scenes import displaced, make_scene
+
+    obj, others = scene.shapes[0], scene.shapes[1:]
+    moved = displaced(rng, obj, others)
+    if moved is None:
+        return None
+    target = make_scene([moved] + others, scene.background)
+    return {"target": target, "index": 0,
+            "kwargs": {"mask": scene.masks[0], "offset": (moved.cx - obj.cx, moved.cy - obj.cy)}}
+
+
+def _make_resize(seed, rng, scene) -> dict | None:
+    """The first object scaled by 0.7 or 1.3 and displaced by 16-32 px. With scale s the engine puts the object's
+    centre at c + (p + d − c)·s (c = image centre), so for a wanted centre p' the offset is
+    d = (p' − c)/s + c − p."""
+    from ..shapes.scenes import SIZE, Shape, displaced, make_scene
+
+    obj, others = scene.shapes[0], scene.shapes[1:]
+    s = float(rng.choice([0.7, 1.3]))
+    grown = Shape(obj.kind, obj.colour, obj.cx, obj.cy, obj.r * s)
+    moved = displaced(rng, grown, others, lo=16.0, hi=32.0)
+    if moved is None:
+        return None
+    target = make_scene([moved] + others, scene.background)
+    c = SIZE / 2
+    offset = ((moved.cx - c) / s + c - obj.cx, (moved.cy - c) / s + c - obj.cy)
+    return {"target": target, "index": 0, "kwargs": {"mask": scene.masks[0], "offset": offset, "scale": s}}
+
+
+def _evaluate_move(case, output, colours, background, roundtrip):
+    from ..shapes.metrics import placed, placement
+
+    m, keep, _ = placement(case, output, colours, background)
+    return m, keep, placed(m)
+
+
+def _evaluate_resize(case, output, colours, background, roundtrip):
+    from ..shapes.metrics import THRESHOLDS, placed, placement
+
+    m, keep, seg = placement(case, output, colours, background)
+    m["area_ratio"] = float(seg.sum() / case.scene.masks[case.index].sum())
+    m["area_ratio_rel_err"] = abs(m["area_ratio"] / case.kwargs["scale"] ** 2 - 1)
+    return m, keep, placed(m) and m["area_ratio_rel_err"] <= THRESHOLDS["area_ratio_rel"]
+
+
+UI = TaskUI(
+    title="Move & resize",
+    click_help="click a handle on the object, then where it should go",
+    check_clicks=_check_clicks,
+    clicks_to_fields=_clicks_to_fields,
+    scale=True,
+    api_fields={"offset": "json", "scale": "number"},
+)
+BENCH = {
+    "move": BenchCase(seed_offset=0, make=_make_move, evaluate=_evaluate_move,
+                      example=lambda sc: {"mask": sc.object, "offset": (sc.size // 4, 0)}),
+    "resize": BenchCase(seed_offset=1_000_000, make=_make_resize, evaluate=_evaluate_resize,
+                        example=lambda sc: {"mask": sc.object, "offset": (sc.size // 16, 0), "scale": 1.3}),
+}
+
 INFO = TaskInfo(
     name="move",
     build=from_spec,
     params=MoveParams,
     settings={"guidance_scale": 4.0, "energy_scale": 0.5, "gradient_coef": 0.08, "bank_steps": (5, None)},
     doc="move (and resize) the masked object by offset, scaled about the image centre",
+    images=1,
+    user_mask="object",
+    arrows=_arrows,
+    ui=UI,
+    bench=BENCH,
 )

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from .. import energies as E
 from ..attention import UNION
 from ..features import resize_features
-from .base import Task, TaskInfo, cells_to_mask, common_fields, latent_region, nearest, paired_cells, place
+from .base import (BenchCase, Task, TaskInfo, TaskUI, cells_to_mask, common_fields, latent_region, nearest,
+                   paired_cells, place)
 from .params import IMAGE, MASK, OFFSET, SCALE, TEXT, Params, param, weight
 
 
@@ -122,10 +123,89 @@ def from_spec(spec, prep) -> PasteTask:
                        **common_fields(spec, prep, reference=(ref_pixels, ref_image)))
 
 
+# ------------------------------------------------------------------------------ edges: UI, preview, benchmarks
+# (numpy only here; the benchmark's scene generator and metrics are imported when a case is made or scored)
+
+
+def paste_offset(click, reference_mask: np.ndarray, ref_hw, base_hw) -> tuple[float, float]:
+    """The paste offset that puts the reference object's centre on the click (the reference is stretched to the
+    base image's size, as the engine does)."""
+    ys, xs = np.nonzero(reference_mask)
+    cx = xs.mean() * base_hw[1] / ref_hw[1]
+    cy = ys.mean() * base_hw[0] / ref_hw[0]
+    return float(click[0] - cx), float(click[1] - cy)
+
+
+def _check_clicks(n: int) -> None:
+    if n != 1:
+        raise ValueError(f"points: paste needs one click where the pasted object's centre goes; {n} clicked")
+
+
+def _clicks_to_fields(points, *, image_hw, reference_mask, reference_hw, scale: float = 1.0, **_) -> dict:
+    return {"offset": paste_offset(points[0], reference_mask, reference_hw, image_hw), "scale": scale}
+
+
+def _make_paste(seed, rng, scene) -> dict | None:
+    """The single object of another random scene pasted where it fits, in a colour the scene does not use."""
+    from ..shapes.scenes import SIZE, Shape, fits, make_scene, random_scene
+
+    ref = random_scene(seed + 500_000, n_objects=1)
+    if not ref.shapes:
+        return None
+    piece = ref.shapes[0]
+    used = {o.colour for o in scene.shapes} | {scene.background[0]}
+    if scene.background[1]:
+        used.add(scene.background[1])
+    if piece.colour in used:
+        return None
+    placed = None
+    for _ in range(200):
+        cand = Shape(piece.kind, piece.colour, float(rng.uniform(piece.r, SIZE - piece.r)),
+                     float(rng.uniform(piece.r, SIZE - piece.r)), piece.r)
+        if fits(cand, scene.shapes, SIZE):
+            placed = cand
+            break
+    if placed is None:
+        return None
+    target = make_scene(scene.shapes + [placed], scene.background)
+    fields = {"reference": ref.image, "reference_mask": ref.masks[0], "reference_prompt": ref.caption,
+              "offset": (placed.cx - piece.cx, placed.cy - piece.cy)}
+    return {"target": target, "index": 0, "kwargs": fields, "reference": ref, "target_index": len(scene.shapes),
+            "prompt": target.caption}
+
+
+def _evaluate_paste(case, output, colours, background, roundtrip):
+    """The pasted object's colour against its ground-truth placement."""
+    from ..shapes.metrics import THRESHOLDS, dilate, iou, measured_colour, segment
+
+    ref_recon = roundtrip(case.reference.image[None])[0]
+    piece = measured_colour(ref_recon, case.reference.masks[0])
+    placed = case.target.masks[case.target_index]
+    m = {"iou": iou(segment(output, piece, colours, background), placed)}
+    return m, ~dilate(placed, 4), m["iou"] >= THRESHOLDS["iou"]
+
+
+UI = TaskUI(
+    title="Paste",
+    mask_on_image=False,
+    click_help="click where the pasted object's centre should go",
+    check_clicks=_check_clicks,
+    clicks_to_fields=_clicks_to_fields,
+    scale=True,
+    api_fields={"offset": "json", "scale": "number"},
+)
+
 INFO = TaskInfo(
     name="paste",
     build=from_spec,
     params=PasteParams,
     settings={"guidance_scale": 4.0, "energy_scale": 1.5, "gradient_coef": 0.04, "bank_steps": (0, 35)},
     doc="paste the masked object of a reference image into the image, shifted by offset and scaled",
+    images=2,
+    user_mask="destination",
+    ui=UI,
+    bench={"paste": BenchCase(
+        seed_offset=4_000_000, make=_make_paste, evaluate=_evaluate_paste,
+        example=lambda sc: {"reference": sc.image, "reference_mask": sc.other,
+                            "offset": (-sc.size * 3 // 8, sc.size * 3 // 8)})},
 )

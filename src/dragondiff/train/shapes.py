@@ -35,15 +35,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..bench.metrics import psnr
 from ..shapes import model as M
-from ..shapes.scenes import random_layout
+from ..shapes.metrics import psnr
+from ..shapes.scenes import EVAL_SCENE_BASE, UNET_SCENE_BASE, VAE_SCENE_BASE, random_layout
 from ..shapes.tokenizer import build_tokenizer
 from .render_torch import captions, render_batch
 
-VAE_SCENE_BASE = 10_000_000  # seed ranges kept apart: VAE data, UNet pool, evaluation (bench uses its own)
-UNET_SCENE_BASE = 20_000_000
-EVAL_SCENE_BASE = 90_000_000
 SHIPPED = "shipped"  # marks a stage initialised from the package's weights
 
 
@@ -397,10 +394,12 @@ def export(out: Path, dest: Path = M.WEIGHTS):
 
 
 def gates() -> int:
-    """The model-quality gates of `dragondiff bench shapes --quality`, on the weights in the package (prints them)."""
-    from ..bench.shapes import main as bench_main
+    """The model-quality gates of `dragondiff bench shapes --quality`, on the weights in the package (prints them).
+    Run as that command, so that training and the benchmark stay independent of each other."""
+    import subprocess
+    import sys
 
-    return bench_main(["--quality"])
+    return subprocess.run([sys.executable, "-m", "dragondiff", "bench", "shapes", "--quality"]).returncode
 
 
 def main(argv=None):

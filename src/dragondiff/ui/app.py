@@ -1,32 +1,31 @@
-"""`dragondiff ui`: a Gradio app with one tab per task. Layout and event wiring only; the logic is in session.py."""
+"""`dragondiff ui`: a Gradio app with one tab per task and one named API endpoint per task (`/move`, `/drag`,
+`/appearance`, `/paste`), both laid out from each task's registry entry (`TaskInfo.ui`, `images`). Layout and event
+wiring only; the logic is in session.py. The page's own events are private: the API is the per-task endpoints."""
 
+import inspect
 
 import numpy as np
 
+from ..limits import DEFAULT_PRESET, DEFAULT_SEED, LIMITS
 from ..presets import PRESETS
+from ..tasks import TASKS
 from .session import (Session, UIError, display_factor, draw_points, editor_image, editor_mask, run_edit,
-                      status_text)
+                      run_fields, status_text)
 
-TASKS = {  # tab title, needs a mask on the image, clicks, a reference image
-    "move": ("Move & resize", True, "click a handle on the object, then where it should go", False),
-    "drag": ("Drag", True, "click handle, target, handle, target, ...", False),
-    "appearance": ("Appearance", True, None, True),
-    "paste": ("Paste", False, "click where the pasted object's centre should go", True),
-}
 MAX_UPLOAD = "20mb"
 # Small results (the bundled model's 128 px) fill their panel, drawn with crisp pixels.
 CSS = """
 [id$='-result'] img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 """
+PRIVATE = {"api_visibility": "private"}  # the page's own events are not part of the app's API
+RESOLUTION_STEP = 64  # working sizes are multiples of 64
 
 
 def example_scenes() -> dict:
     """Bundled example scenes (what the bundled model knows): name -> (image, caption)."""
-    from ..shapes.scenes import Shape, make_scene, random_scene
+    from ..shapes.scenes import demo_scene, random_scene
 
-    demo = make_scene([Shape("circle", "red", 40.0, 64.0, 20.0), Shape("square", "blue", 100.0, 28.0, 16.0)],
-                      ("green", None, 0.0))
-    scenes = {"red circle, blue square": demo}
+    scenes = {"red circle, blue square": demo_scene()}
     for seed in (3, 11, 21):
         scene = random_scene(seed, n_objects=2)
         scenes[scene.caption.replace(" on a", ",").replace("a ", "")] = scene
@@ -56,182 +55,255 @@ def _ui_error(gr, e: Exception):
     return gr.Error(f"{type(e).__name__}: {e}", title="The edit failed")
 
 
+def _limit_slider(gr, name: str, value, label: str, step=1, **kw):
+    limit = LIMITS[name]
+    return gr.Slider(int(limit.low), int(limit.high), value=value, step=step, label=label, **kw)
+
+
+def _advanced(gr, pipe, steps: int) -> dict:
+    """The settings every task shares, with the ranges of `dragondiff.limits`: name -> component."""
+    seed, scale = LIMITS["seed"], LIMITS["guidance_scale"]
+    energy = LIMITS["energy_scale"]
+    with gr.Row():
+        preset = gr.Dropdown(sorted(PRESETS), value=DEFAULT_PRESET, label="Preset")
+        n_steps = _limit_slider(gr, "num_inference_steps", steps, "DDIM steps")
+        seed = gr.Number(DEFAULT_SEED, precision=0, label="Seed", minimum=seed.low, maximum=seed.high)
+        resolution = _limit_slider(gr, "max_resolution", pipe.default_max_resolution, "Max resolution",
+                                   step=RESOLUTION_STEP)
+    with gr.Row():
+        guidance = gr.Number(None, label="CFG scale (empty: the model's recommended)", minimum=scale.low,
+                             maximum=scale.high)
+        energy = gr.Number(None, label="Energy scale (empty: the model's recommended)", minimum=energy.low,
+                           maximum=energy.high)
+    # a preset brings its own step count (fast: 20); the slider can still change it afterwards
+    preset.change(lambda name: PRESETS[name].steps, preset, n_steps, **PRIVATE)
+    return {"preset": preset, "num_inference_steps": n_steps, "seed": seed, "max_resolution": resolution,
+            "guidance_scale": guidance, "energy_scale": energy}
+
+
+def _options(values: dict) -> dict:
+    """run_fields' options from the advanced settings' values (empty CFG / energy: the model's recommended)."""
+    options = {"preset": values["preset"], "num_inference_steps": int(values["num_inference_steps"]),
+               "seed": int(values["seed"] or 0), "max_resolution": int(values["max_resolution"])}
+    for name in ("guidance_scale", "energy_scale"):
+        if values[name] is not None:
+            options[name] = float(values[name])
+    return options
+
+
+def _preview(value, points):
+    try:
+        image = editor_image(value)
+    except UIError:
+        return None
+    try:
+        mask = editor_mask(value, image.shape[:2])
+    except UIError:
+        mask = None
+    return np.asarray(draw_points(image, mask, points))
+
+
+def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image) -> None:
+    """One task's tab: image (and reference) editors, the points panel when the task takes clicks, the result
+    with its status and downloads, the prompt, a Scale slider when the task has one, Run, the advanced settings."""
+    task, ui, names = info.name, info.ui, list(examples)
+    with gr.Tab(ui.title, id=task, elem_id=f"tab-{task}"):
+        with gr.Row():
+            with gr.Column():
+                editor = _editor(gr, "Image: brush over the object" if ui.mask_on_image else "Image",
+                                 f"{task}-editor")
+                with gr.Row():
+                    choice = gr.Dropdown(names, value=names[0], label="Example scene", scale=3,
+                                         elem_id=f"{task}-example")
+                    load = gr.Button("Load example", scale=1, elem_id=f"{task}-load")
+            clicks = None
+            if ui.click_help:
+                with gr.Column():
+                    clicks = gr.Image(label=f"Points: {ui.click_help}", interactive=False, type="numpy",
+                                      format="png", elem_id=f"{task}-points", height=420)
+                    with gr.Row():
+                        undo_point = gr.Button("Undo last point", elem_id=f"{task}-undo-point")
+                        clear_points = gr.Button("Clear points", elem_id=f"{task}-clear-points")
+            ref_editor = None
+            if info.images == 2:
+                with gr.Column():
+                    ref_editor = _editor(gr, "Reference: brush over its object", f"{task}-reference")
+            with gr.Column():
+                result = gr.Image(label="Result", interactive=False, type="numpy", format="png",
+                                  elem_id=f"{task}-result", height=420)
+                status = gr.Markdown(elem_id=f"{task}-status")
+                files = gr.File(label="Download: result and sidecar", file_count="multiple", interactive=False,
+                                elem_id=f"{task}-files")
+                with gr.Row():
+                    again = gr.Button("Edit this result", elem_id=f"{task}-again")
+                    undo = gr.Button("Undo edit", elem_id=f"{task}-undo")
+        prompt = gr.Textbox(label="Prompt", value=examples[names[0]][1], elem_id=f"{task}-prompt")
+        scale = (gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Scale", elem_id=f"{task}-scale")
+                 if ui.scale else None)
+        run = gr.Button("Run", variant="primary", elem_id=f"{task}-run")
+        with gr.Accordion("Advanced", open=False):
+            advanced = _advanced(gr, pipe, steps)
+
+    # ---------------------------------------------------------------------------------------------- events
+    resettable = [editor] + ([clicks] if clicks is not None else [])
+
+    def reset(image, session):
+        session.points[task] = []
+        out = {editor: {"background": image, "layers": [], "composite": image}}
+        if clicks is not None:
+            out[clicks] = draw_points(image, None, [])
+        return out
+
+    def load_example(name, session):
+        image, caption = examples[name]
+        out = {**reset(image, session), prompt: ui.example_prompt(caption)}
+        if ref_editor is not None:
+            out[ref_editor] = {"background": reference_image, "layers": [], "composite": reference_image}
+        return out
+
+    load.click(load_example, [choice, state], resettable + [prompt] + ([ref_editor] if ref_editor else []),
+               **PRIVATE)
+    if clicks is not None:
+        def add_point(value, session, evt: gr.SelectData):
+            try:
+                k = display_factor(editor_image(value).shape[:2])
+            except UIError as e:
+                raise _ui_error(gr, e) from e
+            pts = session.points.setdefault(task, [])
+            pts.append(tuple(float(v) // k for v in evt.index))
+            return _preview(value, pts)
+
+        def edit_points(value, session, keep):
+            pts = session.points.setdefault(task, [])
+            del pts[keep(len(pts)):]
+            return _preview(value, pts)
+
+        # Every click counts (trigger_mode "multiple"), in order (one at a time); no progress overlay on the
+        # points image, which would swallow the next click.
+        quiet = {"show_progress": "hidden", "trigger_mode": "multiple", **PRIVATE}
+        clicks.select(add_point, [editor, state], [clicks], **quiet)
+        undo_point.click(lambda v, s: edit_points(v, s, lambda n: max(0, n - 1)), [editor, state], [clicks],
+                         **quiet)
+        clear_points.click(lambda v, s: edit_points(v, s, lambda n: 0), [editor, state], [clicks], **quiet)
+        # Painting fires a change per stroke: only the latest redraw matters.
+        editor.change(lambda v, s: _preview(v, s.points.get(task, [])), [editor, state], [clicks],
+                      show_progress="hidden", trigger_mode="always_last", **PRIVATE)
+
+    def do_run(data, progress=gr.Progress()):
+        session = data[state]
+        try:
+            value = data[editor]
+            image = editor_image(value)
+            mask = editor_mask(value, image.shape[:2]) if ui.mask_on_image else None
+            reference = reference_mask = None
+            if ref_editor is not None:
+                reference = editor_image(data[ref_editor], "reference")
+                reference_mask = editor_mask(data[ref_editor], reference.shape[:2], "reference mask")
+            out, info_, paths = run_edit(
+                pipe, session, task, image, mask=mask, points=list(session.points.get(task, [])),
+                reference=reference, reference_mask=reference_mask, prompt=data[prompt] or "",
+                scale=float(data[scale]) if scale is not None else 1.0,
+                options=_options({k: data[c] for k, c in advanced.items()}), progress=progress)
+        except Exception as e:  # noqa: BLE001 (every failure becomes a message in the page)
+            raise _ui_error(gr, e) from e
+        return {result: np.asarray(out), status: status_text(info_), files: [str(p) for p in paths]}
+
+    inputs = {state, editor, prompt, *advanced.values()} | {c for c in (clicks, ref_editor, scale) if c is not None}
+    run.click(do_run, inputs, [result, status, files], concurrency_id="edit", **PRIVATE)
+
+    def edit_result(output, value, session):
+        if output is None:
+            raise gr.Error("Run an edit first", title="Nothing to edit")
+        try:
+            session.push(editor_image(value))
+        except UIError:
+            pass
+        return reset(np.ascontiguousarray(np.asarray(output)[..., :3]), session)
+
+    def undo_edit(session):
+        image = session.pop()
+        if image is None:
+            raise gr.Error("No earlier input in this session", title="Nothing to undo")
+        return reset(image, session)
+
+    again.click(edit_result, [result, editor, state], resettable, **PRIVATE)
+    undo.click(undo_edit, [state], resettable, **PRIVATE)
+
+
+# ------------------------------------------------------------------------------------------------------ API
+
+def _mask_upload(value) -> np.ndarray | None:
+    """An uploaded mask image (white = inside) as a bool mask."""
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    return (arr[..., :3].max(-1) if arr.ndim == 3 else arr) > 127
+
+
+def _api_endpoint(gr, pipe, info, steps: int, session: Session) -> None:
+    """`/<task>`: the task's fields as parameters (image, mask, its clicked fields as values, reference, prompt,
+    settings), the full-size result and a status line back. Hidden components: only the API uses them."""
+    task, ui = info.name, info.ui
+    images = {"image": gr.Image(type="numpy", image_mode="RGB", label="image")}
+    if ui.mask_on_image:
+        images["mask"] = gr.Image(type="numpy", image_mode="RGB", label="mask")
+    if info.images == 2:
+        images["reference"] = gr.Image(type="numpy", image_mode="RGB", label="reference")
+        images["reference_mask"] = gr.Image(type="numpy", image_mode="RGB", label="reference_mask")
+    values = {name: (gr.Number(None, label=name) if kind == "number" else gr.JSON(None, label=name))
+              for name, kind in ui.api_fields.items()}
+    prompt = gr.Textbox("", label="prompt")
+    advanced = _advanced(gr, pipe, steps)
+    result = gr.Image(type="numpy", format="png", label="result")
+    status = gr.Markdown(label="status")
+
+    components = {**images, **values, "prompt": prompt, **advanced}
+    names = list(components)
+
+    def edit(*args):
+        data = dict(zip(names, args))
+        try:
+            if data["image"] is None:
+                raise UIError("image: give the image to edit")
+            fields = {name: _mask_upload(data[name]) if name.endswith("mask") else data[name]
+                      for name in [*images, *values] if name != "image" and data[name] is not None}
+            out, status_, _ = run_fields(pipe, session, task, np.ascontiguousarray(data["image"][..., :3]), fields,
+                                         prompt=data["prompt"] or "", options=_options(data))
+        except Exception as e:  # noqa: BLE001 (the client gets the message)
+            raise _ui_error(gr, e) from e
+        return np.asarray(out), status_text(status_)
+
+    # the client names the parameters after the function's, with the page's defaults (the image is required)
+    edit.__signature__ = inspect.Signature([
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          **({} if name == "image" else {"default": component.value}))
+        for name, component in components.items()])
+    trigger = gr.Button(visible=False)
+    trigger.click(edit, list(components.values()), [result, status], api_name=task, api_description=info.doc,
+                  concurrency_id="edit")
+
+
 def build_app(pipe, *, steps: int = 50):
     import gradio as gr
 
     examples = example_scenes()
-    names = list(examples)
     reference_image = example_reference()
-
-    def preview(value, points):
-        try:
-            image = editor_image(value)
-        except UIError:
-            return None
-        try:
-            mask = editor_mask(value, image.shape[:2])
-        except UIError:
-            mask = None
-        return np.asarray(draw_points(image, mask, points))
-
     with gr.Blocks(title="dragondiff") as app:
         gr.Markdown("## dragondiff: DragonDiffusion drag-style editing\n"
                     f"Model: `{pipe.model_id or 'in-memory'}`. Brush the mask on the image, click points, Run. "
                     "The inversion of an image is computed once and reused by every further edit of it.")
-        # One Session per page load (a callable State value is called then); handlers change it in place, so
-        # quick successive clicks all land in it whatever order their events finish in.
-        state = gr.State(lambda: Session())
-        for task, (title, needs_mask, click_help, needs_ref) in TASKS.items():
-            with gr.Tab(title, id=task, elem_id=f"tab-{task}"):
-                with gr.Row():
-                    with gr.Column():
-                        editor = _editor(gr, "Image: brush over the object" if needs_mask else "Image",
-                                         f"{task}-editor")
-                        with gr.Row():
-                            choice = gr.Dropdown(names, value=names[0], label="Example scene", scale=3,
-                                                 elem_id=f"{task}-example")
-                            load = gr.Button("Load example", scale=1, elem_id=f"{task}-load")
-                    clicks = None
-                    if click_help:
-                        with gr.Column():
-                            clicks = gr.Image(label=f"Points: {click_help}", interactive=False, type="numpy",
-                                              format="png", elem_id=f"{task}-points", height=420)
-                            with gr.Row():
-                                undo_point = gr.Button("Undo last point", elem_id=f"{task}-undo-point")
-                                clear_points = gr.Button("Clear points", elem_id=f"{task}-clear-points")
-                    ref_editor = None
-                    if needs_ref:
-                        with gr.Column():
-                            ref_editor = _editor(gr, "Reference: brush over its object", f"{task}-reference")
-                    with gr.Column():
-                        result = gr.Image(label="Result", interactive=False, type="numpy", format="png",
-                                          elem_id=f"{task}-result", height=420)
-                        status = gr.Markdown(elem_id=f"{task}-status")
-                        files = gr.File(label="Download: result and sidecar", file_count="multiple",
-                                        interactive=False, elem_id=f"{task}-files")
-                        with gr.Row():
-                            again = gr.Button("Edit this result", elem_id=f"{task}-again")
-                            undo = gr.Button("Undo edit", elem_id=f"{task}-undo")
-                prompt = gr.Textbox(label="Prompt", value=examples[names[0]][1], elem_id=f"{task}-prompt")
-                scale = (gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Scale", elem_id=f"{task}-scale")
-                         if task in ("move", "paste") else None)
-                run = gr.Button("Run", variant="primary", elem_id=f"{task}-run")
-                with gr.Accordion("Advanced", open=False):
-                    with gr.Row():
-                        preset = gr.Dropdown(sorted(PRESETS), value="official", label="Preset")
-                        n_steps = gr.Slider(2, 100, value=steps, step=1, label="DDIM steps")
-                        seed = gr.Number(42, precision=0, label="Seed")
-                        resolution = gr.Slider(64, 1024, value=pipe.default_max_resolution, step=64,
-                                               label="Max resolution")
-                    with gr.Row():
-                        guidance = gr.Number(None, label="CFG scale (empty: the model's recommended)")
-                        energy = gr.Number(None, label="Energy scale (empty: the model's recommended)")
-
-                # ------------------------------------------------------------------------------ events
-                # a preset brings its own step count (fast: 20); the slider can still change it afterwards
-                preset.change(lambda name: PRESETS[name].steps, preset, n_steps)
-                # Inputs and outputs are sets/dicts of components: each tab has only some of them.
-                w = {"editor": editor, "clicks": clicks, "reference": ref_editor,
-                     "prompt": prompt, "scale": scale, "result": result}
-                have = {k: c for k, c in w.items() if c is not None}
-
-                def reset(image, session, task=task, tab=have):
-                    session.points[task] = []
-                    out = {tab["editor"]: {"background": image, "layers": [], "composite": image}}
-                    if "clicks" in tab:
-                        out[tab["clicks"]] = draw_points(image, None, [])
-                    return out
-
-                def load_example(name, session, task=task, tab=have, reset=reset):
-                    image, caption = examples[name]
-                    if task == "appearance":  # ask for the new look without naming the old colour
-                        caption = caption.replace("a red ", "a ", 1)
-                    out = {**reset(image, session), tab["prompt"]: caption}
-                    if "reference" in tab:
-                        out[tab["reference"]] = {"background": reference_image, "layers": [],
-                                                 "composite": reference_image}
-                    return out
-
-                resettable = [have[k] for k in ("editor", "clicks") if k in have]
-                load.click(load_example, [choice, state], resettable + [prompt] + ([ref_editor] if ref_editor else []))
-                if click_help:
-                    def add_point(value, session, evt: gr.SelectData, task=task):
-                        try:
-                            k = display_factor(editor_image(value).shape[:2])
-                        except UIError as e:
-                            raise _ui_error(gr, e) from e
-                        pts = session.points.setdefault(task, [])
-                        pts.append(tuple(float(v) // k for v in evt.index))
-                        return preview(value, pts)
-
-                    def edit_points(value, session, keep, task=task):
-                        pts = session.points.setdefault(task, [])
-                        del pts[keep(len(pts)):]
-                        return preview(value, pts)
-
-                    # Every click counts (trigger_mode "multiple"), in order (one at a time); no progress overlay
-                    # on the points image, which would swallow the next click.
-                    quiet = {"show_progress": "hidden", "trigger_mode": "multiple"}
-                    clicks.select(add_point, [editor, state], [clicks], **quiet)
-                    undo_point.click(lambda v, s, ep=edit_points: ep(v, s, lambda n: max(0, n - 1)),
-                                     [editor, state], [clicks], **quiet)
-                    clear_points.click(lambda v, s, ep=edit_points: ep(v, s, lambda n: 0), [editor, state], [clicks],
-                                       **quiet)
-                    # Painting fires a change per stroke: only the latest redraw matters.
-                    editor.change(lambda v, s, task=task: preview(v, s.points.get(task, [])), [editor, state],
-                                  [clicks], show_progress="hidden", trigger_mode="always_last")
-
-                advanced = {"preset": preset, "steps": n_steps, "seed": seed, "resolution": resolution,
-                            "guidance": guidance, "energy": energy}
-
-                def do_run(data, progress=gr.Progress(), task=task, needs_mask=needs_mask, tab=have, adv=advanced,
-                           outs=(result, status, files)):
-                    session = data[state]
-                    try:
-                        value = data[tab["editor"]]
-                        image = editor_image(value)
-                        mask = editor_mask(value, image.shape[:2]) if needs_mask else None
-                        reference = reference_mask = None
-                        if "reference" in tab:
-                            reference = editor_image(data[tab["reference"]], "reference")
-                            reference_mask = editor_mask(data[tab["reference"]], reference.shape[:2],
-                                                         "reference mask")
-                        options = {"preset": data[adv["preset"]], "num_inference_steps": int(data[adv["steps"]]),
-                                   "seed": int(data[adv["seed"]] or 0),
-                                   "max_resolution": int(data[adv["resolution"]])}
-                        for key, name in (("guidance", "guidance_scale"), ("energy", "energy_scale")):
-                            if data[adv[key]] is not None:
-                                options[name] = float(data[adv[key]])
-                        out, info, paths = run_edit(
-                            pipe, session, task, image, mask=mask, points=list(session.points.get(task, [])),
-                            reference=reference, reference_mask=reference_mask, prompt=data[tab["prompt"]] or "",
-                            scale=float(data[tab["scale"]]) if "scale" in tab else 1.0, options=options,
-                            progress=progress)
-                    except Exception as e:  # noqa: BLE001 (every failure becomes a message in the page)
-                        raise _ui_error(gr, e) from e
-                    shown, message, downloads = outs
-                    return {shown: np.asarray(out), message: status_text(info), downloads: [str(p) for p in paths]}
-
-                run.click(do_run, {state, *have.values(), *advanced.values()} - {result},
-                          [result, status, files], concurrency_id="edit")
-
-                def edit_result(output, value, session, reset=reset):
-                    if output is None:
-                        raise gr.Error("Run an edit first", title="Nothing to edit")
-                    try:
-                        session.push(editor_image(value))
-                    except UIError:
-                        pass
-                    return reset(np.ascontiguousarray(np.asarray(output)[..., :3]), session)
-
-                def undo_edit(session, reset=reset):
-                    image = session.pop()
-                    if image is None:
-                        raise gr.Error("No earlier input in this session", title="Nothing to undo")
-                    return reset(image, session)
-
-                again.click(edit_result, [result, editor, state], resettable)
-                undo.click(undo_edit, [state], resettable)
+        # One Session per page load: Gradio gives each browser session its own copy of this fresh one (a plain
+        # value: no load event, which the API would list). Handlers change it in place, so quick successive
+        # clicks all land in it whatever order their events finish in.
+        state = gr.State(Session())
+        for info in TASKS.values():
+            if info.ui is not None:
+                _task_tab(gr, pipe, info, state, steps, examples, reference_image)
+        api_session = Session()  # API calls share one inversion cache (edits run one at a time)
+        with gr.Column(visible=False):
+            for info in TASKS.values():
+                if info.ui is not None:
+                    _api_endpoint(gr, pipe, info, steps, api_session)
     return app
 
 

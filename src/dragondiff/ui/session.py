@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..output import draw_arrow, full_resolution, overlay
 from ..spec import EditSpec
+from ..tasks import TASKS
 
 # Uploads larger than this are refused in the page (the working size is ~max_resolution² anyway).
 MAX_UI_PIXELS = 16_000_000
@@ -63,18 +64,15 @@ def editor_mask(value, size_hw: tuple[int, int], name: str = "mask") -> np.ndarr
 
 
 def check_points(points: list, task: str, size_hw: tuple[int, int]) -> None:
+    """The clicked points lie on the image and are as many as the task needs (its `TaskUI.check_clicks`)."""
     h, w = size_hw
     for k, (x, y) in enumerate(points):
         if not (0 <= x < w and 0 <= y < h):
             raise UIError(f"point {k + 1} ({x:g}, {y:g}) lies outside the {w}x{h} image")
-    n = len(points)
-    if task == "drag" and (n == 0 or n % 2):
-        raise UIError(f"points: drag needs handle/target pairs; {n} point{'s' * (n != 1)} clicked "
-                      f"({'click a target for the last handle' if n % 2 else 'click a handle, then its target'})")
-    if task == "move" and n != 2:
-        raise UIError(f"points: move needs one handle (on the object) and one target; {n} clicked")
-    if task == "paste" and n != 1:
-        raise UIError(f"points: paste needs one click where the pasted object's centre goes; {n} clicked")
+    try:
+        TASKS[task].ui.check_clicks(len(points))
+    except ValueError as e:
+        raise UIError(str(e)) from e
 
 
 # ------------------------------------------------------------------------------------------------ drawing
@@ -119,7 +117,7 @@ class Session:
     inversion_seconds: float = 0.0
     history: list = field(default_factory=list)  # earlier input images, for undo
     points: dict = field(default_factory=dict)  # task -> clicked points (x, y) in image pixels
-    folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dragondiff-ui-")))
+    folder: Path | None = None  # made at the first edit (a fresh Session is copied for every page load)
     runs: int = 0
 
     def push(self, image: np.ndarray) -> None:
@@ -136,20 +134,37 @@ def _key(image: np.ndarray, prompt: str, steps: int, resolution: int) -> str:
     return h.hexdigest()
 
 
-def paste_offset(click, reference_mask: np.ndarray, ref_hw, base_hw) -> tuple[float, float]:
-    """The paste offset that puts the reference object's centre on the click (the reference is stretched to the
-    base image's size, as the engine does)."""
-    ys, xs = np.nonzero(reference_mask)
-    cx = xs.mean() * base_hw[1] / ref_hw[1]
-    cy = ys.mean() * base_hw[0] / ref_hw[0]
-    return float(click[0] - cx), float(click[1] - cy)
+def click_fields(task: str, image: np.ndarray, *, mask=None, points=(), reference=None, reference_mask=None,
+                 scale: float = 1.0) -> dict:
+    """The spec fields of what the user brushed and clicked in a task's tab (its registry `ui` says how)."""
+    info = TASKS[task]
+    check_points(list(points), task, image.shape[:2])
+    fields: dict = {}
+    if info.ui.mask_on_image:
+        fields["mask"] = mask
+    fields.update(info.ui.clicks_to_fields(
+        list(points), image_hw=image.shape[:2], reference_mask=reference_mask,
+        reference_hw=None if reference is None else reference.shape[:2], scale=scale))
+    if info.images == 2:
+        fields.update(reference=reference, reference_mask=reference_mask)
+    return fields
 
 
 def run_edit(pipe, session: Session, task: str, image: np.ndarray, *, mask=None, points=(), reference=None,
              reference_mask=None, prompt: str = "", scale: float = 1.0, options: dict | None = None,
              progress=None) -> tuple[Image.Image, dict, list[Path]]:
-    """Run one edit, inverting the image only if this session has not inverted it with these settings.
-    Returns the full-size result, a status dict and the files to download (result PNG, sidecar JSON)."""
+    """Run one edit from a tab's brushed masks and clicked points, inverting the image only if this session has
+    not inverted it with these settings. Returns the full-size result, a status dict and the files to download
+    (result PNG, sidecar JSON)."""
+    fields = click_fields(task, image, mask=mask, points=points, reference=reference,
+                          reference_mask=reference_mask, scale=scale)
+    return run_fields(pipe, session, task, image, fields, prompt=prompt, options=options, progress=progress)
+
+
+def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dict, *, prompt: str = "",
+               options: dict | None = None, progress=None) -> tuple[Image.Image, dict, list[Path]]:
+    """Run one edit of `image` with the task's spec `fields` (mask, points or offset, reference, ...) and the
+    `options` (num_inference_steps, max_resolution, preset, seed, ...), reusing the session's inversion."""
     import torch
 
     from ..provenance import build_sidecar
@@ -157,21 +172,7 @@ def run_edit(pipe, session: Session, task: str, image: np.ndarray, *, mask=None,
     options = dict(options or {})
     steps = int(options.pop("num_inference_steps"))
     resolution = int(options.pop("max_resolution"))
-    check_points(list(points), task, image.shape[:2])
-    fields: dict = {}  # the prompt goes with the inversion, which the spec's edit then uses
-    if task in ("move", "drag", "appearance"):
-        fields["mask"] = mask
-    if task == "move":
-        fields["offset"] = (points[1][0] - points[0][0], points[1][1] - points[0][1])
-        fields["scale"] = scale
-    elif task == "drag":
-        fields["points"] = [(points[k], points[k + 1]) for k in range(0, len(points), 2)]
-    elif task == "paste":
-        fields["offset"] = paste_offset(points[0], reference_mask, reference.shape[:2], image.shape[:2])
-        fields["scale"] = scale
-    if task in ("appearance", "paste"):
-        fields.update(reference=reference, reference_mask=reference_mask)
-
+    # the prompt goes with the inversion, which the spec's edit then uses
     key = _key(image, prompt, steps, resolution)
     reused = session.inversion_key == key
     try:
@@ -197,6 +198,8 @@ def run_edit(pipe, session: Session, task: str, image: np.ndarray, *, mask=None,
         raise UIError(str(e)) from e
     session.runs += 1
     out = full_resolution(result, image)
+    if session.folder is None:
+        session.folder = Path(tempfile.mkdtemp(prefix="dragondiff-ui-"))
     run = session.folder / f"edit-{session.runs:03d}"
     run.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(run / "input.png")
@@ -205,7 +208,8 @@ def run_edit(pipe, session: Session, task: str, image: np.ndarray, *, mask=None,
                             full_resolution=True, threads=torch.get_num_threads(),
                             seconds={"invert_image": 0.0 if reused else session.inversion_seconds, **result.timings})
     sidecar["spec"]["image"] = "input.png"
-    for name, value in (("mask", mask), ("reference", reference), ("reference_mask", reference_mask)):
+    for name in ("mask", "reference", "reference_mask"):
+        value = fields.get(name)
         if value is not None and name in sidecar["spec"]:
             file = f"{name}.png"
             arr = value.astype(np.uint8) * 255 if value.dtype == bool else value

@@ -1,5 +1,8 @@
 """Behavioural metrics for edits of shape scenes: colour segmentation against the scene's known colours,
-centroids, IoU, vacated area, Lab colour distance, background PSNR. Thresholds of success live here too."""
+centroids, IoU, vacated area, Lab colour distance, PSNR. Thresholds of success live here too.
+
+Used by the shapes benchmark (its cases' evaluators, declared by each task) and by the trainer (PSNR); neither
+imports the other."""
 
 from __future__ import annotations
 
@@ -71,3 +74,28 @@ def delta_e(rgb1, rgb2) -> float:
     """CIE76 ΔE between two sRGB colours (0..255)."""
     lab = cv2.cvtColor(np.array([[rgb1, rgb2]], np.float32) / 255.0, cv2.COLOR_RGB2Lab)[0]
     return float(np.linalg.norm(lab[0] - lab[1]))
+
+
+def placement(case, output: np.ndarray, colours, background: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+    """An object that should have moved (move, resize, drag cases): the edited object's colour segmented in the
+    output against its ground-truth placement. Returns (metrics: centroid_err_px, iou, vacated), the background
+    mask to compare (away from source and target), and the segmentation."""
+    scene, target = case.scene, case.target
+    src, tgt = scene.masks[case.index], target.masks[case.index]
+    others = [c for k, c in enumerate(colours) if k != case.index]
+    seg = segment(output, colours[case.index], others, background)
+    c_out, c_tgt = centroid(seg), centroid(tgt)
+    dist = np.hypot(*(centroid(src) - c_tgt))
+    m = {"centroid_err_px": float(dist if c_out is None else np.hypot(*(c_out - c_tgt))), "iou": iou(seg, tgt)}
+    vacated = src & ~dilate(tgt, 2)
+    m["vacated"] = float(1 - seg[vacated].mean()) if vacated.any() else float("nan")
+    keep = ~(dilate(src, 4) | dilate(tgt, 4))
+    return m, keep, seg
+
+
+def placed(m: dict, vacated: bool = True) -> bool:
+    """The object is where it should be (centroid, IoU) and, with `vacated`, gone from where it was."""
+    ok = m["centroid_err_px"] <= THRESHOLDS["centroid_px"] and m["iou"] >= THRESHOLDS["iou"]
+    if vacated:
+        ok = ok and (np.isnan(m["vacated"]) or m["vacated"] >= THRESHOLDS["vacated"])
+    return ok
