@@ -9,7 +9,7 @@ import torch
 
 from dragondiff.shapes import model as shapes_model
 from dragondiff.train.render_torch import captions, render_batch
-from dragondiff.shapes.scenes import Shape, random_layout, random_scene, render
+from dragondiff.shapes.scenes import Shape, random_layout, random_scene, render, rescaled
 
 
 def test_torch_renderer_matches_the_scene_generator():
@@ -24,6 +24,19 @@ def test_torch_renderer_matches_the_scene_generator():
         for j, m in enumerate(scene.masks):
             assert np.array_equal(masks[k, j].numpy(), m)
         assert captions([layouts[k]])[0] == scene.caption
+
+
+def test_torch_renderer_at_256_draws_the_layouts_twice_as_large():
+    seeds = range(400, 408)
+    images, masks = render_batch([random_layout(s) for s in seeds], size=256, with_masks=True)
+    assert images.shape == (8, 3, 256, 256)
+    for k, seed in enumerate(seeds):
+        scene = rescaled(random_scene(seed), 256)
+        diff = np.abs(images[k].permute(1, 2, 0).numpy().astype(int) - scene.image.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+        for j, m in enumerate(scene.masks):
+            assert np.array_equal(masks[k, j].numpy(), m)
+            assert m.sum() == pytest.approx(4 * random_scene(seed).masks[j].sum(), rel=0.05)
 
 
 def test_torch_renderer_draws_each_kind_and_pads_short_layouts():

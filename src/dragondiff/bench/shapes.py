@@ -12,6 +12,7 @@ trivial "edit": the model's reconstruction of the input (nothing moves). Results
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -24,7 +25,7 @@ import torch
 from .cases import BENCH_CASES, make_case
 from ..presets import PRESETS
 from ..shapes import metrics as mt
-from ..shapes.scenes import COLOURS, EVAL_SCENE_BASE, SIZE, random_scene, render
+from ..shapes.scenes import COLOURS, EVAL_SCENE_BASE, SIZE, make_scene, random_scene, rescaled
 
 CASE_NAMES = tuple(BENCH_CASES)  # move, resize, drag, appearance, paste: declared by the tasks
 _PIPES: dict = {}
@@ -69,18 +70,52 @@ def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def run_edit(pipe, case, preset: str, seed: int = 42, **options):
-    """Run a case through `pipe.edit` (options: any EditSpec field, e.g. guidance_scale)."""
-    return pipe.edit(case.spec(preset=preset, max_resolution=128, seed=seed, **options), progress=False)
+def run_edit(pipe, case, preset: str, seed: int = 42, resolution: int = SIZE, **options):
+    """Run a case through `pipe.edit` (options: any EditSpec field, e.g. guidance_scale). At another `resolution`
+    the case is redrawn at that size (same layout scaled, masks, offsets and points with it) and edited there."""
+    spec = case.spec(preset=preset, max_resolution=resolution, seed=seed, **options)
+    if resolution != SIZE:
+        f = resolution // SIZE
+        up = lambda m: np.repeat(np.repeat(np.asarray(m), f, 0), f, 1)  # noqa: E731
+        fields = {"image": rescaled(case.scene, resolution).image}
+        params = spec.params
+        for name in ("mask", "reference_mask"):
+            if getattr(params, name, None) is not None:
+                fields[name] = up(getattr(params, name))
+        if case.reference is not None:
+            fields["reference"] = rescaled(case.reference, resolution).image
+        if getattr(params, "offset", None) is not None:
+            fields["offset"] = tuple(f * v for v in params.offset)
+        if getattr(params, "points", None) is not None:
+            fields["points"] = [tuple(tuple(f * v for v in p) for p in pair) for pair in params.points]
+        spec = dataclasses.replace(spec, **fields)
+    return pipe.edit(spec, progress=False)
 
 
-def evaluate(pipe, case, output: np.ndarray) -> dict:
-    """Metrics of one output image for one case (also used for the baseline)."""
+def roundtrip_scenes(pipe, scenes, size: int = SIZE) -> np.ndarray:
+    """The model's VAE round trip of scenes drawn at `size` (its working size), at the benchmark's 128 px."""
+    images = np.stack([s.image if size == SIZE else rescaled(s, size).image for s in scenes])
+    return np.stack([at_bench_size(im) for im in vae_roundtrip(pipe, images)])
+
+
+def at_bench_size(image) -> np.ndarray:
+    """An edit's output at the benchmark's 128 px (area-averaged when the edit ran larger): metrics stay comparable."""
+    image = np.asarray(image)
+    if image.shape[0] == SIZE:
+        return image
+    import cv2
+
+    return cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+
+
+def evaluate(pipe, case, output: np.ndarray, size: int = SIZE) -> dict:
+    """Metrics of one output image (128 px) for one case (also used for the baseline). size: the model's working
+    size, at which the round trips that colours and background are measured against are made."""
     scene = case.scene
-    recon, bg = vae_roundtrip(pipe, np.stack([scene.image, render([], scene.background)[0]]))
+    recon, bg = roundtrip_scenes(pipe, [scene, make_scene([], scene.background)], size)
     colours = [mt.measured_colour(recon, m) for m in scene.masks]
     m, keep, ok = BENCH_CASES[case.task][1].evaluate(case, output, colours, bg,
-                                                     lambda images: vae_roundtrip(pipe, images))
+                                                     lambda scenes: roundtrip_scenes(pipe, scenes, size))
     m["bg_psnr_recon_db"] = mt.psnr(output, recon, keep)
     m["bg_psnr_input_db"] = mt.psnr(output, scene.image, keep)
     m["success"] = bool(ok and m["bg_psnr_recon_db"] >= mt.THRESHOLDS["bg_psnr_db"])
@@ -88,18 +123,18 @@ def evaluate(pipe, case, output: np.ndarray) -> dict:
 
 
 def _worker(job):
-    task, k, preset, save_image, overrides, model, label = job
+    task, k, preset, save_image, overrides, model, label, resolution = job
     torch.set_num_threads(1)
     pipe = _pipe(model)
     case = make_case(task, k)
     t0 = time.perf_counter()
-    out = run_edit(pipe, case, preset, **overrides)
+    out = run_edit(pipe, case, preset, resolution=resolution, **overrides)
     seconds = time.perf_counter() - t0
-    output = np.asarray(out.image)
-    base = vae_roundtrip(pipe, case.scene.image[None])[0]
+    output = at_bench_size(out.image)
+    base = roundtrip_scenes(pipe, [case.scene], resolution)[0]
     row = {"task": task, "k": k, "label": label, "seed": case.seed, "seconds": round(seconds, 1), "flags": out.flags,
-           "settings": out.settings,
-           "edit": evaluate(pipe, case, output), "baseline": evaluate(pipe, case, base)}
+           "settings": out.settings, "resolution": resolution,
+           "edit": evaluate(pipe, case, output, resolution), "baseline": evaluate(pipe, case, base, resolution)}
     if save_image:
         row["images"] = [case.scene.image, case.target.image, output]
     return row
@@ -144,10 +179,10 @@ def contact_sheet(rows, path: Path, per_task: int = 4):
         Image.fromarray(np.concatenate(sum([[ln, sep] for ln in lines], [])[:-1], axis=0)).save(path)
 
 
-def generate(pipe, captions, seed: int, guidance_scale: float = 4.0, steps: int = 50) -> np.ndarray:
+def generate(pipe, captions, seed: int, guidance_scale: float = 4.0, steps: int = 50, size: int = SIZE) -> np.ndarray:
     """Plain DDIM text-to-image sampling with CFG (quality check of the model, not an edit)."""
     return np.stack(pipe.text_to_image(list(captions), num_inference_steps=steps, guidance_scale=guidance_scale,
-                                       generator=torch.Generator().manual_seed(seed), size_hw=(SIZE, SIZE)))
+                                       generator=torch.Generator().manual_seed(seed), size_hw=(size, size)))
 
 
 def caption_found(image: np.ndarray, scene) -> bool:
@@ -163,27 +198,29 @@ def caption_found(image: np.ndarray, scene) -> bool:
     return True
 
 
-def quality(pipe, n_vae: int = 256, n_inv: int = 32, n_samples: int = 64) -> dict:
-    scenes = [random_scene(EVAL_SCENE_BASE + 100_000 + k) for k in range(n_vae)]
+def quality(pipe, n_vae: int = 256, n_inv: int = 32, n_samples: int = 64, size: int = SIZE) -> dict:
+    """size: the scenes redrawn at that many px (the same layouts), samples drawn at size // 8 latents."""
+    scene = (lambda seed: random_scene(seed)) if size == SIZE else (lambda seed: rescaled(random_scene(seed), size))
+    scenes = [scene(EVAL_SCENE_BASE + 100_000 + k) for k in range(n_vae)]
     images = np.stack([s.image for s in scenes])
     recon = vae_roundtrip(pipe, images)
     vae_psnr = [mt.psnr(a, b) for a, b in zip(images, recon)]
     inv_vs_vae, inv_vs_input = [], []
     for k in range(n_inv):
         s = scenes[k]
-        out = np.asarray(pipe.reconstruct(s.image, prompt=s.caption, use_bank=False, max_resolution=128,
+        out = np.asarray(pipe.reconstruct(s.image, prompt=s.caption, use_bank=False, max_resolution=size,
                                           progress=False).image)
         inv_vs_vae.append(mt.psnr(out, recon[k]))
         inv_vs_input.append(mt.psnr(out, s.image))
-    sample_scenes = [random_scene(EVAL_SCENE_BASE + 200_000 + k) for k in range(n_samples)]
-    samples = np.concatenate([generate(pipe, [s.caption for s in sample_scenes[k : k + 16]], seed=k)
+    sample_scenes = [scene(EVAL_SCENE_BASE + 200_000 + k) for k in range(n_samples)]
+    samples = np.concatenate([generate(pipe, [s.caption for s in sample_scenes[k : k + 16]], seed=k, size=size)
                               for k in range(0, n_samples, 16)])
     found = [caption_found(img, s) for img, s in zip(samples, sample_scenes)]
     return {
         "vae_psnr_db": {"n": n_vae, "mean": float(np.mean(vae_psnr)), "min": float(np.min(vae_psnr))},
         "inversion_psnr_vs_vae_db": {"n": n_inv, "mean": float(np.mean(inv_vs_vae)), "min": float(np.min(inv_vs_vae))},
         "inversion_psnr_vs_input_db": {"n": n_inv, "mean": float(np.mean(inv_vs_input))},
-        "caption_samples_cfg4_found": {"n": n_samples, "rate": float(np.mean(found))},
+        "caption_samples_cfg4_found": {"n": n_samples, "rate": float(np.mean(found))}, "size_px": size,
         "_samples": samples[:16],
     }
 
@@ -205,13 +242,16 @@ def main(argv=None) -> int:
                         help="CFG/energy rows: the official demo's defaults, the model's recommended ones, or both")
     parser.add_argument("--guidance-scale", type=float, default=None, help="override every task's CFG scale")
     parser.add_argument("--energy-scale", type=float, default=None, help="override every task's energy scale")
+    parser.add_argument("--resolution", type=int, default=SIZE, choices=[SIZE, 2 * SIZE],
+                        help="edit at this size: scenes redrawn (same layouts scaled), outputs area-averaged back to "
+                             "128 px for the metrics (128)")
     parser.add_argument("--model", default=None, help="a shapes-model diffusers folder (default: the bundled model)")
     parser.add_argument("--out", type=Path, default=Path("out/bench/shapes"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.quality:
         torch.set_num_threads(2)
-        q = quality(_pipe(args.model))
+        q = quality(_pipe(args.model), size=args.resolution)
         from PIL import Image
 
         samples = q.pop("_samples")
@@ -231,8 +271,11 @@ def main(argv=None) -> int:
         tag += f"_{args.settings}"
     if list(args.tasks) != list(CASE_NAMES):
         tag += "_" + "-".join(args.tasks)
+    if args.resolution != SIZE:
+        tag += f"_{args.resolution}px"
     cases = range(args.first_case, args.first_case + args.cases)
-    jobs = [(task, k, args.preset, k < args.first_case + args.sheet, overrides[task], args.model, label)
+    jobs = [(task, k, args.preset, k < args.first_case + args.sheet, overrides[task], args.model, label,
+             args.resolution)
             for label, overrides in rows_spec for task in args.tasks for k in cases]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:

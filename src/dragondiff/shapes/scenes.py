@@ -155,6 +155,14 @@ def random_scene(seed, size: int = SIZE, n_objects: int | None = None) -> Scene:
     return make_scene(shapes, bg, size)
 
 
+def rescaled(scene: Scene, size: int) -> Scene:
+    """The same layout drawn at `size` px: positions and radii scaled by size / the scene's size (a 256 px scene
+    of the 128 px layouts, as the 256 px model trains on), masks and caption drawn anew."""
+    f = size / scene.image.shape[0]
+    shapes = [replace(s, cx=s.cx * f, cy=s.cy * f, r=s.r * f) for s in scene.shapes]
+    return make_scene(shapes, scene.background, size)
+
+
 def with_shape(scene: Scene, index: int, **changes) -> Scene:
     """The same scene with shape `index` changed (moved: cx, cy; scaled: r; recoloured: colour)."""
     shapes = list(scene.shapes)

@@ -116,7 +116,7 @@ def _evaluate_appearance(case, output, colours, background, roundtrip):
     from ..shapes.metrics import THRESHOLDS, delta_e, dilate, iou, measured_colour, segment
 
     obj = case.scene.masks[case.index]
-    ref_recon = roundtrip(case.reference.image[None])[0]
+    ref_recon = roundtrip([case.reference])[0]
     ref_colour = measured_colour(ref_recon, case.reference.masks[0])
     others = [c for k, c in enumerate(colours) if k != case.index] + [colours[case.index]]
     m = {"delta_e": delta_e(measured_colour(output, obj), ref_colour),

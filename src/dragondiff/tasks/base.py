@@ -130,7 +130,8 @@ class BenchCase:
         target_index, prompt) or None when the random scene does not fit the case (the next seed is tried).
     evaluate(case, output, colours, background, roundtrip) -> (metrics dict, bool mask of the background to
         compare, success before the background check); colours: the input objects' colours as rendered,
-        roundtrip(images) -> the model's VAE reconstruction of uint8 images.
+        roundtrip(scenes) -> the model's VAE reconstruction of those scenes (drawn at its working size, returned
+        at the benchmark's 128 px).
     example(ExampleScene) -> spec fields of one edit of that scene.
     """
 

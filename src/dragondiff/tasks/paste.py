@@ -178,7 +178,7 @@ def _evaluate_paste(case, output, colours, background, roundtrip):
     """The pasted object's colour against its ground-truth placement."""
     from ..shapes.metrics import THRESHOLDS, dilate, iou, measured_colour, segment
 
-    ref_recon = roundtrip(case.reference.image[None])[0]
+    ref_recon = roundtrip([case.reference])[0]
     piece = measured_colour(ref_recon, case.reference.masks[0])
     placed = case.target.masks[case.target_index]
     m = {"iou": iou(segment(output, piece, colours, background), placed)}

@@ -60,8 +60,11 @@ def _coverage(p, size: int, ss: int) -> torch.Tensor:
 
 def render_batch(layouts, size: int = SIZE, device="cpu", with_masks: bool = False):
     """Float images (B, 3, size, size) in [0, 255], rounded like `scenes.render`, and optionally the object masks
-    (B, N, size, size) bool (coverage > 0.5)."""
+    (B, N, size, size) bool (coverage > 0.5). Layouts are in SIZE (128 px) coordinates; another `size` draws them
+    scaled by size / SIZE, as `scenes.rescaled` does (the 256 px model sees the same layouts, twice as large)."""
     p = _pack(layouts, device)
+    if size != SIZE:
+        p["geom"] = p["geom"] * (size / SIZE)
     palette = _PALETTE.to(device)
     cov = _coverage(p, size, 4)
     # Background: the named colour, blended towards 25 % of a second colour along a direction.

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..shapes import model as M
 from ..shapes.metrics import psnr
-from ..shapes.scenes import EVAL_SCENE_BASE, UNET_SCENE_BASE, VAE_SCENE_BASE, random_layout
+from ..shapes.scenes import EVAL_SCENE_BASE, SIZE, UNET_SCENE_BASE, VAE_SCENE_BASE, random_layout
 from ..shapes.tokenizer import build_tokenizer
 from .render_torch import captions, render_batch
 
@@ -78,8 +78,8 @@ def _optimizer_step(opt, params, loss: torch.Tensor, lr: float) -> None:
     opt.step()
 
 
-def _pixels(layouts, device) -> torch.Tensor:
-    return render_batch(layouts, device=device) / 127.5 - 1.0
+def _pixels(layouts, device, size: int = SIZE) -> torch.Tensor:
+    return render_batch(layouts, size=size, device=device) / 127.5 - 1.0
 
 
 class RunLog:
@@ -118,10 +118,10 @@ def _shipped_unet_text():
 
 
 @torch.no_grad()
-def vae_psnr(vae, n: int = 64, base: int = EVAL_SCENE_BASE, batch: int = 32, device="cpu") -> float:
+def vae_psnr(vae, n: int = 64, base: int = EVAL_SCENE_BASE, batch: int = 32, device="cpu", size: int = SIZE) -> float:
     scores = []
     for start in range(0, n, batch):
-        x = _pixels([random_layout(base + k) for k in range(start, min(n, start + batch))], device)
+        x = _pixels([random_layout(base + k) for k in range(start, min(n, start + batch))], device, size)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         to_uint8 = lambda t: ((t + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)  # noqa: E731
         scores += [psnr(a, b) for a, b in zip(to_uint8(x), to_uint8(rec))]
@@ -130,8 +130,11 @@ def vae_psnr(vae, n: int = 64, base: int = EVAL_SCENE_BASE, batch: int = 32, dev
 
 def train_vae(out: Path, steps: int, minutes: float, device: torch.device, precision: str = "bf16",
               batch: int | None = None, lr: float | None = None, kl_weight: float = 5e-5, seed: int = 0,
-              from_scratch: bool = False, part: str | None = None):
-    """Train the VAE. Starting from the shipped weights, only the decoder trains (part='decoder')."""
+              from_scratch: bool = False, part: str | None = None, resolution: int = SIZE,
+              time_schedule: bool = False):
+    """Train the VAE. Starting from the shipped weights, only the decoder trains (part='decoder').
+    resolution: scene size in px (the 128 px layouts drawn scaled; 256 for the 32x32-latent model).
+    time_schedule: the cosine LR ends with the time budget if that comes first (as for the UNet)."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "vae.pt"
     torch.manual_seed(seed)
@@ -141,7 +144,7 @@ def train_vae(out: Path, steps: int, minutes: float, device: torch.device, preci
     part = part or (state["part"] if state else ("all" if origin == "scratch" else "decoder"))
     # The whole VAE trains on 64 px crops (a quarter of the cost); the decoder alone on whole scenes, because
     # fine-tuning it on crops of whole-scene latents measured worse (25.7 dB after 24 steps, from 27.1).
-    crop = 64 if part == "all" else 128
+    crop = 64 if part == "all" else resolution
     batch = batch or (8 if part == "all" else 16)
     lr = lr or (1e-3 if origin == "scratch" else 3e-4)
     if state:
@@ -158,19 +161,23 @@ def train_vae(out: Path, steps: int, minutes: float, device: torch.device, preci
     if state:
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
+    vae.eval()
+    start_psnr = None if state else round(vae_psnr(vae, device=device, size=resolution), 2)  # what training starts from
     log = RunLog(out, "vae", device, origin=origin, part=part, batch=batch, crop=crop, lr=lr, precision=precision,
+                 resolution=resolution, psnr_db_64_scenes_at_start=start_psnr,
                  params_trained=sum(p.numel() for p in params), resume_step=step)
 
     def checkpoint():
         _save(ckpt, vae=vae.state_dict(), opt=opt.state_dict(), step=step, origin=origin, part=part)
 
-    deadline = time.time() + 60 * minutes
+    start = time.time()
+    deadline = start + 60 * minutes
     vae.train()
     bar = tqdm(total=steps, initial=step, desc=f"vae ({part})")
     losses: list[float] = []
     while step < steps and time.time() < deadline:
         rng = np.random.default_rng([seed, step])
-        x = _pixels([random_layout(VAE_SCENE_BASE + step * batch + j) for j in range(batch)], device)
+        x = _pixels([random_layout(VAE_SCENE_BASE + step * batch + j) for j in range(batch)], device, resolution)
         oy, ox = (rng.integers(0, (x.shape[-1] - crop) // 8 + 1, size=2) * 8).tolist()
         gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
         if part == "decoder":  # latents of the whole scene (as at inference), cropped with their pixels
@@ -190,7 +197,8 @@ def train_vae(out: Path, steps: int, minutes: float, device: torch.device, preci
         if part == "all":
             kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).float().mean()
             loss = loss + kl_weight * kl
-        _optimizer_step(opt, params, loss, _lr(step, steps, lr))
+        used = (time.time() - start) / (deadline - start) if time_schedule else 0.0
+        _optimizer_step(opt, params, loss, _lr(step, steps, lr, time_progress=used))
         step += 1
         losses.append(loss.item())
         bar.update(1)
@@ -201,7 +209,7 @@ def train_vae(out: Path, steps: int, minutes: float, device: torch.device, preci
     bar.close()
     checkpoint()
     vae.eval()
-    score = vae_psnr(vae, device=device)
+    score = vae_psnr(vae, device=device, size=resolution)
     log.point(step, step * batch, float(np.mean(losses[-50:] or [float("nan")])), psnr_db_64_scenes=round(score, 2))
     print(json.dumps({"stage": "vae", "step": step, "psnr_db_64_scenes": round(score, 2), "log": str(log.path)}))
     return vae
@@ -221,11 +229,11 @@ def _load_vae(out: Path):
 
 
 @torch.no_grad()
-def _encode_scenes(vae, tokenizer, seeds, device, batch: int = 64):
+def _encode_scenes(vae, tokenizer, seeds, device, batch: int = 64, size: int = SIZE):
     means, stds, tokens = [], [], []
     for start in range(0, len(seeds), batch):
         layouts = [random_layout(int(s)) for s in seeds[start : start + batch]]
-        post = vae.encode(_pixels(layouts, device)).latent_dist
+        post = vae.encode(_pixels(layouts, device, size)).latent_dist
         means.append(post.mean)
         stds.append(post.std)
         tokens.append(tokenizer(captions(layouts), padding="max_length", max_length=77, truncation=True,
@@ -237,12 +245,14 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
                batch: int = 32, lr: float | None = None, pool_size: int = 4000, refresh_every: int = 200,
                refresh_count: int = 256, drop_caption: float = 0.1, ema_decay: float = 0.999,
                snr_gamma: float = 5.0, seed: int = 0, from_scratch: bool = False, layers_per_block: int = 1,
-               time_schedule: bool = False, checkpoint_seconds: float = 0.0):
+               time_schedule: bool = False, checkpoint_seconds: float = 0.0, resolution: int = SIZE):
     """UNet + text encoder on a pool of encoded scenes.
 
     time_schedule: the cosine LR ends when the time budget does, if that comes before `steps` (for a one-shot run
     on a lent GPU, whose speed is not known in advance; resuming is then no longer step-exact).
     checkpoint_seconds: at least this long between checkpoints (a GPU does 250 steps in seconds).
+    resolution: scene size in px (the 128 px layouts drawn scaled: 256 gives 32x32 latents; the UNet is
+    convolutional, so the shipped weights continue at any size).
     """
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "unet.pt"
@@ -279,14 +289,14 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
         pool_seeds[(np.arange(refresh_count) + (r - 1) * refresh_count) % pool_size] = (
             UNET_SCENE_BASE + pool_size + (r - 1) * refresh_count + np.arange(refresh_count))
     t0 = time.time()
-    means, stds, tokens = _encode_scenes(vae, tokenizer, pool_seeds, device)
+    means, stds, tokens = _encode_scenes(vae, tokenizer, pool_seeds, device, size=resolution)
     if scale is None:
         scale = float(1.0 / means.std())  # SD's scaling_factor: unit-variance latents
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
     log = RunLog(out, "unet", device, origin=origin, batch=batch, lr=lr, precision=precision, latent_scale=scale,
                  resume_step=step, pool_encode_s=round(time.time() - t0, 1), layers_per_block=layers_per_block,
                  pool_size=pool_size, refresh_every=refresh_every, refresh_count=refresh_count,
-                 time_schedule=time_schedule,
+                 time_schedule=time_schedule, resolution=resolution,
                  unet_params=sum(p.numel() for p in unet.parameters()),
                  text_params=sum(p.numel() for p in text.parameters()))
     print(json.dumps({k: v for k, v in log.data.items() if k != "points"}))
@@ -294,7 +304,7 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
     def checkpoint():
         _save(ckpt, unet=unet.state_dict(), text=text.state_dict(), ema_unet=ema_unet.state_dict(),
               ema_text=ema_text.state_dict(), opt=opt.state_dict(), step=step, scale=scale, origin=origin,
-              layers_per_block=layers_per_block)
+              layers_per_block=layers_per_block, resolution=resolution)
 
     start, last_checkpoint = time.time(), time.time()
     deadline = start + 60 * minutes
@@ -314,7 +324,7 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
             r = step // refresh_every
             slots = torch.from_numpy((np.arange(refresh_count) + (r - 1) * refresh_count) % pool_size).to(device)
             new = UNET_SCENE_BASE + pool_size + (r - 1) * refresh_count + np.arange(refresh_count)
-            m, s, t = _encode_scenes(vae, tokenizer, new, device)
+            m, s, t = _encode_scenes(vae, tokenizer, new, device, size=resolution)
             means[slots], stds[slots], tokens[slots] = m, s, t
         # Random numbers drawn on the training device: no host round trip per step on a GPU (same numbers on CPU).
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
@@ -369,6 +379,9 @@ def export(out: Path, dest: Path = M.WEIGHTS):
     unet, text = M.build_unet(int(state.get("layers_per_block", 1))), M.build_text_encoder()
     unet.load_state_dict(state["ema_unet"])
     text.load_state_dict(state["ema_text"])
+    resolution = int(state.get("resolution", SIZE))  # the size it trained at (the config's sample sizes say so)
+    unet.register_to_config(sample_size=resolution // 8)
+    vae.register_to_config(sample_size=resolution)
     dest.mkdir(parents=True, exist_ok=True)
     index_path = dest / "model_index.json"
     history = json.loads(index_path.read_text()).get("dragondiff_training", {}) if index_path.exists() else {}
@@ -380,7 +393,7 @@ def export(out: Path, dest: Path = M.WEIGHTS):
     rounds = list(history.get("rounds", []))
     # One entry per training round: the steps of that run (continued rounds add to the earlier ones).
     rounds.append({"unet_steps": int(state["step"]), "origin": state.get("origin", "scratch"),
-                   "layers_per_block": int(state.get("layers_per_block", 1)),
+                   "layers_per_block": int(state.get("layers_per_block", 1)), "resolution": resolution,
                    "exported": time.strftime("%Y-%m-%d %H:%M")})
     index_path.write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
@@ -426,11 +439,13 @@ def main(argv=None):
     parser.add_argument("--refresh-every", type=int, default=200, help="UNet: steps between pool refreshes (200)")
     parser.add_argument("--refresh-count", type=int, default=256, help="UNet: scenes replaced per refresh (256)")
     parser.add_argument("--time-schedule", action="store_true",
-                        help="UNet: end the cosine LR with the time budget (a one-shot GPU run of unknown speed)")
+                        help="end the cosine LR with the time budget (a one-shot GPU run of unknown speed)")
     parser.add_argument("--checkpoint-seconds", type=float, default=0.0,
                         help="UNet: at least this long between checkpoints (0: every 250 steps)")
     parser.add_argument("--dest", type=Path, default=M.WEIGHTS,
                         help="export: where the diffusers folder goes (default: the package's weights)")
+    parser.add_argument("--resolution", type=int, default=SIZE,
+                        help="scene size in px: the 128 px layouts drawn scaled (128; 256 gives 32x32 latents)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
@@ -440,13 +455,15 @@ def main(argv=None):
         minutes = args.minutes * (args.vae_share if args.stage == "all" else 1.0)
         steps = args.vae_steps if args.stage == "all" else (args.steps or 2000)
         train_vae(args.out, steps, minutes, device, args.precision, batch=args.batch if args.stage == "vae" else None,
-                  lr=args.lr if args.stage == "vae" else None, seed=args.seed, from_scratch=args.from_scratch)
+                  lr=args.lr if args.stage == "vae" else None, seed=args.seed, from_scratch=args.from_scratch,
+                  resolution=args.resolution, time_schedule=args.time_schedule)
     if args.stage in ("all", "unet"):
         minutes = args.minutes * ((1 - args.vae_share) if args.stage == "all" else 1.0)
         train_unet(args.out, args.steps or 8000, minutes, device, args.precision, batch=args.batch or 32,
                    lr=args.lr, seed=args.seed, from_scratch=args.from_scratch, layers_per_block=args.layers_per_block,
                    pool_size=args.pool_size, refresh_every=args.refresh_every, refresh_count=args.refresh_count,
-                   time_schedule=args.time_schedule, checkpoint_seconds=args.checkpoint_seconds)
+                   time_schedule=args.time_schedule, checkpoint_seconds=args.checkpoint_seconds,
+                   resolution=args.resolution)
     if args.stage in ("all", "export"):
         export(args.out, args.dest)
     if args.stage in ("all", "gates"):
