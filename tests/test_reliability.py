@@ -134,3 +134,21 @@ def test_spec_bounds_prompts_and_prints_bounded_values():
     with pytest.raises(ValueError) as err:
         EditSpec(task="move" * 10_000, image=img)
     assert len(str(err.value)) < 300
+
+
+def test_cli_accepts_rgba_and_says_so_in_one_note(tmp_path):
+    """An RGBA input (even fully opaque) is flattened as the web UI does; the CLI says so in a 'note:' line, with no
+    Python file:line warning report."""
+    from PIL import Image
+
+    from conftest import make_scene
+    from test_cli import FAST, cli
+
+    img, disc, _ = make_scene()
+    Image.fromarray(img).convert("RGBA").save(tmp_path / "scene.png")
+    Image.fromarray(disc.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    res = cli("move", tmp_path / "scene.png", "--mask", tmp_path / "mask.png", "--offset", "16,0", "--dry-run",
+              *FAST)
+    assert res.returncode == 0, res.stderr
+    assert "note: image: 'RGBA' image with transparency: flattened onto white" in res.stderr
+    assert "InputNote" not in res.stderr and ".py:" not in res.stderr

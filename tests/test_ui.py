@@ -19,23 +19,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import require
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 EXE = Path(sys.executable).parent / "dragondiff"
 
 
 def _require():
-    missing = []
-    for module in ("gradio", "playwright"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
-    if CHROMIUM is None:
-        missing.append("chromium")
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"browser test needs {', '.join(missing)} (installed by .ci/run)")
-        pytest.skip(f"needs {', '.join(missing)}")
+    require("the browser test", ("gradio", "playwright"), () if CHROMIUM else ("chromium",))
 
 
 @pytest.fixture(scope="module")

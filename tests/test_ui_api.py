@@ -8,19 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_scene
+from conftest import make_scene, require
 from dragondiff.output import full_resolution
 from dragondiff.tasks import TASKS
 
 
 def _require():
-    try:
-        import gradio  # noqa: F401
-        import gradio_client  # noqa: F401
-    except ImportError as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"the API test needs gradio and gradio_client ({e})")
-        pytest.skip(f"needs gradio ({e})")
+    require("the API test", ("gradio", "gradio_client"))
 
 
 @pytest.fixture(scope="module")

@@ -350,7 +350,7 @@ class DragonPipeline:
         return self.edit(spec, **runtime)
 
     def invert(self, image, *, prompt: str = "", max_resolution: int | None = None,
-               num_inference_steps: int | None = None, preset: str = "official", progress: bool = True,
+               num_inference_steps: int | None = None, preset: str = DEFAULT_PRESET, progress: bool = True,
                bank_device=None) -> Inversion:
         """DDIM-invert an image once, for several edits: every task accepts the result in place of its image and
         then skips its inversion (same output as inverting inside the call; `pass_counts` shows the saving).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+import warnings
 
 import click
 
@@ -32,9 +33,16 @@ for command in (move, drag, appearance, paste, run, batch, info, demo, bench, ui
     cli.add_command(command)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings (an input converted, a prompt cut) print as one 'note:' line, not as Python's file:line report."""
+    click.echo(f"note: {message}", err=True)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:
+        warnings.showwarning = _show_warning
     try:
         cli.main(args=argv, prog_name="dragondiff", standalone_mode=False)
         return 0
