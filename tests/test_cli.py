@@ -85,15 +85,15 @@ def test_move_full_resolution_sidecar_preview(files):
 def test_working_size_and_no_overwrite(files):
     target = files / "out.png"
     target.write_bytes(b"keep me")
-    out = cli("move", files / "scene.png", "--mask", files / "disc.png", "-o", target, *FAST)
+    out = cli("move", files / "scene.png", "--mask", files / "disc.png", "--offset", "16,0", "-o", target, *FAST)
     assert out.returncode == 2 and "exists" in out.stderr and "--overwrite" in out.stderr
     assert target.read_bytes() == b"keep me"
     out = cli("move", files / "scene.png", "--mask", files / "disc.png", "-o", target, "--working-size", "--scale", "1.2",
               "--overwrite", *FAST)
     assert out.returncode == 0, out.stderr
     assert Image.open(target).size == (128, 128)  # working size for a 150x130 image at max_resolution 128
-    out = cli("move", files / "scene.png", "--mask", files / "disc.png", "-o", files / "scene.png", "--overwrite",
-              *FAST)
+    out = cli("move", files / "scene.png", "--mask", files / "disc.png", "--offset", "16,0", "-o", files / "scene.png",
+              "--overwrite", *FAST)
     assert out.returncode == 2 and "own inputs" in out.stderr
 
 
@@ -119,8 +119,9 @@ def test_usage_errors_exit_2(files):
         (["move", "scene.png", "--mask", "disc.png", "--scale", "0", "--dry-run"], "scale must be in"),
         (["drag", "scene.png", "--mask", "editable.png", "--points", "40,48"], "handle:target"),
         (["drag", "scene.png", "--mask", "editable.png", "--points", "40,48:900,48", "--dry-run"], "target"),
-        (["move", "scene.png", "--mask", "square.png", "--device", "gpu"], "device"),
-        (["move", "scene.png", "--mask", "disc.png", "--model", "no-such-folder/x", "--threads", "1"], "--model"),
+        (["move", "scene.png", "--mask", "square.png", "--offset", "16,0", "--device", "gpu"], "device"),
+        (["move", "scene.png", "--mask", "disc.png", "--offset", "16,0", "--model", "no-such-folder/x", "--threads", "1"],
+         "--model"),
     ]
     for args, needle in cases:
         out = cli(*args, cwd=files)

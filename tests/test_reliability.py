@@ -152,3 +152,24 @@ def test_cli_accepts_rgba_and_says_so_in_one_note(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "note: image: 'RGBA' image with transparency: flattened onto white" in res.stderr
     assert "InputNote" not in res.stderr and ".py:" not in res.stderr
+
+
+def test_dry_run_refuses_what_the_edit_would_refuse(tmp_path):
+    """--dry-run runs every geometry check of the edit, on the model's grid, without loading the model."""
+    from PIL import Image
+
+    from conftest import make_scene
+    from test_cli import FAST, cli
+
+    img, disc, _ = make_scene()
+    Image.fromarray(img).save(tmp_path / "scene.png")
+    Image.fromarray(disc.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    base = ["--mask", tmp_path / "mask.png", "--dry-run", *FAST]
+    res = cli("move", tmp_path / "scene.png", "--offset", "0,0", *base)
+    assert res.returncode == 2 and "offset=(0, 0) with scale=1 is not an edit" in res.stderr
+    res = cli("move", tmp_path / "scene.png", "--offset", "500,0", *base)
+    assert res.returncode == 2 and "outside the image" in res.stderr
+    res = cli("drag", tmp_path / "scene.png", "--points", "36,44:37,44", *base)
+    assert res.returncode == 2 and "same 4-px feature cell" in res.stderr
+    res = cli("move", tmp_path / "scene.png", "--offset", "16,0", *base)
+    assert res.returncode == 0 and "valid" in res.stdout

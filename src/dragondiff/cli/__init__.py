@@ -15,7 +15,7 @@ import click
 
 from .. import __version__
 from .batch import batch
-from .edits import appearance, drag, move, paste, run
+from .edits import TASK_COMMANDS, run
 from .misc import bench, demo, info, ui
 
 
@@ -29,7 +29,7 @@ def cli():
     """
 
 
-for command in (move, drag, appearance, paste, run, batch, info, demo, bench, ui):
+for command in (*TASK_COMMANDS, run, batch, info, demo, bench, ui):
     cli.add_command(command)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..spec import EditSpec
+from ..tasks import TASKS
 from .options import (edit_options, model_options, option_group, run_options, spec_fields, task_fields, task_options,
                       weight_options)
 from .runner import IMAGE_SUFFIXES, InputError, Job, check_inputs, check_jobs, execute, open_model, output_name
@@ -23,7 +24,7 @@ def make_spec(task: str, label: str, **fields) -> EditSpec:
 def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
     """Check every job's inputs and outputs, then load the model once and run them in order."""
     for job in jobs:
-        check_inputs(job.spec, job.label)
+        check_inputs(job.spec, job.label, model or opts["model"])
     check_jobs(jobs, opts["overwrite"], opts["preview"])
     if opts.get("dry_run"):
         for job in jobs:
@@ -55,18 +56,9 @@ def task_command(task: str, help_text: str) -> click.Command:
     return click.command(task, help=help_text, no_args_is_help=True)(options(run_task))
 
 
-move = task_command("move", "Move the masked object by --offset; --scale also resizes it (about the image centre, as "
-                            "the official code).\n\nExample: dragondiff move cup.png --mask cup_mask.png --offset "
-                            "120,0 --prompt 'a cup on a table'")
-drag = task_command("drag", "Drag content from handle points to target points inside an editable mask.\n\n"
-                            "Example: dragondiff drag face.png --mask face_mask.png --points '120,200:140,190 "
-                            "300,200:280,190'")
-appearance = task_command("appearance", "Give the masked object the appearance of the object masked in a reference "
-                                        "image.\n\nExample: dragondiff appearance apple.png --mask apple_mask.png "
-                                        "--reference pear.png --reference-mask pear_mask.png")
-paste = task_command("paste", "Paste the object masked in a reference image into IMAGE, shifted by --offset and "
-                              "scaled by --scale.\n\nExample: dragondiff paste room.png --reference cat.png "
-                              "--reference-mask cat_mask.png --offset -80,40")
+# One command per registered task, its help from the task's registration.
+TASK_COMMANDS = [task_command(name, f"{info.doc}.\n\nExample: dragondiff {name} {info.example}")
+                 for name, info in TASKS.items()]
 
 
 # ------------------------------------------------------------------------------------------------ spec files

@@ -81,9 +81,11 @@ def check_jobs(jobs: list[Job], overwrite: bool, preview: bool) -> None:
             seen[resolved] = job.label
 
 
-def check_inputs(spec: EditSpec, label: str) -> None:
+def check_inputs(spec: EditSpec, label: str, model: str | None = None) -> None:
     """Read every image and mask of the spec (no model): missing files, unreadable images, mask sizes, points.
-    Which fields are files, and whose size each mask has, comes from the task's Params."""
+    Which fields are files, and whose size each mask has, comes from the task's Params. With `model`, also every
+    check the edit itself makes before its first model call (geometry at the working size: `plan_edit`), on the
+    model's grid read from its configuration."""
     from ..inputs import load_image, load_mask
     from ..tasks import params as P
     from ..validate import check_point
@@ -103,8 +105,24 @@ def check_inputs(spec: EditSpec, label: str) -> None:
                 for k, (handle, target) in enumerate(value):
                     check_point(handle, f"{f.name}[{k}] handle", images["image"].shape[:2])
                     check_point(target, f"{f.name}[{k}] target", images["image"].shape[:2])
+        if model is not None:
+            plan_geometry(spec, model)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise InputError(f"{label}: {e}") from e
+
+
+def plan_geometry(spec: EditSpec, model: str) -> None:
+    """Resolve, prepare and build the edit as the pipeline would, without loading `model` (its grid factors,
+    default working size and recommended settings come from its files; SD1's grid when they cannot be read)."""
+    from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION
+    from ..loading import BUNDLED_ID, model_factors, read_settings, resolve_source
+    from ..pipeline import plan_edit
+
+    factors = model_factors(model) or (8, 2)
+    folder, _ = resolve_source(model) if model == BUNDLED_ID else (model, False)
+    recommended = read_settings(folder) if Path(folder).is_dir() else {}
+    resolution = BUNDLED_RESOLUTION if model == BUNDLED_ID else DEFAULT_MAX_RESOLUTION
+    plan_edit(spec, factors=factors, recommended=recommended, default_max_resolution=resolution)
 
 
 def output_name(stem: str, k: int, count: int) -> str:

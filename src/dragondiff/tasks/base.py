@@ -81,7 +81,8 @@ class TaskInfo:
     build: Callable  # (resolved EditSpec, inputs.Prepared) -> Task
     params: type  # the task's frozen Params dataclass (tasks/params.py): EditSpec.params is one
     settings: dict  # the official demo's guidance_scale, energy_scale (slider units), gradient_coef, bank_steps
-    doc: str = ""
+    doc: str = ""  # one sentence: what the task does (the CLI command's help starts with it)
+    example: str = ""  # the arguments of an example command line after `dragondiff NAME` (shown in its --help)
     # What the edges need (UI, previews, benchmarks); nothing outside tasks/ branches on a task's name.
     images: int = 1  # 1, or 2 when it takes a reference image (with its reference_mask)
     user_mask: str | None = None  # the EditResult.masks key of the mask the user draws (tinted in previews)
