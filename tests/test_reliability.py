@@ -173,3 +173,209 @@ def test_dry_run_refuses_what_the_edit_would_refuse(tmp_path):
     assert res.returncode == 2 and "same 4-px feature cell" in res.stderr
     res = cli("move", tmp_path / "scene.png", "--offset", "16,0", *base)
     assert res.returncode == 0 and "valid" in res.stdout
+
+
+# ------------------------------------------------------------------------- the command line, in this process
+
+@pytest.fixture
+def main(monkeypatch, capsys):
+    """`dragondiff ARGS...` run in this process (no model loads in these tests): (exit code, stdout, stderr)."""
+    import warnings
+
+    from dragondiff.cli import main as cli_main
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it; put it back after
+
+    def run(*args):
+        capsys.readouterr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            code = cli_main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def _scene_files(folder):
+    from PIL import Image
+
+    from conftest import make_scene
+
+    img, disc, _ = make_scene()
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(folder / "scene.png")
+    Image.fromarray(disc.astype(np.uint8) * 255).save(folder / "disc.png")
+    return folder
+
+
+def test_spec_files_are_bounded_before_validating(tmp_path, main):
+    """A YAML alias bomb, a deeply nested and an oversized spec file are refused by name, with little memory."""
+    from conftest import TINY_MODEL
+    from dragondiff import documents
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("task: move\nimage: scene.png\nmask: disc.png\n" + _alias_bomb())
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="more than 200,000 values"):
+            documents.read(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20
+    code, _, err = main("run", bomb, "--dry-run", "--model", TINY_MODEL)
+    assert code == 2 and "bomb.yaml: holds more than 200,000 values" in err and len(err) < 600
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 40 + "]" * 40)
+    code, _, err = main("run", deep, "--dry-run")
+    assert code == 2 and "nested deeper than 32 levels" in err
+    big = tmp_path / "big.json"
+    big.write_text('{"task": "move", "prompt": "' + "x" * documents.SPEC_FILE_BYTES + '"}')
+    code, _, err = main("run", big, "--dry-run")
+    assert code == 2 and "big.json: larger than 4 MiB" in err
+
+
+def _sidecar_copy(tmp_path, **model):
+    import json
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).parent / "data" / "sidecars"
+    for name in ("scene.png", "circle.png"):
+        shutil.copy(src / name, tmp_path / name)
+    data = json.loads((src / "move.json").read_text())
+    data["model"] = model.get("model", {**data["model"], **model})
+    path = tmp_path / "edit" / "move.json"
+    path.parent.mkdir(exist_ok=True)
+    for name in ("scene.png", "circle.png"):  # the sidecar's paths are relative to its folder
+        shutil.copy(src / name, path.parent / name)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("model, message", [("tiny", r'model: expected an object like \{"id": \.\.\.'),
+                                            ({"id": 123}, "model.id: expected a model id or path"),
+                                            ({"id": "x", "sha256": 5}, "model.sha256: expected a string")])
+def test_a_malformed_sidecar_model_is_named(tmp_path, main, model, message):
+    import re
+
+    sidecar = _sidecar_copy(tmp_path, model=model)
+    code, _, err = main("run", sidecar, "--dry-run")
+    assert code == 2 and re.search(message, err), err
+
+
+def test_rerunning_a_sidecar_on_changed_weights_is_refused(tmp_path, main):
+    from dragondiff.shapes import model as shapes_model
+
+    if not shapes_model.is_available():
+        pytest.skip("the bundled model's weights are not installed")
+    same = _sidecar_copy(tmp_path)
+    code, out, err = main("run", same, "--dry-run", "-o", tmp_path / "a.png")
+    assert code == 0 and "valid" in out, err
+    changed = _sidecar_copy(tmp_path, sha256="0" * 64)
+    code, _, err = main("run", changed, "--dry-run", "-o", tmp_path / "a.png")
+    assert code == 2 and "weights changed since the sidecar was written (sha256 000000000000… recorded" in err
+    assert "--model dragondiff:shapes" in err
+    code, out, err = main("run", changed, "--dry-run", "-o", tmp_path / "a.png", "--model", "dragondiff:shapes")
+    assert code == 0 and "note: --model dragondiff:shapes: other weights than the sidecar recorded" in err
+
+
+def test_run_from_the_spec_folder_never_writes_over_the_spec(tmp_path, main, monkeypatch):
+    import json
+
+    from conftest import TINY_MODEL
+
+    _scene_files(tmp_path)
+    spec = tmp_path / "edit.json"
+    text = json.dumps({"task": "move", "image": "scene.png", "mask": "disc.png", "offset": [16, 0]})
+    spec.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = main("run", "edit.json", "--dry-run", "--model", TINY_MODEL)
+    assert code == 0 and "edit-out.png" in out, err
+    code, _, err = main("run", "edit.json", "-o", "edit.png", "--overwrite", "--dry-run", "--model", TINY_MODEL)
+    assert code == 2 and "edit.json is one of the edit's own inputs" in err and "--overwrite" not in err
+    assert spec.read_text() == text
+
+
+def test_spec_paths_resolve_beside_the_real_file_and_stdin_is_read_once(tmp_path, main):
+    """A symlinked spec's relative paths are the target's; an image streamed through a pipe (read by the check,
+    the edit and the compositing) is read once and kept."""
+    import json
+    import os
+
+    from conftest import TINY_MODEL
+    from dragondiff.inputs import load_image
+
+    real = _scene_files(tmp_path / "project")
+    (real / "edit.json").write_text(json.dumps({"task": "move", "image": "scene.png", "mask": "disc.png",
+                                                "offset": [16, 0]}))
+    (tmp_path / "links").mkdir()
+    os.symlink(real / "edit.json", tmp_path / "links" / "edit.json")
+    code, out, err = main("run", tmp_path / "links" / "edit.json", "--dry-run", "--model", TINY_MODEL, "-o",
+                          tmp_path / "out.png")
+    assert code == 0 and "valid" in out, err
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    data = (real / "scene.png").read_bytes()
+    pid = os.fork()
+    if pid == 0:  # the writer: one pass, then the pipe is closed
+        with open(fifo, "wb") as f:
+            f.write(data)
+        os._exit(0)
+    first, second = load_image(str(fifo)), load_image(str(fifo))
+    os.waitpid(pid, 0)
+    assert np.array_equal(first, second) and np.array_equal(first, load_image(real / "scene.png"))
+
+
+def test_small_command_line_findings(tmp_path, main):
+    from conftest import TINY_MODEL
+
+    code, out, _ = main("bench", "--help")
+    assert code == 0 and "bench speed" in out
+    code, out, _ = main()
+    assert code == 0 and "Commands:" in out
+    code, _, err = main("info", "--model", tmp_path / "nonexistent")
+    assert code == 2 and "--model" in err and "no such file or folder" in err
+    _scene_files(tmp_path)
+    base = [tmp_path / "scene.png", "--mask", tmp_path / "disc.png", "--dry-run", "--model", TINY_MODEL]
+    for offset in ("+10,0", ".5,0", "-.5,+3."):
+        code, out, err = main("move", *base, "--offset", offset, "-o", tmp_path / "a.png")
+        assert code == 0, (offset, err)
+    code, _, err = main("move", *base, "--offset", "16,0", "--steps", "1000", "-o", tmp_path / "a.jpg")
+    assert code == 0 and "a.jpg: .jpg is lossy" in err
+
+
+def test_large_outputs_blend_at_a_coarse_size_with_the_same_guarantees():
+    """Past a 16-px margin the ramp is built smaller and resized: still 1 on the edit area, exactly 0 beyond
+    the dilation plus the blur (three margins), and close to the full-size ramp."""
+    from dragondiff.output import _ramp, blend_weights
+
+    area = np.zeros((48, 64), bool)
+    area[20:30, 20:40] = True
+    h, w = 1200, 1600  # margin 48 px
+    alpha = blend_weights(area, (h, w))
+    grid = np.kron(area, np.ones((25, 25), bool))
+    assert alpha[grid].min() == 1.0
+    ys, xs = np.nonzero(grid)
+    assert alpha[: ys.min() - 3 * 48].max() == 0 and alpha[:, xs.max() + 3 * 48:].max() == 0
+    full = _ramp(area, (h, w), 48)
+    full[full < 1 / 512] = 0
+    ramp = (full > 0) | (alpha > 0)
+    assert np.abs(alpha - full)[ramp].mean() < 0.02  # the ramp's hard edge moves by up to one coarse pixel
+
+
+def test_the_preview_shows_the_saved_image():
+    from PIL import Image
+
+    from dragondiff.output import preview
+    from dragondiff.result import EditResult
+
+    working = Image.new("RGB", (64, 64), (255, 0, 0))
+    saved = Image.new("RGB", (200, 200), (0, 0, 255))
+    result = EditResult(image=working, task="move", preset="official", input_image=Image.new("RGB", (64, 64)),
+                        reference_image=None, masks={}, edit_area=None, input_scale=(1.0, 1.0), energies=[],
+                        pass_counts={})
+    sheet = np.asarray(preview(result, saved))
+    assert sheet.shape[:2] == (64, 64 * 2 + 4)
+    assert tuple(sheet[32, -10]) == (0, 0, 255)

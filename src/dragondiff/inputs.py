@@ -7,6 +7,7 @@ so that the working-size inputs match its pixels: the image goes through cv2 Lan
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -30,12 +31,33 @@ MaskLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 MAX_INPUT_PIXELS = 40_000_000
 
 
+# Inputs that cannot be read twice (/dev/stdin, a pipe, a FIFO): read once, the bytes kept for the later reads
+# (the CLI checks an input before loading the model and reads it again in the edit and when compositing).
+_STREAMS: dict[str, bytes] = {}
+MAX_STREAM_BYTES = 256 * 2**20
+
+
+def _readable(path: Path, name: str):
+    """`path` for a regular file; for a stream, its bytes (read once per process, bounded) as a file object."""
+    if path.is_file():
+        return path
+    key = str(path)
+    if key not in _STREAMS:
+        with open(path, "rb") as f:
+            data = f.read(MAX_STREAM_BYTES + 1)
+        if len(data) > MAX_STREAM_BYTES:
+            raise ValueError(f"{name}: {path} streams more than {MAX_STREAM_BYTES // 2**20} MiB; at most that "
+                             "is read from a stream")
+        _STREAMS[key] = data
+    return io.BytesIO(_STREAMS[key])
+
+
 def _open_path(value, name: str) -> Image.Image:
     path = Path(value)
     if not path.exists():
         raise FileNotFoundError(f"{name}: file not found: {path}")
     try:
-        with Image.open(path) as im:
+        with Image.open(_readable(path, name)) as im:
             if im.width * im.height > MAX_INPUT_PIXELS:
                 raise ValueError(
                     f"{name}: {path} is {im.width}x{im.height}; at most {MAX_INPUT_PIXELS:,} pixels are allowed"

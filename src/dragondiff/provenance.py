@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .spec import SOURCE_FIELDS
+from .validate import shown
 
 SIDECAR_KEY = "dragondiff"
 
@@ -61,22 +62,61 @@ def folder_hash(folder: Path) -> str:
     return file_hash(sorted(p for p in Path(folder).rglob("*") if p.suffix in WEIGHT_SUFFIXES))
 
 
-def model_fingerprint(pipe) -> dict:
-    """{"id": ...} plus a sha256 of the weight files for local models, or the hub snapshot's revision."""
-    out = {"id": pipe.model_id}
-    path = pipe.model_path
+def fingerprint(model_id: str | None, path: Path | None = None) -> dict:
+    """{"id": ...} plus a sha256 of the weight files for local models, or the hub snapshot's revision. `path` is
+    the folder or file the model loads from (found from the id when not given), so a model is fingerprinted the
+    same way before and after loading it."""
+    out = {"id": model_id}
+    if path is None and model_id is not None:
+        from .loading import resolve_source
+
+        try:
+            source, _ = resolve_source(model_id)
+        except ValueError:
+            source = model_id
+        path = Path(source) if Path(source).exists() else None
     if path is not None and Path(path).is_file():
         out["sha256"] = file_hash([Path(path)])
     elif path is not None and Path(path).is_dir():
         out["sha256"] = folder_hash(path)
-    elif pipe.model_id:
+    elif model_id:
         try:  # a hub id: the cached snapshot's folder name is the commit
             from huggingface_hub import snapshot_download
 
-            out["revision"] = Path(snapshot_download(pipe.model_id, local_files_only=True)).name
+            out["revision"] = Path(snapshot_download(model_id, local_files_only=True)).name
         except Exception:  # noqa: BLE001 (not cached as a snapshot: no revision to report)
             out["revision"] = None
     return out
+
+
+def model_fingerprint(pipe) -> dict:
+    """The loaded pipeline's `fingerprint`."""
+    return fingerprint(pipe.model_id, pipe.model_path)
+
+
+def sidecar_model(data: dict) -> dict | None:
+    """A sidecar's `model` record ({"id": ..., "sha256"/"revision": ...}), checked; None when it names none."""
+    model = data.get("model")
+    if model is None:
+        return None
+    if not isinstance(model, dict):
+        raise ValueError(f'model: expected an object like {{"id": ..., "sha256": ...}}, got {shown(model)}')
+    if model.get("id") is not None and not isinstance(model["id"], str):
+        raise ValueError(f"model.id: expected a model id or path (a string), got {shown(model['id'])}")
+    for key in ("sha256", "revision"):
+        if model.get(key) is not None and not isinstance(model[key], str):
+            raise ValueError(f"model.{key}: expected a string, got {shown(model[key])}")
+    return model if model.get("id") is not None else None
+
+
+def fingerprint_change(recorded: dict, model: str) -> str | None:
+    """What differs between the weights a sidecar recorded and those `model` has now (None: the same, or nothing
+    to compare)."""
+    now = fingerprint(model)
+    for key in ("sha256", "revision"):
+        if recorded.get(key) and now.get(key) and recorded[key] != now[key]:
+            return f"{key} {recorded[key][:12]}… recorded, {now[key][:12]}… now"
+    return None
 
 
 def spec_for_sidecar(spec, sidecar: Path) -> dict:

@@ -33,6 +33,10 @@ for command in (*TASK_COMMANDS, run, batch, info, demo, bench, ui):
     cli.add_command(command)
 
 
+# click >= 8.2 shows a command's help for no arguments by raising this usage error (exit 2 by default)
+NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """Warnings (an input converted, a prompt cut) print as one 'note:' line, not as Python's file:line report."""
     click.echo(f"note: {message}", err=True)
@@ -48,6 +52,9 @@ def main(argv=None) -> int:
         return 0
     except click.exceptions.Exit as e:  # --help, --version
         return e.exit_code
+    except NO_ARGS_HELP as e:  # `dragondiff` or `dragondiff move` alone: the help is what was asked for
+        click.echo(e.ctx.get_help() if e.ctx is not None else cli.get_help(click.Context(cli)))
+        return 0
     except click.ClickException as e:  # usage errors and our InputError: exit 2
         if debug:
             traceback.print_exc()

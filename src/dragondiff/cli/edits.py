@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 
 import click
@@ -26,6 +26,7 @@ def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
     for job in jobs:
         check_inputs(job.spec, job.label, model or opts["model"])
     check_jobs(jobs, opts["overwrite"], opts["preview"])
+    note_lossy_outputs(jobs, opts["working_size"])
     if opts.get("dry_run"):
         for job in jobs:
             click.echo(f"{job.label}: valid ({job.spec.task} -> {job.output})")
@@ -34,6 +35,22 @@ def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
     for job in jobs:
         execute(loaded.pipe, job, working_size=opts["working_size"], preview=opts["preview"], quiet=opts["quiet"],
                 threads=loaded.threads, load_seconds=loaded.seconds)
+
+
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
+
+
+def note_lossy_outputs(jobs: list[Job], working_size: bool) -> None:
+    """The composited output keeps every pixel away from the edit identical to the input only in a lossless
+    format; say so once per lossy output before the edit runs."""
+    from ..errors import InputNote
+
+    if working_size:
+        return
+    for job in jobs:
+        if job.output.suffix.lower() in LOSSY_SUFFIXES:
+            warnings.warn(f"{job.output}: {job.output.suffix} is lossy, so the pixels away from the edit are "
+                          "re-encoded, not identical to the input's; use .png to keep them", InputNote, stacklevel=2)
 
 
 def _default_output(image: str, task: str) -> Path:
@@ -66,25 +83,19 @@ TASK_COMMANDS = [task_command(name, f"{info.doc}.\n\nExample: dragondiff {name} 
 def read_spec_file(path: Path) -> tuple[list[tuple[str, EditSpec]], str | None]:
     """A spec file's edits as (label, EditSpec), and the model a sidecar names. Accepts one EditSpec object, a
     list of them, {"edits": [...]}, or a sidecar written next to an output; JSON, or YAML (.yaml/.yml)."""
-    from ..provenance import is_sidecar
+    from .. import documents
+    from ..provenance import is_sidecar, sidecar_model
 
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # noqa: BLE001 (json and yaml raise their own errors; both mean the same here)
-        raise InputError(f"{path}: not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
-                         f"({e})") from e
+        data = documents.read(path)
+    except ValueError as e:
+        raise InputError(str(e)) from e
     model = None
     if is_sidecar(data):
-        model = (data.get("model") or {}).get("id")
+        try:
+            model = sidecar_model(data)
+        except ValueError as e:
+            raise InputError(f"{path}: {e}") from e
         entries, labels = [data["spec"]], [str(path)]
     elif isinstance(data, dict) and "edits" in data:
         entries = data["edits"]
@@ -97,48 +108,77 @@ def read_spec_file(path: Path) -> tuple[list[tuple[str, EditSpec]], str | None]:
         entries, labels = [data], [str(path)]
     if not entries:
         raise InputError(f"{path}: no edits in it")
-    specs = []
+    specs, base = [], documents.base_folder(path)
     for label, entry in zip(labels, entries):
         try:
-            specs.append((label, EditSpec.from_dict(entry, base_dir=path.parent)))
+            specs.append((label, EditSpec.from_dict(entry, base_dir=base)))
         except (ValueError, TypeError) as e:
             raise InputError(f"{label}: {e}") from e
     return specs, model
 
 
-def spec_jobs(files: list[Path], output: str | None) -> tuple[list[Job], str | None]:
-    """Jobs for spec files: -o is the file when there is one edit in all, else a folder (default: here);
-    names are <spec stem>.png, or <spec stem>-<k>.png for a file with several edits."""
+def spec_jobs(files: list[Path], output: str | None) -> tuple[list[Job], list[dict]]:
+    """Jobs for spec files, and the model records of the sidecars among them. -o is the file when there is one
+    edit in all, else a folder (default: here); names are <spec stem>.png, or <spec stem>-<k>.png for a file with
+    several edits, with '-out' after the stem where that result's sidecar would be the spec file itself."""
     read = [(f, *read_spec_file(f)) for f in files]
     total = sum(len(specs) for _, specs, _ in read)
     single_file = output is not None and total == 1 and Path(output).suffix != ""
     if output is not None and total > 1 and Path(output).suffix.lower() in IMAGE_SUFFIXES:
         raise InputError(f"-o {output}: the spec files hold {total} edits; give a folder for their results")
     folder = Path(output) if output is not None and not single_file else Path(".")
-    jobs, models = [], {m for _, _, m in read if m}
+    jobs = []
     for f, specs, _ in read:
+        stem = f.stem
+        if output is None and any((folder / output_name(stem, k, len(specs))).with_suffix(".json").resolve()
+                                  == f.resolve() for k in range(len(specs))):
+            stem += "-out"  # run from the spec's own folder: its sidecar must not be the spec
         for k, (label, spec) in enumerate(specs):
-            name = output_name(f.stem, k, len(specs))
+            name = output_name(stem, k, len(specs))
             jobs.append(Job(spec, Path(output) if single_file else folder / name, label, inputs=[f]))
-    if len(models) > 1:
-        raise InputError(f"spec files: the sidecars name different models ({', '.join(sorted(models))}); "
+    records = [m for _, _, m in read if m]
+    ids = {m["id"] for m in records}
+    if len(ids) > 1:
+        raise InputError(f"spec files: the sidecars name different models ({', '.join(sorted(ids))}); "
                          "run them apart or pass --model")
-    return jobs, next(iter(models), None)
+    return jobs, records
+
+
+def sidecar_model_check(records: list[dict], model: str, given: bool) -> None:
+    """A sidecar promises the same image: refuse a re-run on weights other than those it recorded unless --model
+    says so (then say what differs in a note)."""
+    from ..errors import InputNote
+    from ..provenance import fingerprint_change
+
+    for record in records:
+        change = fingerprint_change(record, model)
+        if change is None:
+            continue
+        if not given:
+            raise InputError(f"model {record['id']}: its weights changed since the sidecar was written ({change}); "
+                             f"the re-run would not give the same image. Pass --model {record['id']} to re-run "
+                             "with these weights anyway")
+        warnings.warn(f"--model {model}: other weights than the sidecar recorded ({change}); the result may differ",
+                      InputNote, stacklevel=2)
 
 
 @click.command("run", no_args_is_help=True,
                help="Run the edits written in spec files (EditSpec JSON or YAML: one object, a list, or "
                     "{\"edits\": [...]}), or re-run an edit from the sidecar JSON written beside its output "
-                    "(with the sidecar's model unless --model is given). Relative paths are taken from the "
-                    "spec file's folder.\n\nExample: dragondiff run edit.json -o out/")
+                    "(with the sidecar's model unless --model is given; refused when that model's weights changed "
+                    "since). Relative paths are taken from the spec file's folder (a symlink's target's; the "
+                    "working folder for /dev/stdin).\n\nExample: dragondiff run edit.json -o out/")
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", default=None,
-              help="output image when the files hold one edit, else a folder  [default: <spec>.png here]")
+              help="output image when the files hold one edit, else a folder  [default: <spec>.png here; "
+                   "<spec>-out.png where <spec>.json is the spec itself]")
 @click.option("--dry-run", is_flag=True, help="only validate the specs, their files and the outputs")
 @model_options
 @run_options
 def run(specs, output, dry_run, model, **opts):
-    jobs, sidecar_model = spec_jobs(list(specs), output)
+    jobs, records = spec_jobs(list(specs), output)
     given = click.get_current_context().get_parameter_source("model") != click.core.ParameterSource.DEFAULT
     opts.update(dry_run=dry_run, model=model)
-    run_jobs(jobs, opts, model=model if given or sidecar_model is None else sidecar_model)
+    use = model if given or not records else records[0]["id"]
+    sidecar_model_check(records, use, given)
+    run_jobs(jobs, opts, model=use)

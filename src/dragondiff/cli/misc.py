@@ -12,6 +12,7 @@ import numpy as np
 from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, DEFAULT_SEED
 from ..loading import BUNDLED_ID, default_device
 from ..presets import PRESETS
+from ..validate import shown
 from .options import available_threads, int_range, model_options
 from .runner import InputError, check_output, open_model, quiet_third_party, save_image
 
@@ -28,7 +29,12 @@ def _model_info(model: str) -> dict:
                    default_max_resolution=BUNDLED_RESOLUTION)
         folder = shapes_model.WEIGHTS
     else:
+        from ..loading import looks_local
+
         folder = Path(model)
+        if looks_local(model) and not folder.exists():
+            raise InputError(f"--model {model}: no such file or folder (a local model is a diffusers folder or one "
+                             ".safetensors file; a hub id looks like 'owner/name')")
         out["default_max_resolution"] = DEFAULT_MAX_RESOLUTION
     if folder.is_dir():
         out["recommended_settings"] = read_settings(folder) or None
@@ -136,13 +142,23 @@ def demo(out, preset, seed, threads, tiny, overwrite):
     click.echo(json.dumps(summary, indent=1))
 
 
+BENCHMARKS = ("speed", "shapes")
+
+
 @click.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                           "help_option_names": []},
                help="Benchmarks: `bench speed` (seconds, passes, memory per edit), `bench shapes` (edit quality "
                     "on the bundled model). `dragondiff bench speed --help` lists each one's options.")
-@click.argument("which", type=click.Choice(["speed", "shapes"]))
+@click.argument("which", metavar="{speed|shapes}", required=False)
 @click.argument("rest", nargs=-1, type=click.UNPROCESSED)
 def bench(which, rest):
+    # --help is the benchmark's own option after its name (`bench speed --help`), so it is not click's here
+    if which in (None, "-h", "--help"):
+        click.echo(click.get_current_context().get_help())
+        return
+    if which not in BENCHMARKS:
+        raise click.BadParameter(f"{shown(which)} is not one of {', '.join(BENCHMARKS)}",
+                                 param_hint="'{speed|shapes}'")
     if which == "speed":
         from ..bench.speed import main as run
     else:

@@ -14,7 +14,7 @@ from ..presets import PRESETS
 from ..tasks import TASKS
 from ..tasks import params as P
 
-_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_NUMBER = r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*"  # 10, +10, -4.5, .5, 5.
 _PAIR = re.compile(rf"^{_NUMBER},{_NUMBER}$")
 
 

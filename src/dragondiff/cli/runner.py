@@ -71,10 +71,10 @@ def check_jobs(jobs: list[Job], overwrite: bool, preview: bool) -> None:
     for job in jobs:
         reads = job.input_files()
         for path in job.outputs(preview):
-            check_output(path, overwrite, f"{job.label}: output", image=path != job.sidecar)
             resolved = path.resolve()
-            if resolved in reads:
+            if resolved in reads:  # before "exists": --overwrite is no way out of this one
                 raise InputError(f"{job.label}: output {path} is one of the edit's own inputs; choose another -o")
+            check_output(path, overwrite, f"{job.label}: output", image=path != job.sidecar)
             if resolved in seen:
                 raise InputError(f"{job.label}: output {path} is also written by {seen[resolved]}; "
                                  "give each edit its own output")
@@ -211,7 +211,7 @@ def execute(pipe, job: Job, *, working_size: bool, preview: bool, quiet: bool, t
     image = result.image if working_size else full_resolution(result, job.spec.image)
     save_image(image, job.output)
     if preview:
-        save_image(preview_sheet(result), job.preview)
+        save_image(preview_sheet(result, image), job.preview)  # shows what was saved
     seconds = {"load": load_seconds, **result.timings, "save": time.perf_counter() - start,
                "edit": result.seconds}
     sidecar = build_sidecar(result, pipe, sidecar=job.sidecar, output=job.output, full_resolution=not working_size,

@@ -128,7 +128,8 @@ class MoveParams(Params):
 
     TASK = "move"
     mask: Any = param(kind=MASK, of="image", doc="the object (white on black, the size of the image)")
-    offset: tuple[float, float] = param((0.0, 0.0), kind=OFFSET, doc="(dx, dy) in original pixels")
+    offset: tuple[float, float] = param((0.0, 0.0), kind=OFFSET, doc="(dx, dy) in original pixels",
+                                      default_text="0,0: no move, so give it unless --scale resizes in place")
     scale: float = param(1.0, kind=SCALE, high=10.0, doc="size factor, about the image centre")
     reference_region: Any = param(None, kind=MASK, of="image", default_text="the background",
                                   doc="mask of the area the vacated place should come to look like")
