@@ -344,6 +344,9 @@ def test_small_command_line_findings(tmp_path, main):
         assert code == 0, (offset, err)
     code, _, err = main("move", *base, "--offset", "16,0", "--steps", "1000", "-o", tmp_path / "a.jpg")
     assert code == 0 and "a.jpg: .jpg is lossy" in err
+    code, _, err = main("move", *base[:-3], "--offset", "16,0", "--model", "missing/model", "-o", tmp_path / "a.png")
+    assert code == 2 and "no such local folder; as a hub id it is neither cached here nor reachable" in err
+    assert "note:" not in err  # the hub client's own deprecation warnings are not printed as notes
 
 
 def test_large_outputs_blend_at_a_coarse_size_with_the_same_guarantees():

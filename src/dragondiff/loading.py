@@ -80,7 +80,9 @@ def load_pretrained(id_or_folder, *, local_files_only: bool = False, allow_pickl
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **common)
         scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **common)
     except (OSError, EnvironmentError, ValueError) as e:
-        raise ValueError(f"id_or_folder: cannot load a model from {source!r}{hint}: {e}") from e
+        where = "" if Path(source).exists() else (" (no such local folder; as a hub id it is neither cached here nor "
+                                                  "reachable: offline, or no such repository)")
+        raise ValueError(f"id_or_folder: cannot load a model from {source!r}{where or hint}: {e}") from e
     cls = backbone_class(unet_config, scheduler.config)
     try:
         backbone = cls.from_pretrained(source, use_safetensors=safe, **common)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import sys
 import traceback
 import warnings
+from pathlib import Path
 
 import click
 
 from .. import __version__
+from ..errors import InputNote
 from .batch import batch
 from .edits import TASK_COMMANDS, run
 from .misc import bench, demo, info, ui
@@ -33,13 +35,17 @@ for command in (*TASK_COMMANDS, run, batch, info, demo, bench, ui):
     cli.add_command(command)
 
 
+PACKAGE = Path(__file__).resolve().parent.parent
 # click >= 8.2 shows a command's help for no arguments by raising this usage error (exit 2 by default)
 NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """Warnings (an input converted, a prompt cut) print as one 'note:' line, not as Python's file:line report."""
-    click.echo(f"note: {message}", err=True)
+    """Our warnings (an input converted, a prompt cut) print as one 'note:' line, not as Python's file:line report;
+    other libraries' warnings (deprecations inside the hub client, ...) are not the user's business (--debug shows
+    them)."""
+    if issubclass(category, InputNote) or Path(filename).resolve().is_relative_to(PACKAGE):
+        click.echo(f"note: {message}", err=True)
 
 
 def main(argv=None) -> int:

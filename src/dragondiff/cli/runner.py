@@ -133,8 +133,10 @@ def output_name(stem: str, k: int, count: int) -> str:
 def quiet_third_party() -> None:
     """Loading messages and progress bars of diffusers/transformers are noise on a command line."""
     import diffusers
+    import huggingface_hub
     import transformers
 
+    huggingface_hub.utils.logging.set_verbosity_error()  # its download retries print one line each
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
