@@ -13,7 +13,7 @@ ROOT = Path(dragondiff.__file__).parent
 # Bottom to top; a module may import its own layer and those below. Within the top layer only the listed
 # directions are allowed: the CLI fronts everything; the web UI, the benchmarks and the trainer stay apart.
 LAYERS = [
-    ("leaves", {"errors", "validate", "limits", "grid", "presets", "result", "shapes", "shapes.scenes",
+    ("leaves", {"errors", "validate", "limits", "grid", "presets", "result", "documents", "shapes", "shapes.scenes",
                 "shapes.metrics", "shapes.tokenizer", "shapes.model"}),
     ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone"}),
     ("engine", {"sampler"}),
