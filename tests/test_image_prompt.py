@@ -243,3 +243,37 @@ def test_bf16_on_cpu(ip_pipe):
         assert out.spec.image_prompt and np.asarray(out.image).std() > 0
     finally:
         ip_pipe.to(dtype=torch.float32)
+
+
+def test_command_line_image_prompt_and_its_sidecar(tmp_path):
+    """convert-ip-adapter, then an edit with --ip-adapter: the sidecar records the adapter, and `run` on it
+    re-runs with the recorded adapter to the same pixels. A .bin is refused with the conversion as advice."""
+    import json
+
+    from PIL import Image
+
+    from conftest import TINY_MODEL, make_scene
+    from test_cli import cli
+
+    img, disc, _ = make_scene()
+    Image.fromarray(img).save(tmp_path / "scene.png")
+    Image.fromarray(disc.astype(np.uint8) * 255).save(tmp_path / "disc.png")
+    out = cli("convert-ip-adapter", ADAPTER, tmp_path / "ip.safetensors")
+    assert out.returncode == 0 and "resampler, 64 tokens" in out.stdout, out.stderr
+    base = ["move", tmp_path / "scene.png", "--mask", tmp_path / "disc.png", "--offset", "16,0", "--model",
+            TINY_MODEL, "--steps", "10", "--max-resolution", "128", "--threads", "1", "-q"]
+    out = cli(*base, "--ip-adapter", ADAPTER, "--image-encoder", ENCODER, "-o", tmp_path / "x.png")
+    assert out.returncode == 2 and "is a pickle; convert it with `dragondiff convert-ip-adapter`" in out.stderr
+    out = cli(*base, "--image-prompt", "--dry-run", "-o", tmp_path / "x.png")
+    assert out.returncode == 2 and "image_prompt is true; give the adapter with --ip-adapter" in out.stderr
+    out = cli(*base, "--ip-adapter", tmp_path / "ip.safetensors", "--image-encoder", ENCODER, "--ip-scale", "0.5",
+              "-o", tmp_path / "a.png")
+    assert out.returncode == 0, out.stderr
+    sidecar = json.loads((tmp_path / "a.json").read_text())
+    assert sidecar["spec"]["image_prompt"] is True and sidecar["spec"]["ip_scale"] == 0.5
+    assert sidecar["model"]["ip_adapter"]["variant"] == "resampler" and sidecar["model"]["ip_adapter"]["tokens"] == 64
+    out = cli("run", tmp_path / "a.json", "-o", tmp_path / "b.png", "--threads", "1", "-q")
+    assert out.returncode == 0, out.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    out = cli("info", "--ip-adapter", tmp_path / "ip.safetensors", "--model", TINY_MODEL)
+    assert out.returncode == 0 and "ip_adapter tokens: 64" in out.stdout

@@ -277,11 +277,20 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _processor_class():
+    """CLIP's image processor; its PIL implementation where transformers has one (the default one wants
+    torchvision, which this package does not need, and says so on every load)."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
 def load_image_encoder(source: str | Path | None, *, local_files_only: bool = False):
     """(CLIPVisionModelWithProjection, CLIPImageProcessor) from a folder or hub id (the processor's settings from
     the folder when it has them, else CLIP's defaults: shortest side 224, centre crop 224)."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
+    CLIPImageProcessor = _processor_class()
     if source is None:
         raise ValueError("image_encoder: an image prompt needs a CLIP image encoder (a CLIPVisionModelWithProjection "
                          "folder or hub id, e.g. h94/IP-Adapter's models/image_encoder)")
@@ -366,10 +375,8 @@ def load(unet, path: str | Path, image_encoder, *, allow_pickle: bool = True,
         encoder, processor = load_image_encoder(image_encoder, local_files_only=local_files_only)
         source = None if image_encoder is None else str(image_encoder)
     else:
-        from transformers import CLIPImageProcessor
-
         encoder, processor = image_encoder if isinstance(image_encoder, tuple) else (image_encoder,
-                                                                                    CLIPImageProcessor())
+                                                                                    _processor_class()())
         source = getattr(encoder, "name_or_path", None) or "<in-memory>"
     expected = proj["proj_in.weight"].shape[1] if variant == "resampler" else proj["proj.weight"].shape[1]
     got = encoder.config.hidden_size if variant == "resampler" else encoder.config.projection_dim
@@ -377,5 +384,5 @@ def load(unet, path: str | Path, image_encoder, *, allow_pickle: bool = True,
         what = "hidden size" if variant == "resampler" else "projection size"
         raise ValueError(f"image_encoder: its {what} is {got}; this adapter's projection reads {expected}")
     return ImagePrompt(variant=variant, tokens=tokens, projection=projection, layers=layers, encoder=encoder,
-                       processor=processor, path=str(path), sha256=file_sha256(Path(path)),
+                       processor=processor, path=str(Path(path).resolve()), sha256=file_sha256(Path(path)),
                        encoder_source=source)
