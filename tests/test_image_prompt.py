@@ -64,33 +64,10 @@ def test_ip_move_matches_the_official_run(ip_pipe, ip_move):
     assert diff.max() <= 1, diff.max()
 
 
-def _random_adapter(unet, variant: str, tokens: int, seed: int = 0, encoder_width: int = 32) -> tuple[dict, dict]:
-    """A random adapter of a variant for this UNet: (image_proj state, ip_adapter state) in the files' key layout."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
-    width = unet.config.cross_attention_dim
-    if variant == "linear":
-        proj = {"proj.weight": rnd(tokens * width, encoder_width), "proj.bias": rnd(tokens * width),
-                "norm.weight": 1 + rnd(width), "norm.bias": rnd(width)}
-    else:
-        dim, inner, ff = 32, 128, 64  # hidden width, heads (2) x 64, feed-forward width
-        proj = {"latents": rnd(1, tokens, dim), "proj_in.weight": rnd(dim, encoder_width), "proj_in.bias": rnd(dim),
-                "proj_out.weight": rnd(width, dim), "proj_out.bias": rnd(width), "norm_out.weight": 1 + rnd(width),
-                "norm_out.bias": rnd(width)}
-        for i in range(2):
-            proj.update({f"layers.{i}.0.norm1.weight": 1 + rnd(dim), f"layers.{i}.0.norm1.bias": rnd(dim),
-                         f"layers.{i}.0.norm2.weight": 1 + rnd(dim), f"layers.{i}.0.norm2.bias": rnd(dim),
-                         f"layers.{i}.0.to_q.weight": rnd(inner, dim), f"layers.{i}.0.to_kv.weight": rnd(2 * inner, dim),
-                         f"layers.{i}.0.to_out.weight": rnd(dim, inner), f"layers.{i}.1.0.weight": 1 + rnd(dim),
-                         f"layers.{i}.1.0.bias": rnd(dim), f"layers.{i}.1.1.weight": rnd(ff, dim),
-                         f"layers.{i}.1.3.weight": rnd(dim, ff)})
-    layers = {}
-    for k, name in enumerate(unet.attn_processors):
-        if ".attn2." in name:
-            module = unet.get_submodule(name.removesuffix(".processor"))
-            for which in ("to_k_ip", "to_v_ip"):
-                layers[f"{k}.{which}.weight"] = rnd(module.to_k.out_features, module.to_k.in_features)
-    return proj, layers
+def _random_adapter(unet, variant: str, tokens: int) -> tuple[dict, dict]:
+    from dragondiff.image_prompt import random_state
+
+    return random_state(unet, variant, tokens, encoder_width=32, hidden=32, heads=2, depth=2)
 
 
 def _write(path, proj, layers):

@@ -367,9 +367,15 @@ def load(unet, path: str | Path, image_encoder, *, allow_pickle: bool = True,
     """Read and check an adapter file for this UNet, and its image encoder (a folder, hub id, or a loaded
     `(CLIPVisionModelWithProjection, CLIPImageProcessor)` pair or model)."""
     proj, layer_state = read_adapter_file(path, allow_pickle=allow_pickle)
+    prompt = from_state(unet, proj, layer_state, image_encoder, local_files_only=local_files_only)
+    prompt.path, prompt.sha256 = str(Path(path).resolve()), file_sha256(Path(path))
+    return prompt
+
+
+def from_state(unet, proj: dict, layer_state: dict, image_encoder, *, local_files_only: bool = False) -> ImagePrompt:
+    """An ImagePrompt from an adapter's two state dicts (as the files hold them) and its image encoder."""
     variant, tokens = detect_variant(proj)
-    context_dim = unet.config.cross_attention_dim
-    projection = build_projection(proj, variant, context_dim)
+    projection = build_projection(proj, variant, unet.config.cross_attention_dim)
     layers = build_layers(unet, layer_state)
     if isinstance(image_encoder, (str, Path)) or image_encoder is None:
         encoder, processor = load_image_encoder(image_encoder, local_files_only=local_files_only)
@@ -384,5 +390,37 @@ def load(unet, path: str | Path, image_encoder, *, allow_pickle: bool = True,
         what = "hidden size" if variant == "resampler" else "projection size"
         raise ValueError(f"image_encoder: its {what} is {got}; this adapter's projection reads {expected}")
     return ImagePrompt(variant=variant, tokens=tokens, projection=projection, layers=layers, encoder=encoder,
-                       processor=processor, path=str(Path(path).resolve()), sha256=file_sha256(Path(path)),
-                       encoder_source=source)
+                       processor=processor, encoder_source=source)
+
+
+def random_state(unet, variant: str = "resampler", tokens: int = 64, *, encoder_width: int, hidden: int = 768,
+                 heads: int = 12, depth: int = 4, seed: int = 0) -> tuple[dict, dict]:
+    """Random adapter weights for this UNet in the files' key layout (image_proj, ip_adapter): for tests of the file
+    formats and for timing the image prompt without the released weights. The defaults are the official
+    Resampler's sizes (hidden 768, 12 heads of 64, depth 4, feed-forward x4)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.02  # noqa: E731
+    width = unet.config.cross_attention_dim
+    if variant == "linear":
+        proj = {"proj.weight": rnd(tokens * width, encoder_width), "proj.bias": rnd(tokens * width),
+                "norm.weight": 1 + rnd(width), "norm.bias": rnd(width)}
+    else:
+        inner, ff = heads * 64, 4 * hidden
+        proj = {"latents": rnd(1, tokens, hidden) * 50, "proj_in.weight": rnd(hidden, encoder_width),
+                "proj_in.bias": rnd(hidden), "proj_out.weight": rnd(width, hidden), "proj_out.bias": rnd(width),
+                "norm_out.weight": 1 + rnd(width), "norm_out.bias": rnd(width)}
+        for i in range(depth):
+            proj.update({f"layers.{i}.0.norm1.weight": 1 + rnd(hidden), f"layers.{i}.0.norm1.bias": rnd(hidden),
+                         f"layers.{i}.0.norm2.weight": 1 + rnd(hidden), f"layers.{i}.0.norm2.bias": rnd(hidden),
+                         f"layers.{i}.0.to_q.weight": rnd(inner, hidden),
+                         f"layers.{i}.0.to_kv.weight": rnd(2 * inner, hidden),
+                         f"layers.{i}.0.to_out.weight": rnd(hidden, inner), f"layers.{i}.1.0.weight": 1 + rnd(hidden),
+                         f"layers.{i}.1.0.bias": rnd(hidden), f"layers.{i}.1.1.weight": rnd(ff, hidden),
+                         f"layers.{i}.1.3.weight": rnd(hidden, ff)})
+    layers = {}
+    for k, name in enumerate(unet.attn_processors):
+        if ".attn2." in name:
+            module = unet.get_submodule(name.removesuffix(".processor"))
+            for which in ("to_k_ip", "to_v_ip"):
+                layers[f"{k}.{which}.weight"] = rnd(module.to_k.out_features, module.to_k.in_features) * 5
+    return proj, layers
