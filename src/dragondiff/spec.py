@@ -197,7 +197,7 @@ class EditSpec:
     def resolved(self, recommended: dict | None = None, inversion=None,
                  max_resolution: int = DEFAULT_MAX_RESOLUTION) -> "EditSpec":
         """A copy with every None that has a default filled in: the task's official gradient_coef and bank window,
-        the model's recommended (else the official) CFG / energy scale, the inversion's prompt, steps and
+        the model's recommended (else the official) CFG / energy / image-prompt scale, the inversion's prompt, steps and
         resolution (else `max_resolution`, the pipeline's default), and params that default to another field
         (reference_prompt: the prompt). The task's own defaults are filled in on construction already."""
         info = TASKS[self.task]
@@ -205,7 +205,7 @@ class EditSpec:
         for key in ("gradient_coef", "bank_steps"):
             if getattr(self, key) is None:
                 values[key] = info.settings[key]
-        for key in ("guidance_scale", "energy_scale"):
+        for key in ("guidance_scale", "energy_scale", "ip_scale"):
             if getattr(self, key) is None:
                 values[key] = (recommended or {}).get(self.task, {}).get(key, info.settings[key])
         if self.prompt is None:
@@ -217,8 +217,6 @@ class EditSpec:
             values["max_resolution"] = max_resolution if inversion is None else inversion.max_resolution
         if self.sde_strength is None:
             values["sde_strength"] = PRESETS[self.preset].sde_strength
-        if self.ip_scale is None:
-            values["ip_scale"] = info.settings["ip_scale"]
         if self.ip_routing is None:
             values["ip_routing"] = "official"
         params = {}
