@@ -254,3 +254,18 @@ def test_command_line_image_prompt_and_its_sidecar(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
     out = cli("info", "--ip-adapter", tmp_path / "ip.safetensors", "--model", TINY_MODEL)
     assert out.returncode == 0 and "ip_adapter tokens: 64" in out.stdout
+
+
+def test_a_text_only_context_is_plain_cross_attention(ip_pipe, parity_pipe):
+    """With the adapter's processors installed, a context of 77 tokens gives what the stock processors give (the
+    official ≤77 rule), and image tokens at scale 0 only drop out of a one-image context."""
+    from dataclasses import replace
+
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = ip_pipe.backbone.condition(["a photo of a red ball", ""])
+    plain = parity_pipe.backbone.eps(z, 501, cond)
+    assert torch.allclose(ip_pipe.backbone.eps(z, 501, cond), plain, atol=1e-6)
+    tokens = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(1))
+    unscaled = replace(cond, image_tokens=tokens, image_scale=0.0)
+    assert torch.allclose(ip_pipe.backbone.eps(z, 501, unscaled), plain, atol=1e-6)
+    assert not torch.allclose(ip_pipe.backbone.eps(z, 501, unscaled.with_image_scale(1.0)), plain, atol=1e-4)
