@@ -15,7 +15,7 @@ ROOT = Path(dragondiff.__file__).parent
 LAYERS = [
     ("leaves", {"errors", "validate", "limits", "grid", "presets", "result", "documents", "shapes", "shapes.scenes",
                 "shapes.metrics", "shapes.tokenizer", "shapes.model"}),
-    ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone"}),
+    ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone", "image_prompt"}),
     ("engine", {"sampler"}),
     ("tasks and description", {"tasks", "tasks.base", "tasks.move", "tasks.drag", "tasks.appearance", "tasks.paste",
                                "spec"}),

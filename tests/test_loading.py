@@ -174,7 +174,7 @@ def test_recommended_settings_fill_only_what_the_caller_leaves_out(tmp_path, sce
 
 @pytest.mark.parametrize("settings, match", [
     ({"rotate": {"guidance_scale": 2.0}}, "unknown task 'rotate'"),
-    ({"move": {"cfg": 2.0}}, "guidance_scale and/or energy_scale"),
+    ({"move": {"cfg": 2.0}}, "some of guidance_scale, energy_scale, ip_scale"),
     ({"move": {"guidance_scale": -1}}, r"\['move'\]\['guidance_scale'\]"),
 ])
 def test_bad_recommended_settings_are_named(tmp_path, settings, match):

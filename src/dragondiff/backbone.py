@@ -35,6 +35,11 @@ class Conditioning:
     text: torch.Tensor  # (B, L, C)
     image_tokens: torch.Tensor | None = None  # (B, N, C) image-prompt tokens, for a backbone that reads them
     added: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, ...) each
+    # How the image tokens are read: the weight of the image-prompt term (0: not at all, as outside the official
+    # step window), and how many of the leading image tokens go through the text K/V instead (the official
+    # two-image quirk: the base image's 64 tokens are read as words).
+    image_scale: float = 0.0
+    image_text_tokens: int = 0
 
     @property
     def batch(self) -> int:
@@ -51,6 +56,15 @@ class Conditioning:
             index = slice(index, index + 1)
         return self._map(lambda t: t[index])
 
+    def with_image_scale(self, scale: float) -> "Conditioning":
+        """The same conditioning with the image-prompt term weighted by `scale` (no-op without image tokens)."""
+        return self if self.image_tokens is None or self.image_scale == scale else replace(self, image_scale=scale)
+
+    def text_only(self) -> "Conditioning":
+        """Without image tokens (what inversion and the feature passes see)."""
+        return self if self.image_tokens is None else replace(self, image_tokens=None, image_scale=0.0,
+                                                              image_text_tokens=0)
+
     def repeat(self, n: int) -> "Conditioning":
         return self._map(lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
 
@@ -59,12 +73,14 @@ class Conditioning:
         """One conditioning whose batch holds the given ones in order (e.g. [uncond, cond] for CFG)."""
         first = conds[0]
         if any((c.image_tokens is None) != (first.image_tokens is None) or set(c.added) != set(first.added)
+               or (c.image_scale, c.image_text_tokens) != (first.image_scale, first.image_text_tokens)
                for c in conds):
             raise ValueError("conditionings to batch must carry the same kinds of conditions")
         return Conditioning(
             text=torch.cat([c.text for c in conds]),
             image_tokens=None if first.image_tokens is None else torch.cat([c.image_tokens for c in conds]),
             added={k: torch.cat([c.added[k] for c in conds]) for k in first.added},
+            image_scale=first.image_scale, image_text_tokens=first.image_text_tokens,
         )
 
 
@@ -99,6 +115,7 @@ class SD1Backbone:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.lock = model_lock(unet)
         self._bank = BankSlot()
+        self.image_prompt = None  # an image_prompt.ImagePrompt once `load_image_prompt` ran
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -126,7 +143,50 @@ class SD1Backbone:
 
     @property
     def modules(self) -> tuple[torch.nn.Module, ...]:
-        return self.unet, self.vae, self.text_encoder
+        extra = () if self.image_prompt is None else tuple(self.image_prompt.modules)
+        return (self.unet, self.vae, self.text_encoder) + extra
+
+    # -------------------------------------------------------------------------------------- image prompt
+
+    def load_image_prompt(self, prompt) -> None:
+        """Install an `image_prompt.ImagePrompt`'s processors on every cross-attention layer (replacing any
+        adapter loaded before); its modules follow the backbone's device and dtype."""
+        from .image_prompt import ImagePromptAttnProcessor
+
+        with self.lock:
+            self.unload_image_prompt()
+            prompt.to(self.device, self.dtype)
+            processors = dict(self.unet.attn_processors)
+            for name, (to_k_ip, to_v_ip) in prompt.layers.items():
+                processors[name] = ImagePromptAttnProcessor(prompt.slot, name.removesuffix(".processor"), to_k_ip,
+                                                            to_v_ip)
+            self.unet.set_attn_processor(processors)
+            self.image_prompt = prompt
+
+    def unload_image_prompt(self) -> None:
+        """Plain cross-attention again (the processors diffusers installs by default)."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        with self.lock:
+            if self.image_prompt is None:
+                return
+            processors = dict(self.unet.attn_processors)
+            for name in self.image_prompt.layers:
+                processors[name] = AttnProcessor2_0()
+            self.unet.set_attn_processor(processors)
+            self.image_prompt = None
+
+    def add_image_prompt(self, cond: "Conditioning", uncond: "Conditioning", images, *,
+                         base_as_text: bool) -> tuple["Conditioning", "Conditioning"]:
+        """cond / uncond with the image tokens of `images` (each the adapter's N tokens, concatenated) appended
+        after the text. With several images and `base_as_text`, the first image's tokens are read through the text
+        K/V (the official two-image behaviour); otherwise every image token goes through the adapter's K/V."""
+        if self.image_prompt is None:
+            raise ValueError("image_prompt: no IP-Adapter is loaded (pipe.load_ip_adapter(...), or --ip-adapter)")
+        tokens, zero = self.image_prompt.embed(images)
+        leading = self.image_prompt.tokens if base_as_text and len(images) > 1 else 0
+        return (replace(cond, image_tokens=tokens.to(cond.text), image_text_tokens=leading),
+                replace(uncond, image_tokens=zero.to(uncond.text), image_text_tokens=leading))
 
     @property
     def key(self) -> int:
@@ -198,7 +258,13 @@ class SD1Backbone:
         sample = z.to(unet.dtype)
         context = cond.text.to(unet.dtype)
         if cond.image_tokens is not None:
-            raise ValueError("cond: this backbone has no image-prompt layers loaded")
+            if self.image_prompt is None:
+                raise ValueError("cond: image tokens given, but no image prompt (IP-Adapter) is loaded")
+            context = torch.cat([context, cond.image_tokens.to(unet.dtype)], dim=1)
+        if self.image_prompt is not None:  # what its processors read on this call
+            slot = self.image_prompt.slot
+            slot.ip_tokens = 0 if cond.image_tokens is None else cond.image_tokens.shape[1] - cond.image_text_tokens
+            slot.scale = cond.image_scale if slot.ip_tokens else 0.0
         added = {k: v.to(unet.dtype) for k, v in cond.added.items()} or None
         upsample_factor = 2 ** unet.num_upsamplers
         forward_upsample_size = any(d % upsample_factor != 0 for d in sample.shape[-2:])

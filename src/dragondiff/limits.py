@@ -47,6 +47,7 @@ LIMITS: dict[str, Limit] = {
     "seed": Limit(0, 2**63 - 1, integer=True, doc="seeds the regional-SDE noise"),
     "bank_step": Limit(0, 1000, integer=True, doc="a step index of a memory-bank window (50-step grid)"),
     "energy_weight": Limit(0, math.inf, doc="weight of one energy term"),
+    "ip_scale": Limit(0, 2, doc="weight of the image-prompt term (official 0.1; IP-Adapter users go up to 1)"),
     # CLIP reads 77 tokens (a few hundred characters); longer prompts are cut with a warning, and past this many
     # characters refused before anything tokenises them (a 50 MB prompt took 9.9 GB to tokenise).
     "prompt_chars": Limit(0, 2000, integer=True, doc="characters of a prompt"),

@@ -21,6 +21,7 @@ BUNDLED_ID = "dragondiff:shapes"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # A model may ship its own recommended CFG / energy settings per task in this file beside its weights.
 SETTINGS_FILE = "dragondiff_defaults.json"
+SETTING_KEYS = ("guidance_scale", "energy_scale", "ip_scale")  # what such a file may recommend per task
 # Backbone classes, tried in order: each says from a model's configuration whether it can run it.
 BACKBONES = (SD1Backbone,)
 
@@ -136,8 +137,8 @@ def model_factors(id_or_folder) -> tuple[int, int] | None:
 
 
 def check_settings(settings: dict, name: str) -> dict:
-    """Validate a recommended-settings table {task: {"guidance_scale": x, "energy_scale": y}} against the same
-    limits an edit has (a value this accepts is never refused at edit time)."""
+    """Validate a recommended-settings table {task: {"guidance_scale": x, "energy_scale": y, "ip_scale": z}}
+    against the same limits an edit has (a value this accepts is never refused at edit time)."""
     from .tasks import TASKS
 
     if not isinstance(settings, dict):
@@ -146,8 +147,8 @@ def check_settings(settings: dict, name: str) -> dict:
     for task, values in settings.items():
         if task not in TASKS:
             raise ValueError(f"{name}: unknown task {shown(task)}; allowed: {sorted(TASKS)}")
-        if not isinstance(values, dict) or not set(values) <= {"guidance_scale", "energy_scale"}:
-            raise ValueError(f"{name}[{task!r}]: expected a dict with guidance_scale and/or energy_scale, "
+        if not isinstance(values, dict) or not set(values) <= set(SETTING_KEYS):
+            raise ValueError(f"{name}[{task!r}]: expected a dict with some of {', '.join(SETTING_KEYS)}, "
                              f"got {shown(values)}")
         out[task] = {k: check_number(v, f"{name}[{task!r}][{k!r}]", LIMITS[k].low, LIMITS[k].high)
                      for k, v in values.items()}

@@ -11,6 +11,7 @@ swapped for the duration of an edit); all per-edit state lives inside the call.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from pathlib import Path
@@ -208,17 +209,50 @@ class DragonPipeline:
                                      default_max_resolution=self.default_max_resolution,
                                      prepare=lambda s: self._prepare(s.image, s.max_resolution, s.num_inference_steps))
         self._warn_long_prompts(spec)
-        # 5. How strongly to guide, in one value.
+        # 5. How strongly to guide, in one value; whether the image prompt takes part.
         preset = get_preset(spec.preset)
+        spec = self._resolve_image_prompt(spec, preset)
         guidance = Guidance(cfg_scale=spec.guidance_scale, energy_scale=spec.energy_scale * ENERGY_UNIT,
                             gradient_coef=spec.gradient_coef, gain=preset.guidance_gain,
-                            sde_strength=spec.sde_strength, bank_window=spec.bank_steps)
+                            sde_strength=spec.sde_strength, bank_window=spec.bank_steps, ip_scale=spec.ip_scale)
         # 6. Invert, sample, decode.
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(int(spec.seed))
         return self._run(task, prep, guidance, preset, spec.num_inference_steps, spec=spec, generator=generator,
                          callback=callback_on_step_end, intermediates=return_intermediates, progress=progress,
                          bank_device=bank_device)
+
+    def _resolve_image_prompt(self, spec: EditSpec, preset: Preset) -> EditSpec:
+        """image_prompt None: on where the preset uses it and an adapter is loaded; True without one is an error."""
+        loaded = self.backbone.image_prompt is not None
+        if spec.image_prompt and not loaded:
+            raise ValueError("image_prompt: true, but no IP-Adapter is loaded (pipe.load_ip_adapter(...), or "
+                             "--ip-adapter on the command line)")
+        use = spec.image_prompt if spec.image_prompt is not None else (preset.image_prompt and loaded)
+        return dataclasses.replace(spec, image_prompt=bool(use))
+
+    # ------------------------------------------------------------------------------------------ image prompt
+
+    def load_ip_adapter(self, weights, image_encoder=None, *, allow_pickle: bool = False,
+                        local_files_only: bool = False) -> "DragonPipeline":
+        """Load an IP-Adapter for the image prompt: DiffEditor's `ip_sd15_64` (the official demo's), IP-Adapter
+        Plus or IP-Adapter for SD1.5, as `.safetensors` (flat, `image_proj.` / `ip_adapter.` prefixes) or, with
+        allow_pickle=True, as the released `.bin` (read by torch's weights-only unpickler; `dragondiff
+        convert-ip-adapter` writes the safetensors). `image_encoder`: a CLIPVisionModelWithProjection folder or hub
+        id (or a loaded model). Edits with the `official` and `fast` presets then use the image prompt unless their
+        spec says image_prompt=False."""
+        from . import image_prompt
+
+        with self.backbone.lock:
+            prompt = image_prompt.load(self.backbone.unet, weights, image_encoder, allow_pickle=allow_pickle,
+                                       local_files_only=local_files_only)
+            self.backbone.load_image_prompt(prompt)
+        return self
+
+    def unload_ip_adapter(self) -> "DragonPipeline":
+        """Back to text-only cross-attention."""
+        self.backbone.unload_image_prompt()
+        return self
 
     # The task methods: typed wrappers that build an EditSpec and run it. Their own arguments are the task's Params
     # fields (dragondiff.tasks.<task>); `**settings` are EditSpec's common fields, by keyword: guidance_scale,
@@ -523,6 +557,10 @@ class DragonPipeline:
                 z_t, ref_t = task.init_latent(inverted[-1])
                 with counts.watch.phase("encode"):
                     cond, uncond = self.backbone.condition([task.prompt]), self.backbone.condition([""])
+                    if spec is not None and spec.image_prompt:
+                        cond, uncond = self.backbone.add_image_prompt(
+                            cond, uncond, task.prompt_images, base_as_text=spec.ip_routing == "official")
+                        counts.image_encoder += 2 * len(task.prompt_images)
                 problem = Problem(task, guidance, z_t, inverted, ref_t, cond, uncond)
                 state = EditState(controller, counts, generator, one_backward=self.uses_one_backward,
                                   ref_cache=None if inversion is None else inversion.feature_cache(task.prompt))

@@ -4,11 +4,12 @@
            no regional SDE, no image prompt.
 `official` what the official demo runs (alg='D+', DiffEditor schedule): guidance at every step i < 10, then at
            even steps up to 28; steps 22, 24, 26, 28 run three times with time travel; regional SDE at 11..19.
-           The IP-Adapter image prompt is not part of this engine yet, so it is off.
+           With an IP-Adapter loaded, the image prompt as the demo: the working image's tokens after the text,
+           their term weighted by ip_scale at steps 10..19 only.
 `fast`     ours, not the official code's: 20 sampling steps (and a 20-step inversion), one guided pass at every
            step below grid step 40 (16 of the 20), no time travel, the gradient ×1.5 (fewer guided steps need more
            per step), regional SDE on the same window. About 0.46× `official`'s time on the CPU; chosen and
-           validated on the shapes benchmark (docs/speed.md).
+           validated on the shapes benchmark (docs/speed.md). The image prompt as `official` when one is loaded.
 
 Windows are given on the 50-step grid; with fewer steps, step i sits at grid step i * 50 // steps.
 """
@@ -29,6 +30,8 @@ class Preset:
     sde_strength: float = 0.0  # default "flexibility strength" (eta inside the edit region)
     steps: int = 50  # sampling (and inversion) steps when the caller gives none
     guidance_gain: float = 1.0  # multiplies the energy gradient (fewer guided steps need more per step)
+    image_prompt: bool = False  # use the image prompt when an IP-Adapter is loaded (the spec may say otherwise)
+    ip_window: tuple[int, int] = (10, 19)  # inclusive steps where the image-prompt term acts (official: 10..19)
 
     def is_guided(self, i: int) -> bool:
         if i >= self.guidance_until:
@@ -39,6 +42,9 @@ class Preset:
         if self.time_travel_repeats > 1 and self.is_guided(i) and self.time_travel_after < i and i % 2 == 0:
             return self.time_travel_repeats
         return 1
+
+    def ip_active(self, i: int) -> bool:
+        return self.ip_window[0] <= i <= self.ip_window[1]
 
     def has_sde(self, i: int) -> bool:
         return self.sde_window is not None and self.sde_window[0] <= i <= self.sde_window[1]
@@ -51,6 +57,7 @@ OFFICIAL = Preset(
     time_travel_repeats=3,
     sde_window=(11, 19),
     sde_strength=0.4,
+    image_prompt=True,
 )
 FAST = Preset(
     name="fast",
@@ -59,6 +66,7 @@ FAST = Preset(
     sde_strength=0.4,
     steps=20,
     guidance_gain=1.5,
+    image_prompt=True,
 )
 PRESETS = {p.name: p for p in (PAPER, OFFICIAL, FAST)}
 

@@ -90,8 +90,13 @@ def fingerprint(model_id: str | None, path: Path | None = None) -> dict:
 
 
 def model_fingerprint(pipe) -> dict:
-    """The loaded pipeline's `fingerprint`."""
-    return fingerprint(pipe.model_id, pipe.model_path)
+    """The loaded pipeline's `fingerprint`, with its image-prompt adapter (file, sha256, variant, tokens, image
+    encoder) when one is loaded."""
+    out = fingerprint(pipe.model_id, pipe.model_path)
+    prompt = pipe.backbone.image_prompt
+    if prompt is not None:
+        out["ip_adapter"] = prompt.record()
+    return out
 
 
 def sidecar_model(data: dict) -> dict | None:
@@ -106,6 +111,10 @@ def sidecar_model(data: dict) -> dict | None:
     for key in ("sha256", "revision"):
         if model.get(key) is not None and not isinstance(model[key], str):
             raise ValueError(f"model.{key}: expected a string, got {shown(model[key])}")
+    adapter = model.get("ip_adapter")
+    if adapter is not None and (not isinstance(adapter, dict) or not isinstance(adapter.get("file"), str)):
+        raise ValueError(f'model.ip_adapter: expected an object like {{"file": ..., "sha256": ...}}, got '
+                         f"{shown(adapter)}")
     return model if model.get("id") is not None else None
 
 

@@ -22,11 +22,10 @@ from .errors import NonFiniteError
 from .presets import Preset
 
 
-
-
 class Model(Protocol):
     """What the sampler calls (a backbone). `cond` values come from the model's own `condition` and are batched
-    with `type(cond).cat` and `cond.repeat`; the sampler never looks inside them."""
+    with `type(cond).cat` and `cond.repeat`, and weighted with `cond.with_image_scale` / stripped of image tokens
+    with `cond.text_only()`; the sampler never looks inside them."""
 
     def eps(self, z: torch.Tensor, t, cond) -> torch.Tensor: ...
 
@@ -54,6 +53,7 @@ class Guidance:
     gain: float = 1.0  # the preset's factor on c·gradient (fewer guided steps need more per step)
     sde_strength: float = 0.0
     bank_window: tuple[int, int | None] = (0, None)  # (first, last) grid steps using the bank; last None: to the end
+    ip_scale: float = 0.0  # weight of the image-prompt term inside the preset's window (with image tokens)
 
     @property
     def guided(self) -> bool:
@@ -135,6 +135,7 @@ class PassCounts:
     feature_cached: int = 0  # reference features taken from a reused inversion's cache
     feature_grad: int = 0  # batch 1, generation features
     backward: int = 0  # backward passes (one batched backward carries both energy terms)
+    image_encoder: int = 0  # CLIP image-encoder passes of the image prompt (each image and its zero image)
     watch: Stopwatch = field(default_factory=Stopwatch, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, int]:
@@ -286,6 +287,8 @@ def sample(backbone: Model, preset: Preset, schedule: Schedule, problem: Problem
     energies_log = []
     z = problem.z_t
     cfg_context = type(cond).cat([problem.uncond, cond])
+    # Inversion, feature passes and time travel never read image-prompt tokens (the official ≤77-token rule).
+    feature_cond, travel_cond = cond.text_only(), cond.with_image_scale(0.0)
     sde_mask = task.sde_region.to(z)
     for i, t in enumerate(schedule.timesteps):
         step = schedule.grid_step(i)
@@ -295,10 +298,11 @@ def sample(backbone: Model, preset: Preset, schedule: Schedule, problem: Problem
         a_t, a_prev = schedule.alpha(t), schedule.alpha(t_prev)
         ref_features = None
         info = StepInfo(i, t, z, [], [], [])
+        step_context = cfg_context.with_image_scale(settings.ip_scale if preset.ip_active(step) else 0.0)
         for r in range(repeats):
             with torch.no_grad(), controller.use(settings.bank_mode_at(task.bank_mode, step), step=i), \
                     counts.watch.phase("cfg"):
-                eps_u, eps_c = backbone.eps(torch.cat([z, z]), t, cfg_context).chunk(2)
+                eps_u, eps_c = backbone.eps(torch.cat([z, z]), t, step_context).chunk(2)
             counts.cfg_unet += 1
             eps = eps_u + settings.cfg_scale * (eps_c - eps_u)
             info.eps_cfg.append(eps)
@@ -308,11 +312,11 @@ def sample(backbone: Model, preset: Preset, schedule: Schedule, problem: Problem
                     with counts.watch.phase("reference_features"):
                         ref_latent = problem.ref_t if i == 0 else inverted[n - i]
                         cacheable = i > 0 or torch.equal(problem.ref_t[:1], inverted[n][:1])
-                        ref_features = _reference_features(backbone, ref_latent, i, t, cond, controller, counts,
-                                                           state.ref_cache, cacheable=cacheable)
+                        ref_features = _reference_features(backbone, ref_latent, i, t, feature_cond, controller,
+                                                           counts, state.ref_cache, cacheable=cacheable)
                 with counts.watch.phase("guidance"):
-                    g, energies = guidance(backbone, task, settings, z, ref_features, t, cond, controller, counts,
-                                           state.one_backward)
+                    g, energies = guidance(backbone, task, settings, z, ref_features, t, feature_cond, controller,
+                                           counts, state.one_backward)
                 eps_hat = eps + settings.gain * g
                 info.gradients.append(g)
                 info.energies.append(energies)
@@ -332,7 +336,7 @@ def sample(backbone: Model, preset: Preset, schedule: Schedule, problem: Problem
                 # cond only, no bank. The official code also re-noises after the last repeat and discards it.
                 t_src = t_prev
                 with torch.no_grad(), controller.use(PLAIN), counts.watch.phase("time_travel"):
-                    eps_src = backbone.eps(z_prev, t_src, cond)
+                    eps_src = backbone.eps(z_prev, t_src, travel_cond)
                 counts.time_travel_unet += 1
                 z = time_travel(z_prev, eps_src, schedule.alpha(t_src), a_t)
             else:

@@ -41,6 +41,10 @@ from .tasks.params import IMAGE, MASK, NUMBER, OFFSET, POINTS, SCALE, SOURCE_KIN
 from .validate import shown
 
 Point = tuple[float, float]
+# How a two-image task's image prompt reads the base image's tokens: as the official code (through the text K/V,
+# at every step) or through the adapter's K/V like the reference's.
+IP_ROUTINGS = {"official": "the base image's tokens read as text, as the official code",
+               "adapter": "every image token read by the adapter's layers"}
 
 # Every task's own field names (a flat spec file may carry another task's fields as null: old sidecars do).
 PARAM_FIELDS: dict[str, Any] = {}
@@ -97,12 +101,17 @@ class EditSpec:
     num_inference_steps: Optional[int] = None
     max_resolution: Optional[int] = None
     sde_strength: Optional[float] = None
+    image_prompt: Optional[bool] = None  # None: the preset's choice when an IP-Adapter is loaded
+    ip_scale: Optional[float] = None
+    ip_routing: Optional[str] = None  # two-image tasks: "official" (base tokens read as text) or "adapter"
 
     def __init__(self, task: str, image: Any, params: Params | dict | None = None, *, prompt: str | None = None,
                  guidance_scale: float | None = None, energy_scale: float | None = None,
                  gradient_coef: float | None = None, bank_steps: tuple[int, int | None] | None = None,
                  preset: str = DEFAULT_PRESET, seed: int = DEFAULT_SEED, num_inference_steps: int | None = None,
-                 max_resolution: int | None = None, sde_strength: float | None = None, **task_fields):
+                 max_resolution: int | None = None, sde_strength: float | None = None,
+                 image_prompt: bool | None = None, ip_scale: float | None = None, ip_routing: str | None = None,
+                 **task_fields):
         """`task_fields`: the task's own fields as keywords (None = not given); with `params` given too, they
         replace those fields of it (so `dataclasses.replace(spec, mask=...)` works)."""
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (building a frozen dataclass)
@@ -145,6 +154,13 @@ class EditSpec:
                 raise ValueError(f"sde_strength={sde_strength:g}: the {preset!r} preset has no regional SDE; use "
                                  "'official'")
         set_("sde_strength", sde_strength)
+        if image_prompt is not None and not isinstance(image_prompt, (bool, np.bool_)):
+            raise TypeError(f"image_prompt: expected true, false or null (the preset's choice), got {shown(image_prompt)}")
+        set_("image_prompt", None if image_prompt is None else bool(image_prompt))
+        set_("ip_scale", None if ip_scale is None else check("ip_scale", ip_scale))
+        if ip_routing is not None and ip_routing not in IP_ROUTINGS:
+            raise ValueError(f"ip_routing: expected one of {list(IP_ROUTINGS)}, got {shown(ip_routing)}")
+        set_("ip_routing", ip_routing)
 
     @staticmethod
     def _params(task: str, params, task_fields: dict) -> Params:
@@ -181,7 +197,7 @@ class EditSpec:
     def resolved(self, recommended: dict | None = None, inversion=None,
                  max_resolution: int = DEFAULT_MAX_RESOLUTION) -> "EditSpec":
         """A copy with every None that has a default filled in: the task's official gradient_coef and bank window,
-        the model's recommended (else the official) CFG / energy scale, the inversion's prompt, steps and
+        the model's recommended (else the official) CFG / energy / image-prompt scale, the inversion's prompt, steps and
         resolution (else `max_resolution`, the pipeline's default), and params that default to another field
         (reference_prompt: the prompt). The task's own defaults are filled in on construction already."""
         info = TASKS[self.task]
@@ -189,7 +205,7 @@ class EditSpec:
         for key in ("gradient_coef", "bank_steps"):
             if getattr(self, key) is None:
                 values[key] = info.settings[key]
-        for key in ("guidance_scale", "energy_scale"):
+        for key in ("guidance_scale", "energy_scale", "ip_scale"):
             if getattr(self, key) is None:
                 values[key] = (recommended or {}).get(self.task, {}).get(key, info.settings[key])
         if self.prompt is None:
@@ -201,6 +217,8 @@ class EditSpec:
             values["max_resolution"] = max_resolution if inversion is None else inversion.max_resolution
         if self.sde_strength is None:
             values["sde_strength"] = PRESETS[self.preset].sde_strength
+        if self.ip_routing is None:
+            values["ip_routing"] = "official"
         params = {}
         for f in self.params.fields():
             source = f.metadata["default_from"]
@@ -291,6 +309,11 @@ class EditSpec:
             "num_inference_steps": common("num_inference_steps"),
             "max_resolution": common("max_resolution"),
             "sde_strength": common("sde_strength"),
+            "image_prompt": {"type": ["boolean", "null"],
+                             "description": "use the IP-Adapter image prompt; null: the preset's choice"},
+            "ip_scale": common("ip_scale"),
+            "ip_routing": {"enum": [*IP_ROUTINGS, None], "description": "; ".join(
+                f"{k}: {v}" for k, v in IP_ROUTINGS.items())},
         })
         clauses = []
         for name, info in TASKS.items():

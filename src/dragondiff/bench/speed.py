@@ -3,6 +3,7 @@
     dragondiff bench speed                                   # tiny random model, 128 px, every task and preset
     dragondiff bench speed --model bundled                   # the shapes model at 128 px
     dragondiff bench speed --model sd15-shaped --size 512 --device cuda --dtype float16
+    dragondiff bench speed --image-prompt random             # the same with a random 64-token image prompt
 
 For each preset and task it runs one image three ways: `pipe.invert` + a first edit (= the cost of a plain edit,
 which inverts inside the call), then a later edit of the same inversion (no inversion; the base image's reference
@@ -176,6 +177,31 @@ def load_model(name: str, device, dtype):
     return DragonPipeline.from_pretrained(name, device=device, dtype=dtype), 512
 
 
+def attach_random_image_prompt(pipe) -> str:
+    """A random 64-token image prompt of the official shapes for this model: for an SD1.5-sized UNet (768-wide
+    text) the official Resampler and a ViT-H/14-sized CLIP image encoder (1280 wide, 32 layers: 632 M parameters),
+    for smaller models a small encoder. Returns a description for the report."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ..image_prompt import from_state, random_state
+
+    width = pipe.backbone.unet.config.cross_attention_dim
+    if width >= 768:
+        config = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                  num_attention_heads=16, image_size=224, patch_size=14, projection_dim=1024)
+        resampler = dict(hidden=768, heads=12, depth=4)
+    else:
+        config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=224, patch_size=14, projection_dim=64)
+        resampler = dict(hidden=width, heads=2, depth=4)
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(config)
+    proj, layers = random_state(pipe.backbone.unet, "resampler", 64, encoder_width=config.hidden_size, **resampler)
+    pipe.backbone.load_image_prompt(from_state(pipe.backbone.unet, proj, layers, encoder))
+    return (f"random: Resampler {resampler}, 64 tokens; CLIP image encoder {config.hidden_size} wide, "
+            f"{config.num_hidden_layers} layers")
+
+
 def _edit(pipe, case: str, image, preset: str, size: int, steps: int | None, example: ExampleScene,
           bank_device=None):
     """Case `case`'s example edit of the scene; `image` is its image or an Inversion made at this size and step
@@ -274,6 +300,9 @@ def main(argv=None) -> int:
                         help="energy gradients: one batched backward, the official code's two, or auto (one on CUDA)")
     parser.add_argument("--bank-device", default=None,
                         help="where banks live (default: the compute device; cpu = offloaded, for small GPUs)")
+    parser.add_argument("--image-prompt", choices=["off", "random"], default="off",
+                        help="random: a random IP-Adapter of the official shapes (64 tokens; used by the official "
+                             "and fast presets), to measure what the image prompt costs")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (out/bench/speed-<model>-<size>.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -281,6 +310,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     pipe, default_size = load_model(args.model, args.device, dtype)
     pipe.one_backward = {"auto": None, "one": True, "two": False}[args.backward]
+    image_prompt = attach_random_image_prompt(pipe) if args.image_prompt == "random" else None
     load_s = time.perf_counter() - t
     size = args.size or default_size
     result = run(pipe, size, args.tasks, args.presets, args.steps, bank_device=args.bank_device)
@@ -290,8 +320,10 @@ def main(argv=None) -> int:
             "threads": args.threads,
             "one_backward": pipe.uses_one_backward,
             "bank_device": args.bank_device or str(pipe.device), "load_s": round(load_s, 1),
+            "image_prompt": image_prompt,
             "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor() or None}
-    out = args.out or Path(f"out/bench/speed-{Path(args.model).name}-{size}.json")
+    suffix = "-ip" if image_prompt else ""
+    out = args.out or Path(f"out/bench/speed-{Path(args.model).name}-{size}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, **result}, indent=1))
     print()

@@ -1,4 +1,4 @@
-"""Command line: `dragondiff move|drag|appearance|paste|run|batch|info|demo|bench|ui`.
+"""Command line: `dragondiff move|drag|appearance|paste|run|batch|info|demo|bench|ui|convert-ip-adapter`.
 
 Exit codes: 0 done; 2 bad usage or input (named in the message, found before any model work where possible);
 1 a failure while running (or, for `batch`, any failed sample). Errors go to stderr without a traceback unless
@@ -18,7 +18,7 @@ from .. import __version__
 from ..errors import InputNote
 from .batch import batch
 from .edits import TASK_COMMANDS, run
-from .misc import bench, demo, info, ui
+from .misc import bench, convert_ip_adapter, demo, info, ui
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -31,7 +31,7 @@ def cli():
     """
 
 
-for command in (*TASK_COMMANDS, run, batch, info, demo, bench, ui):
+for command in (*TASK_COMMANDS, run, batch, info, demo, bench, ui, convert_ip_adapter):
     cli.add_command(command)
 
 

@@ -11,7 +11,8 @@ from ..spec import EditSpec
 from ..tasks import TASKS
 from .options import (edit_options, model_options, option_group, run_options, spec_fields, task_fields, task_options,
                       weight_options)
-from .runner import IMAGE_SUFFIXES, InputError, Job, check_inputs, check_jobs, execute, open_model, output_name
+from .runner import (IMAGE_SUFFIXES, InputError, Job, check_inputs, check_ip_options, check_jobs, execute, open_model,
+                     output_name)
 
 
 def make_spec(task: str, label: str, **fields) -> EditSpec:
@@ -25,6 +26,7 @@ def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
     """Check every job's inputs and outputs, then load the model once and run them in order."""
     for job in jobs:
         check_inputs(job.spec, job.label, model or opts["model"])
+    check_ip_options(opts, jobs)
     check_jobs(jobs, opts["overwrite"], opts["preview"])
     note_lossy_outputs(jobs, opts["working_size"])
     if opts.get("dry_run"):
@@ -181,4 +183,24 @@ def run(specs, output, dry_run, model, **opts):
     opts.update(dry_run=dry_run, model=model)
     use = model if given or not records else records[0]["id"]
     sidecar_model_check(records, use, given)
+    recorded_adapter(records, jobs, opts)
     run_jobs(jobs, opts, model=use)
+
+
+def recorded_adapter(records: list[dict], jobs: list[Job], opts: dict) -> None:
+    """A sidecar made with an image prompt re-runs with the adapter it recorded unless --ip-adapter names one; the
+    file must still be there with the same sha256."""
+    from ..image_prompt import file_sha256
+
+    wanted = [r["ip_adapter"] for r in records if r.get("ip_adapter")]
+    if opts.get("ip_adapter") is not None or not wanted or not any(job.spec.image_prompt for job in jobs):
+        return
+    adapter = wanted[0]
+    path = Path(adapter["file"])
+    if not path.is_file():
+        raise InputError(f"model.ip_adapter: the sidecar's adapter {path} is not there; give it with --ip-adapter")
+    if adapter.get("sha256") and file_sha256(path) != adapter["sha256"]:
+        raise InputError(f"model.ip_adapter: {path} changed since the sidecar was written (sha256 differs); pass "
+                         "--ip-adapter to re-run with it anyway")
+    opts["ip_adapter"] = str(path)
+    opts["image_encoder"] = opts.get("image_encoder") or adapter.get("image_encoder")

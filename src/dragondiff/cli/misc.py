@@ -48,8 +48,10 @@ def _model_info(model: str) -> dict:
 
 @click.command("info", help="Versions, device, threads and model: what an edit here would use.")
 @click.option("--model", default=BUNDLED_ID, show_default=True, help="the model to describe")
+@click.option("--ip-adapter", default=None, type=click.Path(dir_okay=False),
+              help="also describe an IP-Adapter file (variant, tokens, sha256)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def info(model, as_json):
+def info(model, ip_adapter, as_json):
     import torch
 
     from ..provenance import package_versions
@@ -67,6 +69,8 @@ def info(model, as_json):
         "presets": sorted(PRESETS),
         "model": _model_info(model),
     }
+    if ip_adapter is not None:
+        data["ip_adapter"] = _adapter_info(ip_adapter)
     if as_json:
         click.echo(json.dumps(data, indent=1))
         return
@@ -78,6 +82,42 @@ def info(model, as_json):
     click.echo(f"presets: {', '.join(data['presets'])}")
     for key, value in data["model"].items():
         click.echo(f"model {key}: {value}")
+    for key, value in data.get("ip_adapter", {}).items():
+        click.echo(f"ip_adapter {key}: {value}")
+
+
+def _adapter_info(path: str) -> dict:
+    from ..image_prompt import VARIANTS, detect_variant, file_sha256, read_adapter_file
+
+    try:
+        variant, tokens = detect_variant(read_adapter_file(path, allow_pickle=True)[0])
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(f"--ip-adapter {path}: {e}") from e
+    return {"file": str(Path(path).resolve()), "variant": variant, "about": VARIANTS[variant], "tokens": tokens,
+            "sha256": file_sha256(Path(path))}
+
+
+@click.command("convert-ip-adapter",
+               help="Write a released IP-Adapter .bin (e.g. DiffEditor's ip_sd15_64.bin) as one flat .safetensors "
+                    "that --ip-adapter reads without unpickling. The .bin is read with torch's weights-only "
+                    "unpickler, which refuses anything but tensors.\n\nExample: dragondiff convert-ip-adapter "
+                    "ip_sd15_64.bin")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.argument("target", required=False, type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="replace an existing TARGET")
+def convert_ip_adapter(source, target, overwrite):
+    from ..image_prompt import convert_to_safetensors, detect_variant, read_adapter_file
+
+    target = Path(target) if target else Path(source).with_suffix(".safetensors")
+    if target.suffix != ".safetensors":
+        raise InputError(f"TARGET: {target} must end in .safetensors")
+    check_output(target, overwrite, "TARGET", image=False)
+    try:
+        variant, tokens = detect_variant(read_adapter_file(source, allow_pickle=True)[0])
+        convert_to_safetensors(source, target)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(f"SOURCE {source}: {e}") from e
+    click.echo(f"wrote {target} ({variant}, {tokens} tokens)")
 
 
 def demo_case():

@@ -124,6 +124,12 @@ model_options = option_group(
     click.option("--vae-tiling", is_flag=True,
                  help="encode/decode in overlapping 512 px tiles: the VAE's memory of one tile for large images "
                       "(seams are blended, so pixels differ slightly)"),
+    click.option("--ip-adapter", default=None, type=click.Path(dir_okay=False),
+                 help="IP-Adapter weights for the image prompt (.safetensors; DiffEditor's ip_sd15_64, IP-Adapter "
+                      "Plus or IP-Adapter for SD1.5); a released .bin: convert it first with `dragondiff "
+                      "convert-ip-adapter`. The official and fast presets then use the image prompt"),
+    click.option("--image-encoder", default=None,
+                 help="the CLIP image encoder of --ip-adapter: a CLIPVisionModelWithProjection folder or hub id"),
 )
 
 
@@ -158,6 +164,14 @@ edit_options = option_group(
                  help="guidance strength in the demo's slider units; " + _settings_help("energy_scale")),
     click.option("--gradient-coef", type=float_range("gradient_coef"), default=None,
                  help="factor on the energy gradient  " + _official_help("gradient_coef")),
+    click.option("--image-prompt/--no-image-prompt", default=None,
+                 help="use the --ip-adapter image prompt  [default: on for the official and fast presets when an "
+                      "adapter is loaded, off for paper]"),
+    click.option("--ip-scale", type=float_range("ip_scale"), default=None,
+                 help="weight of the image-prompt term (at steps 10..19)  " + _official_help("ip_scale")),
+    click.option("--ip-routing", type=click.Choice(["official", "adapter"]), default=None,
+                 help="two-image tasks: 'official' reads the base image's tokens as text (the official code), "
+                      "'adapter' reads every image token through the adapter  [default: official]"),
     click.option("-o", "--output", default=None, help="output image (.png, .jpg, .webp)  "
                                                       "[default: <image>-<task>.png here]"),
 )
@@ -165,7 +179,8 @@ edit_options = option_group(
 # EditSpec fields the common options fill (CLI name -> spec field).
 COMMON_SPEC_FIELDS = {"prompt": "prompt", "preset": "preset", "steps": "num_inference_steps", "seed": "seed",
                       "max_resolution": "max_resolution", "guidance_scale": "guidance_scale",
-                      "energy_scale": "energy_scale", "gradient_coef": "gradient_coef"}
+                      "energy_scale": "energy_scale", "gradient_coef": "gradient_coef",
+                      "image_prompt": "image_prompt", "ip_scale": "ip_scale", "ip_routing": "ip_routing"}
 
 
 def spec_fields(opts: dict) -> dict:

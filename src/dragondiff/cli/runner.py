@@ -144,7 +144,30 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def load_pipeline(model: str, config: str | None, device, dtype, threads: int, vae_tiling: bool = False):
+def check_ip_options(opts: dict, jobs=()) -> None:
+    """Before loading anything: --ip-adapter readable as an adapter, its --image-encoder given, and no spec asking
+    for an image prompt without one."""
+    adapter, encoder = opts.get("ip_adapter"), opts.get("image_encoder")
+    if adapter is None:
+        if encoder is not None:
+            raise InputError("--image-encoder: given without --ip-adapter")
+        for job in jobs:
+            if job.spec.image_prompt:
+                raise InputError(f"{job.label}: image_prompt is true; give the adapter with --ip-adapter")
+        return
+    from ..image_prompt import detect_variant, read_adapter_file
+
+    try:
+        detect_variant(read_adapter_file(adapter, allow_pickle=False)[0])
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(f"--ip-adapter {adapter}: {e}") from e
+    if encoder is None:
+        raise InputError("--image-encoder: --ip-adapter needs the CLIP image encoder it was trained with (a "
+                         "CLIPVisionModelWithProjection folder or hub id)")
+
+
+def load_pipeline(model: str, config: str | None, device, dtype, threads: int, vae_tiling: bool = False,
+                  ip_adapter: str | None = None, image_encoder: str | None = None):
     """Load the model once; single .safetensors files need --config."""
     import torch
 
@@ -160,9 +183,15 @@ def load_pipeline(model: str, config: str | None, device, dtype, threads: int, v
             pipe = DragonPipeline.from_single_file(model, config=config, device=device, dtype=dtype)
         else:
             pipe = DragonPipeline.from_pretrained(model, device=device, dtype=dtype)
-        return pipe.enable_vae_tiling(vae_tiling)
+        pipe.enable_vae_tiling(vae_tiling)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise InputError(f"--model/--device/--dtype: {e}") from e
+    if ip_adapter is not None:
+        try:
+            pipe.load_ip_adapter(ip_adapter, image_encoder)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            raise InputError(f"--ip-adapter/--image-encoder: {e}") from e
+    return pipe
 
 
 @dataclass
@@ -182,7 +211,7 @@ def open_model(opts: dict, model: str | None = None) -> Loaded:
     threads = opts["threads"] or available_threads()[0]
     start = time.perf_counter()
     pipe = load_pipeline(model or opts["model"], opts["config"], opts["device"], opts["dtype"], threads,
-                         opts["vae_tiling"])
+                         opts["vae_tiling"], opts.get("ip_adapter"), opts.get("image_encoder"))
     return Loaded(pipe, threads, time.perf_counter() - start)
 
 

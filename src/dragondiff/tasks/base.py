@@ -142,16 +142,20 @@ class BenchCase:
     example: Callable
 
 
-def common_fields(spec, prep, reference: tuple[torch.Tensor, np.ndarray] | None = None) -> dict:
+def common_fields(spec, prep, reference: tuple[torch.Tensor, np.ndarray] | None = None,
+                  prompt_reference: np.ndarray | None = None) -> dict:
     """The Task fields every task fills the same way. `reference`: the reference image's (pixels, working-size
-    uint8 image) for two-image tasks, inverted with the base image as batch element 1."""
+    uint8 image) for two-image tasks, inverted with the base image as batch element 1. The image prompt shows the
+    working image, and for two-image tasks also `prompt_reference` (default: the working-size reference)."""
     pixels, prompts, reference_image = prep.pixels, [spec.prompt], None
+    prompt_images = [prep.image]
     if reference is not None:
         ref_pixels, reference_image = reference
         pixels = torch.cat([pixels, ref_pixels.to(pixels)])
         prompts.append(spec.params.reference_prompt)
+        prompt_images.append(reference_image if prompt_reference is None else prompt_reference)
     return {"pixels": pixels, "inversion_prompts": prompts, "prompt": spec.prompt, "grid": prep.grid,
-            "reference_image": reference_image}
+            "reference_image": reference_image, "prompt_images": prompt_images}
 
 
 @dataclass
@@ -167,6 +171,7 @@ class Task:
     sde_region: torch.Tensor  # (1, 1, h, w) region of the regional SDE
     bank_mode: str  # inside the bank window (the spec's bank_steps); plain attention outside it
     reference_image: np.ndarray | None = None  # two-image tasks: the reference at the working size, as used
+    prompt_images: list[np.ndarray] = field(default_factory=list)  # what the image prompt shows (uint8 RGB)
     union_masks: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # what the result reports ("as used")
     flags: list[str] = field(default_factory=list)  # degenerate energy terms skipped, etc.

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .. import energies as E
 from ..attention import UNION
 from ..features import resize_features
+from ..inputs import load_image
 from .base import (BenchCase, Task, TaskInfo, TaskUI, cells_to_mask, common_fields, latent_region, nearest,
                    paired_cells, place)
 from .params import IMAGE, MASK, OFFSET, SCALE, TEXT, Params, param, weight
@@ -120,7 +121,9 @@ def from_spec(spec, prep) -> PasteTask:
         raise ValueError(f"scale={p.scale:g} crops the reference object away entirely")
     return build_paste(reference_mask=ref_mask, offset_px=p.offset, input_scale=prep.input_scale,
                        w_edit=p.w_edit, w_content=p.w_content,
-                       **common_fields(spec, prep, reference=(ref_pixels, ref_image)))
+                       # the official image prompt shows the whole reference as given, not the scaled one
+                       **common_fields(spec, prep, reference=(ref_pixels, ref_image),
+                                       prompt_reference=load_image(p.reference, "reference")))
 
 
 # ------------------------------------------------------------------------------ edges: UI, preview, benchmarks
@@ -199,7 +202,8 @@ INFO = TaskInfo(
     name="paste",
     build=from_spec,
     params=PasteParams,
-    settings={"guidance_scale": 4.0, "energy_scale": 1.5, "gradient_coef": 0.04, "bank_steps": (0, 35)},
+    settings={"guidance_scale": 4.0, "energy_scale": 1.5, "gradient_coef": 0.04,
+              "bank_steps": (0, 35), "ip_scale": 0.1},
     doc="Paste the object masked in a reference image into the image, shifted by offset and scaled by scale",
     example="room.png --reference cat.png --reference-mask cat_mask.png --offset -80,40",
     images=2,
