@@ -158,9 +158,11 @@ edit_options = option_group(
                  help="guidance strength in the demo's slider units; " + _settings_help("energy_scale")),
     click.option("--gradient-coef", type=float_range("gradient_coef"), default=None,
                  help="factor on the energy gradient  " + _official_help("gradient_coef")),
-    click.option("-o", "--output", default=None, help="output image (.png, .jpg, .webp)  "
-                                                      "[default: <image>-<task>.png here]"),
 )
+
+# -o of the task commands (batch has its own: a folder).
+output_option = click.option("-o", "--output", default=None, help="output image (.png, .jpg, .webp)  "
+                                                                  "[default: <image>-<task>.png here]")
 
 # EditSpec fields the common options fill (CLI name -> spec field).
 COMMON_SPEC_FIELDS = {"prompt": "prompt", "preset": "preset", "steps": "num_inference_steps", "seed": "seed",
