@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import TINY_MODEL, make_scene
+from conftest import make_scene
 from test_cli import FAST, cli
 
 SPEC = {"task": "move", "image": "scene.png", "mask": "disc.png", "offset": [16, 0], "num_inference_steps": 2,
