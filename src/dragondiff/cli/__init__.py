@@ -1,13 +1,17 @@
 """Command line: `dragondiff move|drag|appearance|paste|run|batch|info|demo|bench|ui|convert-ip-adapter`.
 
-Exit codes: 0 done; 2 bad usage or input (named in the message, found before any model work where possible);
-1 a failure while running (or, for `batch`, any failed sample). Errors go to stderr without a traceback unless
---debug is given.
+Exit codes: 0 done; 2 bad usage or input (named in the message, found before any model work where possible),
+an output that cannot be written included; 1 a failure while running (or, for `batch`, any failed sample);
+130 interrupted by Ctrl-C (SIGINT), 143 stopped by SIGTERM: the edit in progress leaves no file behind (neither
+its temporary files nor a result without its sidecar) and the command says what finished. Errors go to stderr
+without a traceback unless --debug is given.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -48,11 +52,39 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         click.echo(f"note: {message}", err=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as Ctrl-C does (temporary files removed)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(e: BaseException) -> int:
+    if isinstance(e, Terminated):
+        click.echo("terminated (SIGTERM)", err=True)
+        return 128 + signal.SIGTERM
+    click.echo("interrupted (Ctrl-C)", err=True)
+    return 128 + signal.SIGINT
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not debug:
         warnings.showwarning = _show_warning
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return _main(argv, debug)
+    except KeyboardInterrupt as e:  # outside click's own handling
+        return _interrupted(e)
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str], debug: bool) -> int:
     try:
         cli.main(args=argv, prog_name="dragondiff", standalone_mode=False)
         return 0
@@ -66,7 +98,9 @@ def main(argv=None) -> int:
             traceback.print_exc()
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click's form of KeyboardInterrupt (and of EOF at a prompt)
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            return _interrupted(e.__cause__)
         click.echo("aborted", err=True)
         return 1
     except SystemExit as e:

@@ -9,8 +9,8 @@ import click
 
 from ..spec import EditSpec
 from ..tasks import TASKS
-from .options import (edit_options, model_options, option_group, run_options, spec_fields, task_fields, task_options,
-                      weight_options)
+from .options import (edit_options, model_options, option_group, output_option, run_options, spec_fields,
+                      task_fields, task_options, weight_options)
 from .runner import (IMAGE_SUFFIXES, InputError, Job, check_inputs, check_ip_options, check_jobs, execute, open_model,
                      output_name)
 
@@ -34,9 +34,16 @@ def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
             click.echo(f"{job.label}: valid ({job.spec.task} -> {job.output})")
         return
     loaded = open_model(opts, model)
-    for job in jobs:
-        execute(loaded.pipe, job, working_size=opts["working_size"], preview=opts["preview"], quiet=opts["quiet"],
-                threads=loaded.threads, load_seconds=loaded.seconds)
+    done = 0
+    try:
+        for job in jobs:
+            execute(loaded.pipe, job, working_size=opts["working_size"], preview=opts["preview"],
+                    quiet=opts["quiet"], threads=loaded.threads, load_seconds=loaded.seconds)
+            done += 1
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.main): the edit in progress left no file
+        click.echo(f"interrupted: {done} of {len(jobs)} edit{'s' * (len(jobs) != 1)} written"
+                   + "".join(f"\n  wrote {job.output}" for job in jobs[:done]), err=True)
+        raise
 
 
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
@@ -71,7 +78,7 @@ def task_command(task: str, help_text: str) -> click.Command:
         run_jobs([Job(spec, output, task)], opts)
 
     options = option_group(click.argument("image", type=click.Path(dir_okay=False)), task_options(task),
-                           edit_options, weight_options(task), model_options, run_options, _dry_run)
+                           edit_options, output_option, weight_options(task), model_options, run_options, _dry_run)
     return click.command(task, help=help_text, no_args_is_help=True)(options(run_task))
 
 
@@ -82,17 +89,39 @@ TASK_COMMANDS = [task_command(name, f"{info.doc}.\n\nExample: dragondiff {name} 
 
 # ------------------------------------------------------------------------------------------------ spec files
 
+SPEC_FORMS = 'an object with a "task" field, a list of them, or {"edits": [...]}'
+
+
+def load_spec_data(path: Path):
+    """The parsed content of a JSON or YAML (.yaml/.yml) file, bounded (`documents`: size, nesting, values with
+    YAML aliases expanded); InputError naming the file if it cannot be read."""
+    from .. import documents
+
+    try:
+        return documents.read(path)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+
+
+def is_edit_spec(data) -> bool:
+    """Whether parsed JSON/YAML is meant as edits (SPEC_FORMS; its fields are checked when read), as opposed to
+    some other file (a package.json, a config): an object with a task field or an edits list, or a list holding
+    such an object."""
+    if isinstance(data, dict):
+        return "task" in data or "edits" in data
+    return isinstance(data, list) and any(isinstance(entry, dict) and "task" in entry for entry in data)
+
+
 def read_spec_file(path: Path) -> tuple[list[tuple[str, EditSpec]], str | None]:
     """A spec file's edits as (label, EditSpec), and the model a sidecar names. Accepts one EditSpec object, a
     list of them, {"edits": [...]}, or a sidecar written next to an output; JSON, or YAML (.yaml/.yml)."""
     from .. import documents
     from ..provenance import is_sidecar, sidecar_model
 
-    try:
-        data = documents.read(path)
-    except ValueError as e:
-        raise InputError(str(e)) from e
+    data = load_spec_data(path)
     model = None
+    if not is_sidecar(data) and not is_edit_spec(data):
+        raise InputError(f"{path}: not an edit spec; expected {SPEC_FORMS}, or a sidecar")
     if is_sidecar(data):
         try:
             model = sidecar_model(data)

@@ -172,9 +172,11 @@ edit_options = option_group(
     click.option("--ip-routing", type=click.Choice(["official", "adapter"]), default=None,
                  help="two-image tasks: 'official' reads the base image's tokens as text (the official code), "
                       "'adapter' reads every image token through the adapter  [default: official]"),
-    click.option("-o", "--output", default=None, help="output image (.png, .jpg, .webp)  "
-                                                      "[default: <image>-<task>.png here]"),
 )
+
+# -o of the task commands (batch has its own: a folder).
+output_option = click.option("-o", "--output", default=None, help="output image (.png, .jpg, .webp)  "
+                                                                  "[default: <image>-<task>.png here]")
 
 # EditSpec fields the common options fill (CLI name -> spec field).
 COMMON_SPEC_FIELDS = {"prompt": "prompt", "preset": "preset", "steps": "num_inference_steps", "seed": "seed",

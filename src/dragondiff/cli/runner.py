@@ -3,8 +3,11 @@ result (at the input's size by default), its sidecar and an optional preview, at
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +34,9 @@ class Job:
     output: Path
     label: str
     inputs: list[Path] = field(default_factory=list)  # files the job reads (never overwritten): spec file etc.
+    # Images the job writes beside its output before the edit, which its spec then reads (batch: the DragBench
+    # mask, so that the sidecar re-runs the edit). They are outputs of the job, not inputs.
+    writes: list[tuple[Path, object]] = field(default_factory=list)
 
     @property
     def sidecar(self) -> Path:
@@ -41,44 +47,125 @@ class Job:
         return self.output.with_name(self.output.stem + "-preview.png")
 
     def outputs(self, preview: bool) -> list[Path]:
-        return [self.output, self.sidecar] + ([self.preview] if preview else [])
+        return [path for path, _ in self.writes] + [self.output, self.sidecar] + ([self.preview] if preview else [])
 
     def input_files(self) -> set[Path]:
         files = {Path(p).resolve() for p in self.inputs}
         for _, value in [("image", self.spec.image), *self.spec.params.sources()]:
             if isinstance(value, str):
                 files.add(Path(value).resolve())
-        return files
+        return files - {path.resolve() for path, _ in self.writes}
+
+    def written_by_us(self) -> bool:
+        """Whether a dragondiff sidecar lies where this job writes its own: then the files of this job that
+        exist were written by an earlier run of it (the sidecar is written last: with its output, the job is
+        finished)."""
+        from ..provenance import is_sidecar
+
+        try:
+            return self.sidecar.is_file() and is_sidecar(json.loads(self.sidecar.read_text()))
+        except (OSError, ValueError):
+            return False
 
 
-def check_output(path: Path, overwrite: bool, label: str = "output", image: bool = True) -> None:
+def write_problem(folder: Path) -> str | None:
+    """Why nothing can be written in `folder`, found by trying (as root, `os.access` says yes to a read-only file
+    system or /proc): create the missing folders as a write would, create and remove a probe file, then remove
+    the folders this made. None when the folder can be written."""
+    folder = Path(os.path.abspath(folder))
+    missing, existing = [], folder
+    while not existing.exists():
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    created: list[Path] = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            created.append(path)
+        fd, probe = tempfile.mkstemp(prefix=".dragondiff-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+        return None
+    except OSError as e:  # /proc answers "no such file" for any new name
+        return "the file system creates no files there" if e.errno == errno.ENOENT else (e.strerror or str(e))
+    finally:
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def check_output(path: Path, overwrite: bool, label: str = "output", image: bool = True, *,
+                 exists: str = "exists", probed: dict | None = None) -> None:
+    """An output path: an image suffix (for images), not a folder, not an existing file unless `overwrite`, and a
+    folder that can be written (tried; `probed` caches the answer per folder across calls). `exists` words the
+    refusal of an existing file."""
+    path = Path(path)
     if image and path.suffix.lower() not in IMAGE_SUFFIXES:
         raise InputError(f"{label}: {path} has no image suffix; use one of {', '.join(IMAGE_SUFFIXES)}")
-    if path.exists() and not overwrite:
-        raise InputError(f"{label}: {path} exists; pass --overwrite to replace it or choose another -o")
     if path.is_dir():
         raise InputError(f"{label}: {path} is a folder")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise InputError(f"{label}: cannot write under {parent}")
+    if path.exists() and not overwrite:
+        raise InputError(f"{label}: {path} {exists}; pass --overwrite to replace it or choose another -o")
+    folder = Path(os.path.abspath(path.parent))
+    if probed is None or folder not in probed:
+        problem = write_problem(folder)
+        if probed is not None:
+            probed[folder] = problem
+    else:
+        problem = probed[folder]
+    if problem:
+        raise InputError(f"{label}: cannot write {path} ({problem})")
 
 
-def check_jobs(jobs: list[Job], overwrite: bool, preview: bool) -> None:
-    """Before any model work: every output writable, none of them an input, no two jobs writing one file."""
-    seen: dict[Path, str] = {}
+MAX_LISTED = 20
+
+
+def check_jobs(jobs: list[Job], overwrite: bool, preview: bool, resume: bool = False) -> list[Job]:
+    """Before any model work: every output writable (tried), none of them a file any job reads, no two jobs
+    writing one file, no existing file replaced without `overwrite`. With `resume` (batch), a job whose output
+    exists with a dragondiff sidecar beside it is finished and skipped, and the files of a job whose sidecar is
+    ours may be replaced; any other existing file needs `overwrite`. Every problem is listed, job by job, in one
+    InputError. Returns the jobs to run."""
+    readers: dict[Path, str] = {}
     for job in jobs:
-        reads = job.input_files()
+        for path in job.input_files():
+            readers.setdefault(path, job.label)
+    seen: dict[Path, str] = {}
+    probed: dict[Path, str | None] = {}
+    problems, pending = [], []
+    for job in jobs:
+        ours = resume and job.written_by_us()
+        finished = ours and not overwrite and job.output.exists()
         for path in job.outputs(preview):
             resolved = path.resolve()
-            if resolved in reads:  # before "exists": --overwrite is no way out of this one
-                raise InputError(f"{job.label}: output {path} is one of the edit's own inputs; choose another -o")
-            check_output(path, overwrite, f"{job.label}: output", image=path != job.sidecar)
-            if resolved in seen:
-                raise InputError(f"{job.label}: output {path} is also written by {seen[resolved]}; "
-                                 "give each edit its own output")
-            seen[resolved] = job.label
+            if resolved in readers:
+                reader = readers[resolved]
+                problems.append(f"{job.label}: output {path} is one of the edit's own inputs; choose another -o"
+                                if reader == job.label else f"{job.label}: output {path} is read by {reader}")
+            elif resolved in seen:
+                problems.append(f"{job.label}: output {path} is also written by {seen[resolved]}; give each edit "
+                                "its own output")
+            else:
+                seen[resolved] = job.label
+                if finished:
+                    continue
+                try:
+                    check_output(path, overwrite or ours, f"{job.label}: output", image=path != job.sidecar,
+                                 exists="exists and was not written by dragondiff (no sidecar "
+                                        f"{job.sidecar.name} beside it)" if resume else "exists", probed=probed)
+                except InputError as e:
+                    problems.append(e.format_message())
+        if not finished:
+            pending.append(job)
+    if len(problems) == 1:
+        raise InputError(problems[0])
+    if problems:
+        listed = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
+                                           if len(problems) > MAX_LISTED else [])
+        raise InputError(f"{len(problems)} outputs cannot be written (nothing was run):\n  " + "\n  ".join(listed))
+    return pending
 
 
 def check_inputs(spec: EditSpec, label: str, model: str | None = None) -> None:
@@ -215,19 +302,31 @@ def open_model(opts: dict, model: str | None = None) -> Loaded:
     return Loaded(pipe, threads, time.perf_counter() - start)
 
 
-def save_image(image, path: Path) -> None:
-    """Write via a temporary file and rename, so an interrupted run never leaves a half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp)` a hidden temporary file beside `path`, then rename it to `path`, so that an interrupted run
+    never leaves a half-written output. On any exception (Ctrl-C and SIGTERM included) the temporary file is
+    removed; a write error names `path` (exit code 2), never the temporary file."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format=IMAGE_SUFFIXES[path.suffix.lower()])
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise InputError(f"cannot write {path} ({e.strerror or e})") from e
+        raise
+
+
+def save_image(image, path: Path) -> None:
+    path = Path(path)
+    atomic_write(path, lambda tmp: image.save(tmp, format=IMAGE_SUFFIXES[path.suffix.lower()]))
 
 
 def save_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def execute(pipe, job: Job, *, working_size: bool, preview: bool, quiet: bool, threads: int,
@@ -237,19 +336,35 @@ def execute(pipe, job: Job, *, working_size: bool, preview: bool, quiet: bool, t
     from ..output import full_resolution, preview as preview_sheet
     from ..provenance import build_sidecar
 
-    result = pipe.edit(job.spec, progress=not quiet)
-    start = time.perf_counter()
-    image = result.image if working_size else full_resolution(result, job.spec.image)
-    save_image(image, job.output)
-    if preview:
-        save_image(preview_sheet(result, image), job.preview)  # shows what was saved
-    seconds = {"load": load_seconds, **result.timings, "save": time.perf_counter() - start,
-               "edit": result.seconds}
-    sidecar = build_sidecar(result, pipe, sidecar=job.sidecar, output=job.output, full_resolution=not working_size,
-                            seconds=seconds, threads=threads)
-    sidecar["output"]["size"] = list(image.size)
-    # The sidecar is written last: an output with its sidecar is a finished edit (batch resume relies on it).
-    save_json(sidecar, job.sidecar)
+    written: list[Path] = []
+
+    def save(image, path: Path) -> None:
+        save_image(image, path)
+        written.append(path)
+
+    try:
+        for path, image in job.writes:
+            save(image, path)
+        result = pipe.edit(job.spec, progress=not quiet)
+        start = time.perf_counter()
+        image = result.image if working_size else full_resolution(result, job.spec.image)
+        save(image, job.output)
+        if preview:
+            save(preview_sheet(result, image), job.preview)  # shows what was saved
+        seconds = {"load": load_seconds, **result.timings, "save": time.perf_counter() - start,
+                   "edit": result.seconds}
+        sidecar = build_sidecar(result, pipe, sidecar=job.sidecar, output=job.output,
+                                full_resolution=not working_size, seconds=seconds, threads=threads)
+        sidecar["output"]["size"] = list(image.size)
+        # The sidecar is written last: an output with its sidecar is a finished edit (batch resume relies on it).
+        save_json(sidecar, job.sidecar)
+    except BaseException:
+        # Failed or interrupted before its sidecar: remove what this job wrote, so that no file without a sidecar
+        # is left (a later batch would take it for someone else's and refuse to replace it).
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
     if not quiet:
         how = "working size" if working_size else f"input size, edited area from {result.size[0]}x{result.size[1]}"
         flags = "".join(f"\n  note: {f}" for f in result.flags)
