@@ -27,6 +27,7 @@ API_OWNER = "api"  # API calls share one session, and its folder
 # Small results (the bundled model's 128 px) fill their panel, drawn with crisp pixels; messages read as errors.
 CSS = """
 [id$='-result'] img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+.dd-points .eta-bar, .dd-points [data-testid='status-tracker'] { pointer-events: none; }  /* clicks reach the image */
 .dd-message p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
 .dd-upload-error { position: absolute; left: 8px; right: 8px; bottom: 8px; z-index: 50; padding: 6px 10px;
   border-radius: 6px; background: var(--error-background-fill, #fee2e2); color: var(--error-text-color, #b91c1c);
@@ -35,7 +36,7 @@ CSS = """
 
 
 def page_head() -> str:
-    """The page's script (page.js: the upload check, the points panels' click queue) with the upload limits."""
+    """The page's script (page.js: the upload check) with the upload limits."""
     config = {"maxBytes": UPLOAD_MAX_BYTES, "maxPixels": UPLOAD_MAX_PIXELS,
               "formats": list(UPLOAD_FORMATS), "rule": upload_rule()}
     script = (Path(__file__).parent / "page.js").read_text()
@@ -167,7 +168,6 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             clicks = None
             if ui.click_help:
                 with gr.Column():
-                    # dd-points: page.js sends its clicks one at a time, so that none is lost
                     clicks = gr.Image(label=f"Points: {ui.click_help}", interactive=False, type="numpy",
                                       format="png", elem_id=f"{task}-points", elem_classes="dd-points", height=420)
                     with gr.Row():
@@ -240,8 +240,8 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             del pts[keep(len(pts)):]
             return {clicks: _preview(value, pts)}
 
-        # Every click counts (trigger_mode "multiple"), in order (one at a time: page.js holds a click made while
-        # the previous one is in flight); no progress overlay on the points image.
+        # Every click counts (trigger_mode "multiple"), in order (one at a time); no progress overlay on the points
+        # image, and the status tracker over it lets clicks through (CSS), which would swallow them.
         quiet = {"show_progress": "hidden", "trigger_mode": "multiple", **PRIVATE}
         clicks.select(_reported(message, add_point), [editor, state], [clicks, message], **quiet)
         undo_point.click(_reported(message, lambda v, s: edit_points(v, s, lambda n: max(0, n - 1))),

@@ -5,8 +5,6 @@
 //    them: bytes first, then the format and size from the file's header (no decoding). A file over the limits or
 //    not an image is refused with a message on the editor naming it and what is accepted; the editor never loads
 //    it, so a huge picture cannot freeze the page and no upload is left half done.
-// 2. Clicks on a points panel (.dd-points) go to the server one at a time: a click made while the previous one is
-//    in flight waits and is replayed when the panel has been redrawn, so that every click lands, in order.
 (() => {
   const LIMITS = window.DRAGONDIFF_UPLOAD;
   if (!LIMITS || window.__dragondiffPage) return;
@@ -163,63 +161,4 @@
       }));
     };
   }
-
-  // ------------------------------------------------------------------------------------ points: click queue
-  const queues = new WeakMap();  // panel -> {busy, waiting: [[fx, fy]], src, timer, observer}
-  const replayed = new WeakSet();
-  const MAX_WAIT_MS = 15000;  // a click that changed nothing (an error) frees the panel after this
-
-  function done(panel, q) {
-    clearTimeout(q.timer);
-    q.busy = false;
-    const next = q.waiting.shift();
-    if (!next) return;
-    const img = panel.querySelector("img");
-    if (!img) { q.waiting.length = 0; return; }
-    const r = img.getBoundingClientRect();
-    const again = new MouseEvent("click", {bubbles: true, cancelable: true, view: window,
-                                           clientX: r.left + next[0] * r.width, clientY: r.top + next[1] * r.height});
-    replayed.add(again);
-    start(panel, q, img);
-    img.dispatchEvent(again);
-  }
-
-  function start(panel, q, img) {
-    q.busy = true;
-    q.src = img.getAttribute("src");
-    q.timer = setTimeout(() => done(panel, q), MAX_WAIT_MS);
-  }
-
-  // whether a click lies on the picture (not on the letterbox around it), where Gradio sends a select event
-  function onPicture(img, e) {
-    const r = img.getBoundingClientRect();
-    const k = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
-    const x = (e.clientX - r.left - (r.width - img.naturalWidth * k) / 2) / k;
-    const y = (e.clientY - r.top - (r.height - img.naturalHeight * k) / 2) / k;
-    return x >= 0 && y >= 0 && x < img.naturalWidth && y < img.naturalHeight;
-  }
-
-  document.addEventListener("click", (e) => {
-    const img = e.target;
-    if (!(img instanceof HTMLImageElement) || replayed.has(e)) return;
-    const panel = img.closest(".dd-points");
-    if (!panel || !img.naturalWidth || !onPicture(img, e)) return;
-    let q = queues.get(panel);
-    if (!q) {
-      q = {busy: false, waiting: [], src: null, timer: null};
-      queues.set(panel, q);
-      // the panel has answered when its image changes
-      new MutationObserver(() => {
-        const now = panel.querySelector("img");
-        if (q.busy && now && now.getAttribute("src") !== q.src) done(panel, q);
-      }).observe(panel, {subtree: true, childList: true, attributes: true, attributeFilter: ["src"]});
-    }
-    if (q.busy) {
-      e.stopImmediatePropagation();
-      const r = img.getBoundingClientRect();
-      q.waiting.push([(e.clientX - r.left) / r.width, (e.clientY - r.top) / r.height]);
-      return;
-    }
-    start(panel, q, img);
-  }, true);
 })();
