@@ -30,13 +30,19 @@ def _require():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server_tmp(tmp_path_factory):
+    """The server's temp dir (its edits' folders go there)."""
+    return tmp_path_factory.mktemp("ui-server-tmp")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, server_tmp):
     _require()
     log = tmp_path_factory.mktemp("ui-server") / "server.log"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(server_tmp)}
     steps = os.environ.get("DRAGONDIFF_UI_STEPS", "4")  # README screenshots: 50
     out = open(log, "w")  # a file, not a pipe: nobody reads a pipe while the tests run, and a full one blocks
     proc = subprocess.Popen([str(EXE), "ui", "--port", str(port), "--steps", steps, "--threads", "1"], env=env,
@@ -262,3 +268,106 @@ def test_two_sessions_get_their_own_results(browser, server):
     for page in pages:
         assert "inversion computed" in page.inner_text("#move-status")  # no session saw the other's inversion
         page.close()
+
+
+def _message(page, task: str, needle: str, timeout: float = 20.0) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = page.inner_text(f"#{task}-message")
+        if needle in text:
+            return text
+        page.wait_for_timeout(200)
+    pytest.fail(f"{task}: the message area does not say {needle!r}: {page.inner_text(f'#{task}-message')!r}")
+
+
+def test_failed_run_keeps_the_result_and_says_why_in_the_message_area(browser, server):
+    page = _open(browser, server)
+    page.click("#move-load")
+    page.wait_for_timeout(1500)
+    paint(page, "move-editor", 16, 40, 64, 88)
+    click_point(page, "move", 40, 64)
+    click_point(page, "move", 84, 88)
+    run_and_wait(page, "move")
+    before = page.locator("#move-result img").first.get_attribute("src")
+    page.click("#move-clear-points")
+    page.wait_for_timeout(800)
+    page.click("#move-run")
+    assert "move needs one handle" in _message(page, "move", "move needs one handle")
+    page.wait_for_timeout(500)
+    assert page.locator("#move-result img").first.get_attribute("src") == before  # the good result stays
+    assert page.locator("#move-result").get_by_text("Error").count() == 0  # no error badge over it
+    assert page.locator(".toast-body").count() == 0
+    page.close()
+
+
+def test_closing_the_page_removes_its_session_folder(browser, server, server_tmp):
+    page = _open(browser, server)
+    page.click("#move-load")
+    page.wait_for_timeout(1500)
+    paint(page, "move-editor", 16, 40, 64, 88)
+    click_point(page, "move", 40, 64)
+    click_point(page, "move", 84, 88)
+    before = set(server_tmp.glob("dragondiff-ui-*/session-*"))
+    run_and_wait(page, "move")
+    (mine,) = set(server_tmp.glob("dragondiff-ui-*/session-*")) - before
+    assert list(mine.glob("edit-*/result.png"))
+    page.close()
+    deadline = time.time() + 20
+    while mine.exists() and time.time() < deadline:
+        time.sleep(0.3)
+    assert not mine.exists()
+
+
+def test_uploads_over_the_limits_or_not_images_are_named_in_the_page(browser, server, tmp_path):
+    """Checked before the editor reads the file: no freeze, no upload left spinning, a message naming it."""
+    Image.new("RGB", (6000, 4000), (200, 30, 30)).save(tmp_path / "big.png")  # 24 megapixels in ~80 kB
+    with open(tmp_path / "heavy.png", "wb") as f:
+        f.truncate(21_000_000)
+    (tmp_path / "notes.txt").write_text("not an image\n" * 10)
+    page = _open(browser, server)
+    rule = "accepted: PNG, JPEG, WebP, GIF or BMP images of at most 20 MB and 16 megapixels"
+    for name, what in [("big.png", "is 6000x4000 (24.0 megapixels)"), ("heavy.png", "is 21.0 MB"),
+                       ("notes.txt", "is not an image (text/plain file)")]:
+        page.locator("#move-editor input[type=file]").first.set_input_files(str(tmp_path / name))
+        note = page.locator("#move-editor .dd-upload-error")
+        note.wait_for(timeout=5000)
+        assert note.inner_text() == f"image: {name} {what}; {rule}"
+    # the editor loaded nothing: Run answers at once that there is no image
+    page.click("#move-run")
+    assert "upload an image or load an example first" in _message(page, "move", "upload an image", timeout=10)
+    page.close()
+
+
+def test_uploads_of_any_mode_fill_the_points_panel_at_once(browser, server, tmp_path):
+    from dragondiff.ui.app import example_scenes
+
+    scene, _ = next(iter(example_scenes().values()))
+    page = _open(browser, server)
+    for mode in ("L", "P", "RGBA"):
+        path = tmp_path / f"scene-{mode}.png"
+        Image.fromarray(scene).convert(mode).save(path)
+        want = np.asarray(Image.open(path).convert("RGB")) if mode != "RGBA" else scene
+        page.locator("#move-editor input[type=file]").first.set_input_files(str(path))
+        page.locator("#move-points img").first.wait_for(timeout=15_000)
+        settle(page, "#move-points img")
+        src = page.locator("#move-points img").first.get_attribute("src")
+        shown = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+        k = shown.shape[0] // scene.shape[0]
+        assert np.abs(shown[::k, ::k].astype(int) - want).max() <= 2, mode  # the upload, as RGB, no stroke needed
+        page.reload()
+        page.wait_for_selector("#move-load")
+    page.close()
+
+
+def test_busy_port_is_named_before_the_model_loads(tmp_path):
+    require("the port check", ("gradio",))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+        proc = subprocess.run([str(EXE), "ui", "--port", str(port), "--threads", "1"], env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--port {port}: 127.0.0.1:{port} is in use" in proc.stderr and "choose another --port" in proc.stderr
+    assert "dragondiff ui: model" not in proc.stderr  # refused before the model loaded

@@ -3,6 +3,7 @@ running in this process on the tiny model: one named endpoint per task taking th
 
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -17,20 +18,22 @@ def _require():
     require("the API test", ("gradio", "gradio_client"))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def client(tiny_pipe):
     _require()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from gradio_client import Client
 
-    from dragondiff.ui.app import build_app
+    from dragondiff.ui.app import launch
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = build_app(tiny_pipe, steps=2)
-    app.queue(default_concurrency_limit=1)
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    port = _free_port()
+    app = launch(tiny_pipe, port=port, steps=2, quiet=True, block=False)  # as `dragondiff ui` serves it
     try:
         yield Client(f"http://127.0.0.1:{port}/", verbose=False)
     finally:
@@ -65,3 +68,49 @@ def test_move_through_gradio_client(client, tiny_pipe, tmp_path):
     with pytest.raises(Exception, match="mask"):
         client.predict(image=handle_file(str(tmp_path / "image.png")), offset=[24, 0], num_inference_steps=2,
                        max_resolution=128, api_name="/move")
+
+
+def test_uploads_are_checked_and_named(client, tmp_path):
+    """A file that is no image, or over the limits, is refused naming the upload and what is accepted."""
+    from gradio_client import handle_file
+
+    img, disc, _ = make_scene()
+    Image.fromarray(disc.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    with pytest.raises(Exception, match="image: notes.txt is not an image.*accepted: PNG, JPEG, WebP, GIF or BMP"):
+        client.predict(image=handle_file(str(tmp_path / "notes.txt")), mask=handle_file(str(tmp_path / "mask.png")),
+                       offset=[24, 0], num_inference_steps=2, max_resolution=128, api_name="/move")
+    Image.new("RGB", (6000, 4000)).save(tmp_path / "big.png")
+    with pytest.raises(Exception, match=r"image: big.png is 6000x4000 \(24.0 megapixels\).* 16 megapixels"):
+        client.predict(image=handle_file(str(tmp_path / "big.png")), mask=handle_file(str(tmp_path / "mask.png")),
+                       offset=[24, 0], num_inference_steps=2, max_resolution=128, api_name="/move")
+
+
+def test_stopping_the_server_removes_its_folders(tiny_pipe, tmp_path, monkeypatch):
+    """The edits' folders (dragondiff-ui-* in the temp dir) go when the server stops."""
+    _require()
+    import tempfile
+
+    from gradio_client import Client, handle_file
+
+    from dragondiff.ui.app import launch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    img, disc, _ = make_scene()
+    Image.fromarray(img).save(tmp_path / "image.png")
+    Image.fromarray(disc.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    port = _free_port()
+    app = launch(tiny_pipe, port=port, steps=2, quiet=True, block=False)
+    try:
+        Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            image=handle_file(str(tmp_path / "image.png")), mask=handle_file(str(tmp_path / "mask.png")),
+            offset=[24, 0], num_inference_steps=2, max_resolution=128, api_name="/move")
+        made = list((tmp_path / "tmp").glob("dragondiff-ui-*/session-*/edit-*/result.png"))
+        assert len(made) == 1
+    finally:
+        app.close()
+    deadline = time.time() + 10
+    while list((tmp_path / "tmp").glob("dragondiff-ui-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not list((tmp_path / "tmp").glob("dragondiff-ui-*"))

@@ -1,6 +1,7 @@
 """The web UI's logic without a browser: masks from the editor, clicks, reused inversions, history."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ def test_editor_image_mask_and_errors():
     with pytest.raises(S.UIError, match="upload an image"):
         S.editor_image(None)
     huge = {"background": np.zeros((5000, 4000, 3), np.uint8), "layers": []}
-    with pytest.raises(S.UIError, match="larger than"):
+    with pytest.raises(S.UIError, match="4000x5000 .* at most 20 MB and 16 megapixels"):
         S.editor_image(huge)
 
 
@@ -48,24 +49,84 @@ def test_point_checks_and_paste_offset():
     assert drawn.size == (384, 384) and np.asarray(drawn)[31, 31].any()  # the handle's dot at 3x
 
 
-def test_run_edit_reuses_the_inversion_and_writes_a_sidecar(tiny_pipe):
+def test_run_edit_reuses_the_inversion_and_writes_a_sidecar(tiny_pipe, tmp_path):
     img, disc, _ = make_scene()
     session = S.Session()
+    where = {"outputs": S.Outputs(parent=tmp_path), "owner": "page-1"}
     opts = {"num_inference_steps": 3, "max_resolution": 128, "preset": "official", "seed": 1}
     out1, st1, files = S.run_edit(tiny_pipe, session, "move", img, mask=disc, points=[(36, 44), (60, 50)],
-                                  prompt="p", options=dict(opts))
+                                  prompt="p", options=dict(opts), **where)
     assert st1["inversion"] == "computed" and out1.size == (128, 128)
     out2, st2, _ = S.run_edit(tiny_pipe, session, "move", img, mask=disc, points=[(36, 44), (60, 50)],
-                              prompt="p", options=dict(opts))
+                              prompt="p", options=dict(opts), **where)
     assert st2["inversion"] == "reused"
     assert np.array_equal(np.asarray(out1), np.asarray(out2))  # a reused inversion gives the same edit
     _, st3, _ = S.run_edit(tiny_pipe, session, "move", img, mask=disc, points=[(36, 44), (60, 50)],
-                           prompt="another prompt", options=dict(opts))
+                           prompt="another prompt", options=dict(opts), **where)
     assert st3["inversion"] == "computed"  # a new prompt needs a new inversion
     side = json.loads(files[1].read_text())
     assert side["spec"]["image"] == "input.png" and side["spec"]["mask"] == "mask.png"
     assert (files[0].parent / "mask.png").exists() and side["spec"]["offset"] == [24.0, 6.0]
     with pytest.raises(S.UIError, match="move needs one handle"):
-        S.run_edit(tiny_pipe, session, "move", img, mask=disc, points=[(36, 44)], prompt="p", options=dict(opts))
+        S.run_edit(tiny_pipe, session, "move", img, mask=disc, points=[(36, 44)], prompt="p", options=dict(opts),
+                   **where)
     session.push(img)
     assert session.pop() is img and session.pop() is None
+
+
+def test_uploads_are_checked_from_the_header_and_named(tmp_path, monkeypatch):
+    """Bytes, format and pixels are checked before the image is decoded; the message names the upload and says
+    what is accepted; every mode is converted to RGB."""
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("L", (6000, 4000)).save(big)  # 24 megapixels in a few kB
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self, *a: decoded.append(self) or None)
+    with pytest.raises(S.UIError) as e:
+        S.read_upload(big, "image")
+    assert not decoded  # refused from the header, no pixel decoded
+    assert str(e.value) == ("image: big.png is 6000x4000 (24.0 megapixels); accepted: PNG, JPEG, WebP, GIF or BMP "
+                            "images of at most 20 MB and 16 megapixels")
+    monkeypatch.undo()
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    with pytest.raises(S.UIError, match=r"^reference: notes.txt is not an image; accepted: PNG"):
+        S.read_upload(text, "reference")
+    heavy = tmp_path / "heavy.png"
+    with open(heavy, "wb") as f:
+        f.truncate(20_000_001)
+    with pytest.raises(S.UIError, match=r"^image: heavy.png is 20.0 MB; accepted: .* at most 20 MB"):
+        S.read_upload(heavy)
+    tiff = tmp_path / "scan.tif"
+    Image.new("RGB", (16, 16)).save(tiff)
+    with pytest.raises(S.UIError, match="scan.tif is not an image \\(TIFF file\\)"):
+        S.read_upload(tiff)
+    for mode in ("L", "P", "RGBA", "LA", "1", "I;16"):
+        path = tmp_path / f"m{mode.replace(';', '')}.png"
+        Image.new("RGB", (20, 10), (200, 30, 30)).convert(mode).save(path)
+        out = S.read_upload(path)
+        assert out.shape == (10, 20, 3) and out.dtype == np.uint8, mode
+
+
+def test_results_folders_are_per_session_bounded_and_removed(tmp_path):
+    """One folder per app in the temp dir, a subfolder per session removed when the session ends, the oldest
+    edits removed past the cap, everything removed at close."""
+    outputs = S.Outputs(cap_bytes=2500, parent=tmp_path)
+    runs = []
+    for k, owner in enumerate(["a", "b", "a", "b"]):
+        run = outputs.session_folder(owner) / f"edit-{k:03d}"
+        run.mkdir()
+        (run / "result.png").write_bytes(b"x" * 1000)
+        os.utime(run / "result.png", (1000 + k, 1000 + k))
+        os.utime(run, (1000 + k, 1000 + k))
+        runs.append(run)
+        outputs.trim(keep=run)
+    assert [r.exists() for r in runs] == [False, False, True, True]  # 2 kB fit under 2.5 kB: the oldest went
+    (root,) = tmp_path.glob("dragondiff-ui-*")
+    assert outputs.root == root and len(list(root.iterdir())) == 2
+    outputs.end_session("a")
+    assert not runs[2].parent.exists() and runs[3].exists()
+    outputs.end_session("never-seen")  # nothing to remove
+    outputs.close()
+    assert not list(tmp_path.iterdir())

@@ -16,6 +16,19 @@ DEFAULT_SEED = 42
 DEFAULT_MAX_RESOLUTION = 768  # the official demo's working resolution
 BUNDLED_RESOLUTION = 128  # the bundled shapes model's scenes
 
+# What the web UI (and its API) accepts as an uploaded image: the page checks a file before its editor reads it, the
+# API before decoding it (the header gives format and size). The working size is ~max_resolution² anyway.
+UPLOAD_MAX_BYTES = 20_000_000  # 20 MB
+UPLOAD_MAX_PIXELS = 16_000_000  # 16 megapixels, e.g. 4000x4000 (below inputs.MAX_INPUT_PIXELS)
+UPLOAD_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP"}  # PIL name -> shown
+
+
+def upload_rule() -> str:
+    """What the UI accepts, as its messages say it."""
+    names = list(UPLOAD_FORMATS.values())
+    return (f"accepted: {', '.join(names[:-1])} or {names[-1]} images of at most {UPLOAD_MAX_BYTES / 1e6:g} MB and "
+            f"{UPLOAD_MAX_PIXELS / 1e6:g} megapixels")
+
 
 @dataclass(frozen=True)
 class Limit:

@@ -208,6 +208,24 @@ def bench(which, rest):
         raise SystemExit(code)
 
 
+def check_port(host: str, port: int) -> None:
+    """The web UI can listen on host:port (bound as the server will bind it, then released)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise InputError(f"--host {host}: cannot resolve it ({e})") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closed port is free
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise InputError(f"--port {port}: {host}:{port} is in use or not available ({e.strerror or e}); "
+                             "choose another --port") from e
+
+
 @click.command("ui", help="Start the web UI (needs the [ui] extra: pip install 'dragondiff[ui]'): one tab per task, "
                           "on http://HOST:PORT.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
@@ -221,6 +239,7 @@ def ui(host, port, share, steps, **opts):
         from ..ui.app import launch
     except ImportError as e:
         raise InputError(f"the web UI needs Gradio: pip install 'dragondiff[ui]' ({e})") from e
+    check_port(host, port)  # before the model loads
     loaded = open_model(opts)
     click.echo(f"dragondiff ui: model {opts['model']}, {loaded.threads} thread(s), http://{host}:{port}", err=True)
     launch(loaded.pipe, host=host, port=port, share=share, steps=steps)

@@ -2,21 +2,45 @@
 `/appearance`, `/paste`), both laid out from each task's registry entry (`TaskInfo.ui`, `images`). Layout and event
 wiring only; the logic is in session.py. The page's own events are private: the API is the per-task endpoints."""
 
+import atexit
+import contextlib
+import functools
 import inspect
+import json
+import signal
+import threading
+from pathlib import Path
 
 import numpy as np
 
-from ..limits import DEFAULT_PRESET, DEFAULT_SEED, LIMITS
+from ..limits import (DEFAULT_PRESET, DEFAULT_SEED, LIMITS, UPLOAD_FORMATS, UPLOAD_MAX_BYTES, UPLOAD_MAX_PIXELS,
+                      upload_rule)
 from ..presets import PRESETS
 from ..tasks import TASKS
-from .session import (Session, UIError, display_factor, draw_points, editor_image, editor_mask, run_edit,
-                      run_fields, status_text)
+from .session import (Outputs, Session, UIError, display_factor, draw_points, editor_image, editor_mask,
+                      read_upload, run_edit, run_fields, status_text)
 
-MAX_UPLOAD = "20mb"
-# Small results (the bundled model's 128 px) fill their panel, drawn with crisp pixels.
+# The largest request the server takes: an accepted image's exports from the page's editor (RGBA PNG, at worst
+# 4 bytes a pixel) or an API upload, which is then refused by its own check with a message naming the limits.
+REQUEST_MAX_BYTES = 4 * UPLOAD_MAX_PIXELS + UPLOAD_MAX_BYTES
+API_OWNER = "api"  # API calls share one session, and its folder
+# Small results (the bundled model's 128 px) fill their panel, drawn with crisp pixels; messages read as errors.
 CSS = """
 [id$='-result'] img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+.dd-points .eta-bar, .dd-points [data-testid='status-tracker'] { pointer-events: none; }  /* clicks reach the image */
+.dd-message p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
+.dd-upload-error { position: absolute; left: 8px; right: 8px; bottom: 8px; z-index: 50; padding: 6px 10px;
+  border-radius: 6px; background: var(--error-background-fill, #fee2e2); color: var(--error-text-color, #b91c1c);
+  border: 1px solid var(--error-border-color, #fca5a5); font-weight: 600; }
 """
+
+
+def page_head() -> str:
+    """The page's script (page.js: the upload check) with the upload limits."""
+    config = {"maxBytes": UPLOAD_MAX_BYTES, "maxPixels": UPLOAD_MAX_PIXELS,
+              "formats": list(UPLOAD_FORMATS), "rule": upload_rule()}
+    script = (Path(__file__).parent / "page.js").read_text()
+    return f"<script>window.DRAGONDIFF_UPLOAD = {json.dumps(config)};\n{script}</script>"
 PRIVATE = {"api_visibility": "private"}  # the page's own events are not part of the app's API
 RESOLUTION_STEP = 64  # working sizes are multiples of 64
 
@@ -41,7 +65,9 @@ def example_reference():
 
 
 def _editor(gr, label: str, elem_id: str):
+    # dd-upload: page.js checks what is uploaded into it before the editor reads it
     return gr.ImageEditor(label=label, type="numpy", image_mode="RGBA", format="png", elem_id=elem_id,
+                          elem_classes="dd-upload",
                           sources=("upload", "clipboard"), transforms=(), layers=False, height=420,
                           # see-through magenta: the object stays visible under the mask on any colour
                           brush=gr.Brush(colors=[("#ff00ff", 0.6)], default_color=("#ff00ff", 0.6),
@@ -53,6 +79,28 @@ def _ui_error(gr, e: Exception):
     if isinstance(e, UIError):
         return gr.Error(str(e), title="Check the input", print_exception=False)
     return gr.Error(f"{type(e).__name__}: {e}", title="The edit failed")
+
+
+def _message_text(e: Exception) -> str:
+    if isinstance(e, UIError):
+        return f"Check the input: {e}"
+    return f"The edit failed: {type(e).__name__}: {e}"
+
+
+def _reported(message, fn):
+    """A page event's handler (returning a dict of outputs) whose failure is said in the tab's message area while
+    its other outputs keep what they show (a failed Run leaves the previous result, no error badges over it); a
+    success clears the message. Every page event of a tab goes through it."""
+
+    @functools.wraps(fn)
+    def handler(*args, **kwargs):
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 (every failure becomes a message in the page)
+            return {message: _message_text(e)}
+        return {message: "", **out}
+
+    return handler
 
 
 def _limit_slider(gr, name: str, value, label: str, step=1, **kw):
@@ -103,9 +151,10 @@ def _preview(value, points):
     return np.asarray(draw_points(image, mask, points))
 
 
-def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image) -> None:
+def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image, outputs: Outputs) -> None:
     """One task's tab: image (and reference) editors, the points panel when the task takes clicks, the result
-    with its status and downloads, the prompt, a Scale slider when the task has one, Run, the advanced settings."""
+    with its message area, status and downloads, the prompt, a Scale slider when the task has one, Run, the
+    advanced settings."""
     task, ui, names = info.name, info.ui, list(examples)
     with gr.Tab(ui.title, id=task, elem_id=f"tab-{task}"):
         with gr.Row():
@@ -120,7 +169,7 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             if ui.click_help:
                 with gr.Column():
                     clicks = gr.Image(label=f"Points: {ui.click_help}", interactive=False, type="numpy",
-                                      format="png", elem_id=f"{task}-points", height=420)
+                                      format="png", elem_id=f"{task}-points", elem_classes="dd-points", height=420)
                     with gr.Row():
                         undo_point = gr.Button("Undo last point", elem_id=f"{task}-undo-point")
                         clear_points = gr.Button("Clear points", elem_id=f"{task}-clear-points")
@@ -131,6 +180,7 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             with gr.Column():
                 result = gr.Image(label="Result", interactive=False, type="numpy", format="png",
                                   elem_id=f"{task}-result", height=420)
+                message = gr.Markdown(elem_id=f"{task}-message", elem_classes="dd-message")
                 status = gr.Markdown(elem_id=f"{task}-status")
                 files = gr.File(label="Download: result and sidecar", file_count="multiple", interactive=False,
                                 elem_id=f"{task}-files")
@@ -145,7 +195,8 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             advanced = _advanced(gr, pipe, steps)
 
     # ---------------------------------------------------------------------------------------------- events
-    resettable = [editor] + ([clicks] if clicks is not None else [])
+    # Every page event goes through _reported: a failure is said in `message`, the other outputs keep their value.
+    resettable = [editor] + ([clicks] if clicks is not None else []) + [message]
 
     def reset(image, session):
         session.points[task] = []
@@ -161,59 +212,69 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             out[ref_editor] = {"background": reference_image, "layers": [], "composite": reference_image}
         return out
 
-    load.click(load_example, [choice, state], resettable + [prompt] + ([ref_editor] if ref_editor else []),
-               **PRIVATE)
+    load.click(_reported(message, load_example), [choice, state],
+               resettable + [prompt] + ([ref_editor] if ref_editor else []), **PRIVATE)
+
+    # An upload of any mode (grey, palette, transparent, ...) becomes the RGB picture an edit reads, at once, and
+    # the points panel shows it (page.js has already refused files over the limits or not images).
+    def uploaded(value, session):
+        return reset(editor_image(value), session)
+
+    editor.upload(_reported(message, uploaded), [editor, state], resettable, **PRIVATE)
+    if ref_editor is not None:
+        def ref_uploaded(value):
+            image = editor_image(value, "reference")
+            return {ref_editor: {"background": image, "layers": [], "composite": image}}
+
+        ref_editor.upload(_reported(message, ref_uploaded), [ref_editor], [ref_editor, message], **PRIVATE)
+
     if clicks is not None:
         def add_point(value, session, evt: gr.SelectData):
-            try:
-                k = display_factor(editor_image(value).shape[:2])
-            except UIError as e:
-                raise _ui_error(gr, e) from e
+            k = display_factor(editor_image(value).shape[:2])
             pts = session.points.setdefault(task, [])
             pts.append(tuple(float(v) // k for v in evt.index))
-            return _preview(value, pts)
+            return {clicks: _preview(value, pts)}
 
         def edit_points(value, session, keep):
             pts = session.points.setdefault(task, [])
             del pts[keep(len(pts)):]
-            return _preview(value, pts)
+            return {clicks: _preview(value, pts)}
 
-        # Every click counts (trigger_mode "multiple"), in order (one at a time); no progress overlay on the
-        # points image, which would swallow the next click.
+        # Every click counts (trigger_mode "multiple"), in order (one at a time); no progress overlay on the points
+        # image, and the status tracker over it lets clicks through (CSS), which would swallow them.
         quiet = {"show_progress": "hidden", "trigger_mode": "multiple", **PRIVATE}
-        clicks.select(add_point, [editor, state], [clicks], **quiet)
-        undo_point.click(lambda v, s: edit_points(v, s, lambda n: max(0, n - 1)), [editor, state], [clicks],
-                         **quiet)
-        clear_points.click(lambda v, s: edit_points(v, s, lambda n: 0), [editor, state], [clicks], **quiet)
+        clicks.select(_reported(message, add_point), [editor, state], [clicks, message], **quiet)
+        undo_point.click(_reported(message, lambda v, s: edit_points(v, s, lambda n: max(0, n - 1))),
+                         [editor, state], [clicks, message], **quiet)
+        clear_points.click(_reported(message, lambda v, s: edit_points(v, s, lambda n: 0)), [editor, state],
+                           [clicks, message], **quiet)
         # Painting fires a change per stroke: only the latest redraw matters.
         editor.change(lambda v, s: _preview(v, s.points.get(task, [])), [editor, state], [clicks],
                       show_progress="hidden", trigger_mode="always_last", **PRIVATE)
 
-    def do_run(data, progress=gr.Progress()):
+    def do_run(data, request: gr.Request, progress=gr.Progress()):
         session = data[state]
-        try:
-            value = data[editor]
-            image = editor_image(value)
-            mask = editor_mask(value, image.shape[:2]) if ui.mask_on_image else None
-            reference = reference_mask = None
-            if ref_editor is not None:
-                reference = editor_image(data[ref_editor], "reference")
-                reference_mask = editor_mask(data[ref_editor], reference.shape[:2], "reference mask")
-            out, info_, paths = run_edit(
-                pipe, session, task, image, mask=mask, points=list(session.points.get(task, [])),
-                reference=reference, reference_mask=reference_mask, prompt=data[prompt] or "",
-                scale=float(data[scale]) if scale is not None else 1.0,
-                options=_options({k: data[c] for k, c in advanced.items()}), progress=progress)
-        except Exception as e:  # noqa: BLE001 (every failure becomes a message in the page)
-            raise _ui_error(gr, e) from e
+        value = data[editor]
+        image = editor_image(value)
+        mask = editor_mask(value, image.shape[:2]) if ui.mask_on_image else None
+        reference = reference_mask = None
+        if ref_editor is not None:
+            reference = editor_image(data[ref_editor], "reference")
+            reference_mask = editor_mask(data[ref_editor], reference.shape[:2], "reference mask")
+        out, info_, paths = run_edit(
+            pipe, session, task, image, outputs=outputs, owner=request.session_hash, mask=mask,
+            points=list(session.points.get(task, [])), reference=reference, reference_mask=reference_mask,
+            prompt=data[prompt] or "", scale=float(data[scale]) if scale is not None else 1.0,
+            options=_options({k: data[c] for k, c in advanced.items()}), progress=progress)
         return {result: np.asarray(out), status: status_text(info_), files: [str(p) for p in paths]}
 
     inputs = {state, editor, prompt, *advanced.values()} | {c for c in (clicks, ref_editor, scale) if c is not None}
-    run.click(do_run, inputs, [result, status, files], concurrency_id="edit", **PRIVATE)
+    run.click(_reported(message, do_run), inputs, [result, status, files, message], concurrency_id="edit",
+              **PRIVATE)
 
     def edit_result(output, value, session):
         if output is None:
-            raise gr.Error("Run an edit first", title="Nothing to edit")
+            raise UIError("Nothing to edit: run an edit first")
         try:
             session.push(editor_image(value))
         except UIError:
@@ -223,33 +284,28 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
     def undo_edit(session):
         image = session.pop()
         if image is None:
-            raise gr.Error("No earlier input in this session", title="Nothing to undo")
+            raise UIError("Nothing to undo: no earlier input in this session")
         return reset(image, session)
 
-    again.click(edit_result, [result, editor, state], resettable, **PRIVATE)
-    undo.click(undo_edit, [state], resettable, **PRIVATE)
+    again.click(_reported(message, edit_result), [result, editor, state], resettable, **PRIVATE)
+    undo.click(_reported(message, undo_edit), [state], resettable, **PRIVATE)
 
 
 # ------------------------------------------------------------------------------------------------------ API
 
-def _mask_upload(value) -> np.ndarray | None:
-    """An uploaded mask image (white = inside) as a bool mask."""
-    if value is None:
-        return None
-    arr = np.asarray(value)
-    return (arr[..., :3].max(-1) if arr.ndim == 3 else arr) > 127
+def _mask_upload(path, name: str) -> np.ndarray:
+    """An uploaded mask image (white = inside) as a bool mask, checked as every upload is."""
+    return read_upload(path, name).max(-1) > 127
 
 
-def _api_endpoint(gr, pipe, info, steps: int, session: Session) -> None:
+def _api_endpoint(gr, pipe, info, steps: int, session: Session, outputs: Outputs) -> None:
     """`/<task>`: the task's fields as parameters (image, mask, its clicked fields as values, reference, prompt,
-    settings), the full-size result and a status line back. Hidden components: only the API uses them."""
+    settings), the full-size result and a status line back. Hidden components: only the API uses them. Images
+    arrive as files, checked (bytes, format and pixels from the header) before they are decoded."""
     task, ui = info.name, info.ui
-    images = {"image": gr.Image(type="numpy", image_mode="RGB", label="image")}
-    if ui.mask_on_image:
-        images["mask"] = gr.Image(type="numpy", image_mode="RGB", label="mask")
-    if info.images == 2:
-        images["reference"] = gr.Image(type="numpy", image_mode="RGB", label="reference")
-        images["reference_mask"] = gr.Image(type="numpy", image_mode="RGB", label="reference_mask")
+    names = ["image"] + (["mask"] if ui.mask_on_image else []) + (
+        ["reference", "reference_mask"] if info.images == 2 else [])
+    images = {name: gr.File(type="filepath", label=name) for name in names}
     values = {name: (gr.Number(None, label=name) if kind == "number" else gr.JSON(None, label=name))
               for name, kind in ui.api_fields.items()}
     prompt = gr.Textbox("", label="prompt")
@@ -265,9 +321,11 @@ def _api_endpoint(gr, pipe, info, steps: int, session: Session) -> None:
         try:
             if data["image"] is None:
                 raise UIError("image: give the image to edit")
-            fields = {name: _mask_upload(data[name]) if name.endswith("mask") else data[name]
+            image = read_upload(data["image"], "image")
+            fields = {name: (_mask_upload(data[name], name) if name.endswith("mask") else
+                             read_upload(data[name], name) if name in images else data[name])
                       for name in [*images, *values] if name != "image" and data[name] is not None}
-            out, status_, _ = run_fields(pipe, session, task, np.ascontiguousarray(data["image"][..., :3]), fields,
+            out, status_, _ = run_fields(pipe, session, task, image, fields, outputs=outputs, owner=API_OWNER,
                                          prompt=data["prompt"] or "", options=_options(data))
         except Exception as e:  # noqa: BLE001 (the client gets the message)
             raise _ui_error(gr, e) from e
@@ -283,9 +341,13 @@ def _api_endpoint(gr, pipe, info, steps: int, session: Session) -> None:
                   concurrency_id="edit")
 
 
-def build_app(pipe, *, steps: int = 50):
+def build_app(pipe, *, steps: int = 50, outputs: Outputs | None = None):
+    """The Blocks app. Its edits' files go to `outputs` (a fresh `Outputs` if None, as `app.dragondiff_outputs`):
+    a session's folder is removed when its page is closed (Gradio's unload event), `launch` removes them all at
+    shutdown."""
     import gradio as gr
 
+    outputs = outputs or Outputs()
     examples = example_scenes()
     reference_image = example_reference()
     with gr.Blocks(title="dragondiff") as app:
@@ -298,19 +360,47 @@ def build_app(pipe, *, steps: int = 50):
         state = gr.State(Session())
         for info in TASKS.values():
             if info.ui is not None:
-                _task_tab(gr, pipe, info, state, steps, examples, reference_image)
+                _task_tab(gr, pipe, info, state, steps, examples, reference_image, outputs)
         api_session = Session()  # API calls share one inversion cache (edits run one at a time)
         with gr.Column(visible=False):
             for info in TASKS.values():
                 if info.ui is not None:
-                    _api_endpoint(gr, pipe, info, steps, api_session)
+                    _api_endpoint(gr, pipe, info, steps, api_session, outputs)
+
+        def session_ended(request: gr.Request):
+            outputs.end_session(request.session_hash)
+
+        app.unload(session_ended)
+    app.dragondiff_outputs = outputs
     return app
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # Gradio then closes the server, as on Ctrl-C
+
+
 def launch(pipe, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, steps: int = 50,
-           quiet: bool = False):
+           quiet: bool = False, block: bool = True):
+    """Serve the app; with block=False return it running (close it with `app.close()`). The edits' folders are
+    removed when the server stops (Ctrl-C, SIGTERM, `app.close()`) and, failing that, at exit."""
     app = build_app(pipe, steps=steps)
+    outputs = app.dragondiff_outputs
+    atexit.register(outputs.close)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_server):
+        yield
+        outputs.close()
+
     # One edit at a time: the model is shared and an edit's memory bank lives on its UNet for the edit's duration.
     app.queue(default_concurrency_limit=1, max_size=64)
-    app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, quiet=quiet,
-               footer_links=[], css=CSS)
+    if block and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        app.launch(server_name=host, server_port=port, share=share, max_file_size=REQUEST_MAX_BYTES, quiet=quiet,
+                   footer_links=[], css=CSS, head=page_head(), app_kwargs={"lifespan": lifespan},
+                   prevent_thread_lock=not block)
+    finally:
+        if block:
+            outputs.close()
+    return app

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +15,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..inputs import pil_to_rgb
+from ..limits import UPLOAD_FORMATS, UPLOAD_MAX_BYTES, UPLOAD_MAX_PIXELS, upload_rule
 from ..output import draw_arrow, full_resolution, overlay
 from ..spec import EditSpec
 from ..tasks import TASKS
 
-# Uploads larger than this are refused in the page (the working size is ~max_resolution² anyway).
-MAX_UI_PIXELS = 16_000_000
 HISTORY_LIMIT = 20
+# The edits' files (inputs, results, sidecars) kept on disk by one app, all sessions together; past this the oldest
+# edits' folders are removed. A session's folder goes when the session ends, the app's when it stops.
+RESULTS_CAP_BYTES = 500_000_000
 
 
 class UIError(ValueError):
@@ -27,6 +32,42 @@ class UIError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ reading inputs
+
+def upload_problem(name: str, file: str, *, nbytes: int | None = None, format: str | None = None,
+                   size: tuple[int, int] | None = None) -> str | None:
+    """Why an upload is refused (None: accepted), naming the upload and what is accepted. `format` is PIL's name
+    of the file's format ("" when it is not an image), `size` its (width, height) from the header."""
+    if nbytes is not None and nbytes > UPLOAD_MAX_BYTES:
+        what = f"is {nbytes / 1e6:.1f} MB"
+    elif format is not None and format not in UPLOAD_FORMATS:
+        what = f"is not an image ({format} file)" if format else "is not an image"
+    elif size is not None and size[0] * size[1] > UPLOAD_MAX_PIXELS:
+        what = f"is {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.1f} megapixels)"
+    else:
+        return None
+    return f"{name}: {file} {what}; {upload_rule()}"
+
+
+def read_upload(path, name: str = "image") -> np.ndarray:
+    """An uploaded image file as RGB uint8, checked before it is decoded: its size in bytes, then its format and
+    pixels from the header (PIL's lazy open reads no pixel data), then converted from any mode as the CLI does."""
+    path = Path(path)
+    problem = upload_problem(name, path.name, nbytes=path.stat().st_size)
+    if problem:
+        raise UIError(problem)
+    try:
+        im = Image.open(path)
+    except (OSError, Image.DecompressionBombError):
+        raise UIError(upload_problem(name, path.name, format="")) from None
+    with im:
+        problem = upload_problem(name, path.name, format=im.format or "", size=im.size)
+        if problem:
+            raise UIError(problem)
+        try:
+            return pil_to_rgb(im, name)[0]
+        except (OSError, ValueError) as e:
+            raise UIError(f"{name}: cannot read {path.name} ({e})") from e
+
 
 def editor_image(value, name: str = "image") -> np.ndarray:
     """The uploaded picture of an ImageEditor value (RGB uint8)."""
@@ -38,9 +79,9 @@ def editor_image(value, name: str = "image") -> np.ndarray:
         image = np.stack([image] * 3, -1)
     if image.ndim != 3 or image.shape[2] not in (3, 4):
         raise UIError(f"{name}: not an RGB image (shape {image.shape})")
-    if image.shape[0] * image.shape[1] > MAX_UI_PIXELS:
-        raise UIError(f"{name}: {image.shape[1]}x{image.shape[0]} is larger than the {MAX_UI_PIXELS:,} pixels "
-                      "this app accepts; downscale it first")
+    problem = upload_problem(name, "the image", size=(image.shape[1], image.shape[0]))
+    if problem:
+        raise UIError(problem)
     if image.shape[2] == 4:  # flatten transparency onto white, as a viewer shows it
         alpha = image[..., 3:4].astype(np.float32) / 255
         image = np.rint(image[..., :3] * alpha + 255 * (1 - alpha))
@@ -108,16 +149,78 @@ def draw_points(image: np.ndarray, mask: np.ndarray | None, points: list) -> Ima
 
 # ---------------------------------------------------------------------------------------------- sessions
 
+def _session_name(owner: str) -> str:
+    return f"session-{hashlib.sha256(owner.encode()).hexdigest()[:16]}"  # the id comes from the client
+
+
+class Outputs:
+    """The folders an app writes its edits to: one `dragondiff-ui-*` folder in the temp dir per app, one subfolder
+    per session in it (removed when the session ends), an `edit-NNN` folder per edit; the oldest edits' folders
+    are removed once all together pass `cap_bytes`, and `close()` (at shutdown) removes everything."""
+
+    def __init__(self, cap_bytes: int = RESULTS_CAP_BYTES, parent=None):
+        self.cap_bytes = cap_bytes
+        self.parent = parent
+        self.root: Path | None = None  # made at the first edit
+        self._lock = threading.Lock()
+
+    def session_folder(self, owner: str) -> Path:
+        """The folder of one session (`owner`: the browser session's id); the same id gives the same folder."""
+        with self._lock:
+            if self.root is None or not self.root.exists():
+                self.root = Path(tempfile.mkdtemp(prefix="dragondiff-ui-", dir=self.parent))
+            folder = self.root / _session_name(owner)
+            folder.mkdir(exist_ok=True)
+            return folder
+
+    def end_session(self, owner: str) -> None:
+        """The session has ended (its page was closed): remove its folder."""
+        with self._lock:
+            if self.root is not None:
+                shutil.rmtree(self.root / _session_name(owner), ignore_errors=True)
+
+    def trim(self, keep: Path | None = None) -> list[Path]:
+        """Remove the oldest edit folders (never `keep`) until all of them together fit in cap_bytes."""
+        removed = []
+        with self._lock:
+            if self.root is None:
+                return removed
+            edits = []
+            for run in self.root.glob("session-*/edit-*"):
+                try:
+                    files = [f.stat() for f in run.iterdir()]
+                    edits.append((max([run.stat().st_mtime] + [f.st_mtime for f in files]),
+                                  sum(f.st_size for f in files), run))
+                except OSError:  # removed meanwhile
+                    continue
+            total = sum(size for _, size, _ in edits)
+            for _, size, run in sorted(edits, key=lambda e: e[0]):
+                if total <= self.cap_bytes:
+                    break
+                if keep is not None and run == keep:
+                    continue
+                shutil.rmtree(run, ignore_errors=True)
+                removed.append(run)
+                total -= size
+        return removed
+
+    def close(self) -> None:
+        """Remove every folder of this app (at shutdown)."""
+        with self._lock:
+            if self.root is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root = None
+
+
 @dataclass
 class Session:
-    """One browser session: its cached inversion, its history of inputs, its output folder."""
+    """One browser session: its cached inversion, its history of inputs, its edits' count."""
 
     inversion_key: str | None = None
     inversion: object = None
     inversion_seconds: float = 0.0
     history: list = field(default_factory=list)  # earlier input images, for undo
     points: dict = field(default_factory=dict)  # task -> clicked points (x, y) in image pixels
-    folder: Path | None = None  # made at the first edit (a fresh Session is copied for every page load)
     runs: int = 0
 
     def push(self, image: np.ndarray) -> None:
@@ -150,21 +253,23 @@ def click_fields(task: str, image: np.ndarray, *, mask=None, points=(), referenc
     return fields
 
 
-def run_edit(pipe, session: Session, task: str, image: np.ndarray, *, mask=None, points=(), reference=None,
-             reference_mask=None, prompt: str = "", scale: float = 1.0, options: dict | None = None,
-             progress=None) -> tuple[Image.Image, dict, list[Path]]:
+def run_edit(pipe, session: Session, task: str, image: np.ndarray, *, outputs: Outputs, owner: str, mask=None,
+             points=(), reference=None, reference_mask=None, prompt: str = "", scale: float = 1.0,
+             options: dict | None = None, progress=None) -> tuple[Image.Image, dict, list[Path]]:
     """Run one edit from a tab's brushed masks and clicked points, inverting the image only if this session has
     not inverted it with these settings. Returns the full-size result, a status dict and the files to download
     (result PNG, sidecar JSON)."""
     fields = click_fields(task, image, mask=mask, points=points, reference=reference,
                           reference_mask=reference_mask, scale=scale)
-    return run_fields(pipe, session, task, image, fields, prompt=prompt, options=options, progress=progress)
+    return run_fields(pipe, session, task, image, fields, outputs=outputs, owner=owner, prompt=prompt,
+                      options=options, progress=progress)
 
 
-def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dict, *, prompt: str = "",
-               options: dict | None = None, progress=None) -> tuple[Image.Image, dict, list[Path]]:
+def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dict, *, outputs: Outputs, owner: str,
+               prompt: str = "", options: dict | None = None, progress=None) -> tuple[Image.Image, dict, list[Path]]:
     """Run one edit of `image` with the task's spec `fields` (mask, points or offset, reference, ...) and the
-    `options` (num_inference_steps, max_resolution, preset, seed, ...), reusing the session's inversion."""
+    `options` (num_inference_steps, max_resolution, preset, seed, ...), reusing the session's inversion. Its files
+    go to the `owner` session's folder of `outputs`, whose oldest edits are then trimmed to the cap."""
     import torch
 
     from ..provenance import build_sidecar
@@ -198,9 +303,7 @@ def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dic
         raise UIError(str(e)) from e
     session.runs += 1
     out = full_resolution(result, image)
-    if session.folder is None:
-        session.folder = Path(tempfile.mkdtemp(prefix="dragondiff-ui-"))
-    run = session.folder / f"edit-{session.runs:03d}"
+    run = outputs.session_folder(owner) / f"edit-{session.runs:03d}"
     run.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(run / "input.png")
     out.save(run / "result.png")
@@ -216,6 +319,7 @@ def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dic
             Image.fromarray(arr).save(run / file)
             sidecar["spec"][name] = file
     (run / "result.json").write_text(json.dumps(sidecar, indent=1))
+    outputs.trim(keep=run)
     status = {"task": task, "inversion": "reused" if reused else "computed",
               "inversion_seconds": round(session.inversion_seconds, 2), "edit_seconds": round(result.seconds, 2),
               "guidance_scale": result.spec.guidance_scale, "energy_scale": result.spec.energy_scale,
