@@ -382,3 +382,22 @@ def test_the_preview_shows_the_saved_image():
     sheet = np.asarray(preview(result, saved))
     assert sheet.shape[:2] == (64, 64 * 2 + 4)
     assert tuple(sheet[32, -10]) == (0, 0, 255)
+
+
+def test_guidance_factors_are_bounded_and_the_nan_hint_names_them(tiny_pipe, main):
+    """--gradient-coef 1e30 is refused by its range; a latent that turns NaN names every factor of the guidance
+    strength (not only one of them)."""
+    import torch
+
+    from conftest import FAST, TINY_MODEL, make_scene
+    from dragondiff.errors import NonFiniteError
+
+    code, _, err = main("move", "x.png", "--mask", "m.png", "--offset", "8,0", "--gradient-coef", "1e30",
+                        "--model", TINY_MODEL)
+    assert code == 2 and "--gradient-coef" in err and "is not in the range 0<=x<=10" in err
+    img, disc, _ = make_scene()
+    poison = lambda pipe, i, t, kw: {"latents": torch.full_like(kw["latents"], float("nan"))}  # noqa: E731
+    with pytest.raises(NonFiniteError, match=r"energy_scale, gradient_coef and the energy weights \(w_edit"):
+        tiny_pipe.move(img, disc, offset=(16, 0), callback_on_step_end=poison, **dict(FAST, num_inference_steps=3))
+    code, out, _ = main("move", "--help")
+    assert "[default: 0,0: no move, so give it unless --scale resizes in place]" in " ".join(out.split())

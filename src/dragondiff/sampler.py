@@ -343,8 +343,9 @@ def sample(backbone: Model, preset: Preset, schedule: Schedule, problem: Problem
                 z = z_prev
         if not torch.isfinite(z).all():
             raise NonFiniteError(
-                f"NaN/Inf in the latent after sampling step {i} (t={t}); lower the guidance strength "
-                "(energy_scale, gradient_coef) or use float32"
+                f"NaN/Inf in the latent after sampling step {i} (t={t}); lower the guidance strength, the "
+                "product of energy_scale, gradient_coef and the energy weights (w_edit, w_content, ...), or use "
+                "float32"
             )
         if on_step is not None:
             info.latent = z
