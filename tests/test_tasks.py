@@ -129,7 +129,7 @@ def test_paper_counts_and_determinism(tiny_pipe, task):
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
     # 10 steps on the 50-step grid: steps 0..5 map to grid steps 0..25 < 30, all guided once
     assert a.pass_counts == dict(inversion_unet=10, cfg_unet=10, time_travel_unet=0, feature_nograd=6 * images(task),
-                                 feature_cached=0, feature_grad=6, backward=12)
+                                 feature_cached=0, feature_grad=6, backward=12, image_encoder=0)
 
 
 def test_seed_controls_regional_sde(tiny_pipe):
