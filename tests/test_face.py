@@ -223,3 +223,24 @@ def test_face_detection_errors():
     small = np.asarray(Image.fromarray(PHOTO).resize((320, 320), Image.LANCZOS))
     with pytest.raises(ValueError, match=r"^image: the face is too small"):
         plan(small, face=0, target_landmarks=LANDMARKS)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_face_with_landmark_files(tmp_path):
+    """`dragondiff face PHOTO --landmarks FILE --target-landmarks FILE` writes the photo at full size and a
+    sidecar; a missing target is refused before the model loads."""
+    from test_cli import FAST as CLI_FAST, cli
+
+    (tmp_path / "lm.json").write_text(json.dumps(LANDMARKS.tolist()))
+    (tmp_path / "targets.json").write_text(json.dumps(mouth_lowered(LANDMARKS).tolist()))
+    out = cli("face", DATA / "astronaut.jpg", "--landmarks", tmp_path / "lm.json", "--target-landmarks",
+              tmp_path / "targets.json", "--groups", "mouth", "-o", tmp_path / "out.png", *CLI_FAST)
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "out.png").size == (512, 512)
+    side = json.loads((tmp_path / "out.json").read_text())
+    assert side["spec"]["task"] == "face" and side["spec"]["groups"] == ["mouth"]
+    bad = cli("face", DATA / "astronaut.jpg", "--landmarks", tmp_path / "lm.json", "-o", tmp_path / "x.png",
+              *CLI_FAST)
+    assert bad.returncode != 0 and "reference: required" in bad.stderr and not (tmp_path / "x.png").exists()
