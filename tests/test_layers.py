@@ -15,10 +15,11 @@ ROOT = Path(dragondiff.__file__).parent
 LAYERS = [
     ("leaves", {"errors", "validate", "limits", "grid", "presets", "result", "documents", "shapes", "shapes.scenes",
                 "shapes.metrics", "shapes.tokenizer", "shapes.model"}),
-    ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone", "image_prompt"}),
+    ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone", "image_prompt",
+                          "face"}),
     ("engine", {"sampler"}),
     ("tasks and description", {"tasks", "tasks.base", "tasks.move", "tasks.drag", "tasks.appearance", "tasks.paste",
-                               "spec"}),
+                               "tasks.face", "spec"}),
     ("facade", {"pipeline", "loading", "dragondiff"}),
     ("delivery", {"output", "provenance", "dragbench", "tiny"}),
     ("edges", {"cli", "ui", "bench", "train", "__main__"}),

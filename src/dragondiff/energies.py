@@ -89,6 +89,14 @@ def drag_edit(gen, ref, pairs, w_edit, w_inpaint):
     return None if total is None else total / (len(gen) * len(pairs))
 
 
+def landmark_edit(gen, ref, pairs, w_edit):
+    """Face (official `mode='landmark'`): Σ_f Σ_k w_edit / (1 + 4·mean cos01(F[target_k], R[landmark_k])) ÷ (2·K);
+    pairs: (target_box_cells, landmark_box_cells) per landmark. No inpainting term."""
+    terms = [inverse_energy(w_edit, cos01(select(f, target_box), select(r, handle_box)).mean())
+             for f, r in zip(gen, ref) for target_box, handle_box in pairs]
+    return torch.stack(terms).sum() / (len(gen) * len(pairs))
+
+
 def drag_content(gen, ref, other, w_content):
     terms = [
         None if (m := _mean_or_none(cos01(select(r, other), select(f, other)))) is None

@@ -223,6 +223,7 @@ class Prepared:
     vae_factor: int  # the backbone's grid factors (`Grid`)
     feature_factor: int
     inversion: object = None  # an Inversion reused in place of inverting the image
+    frame: object = None  # tasks that edit a crop of the photo (TaskInfo.frame): the crop's `tasks.base.Frame`
 
     @classmethod
     def from_image(cls, image: np.ndarray, max_resolution: int, vae_factor: int, feature_factor: int) -> "Prepared":

@@ -58,6 +58,11 @@ def full_resolution(result: EditResult, original, margin: int | None = None) -> 
 
     orig = load_image(original, "original")
     h, w = orig.shape[:2]
+    if result.photo is not None:  # a task that edited a crop of the photo has put it back already
+        if result.photo.size != (w, h):
+            raise ValueError(f"original: {w}x{h}, but the edit's photo is {result.photo.size[0]}x"
+                             f"{result.photo.size[1]}; pass the photo the edit was made from")
+        return result.photo
     if result.edit_area is None:
         raise ValueError("result: has no edit_area (a reconstruction); nothing to composite")
     alpha = blend_weights(result.edit_area, (h, w), margin)

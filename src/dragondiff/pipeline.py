@@ -51,8 +51,8 @@ OFFICIAL_SETTINGS = {name: {k: info.settings[k] for k in ("guidance_scale", "ene
 
 class DragonPipeline:
     """DragonDiffusion on a backbone (SD1.x: stock diffusers UNet2DConditionModel, AutoencoderKL, CLIP text
-    encoder). Load once, edit many: `edit(spec)` runs any task; `move`, `drag`, `replace_appearance` and `paste`
-    are its typed wrappers. Edits on one backbone are serialised by its lock."""
+    encoder). Load once, edit many: `edit(spec)` runs any task; `move`, `drag`, `replace_appearance`, `paste` and
+    `reshape_face` are its typed wrappers. Edits on one backbone are serialised by its lock."""
 
     def __init__(self, unet=None, vae=None, text_encoder=None, tokenizer=None, scheduler=None, *, backbone=None,
                  device=None, dtype=None, recommended_settings: dict | None = None):
@@ -367,6 +367,40 @@ class DragonPipeline:
                                callback_on_step_end=callback_on_step_end, return_intermediates=return_intermediates,
                                progress=progress, bank_device=bank_device)
 
+    def reshape_face(self, image, reference=None, target_landmarks=None, *, landmarks=None,
+                     reference_landmarks=None, groups=None, face=None, reference_face=None,
+                     prompt: str | None = None, w_edit: float | None = None, generator=None,
+                     callback_on_step_end=None, return_intermediates: bool = False, progress: bool = True,
+                     bank_device=None, **settings) -> EditResult:
+        """Reshape the face in `image` toward the face in `reference` (or onto `target_landmarks`) by dragging its
+        68 landmarks, as the official demo's face task: both faces aligned FFHQ-style, landmarks detected again on
+        the aligned crops, every landmark dragged onto its target (prompt "a photo of a human face", energy 3,
+        w_edit 12, SDE 0.2 everywhere, image prompt 0.05 when an adapter is loaded).
+
+        Args:
+            image: the photo (PIL image, HxWx3 uint8 array or path).
+            reference: a photo of the face whose landmarks are the targets.
+            target_landmarks: instead of a reference, 68 (x, y) targets in the photo's pixels (an array or a
+                JSON/.npy/txt file), e.g. an edited copy of `dragondiff.face.detect(photo)[0].landmarks`.
+            landmarks, reference_landmarks: the faces' 68 landmarks, given instead of detected (no dlib needed).
+            groups: the landmark groups to reshape (jaw, brows, nose, eyes, mouth; default all); the others stay.
+            face, reference_face: which face when a photo shows several: an index into the detected faces or a
+                box (x0, y0, x1, y1) around it.
+            prompt: default "a photo of a human face".
+            w_edit: energy weight (default 12).
+            generator, callback_on_step_end, return_intermediates, progress, bank_device: see `edit`.
+            **settings: EditSpec's common fields, as for `move`.
+        Returns:
+            An `EditResult`: `image` the edited aligned crop at the working size, `photo` the edit put back into
+            the photo at its full size, `landmarks` the handles and targets on the aligned crop.
+        """
+        params = dict(reference=reference, target_landmarks=target_landmarks, landmarks=landmarks,
+                      reference_landmarks=reference_landmarks, groups=groups, face=face,
+                      reference_face=reference_face, w_edit=w_edit)
+        return self._edit_task("face", image, params, prompt, settings, generator=generator,
+                               callback_on_step_end=callback_on_step_end, return_intermediates=return_intermediates,
+                               progress=progress, bank_device=bank_device)
+
     def _edit_task(self, task: str, image, params: dict, prompt, settings: dict, **runtime) -> EditResult:
         """A task method's spec, run by `edit`. `bank_start=k` (the release's move/drag keyword) still means
         bank_steps=(k, None) for this release, with a DeprecationWarning."""
@@ -601,6 +635,8 @@ class DragonPipeline:
             latents=torch.stack(record.latents).cpu() if keep else None,
             guidance=[(i, r, g.cpu()) for i, r, g in record.guidance] if keep else None,
             eps_cfg=[(i, r, e.cpu()) for i, r, e in record.eps_cfg] if keep else None,
+            photo=None if prep.frame is None else Image.fromarray(prep.frame.paste(pixels, task.paste_weight)),
+            landmarks=task.landmarks,
         )
 
 
@@ -613,11 +649,18 @@ def plan_edit(spec: EditSpec, *, factors: tuple[int, int], recommended: dict | N
     everything an edit checks before its first model call."""
     inversion = spec.image if isinstance(spec.image, Inversion) else None
     spec = spec.resolved(recommended, inversion, default_max_resolution)
-    if prepare is not None:
+    info = TASKS[spec.task]
+    if info.frame is not None:  # the task edits a crop of the photo (face: the aligned face)
+        if inversion is not None:
+            raise ValueError(f"image: task {spec.task!r} edits a crop it makes from the photo; pass the photo, "
+                             "not an Inversion")
+        frame = info.frame(spec, load_image(spec.image, "image"))
+        prep = dataclasses.replace(Prepared.from_image(frame.image, spec.max_resolution, *factors), frame=frame)
+    elif prepare is not None:
         prep = prepare(spec)
     else:
         prep = Prepared.from_image(load_image(spec.image, "image"), spec.max_resolution, *factors)
-    return spec, prep, TASKS[spec.task].build(spec, prep)
+    return spec, prep, info.build(spec, prep)
 
 
 class StepRecord:

@@ -44,6 +44,11 @@ class EditResult:
     latents: torch.Tensor | None = None
     guidance: list[tuple[int, int, torch.Tensor]] | None = None
     eps_cfg: list[tuple[int, int, torch.Tensor]] | None = None
+    # Tasks that edit a crop of the photo (face): the result put back into the photo at its full size.
+    photo: Image.Image | None = None
+    # Landmark tasks (face): {"handles", "targets"} on the aligned crop (its pixels, 1024 px), "photo": the face's
+    # landmarks in the photo's pixels.
+    landmarks: dict | None = None
 
     @property
     def settings(self) -> dict:

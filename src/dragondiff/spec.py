@@ -37,7 +37,8 @@ import numpy as np
 from .limits import DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, DEFAULT_SEED, LIMITS, check, check_prompt
 from .presets import PRESETS
 from .tasks import TASKS
-from .tasks.params import IMAGE, MASK, NUMBER, OFFSET, POINTS, SCALE, SOURCE_KINDS, TEXT, Params, required
+from .tasks.params import (FACE, FACE_GROUPS, GROUPS, IMAGE, LANDMARKS, MASK, NUMBER, OFFSET, POINTS, SCALE, SOURCE_KINDS,
+                           TEXT, Params, required)
 from .validate import shown
 
 Point = tuple[float, float]
@@ -208,15 +209,16 @@ class EditSpec:
         for key in ("guidance_scale", "energy_scale", "ip_scale"):
             if getattr(self, key) is None:
                 values[key] = (recommended or {}).get(self.task, {}).get(key, info.settings[key])
-        if self.prompt is None:
-            values["prompt"] = "" if inversion is None else inversion.prompt
+        if self.prompt is None:  # a task may fix its prompt (face: "a photo of a human face")
+            values["prompt"] = info.settings.get("prompt", "") if inversion is None else inversion.prompt
         if self.num_inference_steps is None:
             values["num_inference_steps"] = (PRESETS[self.preset].steps if inversion is None
                                              else inversion.num_inference_steps)
         if self.max_resolution is None:
             values["max_resolution"] = max_resolution if inversion is None else inversion.max_resolution
-        if self.sde_strength is None:
-            values["sde_strength"] = PRESETS[self.preset].sde_strength
+        if self.sde_strength is None:  # the preset's, or the task's own where the preset has regional SDE
+            preset_sde = PRESETS[self.preset].sde_strength
+            values["sde_strength"] = info.settings.get("sde_strength", preset_sde) if preset_sde > 0 else preset_sde
         if self.ip_routing is None:
             values["ip_routing"] = "official"
         params = {}
@@ -349,6 +351,16 @@ def _field_schema(f: dataclasses.Field) -> dict:
             out["maximum"] = meta["high"]
     elif kind == TEXT:
         out = {"type": ["string", "null"], "description": meta["doc"]}
+    elif kind == LANDMARKS:
+        out = {"oneOf": [{"type": "array", "items": point, "minItems": 68, "maxItems": 68},
+                         {"type": "string"}, {"type": "null"}], "description": meta["doc"] + "; points or a file path"}
+    elif kind == GROUPS:
+        out = {"type": ["array", "null"], "minItems": 1, "items": {"enum": list(FACE_GROUPS)},
+               "description": meta["doc"]}
+    elif kind == FACE:
+        out = {"oneOf": [{"type": "integer", "minimum": 0},
+                         {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+                         {"type": "null"}], "description": meta["doc"]}
     else:
         raise AssertionError(kind)
     if f.default is not dataclasses.MISSING and f.default is not None:

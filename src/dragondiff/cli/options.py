@@ -207,6 +207,10 @@ def _option(f):
                       help=meta["doc"] + ": 'hx,hy:tx,ty'; repeat the option or separate pairs by spaces")
     elif kind in (P.NUMBER, P.SCALE):
         kwargs.update(type=float)
+    elif kind == P.LANDMARKS:
+        kwargs.update(type=click.Path(dir_okay=False))
+    elif kind in (P.GROUPS, P.FACE):
+        kwargs.update(type=str)
     return click.option("--" + f.name.replace("_", "-"), **kwargs)
 
 

@@ -188,6 +188,10 @@ def check_inputs(spec: EditSpec, label: str, model: str | None = None) -> None:
             value = getattr(spec.params, f.name)
             if f.metadata["kind"] == P.MASK and value is not None:
                 load_mask(value, f.name, images[f.metadata["of"]].shape[:2])
+            if f.metadata["kind"] == P.LANDMARKS and value is not None:
+                from ..face import check_landmarks
+
+                check_landmarks(value, f.name)
             if f.metadata["kind"] == P.POINTS and value is not None:
                 for k, (handle, target) in enumerate(value):
                     check_point(handle, f"{f.name}[{k}] handle", images["image"].shape[:2])

@@ -89,6 +89,25 @@ class TaskInfo:
     arrows: Callable | None = None  # (EditResult) -> [((x, y), (x, y)), ...] drawn on the preview's input
     ui: TaskUI | None = None  # its tab in the web UI
     bench: dict = field(default_factory=dict)  # benchmark case name -> BenchCase ("resize" is a move case)
+    # Tasks that edit a crop of the photo (face: the aligned face): (resolved spec, photo HxWx3 uint8) -> Frame,
+    # called before the inputs are prepared; the crop is what the edit works on, and the result is put back.
+    frame: Callable | None = None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The crop a task edits instead of the whole photo, and where it lies in the photo (`alignment`: an object
+    with `paste_into(photo, crop at any size, weight of any size)`, e.g. `dragondiff.face.Alignment`); `data` is the task's own."""
+
+    image: np.ndarray  # the crop, HxWx3 uint8 (prepared at the working size like any image)
+    photo: np.ndarray  # the photo, HxWx3 uint8
+    alignment: object
+    data: dict = field(default_factory=dict)
+
+    def paste(self, result: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+        """The working-size result put back into the photo (weight: crop-sized, where the result replaces it)."""
+        weight = np.ones(result.shape[:2], np.float32) if weight is None else weight
+        return self.alignment.paste_into(self.photo, result, weight)
 
 
 @dataclass(frozen=True)
@@ -175,6 +194,8 @@ class Task:
     union_masks: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # what the result reports ("as used")
     flags: list[str] = field(default_factory=list)  # degenerate energy terms skipped, etc.
+    paste_weight: np.ndarray | None = None  # tasks with a Frame: where the result replaces the photo (crop-sized)
+    landmarks: dict | None = None  # tasks that drag landmarks: their handles / targets on the crop, as reported
 
     def init_latent(self, inverted_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From inv[T] (B, 4, h, w): the starting latent z_T (1, 4, h, w) and the step-0 reference latent (B, ...)."""

@@ -33,7 +33,11 @@ POINTS = "points"  # ((handle_xy, target_xy), ...) in original pixels
 SCALE = "scale"  # a size factor in (0, high]
 NUMBER = "number"  # a float in [low, high]
 TEXT = "text"  # a prompt
+LANDMARKS = "landmarks"  # 68 (x, y) points: an array-like or a path to a JSON / .npy / text file
+GROUPS = "groups"  # names of landmark groups (jaw, brows, nose, eyes, mouth): a list or "a,b,c"
+FACE = "face"  # which detected face: an index, or a box (x0, y0, x1, y1) around it; a string "2" or "x0,y0,x1,y1"
 SOURCE_KINDS = (IMAGE, MASK)
+FACE_GROUPS = ("jaw", "brows", "nose", "eyes", "mouth")  # dragondiff.face.GROUPS's names, in its order
 
 
 def param(default=dataclasses.MISSING, *, kind: str, doc: str, low: float | None = None,
@@ -67,6 +71,52 @@ def check_points(points) -> tuple:
     return tuple(out)
 
 
+def check_landmarks(value, name: str):
+    """A path stays a path (read when used); numbers become a tuple of 68 (x, y) float pairs."""
+    if isinstance(value, (str, Path)):
+        return str(value)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}: expected 68 (x, y) points or a file path, got {shown(value)}") from e
+    if arr.shape != (68, 2):
+        raise ValueError(f"{name}: expected 68 (x, y) points (the 68-point iBUG layout), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name}: landmarks must be finite numbers")
+    return tuple((float(x), float(y)) for x, y in arr)
+
+
+def check_groups(value, name: str) -> tuple:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(f"{name}: expected a non-empty list of {', '.join(FACE_GROUPS)}, got {shown(value)}")
+    for v in value:
+        if v not in FACE_GROUPS:
+            raise ValueError(f"{name}: unknown landmark group {shown(v)}; allowed: {', '.join(FACE_GROUPS)}")
+    return tuple(g for g in FACE_GROUPS if g in value)
+
+
+def check_face(value, name: str):
+    """An index (int >= 0) or a box (x0, y0, x1, y1) with x0 < x1 and y0 < y1."""
+    if isinstance(value, str):
+        parts = [v.strip() for v in value.split(",")]
+        try:
+            value = int(parts[0]) if len(parts) == 1 else [float(v) for v in parts]
+        except ValueError:
+            raise ValueError(f"{name}: expected a face index or a box x0,y0,x1,y1, got {shown(value)}") from None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{name}: a face index is >= 0, got {value}")
+        return int(value)
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) == 4:
+        box = tuple(float(check_number(v, name, -math.inf, math.inf)) for v in value)
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise ValueError(f"{name}: a box is x0,y0,x1,y1 with x0 < x1 and y0 < y1, got {box}")
+        return box
+    raise TypeError(f"{name}: expected a face index or a box (x0, y0, x1, y1), got {shown(value)}")
+
+
 def check_value(f: dataclasses.Field, value):
     """`value` of Params field `f`, checked and normalised (paths to str, lists to tuples); errors name the field."""
     kind, meta = f.metadata["kind"], f.metadata
@@ -82,6 +132,12 @@ def check_value(f: dataclasses.Field, value):
         return check_number(value, f.name, meta["low"], meta["high"])
     if kind == TEXT:
         return check_prompt(value, f.name)
+    if kind == LANDMARKS:
+        return check_landmarks(value, f.name)
+    if kind == GROUPS:
+        return check_groups(value, f.name)
+    if kind == FACE:
+        return check_face(value, f.name)
     raise AssertionError(f"{f.name}: unknown parameter kind {kind!r}")
 
 
@@ -149,7 +205,7 @@ def default_help(f: dataclasses.Field) -> str:
     if required(f) or f.default is None:
         return ""
     if isinstance(f.default, tuple):
-        return ",".join(f"{v:g}" for v in f.default)
+        return ",".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in f.default)
     return f"{f.default:g}" if isinstance(f.default, (int, float)) else str(f.default)
 
 
