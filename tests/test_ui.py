@@ -388,7 +388,7 @@ def test_face_tab_previews_the_landmarks_and_puts_the_edit_back_into_the_photo(b
     page = _open(browser, server)
     page.get_by_role("tab", name="Face").click()
     page.locator("#face-editor input[type=file]").first.set_input_files(str(data / "astronaut.jpg"))
-    # dlib also finds a weak "face" on the flag: the message lists both, the preview numbers their boxes
+    # dlib also finds a weak "face" on the mission patch: the message lists both, the preview numbers their boxes
     assert "#1: box" in _message(page, "face", "2 faces found", timeout=60)
     page.locator("#face-face textarea, #face-face input").first.fill("0")
     deadline = time.time() + 30
