@@ -1,5 +1,5 @@
 """`dragondiff ui`: a Gradio app with one tab per task and one named API endpoint per task (`/move`, `/drag`,
-`/appearance`, `/paste`), both laid out from each task's registry entry (`TaskInfo.ui`, `images`). Layout and event
+`/appearance`, `/paste`, `/face`), both laid out from each task's registry entry (`TaskInfo.ui`, `images`). Layout and event
 wiring only; the logic is in session.py. The page's own events are private: the API is the per-task endpoints."""
 
 import atexit
