@@ -371,3 +371,43 @@ def test_busy_port_is_named_before_the_model_loads(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"--port {port}: 127.0.0.1:{port} is in use" in proc.stderr and "choose another --port" in proc.stderr
     assert "dragondiff ui: model" not in proc.stderr  # refused before the model loaded
+
+
+def _shown(page, selector: str) -> np.ndarray:
+    src = page.locator(f"{selector} img").first.get_attribute("src")
+    return np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+
+
+def test_face_tab_previews_the_landmarks_and_puts_the_edit_back_into_the_photo(browser, server, shots, tmp_path):
+    require("the face tab", modules=("dlib", "face_recognition_models"))
+    data = Path(__file__).parent / "data" / "face"
+    photo = np.asarray(Image.open(data / "astronaut.jpg").convert("RGB"))
+    # the reference: the same face sheared (its landmarks differ a little), as tests/test_face.py's `warped`
+    Image.fromarray(photo).transform(photo.shape[1::-1], Image.AFFINE, (1, 0.08, -10, 0, 1, 0),
+                                     Image.BILINEAR).save(tmp_path / "reference.png")
+    page = _open(browser, server)
+    page.get_by_role("tab", name="Face").click()
+    page.locator("#face-editor input[type=file]").first.set_input_files(str(data / "astronaut.jpg"))
+    # dlib also finds a weak "face" on the mission patch: the message lists both, the preview numbers their boxes
+    assert "#1: box" in _message(page, "face", "2 faces found", timeout=60)
+    page.locator("#face-face textarea, #face-face input").first.fill("0")
+    deadline = time.time() + 30
+    while "faces found" in page.inner_text("#face-message") and time.time() < deadline:
+        page.wait_for_timeout(200)
+    assert page.inner_text("#face-message").strip() == ""
+    page.locator("#face-reference input[type=file]").first.set_input_files(str(tmp_path / "reference.png"))
+    deadline, blue = time.time() + 30, 0
+    while time.time() < deadline and blue < 20:  # the targets (blue dots) appear
+        settle(page, "#face-preview img", quiet_ms=600)
+        shown = _shown(page, "#face-preview")
+        blue = int(((shown[..., 2] > 200) & (shown[..., 0] < 80) & (shown[..., 1] < 130)).sum())
+    assert shown.shape == photo.shape and blue >= 20 and page.inner_text("#face-message").strip() == ""
+    assert "done" in run_and_wait(page, "face")
+    out = result_image(page, "face")
+    assert out.shape == photo.shape  # the edit put back into the photo at its full size
+    far = np.ones(photo.shape[:2], bool)
+    far[40:240, 120:330] = False
+    assert np.abs(out[far].astype(int) - photo[far]).max() <= 12  # away from the face: the photo (its JPEG round trip)
+    assert page.locator("#face-working img").count() == 1  # the edited crop at the working size
+    page.screenshot(path=str(shots / "ui-face.png"), full_page=True)
+    page.close()

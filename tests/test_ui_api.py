@@ -114,3 +114,30 @@ def test_stopping_the_server_removes_its_folders(tiny_pipe, tmp_path, monkeypatc
     while list((tmp_path / "tmp").glob("dragondiff-ui-*")) and time.time() < deadline:
         time.sleep(0.2)
     assert not list((tmp_path / "tmp").glob("dragondiff-ui-*"))
+
+
+def test_face_through_gradio_client(client, tiny_pipe, tmp_path):
+    """The face endpoint takes the photo and the landmarks as JSON (no detector needed); its result is the edit put
+    back into the photo at full size, the same as the API's."""
+    from gradio_client import handle_file
+
+    from test_face import LANDMARKS, PHOTO, mouth_lowered
+
+    api = client.view_api(return_format="dict", print_info=False)
+    params = {p["parameter_name"] for p in api["named_endpoints"]["/face"]["parameters"]}
+    assert {"image", "reference", "landmarks", "target_landmarks", "reference_landmarks", "groups", "face",
+            "reference_face"} <= params and "mask" not in params
+    Image.fromarray(PHOTO).save(tmp_path / "photo.png")
+    targets = mouth_lowered(LANDMARKS)
+    path, status = client.predict(image=handle_file(str(tmp_path / "photo.png")), landmarks=LANDMARKS.tolist(),
+                                  target_landmarks=targets.tolist(), groups=["mouth"], num_inference_steps=2,
+                                  max_resolution=128, api_name="/face")
+    assert status.startswith("**face** done")
+    got = np.asarray(Image.open(path).convert("RGB"))
+    direct = tiny_pipe.reshape_face(PHOTO, landmarks=LANDMARKS, target_landmarks=targets, groups=("mouth",),
+                                    num_inference_steps=2, max_resolution=128, progress=False)
+    assert got.shape == PHOTO.shape and np.array_equal(got, np.asarray(direct.photo))
+    assert not np.array_equal(got, PHOTO)
+    with pytest.raises(Exception, match="reference: required"):
+        client.predict(image=handle_file(str(tmp_path / "photo.png")), landmarks=LANDMARKS.tolist(),
+                       num_inference_steps=2, max_resolution=128, api_name="/face")

@@ -130,3 +130,27 @@ def test_results_folders_are_per_session_bounded_and_removed(tmp_path):
     outputs.end_session("never-seen")  # nothing to remove
     outputs.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_task_fields_reference_upload_and_preview_drawing():
+    """A task's own fields (TaskUI.fields) and mask-free reference become spec fields; its preview is drawn with
+    numbered boxes, arrows where a point moves, handles red and targets blue."""
+    from dragondiff.tasks import TASKS
+    from dragondiff.ui.session import click_fields, draw_preview, ui_fields
+
+    task = next(name for name, info in TASKS.items() if info.ui is not None and info.ui.fields)
+    ui = TASKS[task].ui
+    choice = next(f for f in ui.fields if f.choices)
+    text = next(f for f in ui.fields if not f.choices)
+    values = {choice.name: [choice.choices[-1]], text.name: " 0 "}
+    assert ui_fields(task, values) == {choice.name: (choice.choices[-1],), text.name: "0"}
+    assert ui_fields(task, {text.name: ""}) == {choice.name: ()}  # nothing ticked: the task says what is missing
+    image = np.zeros((64, 64, 3), np.uint8)
+    fields = click_fields(task, image, reference=image, values=values)
+    assert fields["reference"] is image and fields[text.name] == "0" and "mask" not in fields
+    shown = np.asarray(draw_preview(image, {"handles": [(10, 10), (30, 30)], "targets": [(10, 10), (50, 30)],
+                                            "boxes": [(5, 5, 40, 40)]}))
+    k = shown.shape[0] // 64
+    assert k > 1 and tuple(shown[10 * k + k // 2, 10 * k + k // 2]) == (230, 30, 30)  # an unmoved handle: red
+    assert tuple(shown[30 * k + k // 2, 50 * k + k // 2]) == (30, 90, 240)  # its target: blue
+    assert (shown[5 * k, 20 * k:30 * k] == (255, 200, 0)).all()  # the box's top edge

@@ -111,6 +111,16 @@ class Frame:
 
 
 @dataclass(frozen=True)
+class UIField:
+    """A spec field the task's tab and API endpoint take as it is: checkboxes of `choices` (all ticked by default;
+    the field is the ticked ones), or with no choices a text box (empty: the field's default)."""
+
+    name: str
+    label: str
+    choices: tuple = ()
+
+
+@dataclass(frozen=True)
 class TaskUI:
     """A task's tab in the web UI: what the user brushes and clicks, and how the clicks become spec fields."""
 
@@ -126,6 +136,16 @@ class TaskUI:
     # the fields clicks_to_fields makes, as the app's API endpoint takes them instead: name -> "number" | "json"
     api_fields: dict = field(default_factory=dict)
     example_prompt: Callable[[str], str] = lambda caption: caption  # an example scene's caption -> the prompt
+    examples: bool = True  # the tab offers the bundled example scenes (False: its prompt starts as the task's own)
+    # the label of an upload for the task's `reference` field without a mask (a reference photo), or None
+    reference_upload: str | None = None
+    fields: tuple = ()  # UIFields: further spec fields, as tab controls and API parameters
+    # What a preview panel shows while the inputs change: (image, reference or None, {UIField name: value}) ->
+    # {"handles": (N, 2) or None, "targets": (N, 2) or None (arrows from the handles), "boxes": [(x0, y0, x1, y1),
+    # ...] numbered in the panel, "problem": str or None (said in the message area)}, in the image's pixels.
+    preview: Callable[..., dict] | None = None
+    # the label of a second result panel showing the result at the working size (a Frame task's edited crop)
+    working_result: str | None = None
 
 
 @dataclass(frozen=True)

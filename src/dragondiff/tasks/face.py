@@ -27,7 +27,7 @@ from .. import face as F
 from ..attention import CONCAT
 from ..features import resize_features
 from ..inputs import load_image, resize_image
-from .base import Frame, Task, TaskInfo, common_fields
+from .base import Frame, Task, TaskInfo, TaskUI, UIField, common_fields
 from .drag import box_cells
 from .params import FACE, GROUPS, IMAGE, LANDMARKS, Params, param, weight
 
@@ -81,6 +81,10 @@ def make_frame(spec, photo: np.ndarray) -> Frame:
         points = F.check_landmarks(p.landmarks, "landmarks")
     else:
         points = F.choose(F.detect(photo), p.face, "image").landmarks
+    return _frame(p, photo, points)
+
+
+def _frame(p, photo: np.ndarray, points: np.ndarray) -> Frame:
     crop, alignment = F.align(photo, points, name="image")
     mapped = alignment.to_aligned(points)
     flags = []
@@ -179,6 +183,44 @@ def _arrows(result) -> list:
             if abs(hx - tx) + abs(hy - ty) >= 1]
 
 
+def _preview(image: np.ndarray, reference: np.ndarray | None, fields: dict) -> dict:
+    """The web UI's preview (TaskUI.preview): the handles and the targets as the task places them on the aligned
+    crop, mapped back into the photo; the detected faces' boxes when the choice of face is missing or wrong."""
+    out = {"handles": None, "targets": None, "boxes": [], "problem": None}
+    try:
+        p = FaceParams(reference=reference, **{k: v for k, v in fields.items() if v is not None})
+        faces = F.detect(image)
+        try:
+            points = F.choose(faces, p.face, "image").landmarks
+        except ValueError:
+            out["boxes"] = [f.box for f in faces]
+            raise
+        frame = _frame(p, image, points)
+        handles = np.asarray(frame.data["handles"], dtype=np.float64)
+        out["handles"] = frame.alignment.to_photo(handles)
+        if reference is not None:
+            targets = _targets(p, frame)[0].copy()
+            keep = np.setdiff1d(np.arange(F.N_LANDMARKS), F.group_indices(p.groups))
+            targets[keep] = handles[keep]
+            out["targets"] = frame.alignment.to_photo(targets)
+    except (ValueError, TypeError, ImportError) as e:
+        out["problem"] = str(e)
+    return out
+
+
+UI = TaskUI(
+    title="Face",
+    mask_on_image=False,
+    examples=False,
+    reference_upload="Reference face: its landmarks are the targets",
+    fields=(UIField("groups", "Landmark groups to reshape", tuple(F.GROUPS)),
+            UIField("face", "Face in the image (index or x0,y0,x1,y1; empty: the only one)"),
+            UIField("reference_face", "Face in the reference (index or x0,y0,x1,y1; empty: the only one)")),
+    preview=_preview,
+    working_result="Edited aligned crop (working size)",
+    api_fields={"landmarks": "json", "target_landmarks": "json", "reference_landmarks": "json"},
+)
+
 INFO = TaskInfo(
     name="face",
     build=from_spec,
@@ -189,6 +231,6 @@ INFO = TaskInfo(
     example="portrait.png --reference other.png --face 0",
     images=1,
     arrows=_arrows,
-    ui=None,  # the web UI's Face tab: not yet
+    ui=UI,
     frame=make_frame,
 )

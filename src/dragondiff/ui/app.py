@@ -1,5 +1,5 @@
 """`dragondiff ui`: a Gradio app with one tab per task and one named API endpoint per task (`/move`, `/drag`,
-`/appearance`, `/paste`), both laid out from each task's registry entry (`TaskInfo.ui`, `images`). Layout and event
+`/appearance`, `/paste`, `/face`), both laid out from each task's registry entry (`TaskInfo.ui`, `images`). Layout and event
 wiring only; the logic is in session.py. The page's own events are private: the API is the per-task endpoints."""
 
 import atexit
@@ -18,7 +18,7 @@ from ..limits import (DEFAULT_PRESET, DEFAULT_SEED, LIMITS, UPLOAD_FORMATS, UPLO
 from ..presets import PRESETS
 from ..tasks import TASKS
 from .session import (Outputs, Session, UIError, display_factor, draw_points, editor_image, editor_mask,
-                      read_upload, run_edit, run_fields, status_text)
+                      read_upload, run_edit, run_fields, status_text, task_preview, ui_fields)
 
 # The largest request the server takes: an accepted image's exports from the page's editor (RGBA PNG, at worst
 # 4 bytes a pixel) or an API upload, which is then refused by its own check with a message naming the limits.
@@ -64,15 +64,22 @@ def example_reference():
     return ref.image
 
 
-def _editor(gr, label: str, elem_id: str):
+def _editor(gr, label: str, elem_id: str, brush: bool = True):
     # dd-upload: page.js checks what is uploaded into it before the editor reads it
     return gr.ImageEditor(label=label, type="numpy", image_mode="RGBA", format="png", elem_id=elem_id,
                           elem_classes="dd-upload",
                           sources=("upload", "clipboard"), transforms=(), layers=False, height=420,
                           # see-through magenta: the object stays visible under the mask on any colour
                           brush=gr.Brush(colors=[("#ff00ff", 0.6)], default_color=("#ff00ff", 0.6),
-                                         color_mode="fixed", default_size=8),
-                          eraser=gr.Eraser(default_size=10))
+                                         color_mode="fixed", default_size=8) if brush else False,
+                          eraser=gr.Eraser(default_size=10) if brush else False)
+
+
+def _field(gr, task: str, f):
+    """A TaskUI field's control: checkboxes of its choices (all ticked), or a text box."""
+    if f.choices:
+        return gr.CheckboxGroup(list(f.choices), value=list(f.choices), label=f.label, elem_id=f"{task}-{f.name}")
+    return gr.Textbox("", label=f.label, elem_id=f"{task}-{f.name}")
 
 
 def _ui_error(gr, e: Exception):
@@ -152,19 +159,21 @@ def _preview(value, points):
 
 
 def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image, outputs: Outputs) -> None:
-    """One task's tab: image (and reference) editors, the points panel when the task takes clicks, the result
-    with its message area, status and downloads, the prompt, a Scale slider when the task has one, Run, the
-    advanced settings."""
+    """One task's tab: image (and reference) editors, the points panel when the task takes clicks (its preview
+    panel when it has one), the result with its message area, status and downloads, the task's own fields, the
+    prompt, a Scale slider when the task has one, Run, the advanced settings."""
     task, ui, names = info.name, info.ui, list(examples)
     with gr.Tab(ui.title, id=task, elem_id=f"tab-{task}"):
         with gr.Row():
             with gr.Column():
+                # the brush only where the task reads strokes or clicks points on the image
                 editor = _editor(gr, "Image: brush over the object" if ui.mask_on_image else "Image",
-                                 f"{task}-editor")
-                with gr.Row():
-                    choice = gr.Dropdown(names, value=names[0], label="Example scene", scale=3,
-                                         elem_id=f"{task}-example")
-                    load = gr.Button("Load example", scale=1, elem_id=f"{task}-load")
+                                 f"{task}-editor", brush=ui.mask_on_image or ui.click_help is not None)
+                if ui.examples:
+                    with gr.Row():
+                        choice = gr.Dropdown(names, value=names[0], label="Example scene", scale=3,
+                                             elem_id=f"{task}-example")
+                        load = gr.Button("Load example", scale=1, elem_id=f"{task}-load")
             clicks = None
             if ui.click_help:
                 with gr.Column():
@@ -177,9 +186,19 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             if info.images == 2:
                 with gr.Column():
                     ref_editor = _editor(gr, "Reference: brush over its object", f"{task}-reference")
+            elif ui.reference_upload:
+                with gr.Column():
+                    ref_editor = _editor(gr, ui.reference_upload, f"{task}-reference", brush=False)
+            preview = None
+            if ui.preview is not None:
+                with gr.Column():
+                    preview = gr.Image(label="Preview: handles (red), targets (blue), arrows", interactive=False,
+                                       type="numpy", format="png", elem_id=f"{task}-preview", height=420)
             with gr.Column():
                 result = gr.Image(label="Result", interactive=False, type="numpy", format="png",
                                   elem_id=f"{task}-result", height=420)
+                working = (gr.Image(label=ui.working_result, interactive=False, type="numpy", format="png",
+                                    elem_id=f"{task}-working", height=200) if ui.working_result else None)
                 message = gr.Markdown(elem_id=f"{task}-message", elem_classes="dd-message")
                 status = gr.Markdown(elem_id=f"{task}-status")
                 files = gr.File(label="Download: result and sidecar", file_count="multiple", interactive=False,
@@ -187,7 +206,12 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
                 with gr.Row():
                     again = gr.Button("Edit this result", elem_id=f"{task}-again")
                     undo = gr.Button("Undo edit", elem_id=f"{task}-undo")
-        prompt = gr.Textbox(label="Prompt", value=examples[names[0]][1], elem_id=f"{task}-prompt")
+        fields = {}
+        if ui.fields:
+            with gr.Row():
+                fields = {f.name: _field(gr, task, f) for f in ui.fields}
+        prompt = gr.Textbox(label="Prompt", value=examples[names[0]][1] if ui.examples else
+                            info.settings.get("prompt", ""), elem_id=f"{task}-prompt")
         scale = (gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Scale", elem_id=f"{task}-scale")
                  if ui.scale else None)
         run = gr.Button("Run", variant="primary", elem_id=f"{task}-run")
@@ -212,21 +236,45 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             out[ref_editor] = {"background": reference_image, "layers": [], "composite": reference_image}
         return out
 
-    load.click(_reported(message, load_example), [choice, state],
-               resettable + [prompt] + ([ref_editor] if ref_editor else []), **PRIVATE)
+    if ui.examples:
+        load.click(_reported(message, load_example), [choice, state],
+                   resettable + [prompt] + ([ref_editor] if ref_editor else []), **PRIVATE)
+
+    # The task's preview of the inputs (e.g. the face's landmarks and their targets), redrawn after every change of
+    # them; a problem it finds (no face, several faces) is said in the message area.
+    def refresh(data):
+        if data[editor] is None or data[editor].get("background") is None:
+            return {preview: None}
+        reference = None
+        if ref_editor is not None and data[ref_editor] is not None and data[ref_editor].get("background") is not None:
+            reference = editor_image(data[ref_editor], "reference")
+        shown, problem = task_preview(task, editor_image(data[editor]), reference,
+                                      {name: data[c] for name, c in fields.items()})
+        return {preview: np.asarray(shown), **({message: f"Check the input: {problem}"} if problem else {})}
+
+    preview_inputs = {editor, *fields.values()} | ({ref_editor} if ref_editor is not None else set())
+
+    def then_refresh(event):
+        if preview is not None:
+            event.then(_reported(message, refresh), preview_inputs, [preview, message], **PRIVATE)
 
     # An upload of any mode (grey, palette, transparent, ...) becomes the RGB picture an edit reads, at once, and
     # the points panel shows it (page.js has already refused files over the limits or not images).
     def uploaded(value, session):
         return reset(editor_image(value), session)
 
-    editor.upload(_reported(message, uploaded), [editor, state], resettable, **PRIVATE)
+    then_refresh(editor.upload(_reported(message, uploaded), [editor, state], resettable, **PRIVATE))
     if ref_editor is not None:
         def ref_uploaded(value):
             image = editor_image(value, "reference")
             return {ref_editor: {"background": image, "layers": [], "composite": image}}
 
-        ref_editor.upload(_reported(message, ref_uploaded), [ref_editor], [ref_editor, message], **PRIVATE)
+        then_refresh(ref_editor.upload(_reported(message, ref_uploaded), [ref_editor], [ref_editor, message],
+                                       **PRIVATE))
+    if preview is not None:
+        for control in fields.values():
+            control.change(_reported(message, refresh), preview_inputs, [preview, message],
+                           trigger_mode="always_last", **PRIVATE)
 
     if clicks is not None:
         def add_point(value, session, evt: gr.SelectData):
@@ -260,17 +308,23 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
         reference = reference_mask = None
         if ref_editor is not None:
             reference = editor_image(data[ref_editor], "reference")
-            reference_mask = editor_mask(data[ref_editor], reference.shape[:2], "reference mask")
+            if info.images == 2:
+                reference_mask = editor_mask(data[ref_editor], reference.shape[:2], "reference mask")
         out, info_, paths = run_edit(
             pipe, session, task, image, outputs=outputs, owner=request.session_hash, mask=mask,
             points=list(session.points.get(task, [])), reference=reference, reference_mask=reference_mask,
             prompt=data[prompt] or "", scale=float(data[scale]) if scale is not None else 1.0,
-            options=_options({k: data[c] for k, c in advanced.items()}), progress=progress)
-        return {result: np.asarray(out), status: status_text(info_), files: [str(p) for p in paths]}
+            options=_options({k: data[c] for k, c in advanced.items()}), progress=progress,
+            values={name: data[c] for name, c in fields.items()})
+        shown = {result: np.asarray(out), status: status_text(info_), files: [str(p) for p in paths]}
+        if working is not None and info_["working_image"] is not None:
+            shown[working] = str(info_["working_image"])
+        return shown
 
-    inputs = {state, editor, prompt, *advanced.values()} | {c for c in (clicks, ref_editor, scale) if c is not None}
-    run.click(_reported(message, do_run), inputs, [result, status, files, message], concurrency_id="edit",
-              **PRIVATE)
+    inputs = {state, editor, prompt, *advanced.values(), *fields.values()} | {
+        c for c in (clicks, ref_editor, scale) if c is not None}
+    run.click(_reported(message, do_run), inputs, [result, status, files, message] + ([working] if working else []),
+              concurrency_id="edit", **PRIVATE)
 
     def edit_result(output, value, session):
         if output is None:
@@ -287,8 +341,8 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             raise UIError("Nothing to undo: no earlier input in this session")
         return reset(image, session)
 
-    again.click(_reported(message, edit_result), [result, editor, state], resettable, **PRIVATE)
-    undo.click(_reported(message, undo_edit), [state], resettable, **PRIVATE)
+    then_refresh(again.click(_reported(message, edit_result), [result, editor, state], resettable, **PRIVATE))
+    then_refresh(undo.click(_reported(message, undo_edit), [state], resettable, **PRIVATE))
 
 
 # ------------------------------------------------------------------------------------------------------ API
@@ -299,13 +353,14 @@ def _mask_upload(path, name: str) -> np.ndarray:
 
 
 def _api_endpoint(gr, pipe, info, steps: int, session: Session, outputs: Outputs) -> None:
-    """`/<task>`: the task's fields as parameters (image, mask, its clicked fields as values, reference, prompt,
-    settings), the full-size result and a status line back. Hidden components: only the API uses them. Images
-    arrive as files, checked (bytes, format and pixels from the header) before they are decoded."""
+    """`/<task>`: the task's fields as parameters (image, mask, its clicked fields as values, reference, its own
+    fields, prompt, settings), the full-size result and a status line back. Hidden components: only the API uses
+    them. Images arrive as files, checked (bytes, format and pixels from the header) before they are decoded."""
     task, ui = info.name, info.ui
     names = ["image"] + (["mask"] if ui.mask_on_image else []) + (
-        ["reference", "reference_mask"] if info.images == 2 else [])
+        ["reference", "reference_mask"] if info.images == 2 else ["reference"] if ui.reference_upload else [])
     images = {name: gr.File(type="filepath", label=name) for name in names}
+    own = {f.name: _field(gr, f"api-{task}", f) for f in ui.fields}
     values = {name: (gr.Number(None, label=name) if kind == "number" else gr.JSON(None, label=name))
               for name, kind in ui.api_fields.items()}
     prompt = gr.Textbox("", label="prompt")
@@ -313,7 +368,7 @@ def _api_endpoint(gr, pipe, info, steps: int, session: Session, outputs: Outputs
     result = gr.Image(type="numpy", format="png", label="result")
     status = gr.Markdown(label="status")
 
-    components = {**images, **values, "prompt": prompt, **advanced}
+    components = {**images, **own, **values, "prompt": prompt, **advanced}
     names = list(components)
 
     def edit(*args):
@@ -325,6 +380,7 @@ def _api_endpoint(gr, pipe, info, steps: int, session: Session, outputs: Outputs
             fields = {name: (_mask_upload(data[name], name) if name.endswith("mask") else
                              read_upload(data[name], name) if name in images else data[name])
                       for name in [*images, *values] if name != "image" and data[name] is not None}
+            fields.update(ui_fields(task, {name: data[name] for name in own}))
             out, status_, _ = run_fields(pipe, session, task, image, fields, outputs=outputs, owner=API_OWNER,
                                          prompt=data["prompt"] or "", options=_options(data))
         except Exception as e:  # noqa: BLE001 (the client gets the message)

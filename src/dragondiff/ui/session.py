@@ -147,6 +147,54 @@ def draw_points(image: np.ndarray, mask: np.ndarray | None, points: list) -> Ima
     return im
 
 
+BOX_COLOUR = (255, 200, 0)
+
+
+def draw_preview(image: np.ndarray, preview: dict) -> Image.Image:
+    """A task's preview (`TaskUI.preview`) on the image (enlarged by display_factor): the faces' boxes numbered
+    (yellow), an arrow from each handle to its target where they differ by a pixel or more, handles (red) and
+    targets (blue) as small dots."""
+    from PIL import ImageDraw
+
+    k = display_factor(image.shape[:2])
+    im = Image.fromarray(image).resize((image.shape[1] * k, image.shape[0] * k), Image.NEAREST)
+    shown = lambda pts: [] if pts is None else [(x * k + (k - 1) / 2, y * k + (k - 1) / 2)  # noqa: E731
+                                                for x, y in np.asarray(pts, dtype=float)]
+    handles, targets = shown(preview.get("handles")), shown(preview.get("targets"))
+    if targets:
+        for h, t in zip(handles, targets):
+            if np.hypot(h[0] - t[0], h[1] - t[1]) >= k:
+                im = draw_arrow(im, h, t, colour=(255, 255, 0))
+    d = ImageDraw.Draw(im)
+    for n, (x0, y0, x1, y1) in enumerate(preview.get("boxes") or []):
+        d.rectangle([x0 * k, y0 * k, x1 * k, y1 * k], outline=BOX_COLOUR, width=2)
+        d.text((x0 * k + 4, y0 * k + 2), f"#{n}", fill=BOX_COLOUR)
+    r = max(2, round(max(im.size) / 300))
+    for points, colour in ((targets, (30, 90, 240)), (handles, (230, 30, 30))):
+        for x, y in points:
+            d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    return im
+
+
+def ui_fields(task: str, values: dict) -> dict:
+    """A tab's (or API call's) values of the task's `TaskUI.fields` as spec fields: the ticked choices; a text
+    stripped, left out when empty (the field's default)."""
+    fields = {}
+    for f in TASKS[task].ui.fields:
+        value = values.get(f.name)
+        if f.choices:
+            fields[f.name] = tuple(value or ())
+        elif value is not None and str(value).strip():
+            fields[f.name] = str(value).strip()
+    return fields
+
+
+def task_preview(task: str, image: np.ndarray, reference: np.ndarray | None, values: dict):
+    """The task's preview panel for these inputs: (image, the problem to say or None)."""
+    out = TASKS[task].ui.preview(image, reference, ui_fields(task, values))
+    return draw_preview(image, out), out.get("problem")
+
+
 # ---------------------------------------------------------------------------------------------- sessions
 
 def _session_name(owner: str) -> str:
@@ -238,8 +286,9 @@ def _key(image: np.ndarray, prompt: str, steps: int, resolution: int) -> str:
 
 
 def click_fields(task: str, image: np.ndarray, *, mask=None, points=(), reference=None, reference_mask=None,
-                 scale: float = 1.0) -> dict:
-    """The spec fields of what the user brushed and clicked in a task's tab (its registry `ui` says how)."""
+                 scale: float = 1.0, values: dict | None = None) -> dict:
+    """The spec fields of what the user brushed, clicked, uploaded and chose in a task's tab (its registry `ui`
+    says how; `values`: its `TaskUI.fields`' values)."""
     info = TASKS[task]
     check_points(list(points), task, image.shape[:2])
     fields: dict = {}
@@ -250,17 +299,21 @@ def click_fields(task: str, image: np.ndarray, *, mask=None, points=(), referenc
         reference_hw=None if reference is None else reference.shape[:2], scale=scale))
     if info.images == 2:
         fields.update(reference=reference, reference_mask=reference_mask)
+    elif info.ui.reference_upload and reference is not None:
+        fields["reference"] = reference
+    fields.update(ui_fields(task, values or {}))
     return fields
 
 
 def run_edit(pipe, session: Session, task: str, image: np.ndarray, *, outputs: Outputs, owner: str, mask=None,
              points=(), reference=None, reference_mask=None, prompt: str = "", scale: float = 1.0,
-             options: dict | None = None, progress=None) -> tuple[Image.Image, dict, list[Path]]:
-    """Run one edit from a tab's brushed masks and clicked points, inverting the image only if this session has
-    not inverted it with these settings. Returns the full-size result, a status dict and the files to download
-    (result PNG, sidecar JSON)."""
+             options: dict | None = None, progress=None, values: dict | None = None
+             ) -> tuple[Image.Image, dict, list[Path]]:
+    """Run one edit from a tab's brushed masks, clicked points and chosen `values`, inverting the image only if
+    this session has not inverted it with these settings. Returns the full-size result, a status dict and the
+    files to download (result PNG, sidecar JSON)."""
     fields = click_fields(task, image, mask=mask, points=points, reference=reference,
-                          reference_mask=reference_mask, scale=scale)
+                          reference_mask=reference_mask, scale=scale, values=values)
     return run_fields(pipe, session, task, image, fields, outputs=outputs, owner=owner, prompt=prompt,
                       options=options, progress=progress)
 
@@ -277,11 +330,16 @@ def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dic
     options = dict(options or {})
     steps = int(options.pop("num_inference_steps"))
     resolution = int(options.pop("max_resolution"))
-    # the prompt goes with the inversion, which the spec's edit then uses
+    # the prompt goes with the inversion, which the spec's edit then uses; a task that edits a crop it makes from
+    # the photo (TaskInfo.frame) takes the photo and its prompt, and inverts the crop in its edit
+    framed = TASKS[task].frame is not None
     key = _key(image, prompt, steps, resolution)
-    reused = session.inversion_key == key
+    reused = not framed and session.inversion_key == key
     try:
-        if not reused:
+        if framed:
+            spec = EditSpec(task=task, image=image, prompt=prompt or None, num_inference_steps=steps,
+                            max_resolution=resolution, **fields, **options)
+        elif not reused:
             if progress:
                 progress(0.0, desc="inverting the image (once per image and prompt)")
             start = time.perf_counter()
@@ -289,7 +347,8 @@ def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dic
                                             num_inference_steps=steps, progress=False)
             session.inversion_seconds = time.perf_counter() - start
             session.inversion_key = key
-        spec = EditSpec(task=task, image=session.inversion, **fields, **options)
+        if not framed:
+            spec = EditSpec(task=task, image=session.inversion, **fields, **options)
 
         def on_step(_pipe, i, _t, _state):
             if progress:
@@ -302,6 +361,7 @@ def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dic
     except (ValueError, TypeError) as e:
         raise UIError(str(e)) from e
     session.runs += 1
+    inversion_seconds = result.timings.get("inversion", 0.0) if framed else session.inversion_seconds
     out = full_resolution(result, image)
     run = outputs.session_folder(owner) / f"edit-{session.runs:03d}"
     run.mkdir(parents=True, exist_ok=True)
@@ -309,7 +369,8 @@ def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dic
     out.save(run / "result.png")
     sidecar = build_sidecar(result, pipe, sidecar=run / "result.json", output=run / "result.png",
                             full_resolution=True, threads=torch.get_num_threads(),
-                            seconds={"invert_image": 0.0 if reused else session.inversion_seconds, **result.timings})
+                            seconds={"invert_image": 0.0 if reused or framed else session.inversion_seconds,
+                                     **result.timings})
     sidecar["spec"]["image"] = "input.png"
     for name in ("mask", "reference", "reference_mask"):
         value = fields.get(name)
@@ -319,17 +380,24 @@ def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dic
             Image.fromarray(arr).save(run / file)
             sidecar["spec"][name] = file
     (run / "result.json").write_text(json.dumps(sidecar, indent=1))
+    paths = [run / "result.png", run / "result.json"]
+    working = None
+    if result.photo is not None:  # the edited crop at the working size, beside the photo it was put back into
+        working = run / "crop.png"
+        result.image.save(working)
+        paths.append(working)
     outputs.trim(keep=run)
     status = {"task": task, "inversion": "reused" if reused else "computed",
-              "inversion_seconds": round(session.inversion_seconds, 2), "edit_seconds": round(result.seconds, 2),
+              "inversion_seconds": round(inversion_seconds, 2), "edit_seconds": round(result.seconds, 2),
               "guidance_scale": result.spec.guidance_scale, "energy_scale": result.spec.energy_scale,
-              "flags": list(result.flags)}
-    return out, status, [run / "result.png", run / "result.json"]
+              "flags": list(result.flags), "kept": not framed, "working_image": working}
+    return out, status, paths
 
 
 def status_text(status: dict) -> str:
     inv = (f"inversion reused (saved {status['inversion_seconds']:.1f} s)" if status["inversion"] == "reused"
-           else f"inversion computed in {status['inversion_seconds']:.1f} s (kept for further edits of this image)")
+           else f"inversion computed in {status['inversion_seconds']:.1f} s"
+           + (" (kept for further edits of this image)" if status.get("kept", True) else ""))
     notes = "".join(f"\n- note: {f}" for f in status["flags"])
     return (f"**{status['task']}** done: edit {status['edit_seconds']:.1f} s; {inv}; CFG "
             f"{status['guidance_scale']:g}, energy {status['energy_scale']:g}.{notes}")
