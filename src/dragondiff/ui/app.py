@@ -91,16 +91,18 @@ def _message_text(e: Exception) -> str:
 def _reported(message, fn):
     """A page event's handler (returning a dict of outputs) whose failure is said in the tab's message area while
     its other outputs keep what they show (a failed Run leaves the previous result, no error badges over it); a
-    success clears the message, unless it changed nothing (an empty dict). Every page event of a tab goes through
-    it."""
+    success clears the message, unless it changed nothing (an empty dict: every output keeps its value). Every page
+    event of a tab goes through it."""
 
     @functools.wraps(fn)
     def handler(*args, **kwargs):
+        import gradio as gr
+
         try:
             out = fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 (every failure becomes a message in the page)
             return {message: _message_text(e)}
-        return {message: "", **out} if out else {}
+        return {message: "", **out} if out else {message: gr.skip()}  # Gradio takes no empty dict
 
     return handler
 

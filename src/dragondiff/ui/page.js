@@ -58,11 +58,13 @@
 
   // A mouse or pen press counts at once (a click whose image is redrawn between press and release would be lost);
   // a tap counts on its click, so that a touch that scrolls the page adds no point.
+  let lastPointer = "";
   document.addEventListener("pointerdown", (e) => {
+    lastPointer = e.pointerType;
     if (e.pointerType !== "touch" && e.button === 0 && e.isPrimary) onPanel(e);
   }, true);
   document.addEventListener("click", (e) => {
-    if (e.pointerType === "touch") onPanel(e);
+    if ((e.pointerType || lastPointer) === "touch") onPanel(e);
     const button = e.target.closest && e.target.closest(".dd-undo-point, .dd-clear-points");
     if (!button || !button.id) return;
     const clear = button.classList.contains("dd-clear-points");
