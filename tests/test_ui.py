@@ -406,7 +406,7 @@ def _panel_shows(page, task: str, scene, points, timeout: float = 20.0) -> None:
     one = dots(np.asarray(draw_points(scene, None, points[:1])))
     pytest.fail(f"{task}: the points panel does not show the {len(points)} points clicked, in order: it shows "
                 f"about {dots(shown) / max(one, 1):.0f} (the page's list holds "
-                f"{'no field' if field is None else len(field)})")
+                f"{'no field' if field is None else len(field)}: {field})")
 
 
 def _click_panel(page, task: str, points, factor: int, gap_ms: int = 50) -> None:
