@@ -49,6 +49,17 @@ def test_point_checks_and_paste_offset():
     assert drawn.size == (384, 384) and np.asarray(drawn)[31, 31].any()  # the handle's dot at 3x
 
 
+def test_panel_points_from_the_pages_list():
+    """The hidden field's list (the panel picture's pixels) in image pixels; anything else is refused by name."""
+    assert S.panel_points("[[31, 31], [152, 182.5]]", (128, 128)) == [(10, 10), (50, 60)]  # the panel at 3x
+    assert S.panel_points("[[700, 5]]", (1024, 768)) == [(700, 5)] and S.panel_points("", (128, 128)) == []
+    for bad in ("[[1, 2, 3]]", '[["1", 2]]', "[[NaN, 1]]", "[[true, 1]]", "{}", "not json"):
+        with pytest.raises(S.UIError, match="unreadable list of points"):
+            S.panel_points(bad, (128, 128))
+    with pytest.raises(S.UIError, match="201 clicked; at most 200"):
+        S.panel_points(json.dumps([[1, 1]] * 201), (128, 128))
+
+
 def test_run_edit_reuses_the_inversion_and_writes_a_sidecar(tiny_pipe, tmp_path):
     img, disc, _ = make_scene()
     session = S.Session()

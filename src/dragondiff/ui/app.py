@@ -17,8 +17,8 @@ from ..limits import (DEFAULT_PRESET, DEFAULT_SEED, LIMITS, UPLOAD_FORMATS, UPLO
                       upload_rule)
 from ..presets import PRESETS
 from ..tasks import TASKS
-from .session import (Outputs, Session, UIError, display_factor, draw_points, editor_image, editor_mask,
-                      read_upload, run_edit, run_fields, status_text, task_preview, ui_fields)
+from .session import (Outputs, Session, UIError, draw_points, editor_image, editor_mask,
+                      panel_points, read_upload, run_edit, run_fields, status_text, task_preview, ui_fields)
 
 # The largest request the server takes: an accepted image's exports from the page's editor (RGBA PNG, at worst
 # 4 bytes a pixel) or an API upload, which is then refused by its own check with a message naming the limits.
@@ -28,6 +28,7 @@ API_OWNER = "api"  # API calls share one session, and its folder
 CSS = """
 [id$='-result'] img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 .dd-points .eta-bar, .dd-points [data-testid='status-tracker'] { pointer-events: none; }  /* clicks reach the image */
+.dd-points img { cursor: crosshair; }
 .dd-message p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
 .dd-upload-error { position: absolute; left: 8px; right: 8px; bottom: 8px; z-index: 50; padding: 6px 10px;
   border-radius: 6px; background: var(--error-background-fill, #fee2e2); color: var(--error-text-color, #b91c1c);
@@ -36,7 +37,7 @@ CSS = """
 
 
 def page_head() -> str:
-    """The page's script (page.js: the upload check) with the upload limits."""
+    """The page's script (page.js: the upload check, the points panels' clicks) with the upload limits."""
     config = {"maxBytes": UPLOAD_MAX_BYTES, "maxPixels": UPLOAD_MAX_PIXELS,
               "formats": list(UPLOAD_FORMATS), "rule": upload_rule()}
     script = (Path(__file__).parent / "page.js").read_text()
@@ -97,15 +98,18 @@ def _message_text(e: Exception) -> str:
 def _reported(message, fn):
     """A page event's handler (returning a dict of outputs) whose failure is said in the tab's message area while
     its other outputs keep what they show (a failed Run leaves the previous result, no error badges over it); a
-    success clears the message. Every page event of a tab goes through it."""
+    success clears the message, unless it changed nothing (an empty dict: every output keeps its value). Every page
+    event of a tab goes through it."""
 
     @functools.wraps(fn)
     def handler(*args, **kwargs):
+        import gradio as gr
+
         try:
             out = fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 (every failure becomes a message in the page)
             return {message: _message_text(e)}
-        return {message: "", **out}
+        return {message: "", **out} if out else {message: gr.skip()}  # Gradio takes no empty dict
 
     return handler
 
@@ -115,8 +119,12 @@ def _limit_slider(gr, name: str, value, label: str, step=1, **kw):
     return gr.Slider(int(limit.low), int(limit.high), value=value, step=step, label=label, **kw)
 
 
-def _advanced(gr, pipe, steps: int) -> dict:
-    """The settings every task shares, with the ranges of `dragondiff.limits`: name -> component."""
+IMAGE_PROMPT_CHOICES = {"preset": None, "on": True, "off": False}  # the control's choices -> EditSpec.image_prompt
+
+
+def _advanced(gr, pipe, info, steps: int) -> dict:
+    """The settings every task shares, with the ranges of `dragondiff.limits`: name -> component. With an
+    IP-Adapter loaded (`dragondiff ui --ip-adapter`), also the image prompt's switch and scale."""
     seed, scale = LIMITS["seed"], LIMITS["guidance_scale"]
     energy = LIMITS["energy_scale"]
     with gr.Row():
@@ -130,19 +138,34 @@ def _advanced(gr, pipe, steps: int) -> dict:
                              maximum=scale.high)
         energy = gr.Number(None, label="Energy scale (empty: the model's recommended)", minimum=energy.low,
                            maximum=energy.high)
+    image_prompt = {}
+    if pipe.backbone.image_prompt is not None:
+        ip = LIMITS["ip_scale"]
+        ip_default = pipe.recommended_settings.get(info.name, {}).get("ip_scale", info.settings["ip_scale"])
+        with gr.Row():
+            image_prompt["image_prompt"] = gr.Radio(
+                list(IMAGE_PROMPT_CHOICES), value="preset", label="Image prompt (IP-Adapter)",
+                info="preset: on with the official and fast presets, off with paper", elem_id=f"{info.name}-ip")
+            image_prompt["ip_scale"] = gr.Slider(ip.low, ip.high, value=ip_default, step=0.01,
+                                                 label="Image prompt scale", elem_id=f"{info.name}-ip-scale")
     # a preset brings its own step count (fast: 20); the slider can still change it afterwards
     preset.change(lambda name: PRESETS[name].steps, preset, n_steps, **PRIVATE)
     return {"preset": preset, "num_inference_steps": n_steps, "seed": seed, "max_resolution": resolution,
-            "guidance_scale": guidance, "energy_scale": energy}
+            "guidance_scale": guidance, "energy_scale": energy, **image_prompt}
 
 
 def _options(values: dict) -> dict:
-    """run_fields' options from the advanced settings' values (empty CFG / energy: the model's recommended)."""
+    """run_fields' options from the advanced settings' values (empty CFG / energy: the model's recommended; the
+    image prompt's, where shown)."""
     options = {"preset": values["preset"], "num_inference_steps": int(values["num_inference_steps"]),
                "seed": int(values["seed"] or 0), "max_resolution": int(values["max_resolution"])}
-    for name in ("guidance_scale", "energy_scale"):
-        if values[name] is not None:
+    for name in ("guidance_scale", "energy_scale", "ip_scale"):
+        if values.get(name) is not None:
             options[name] = float(values[name])
+    if values.get("image_prompt") is not None:
+        if values["image_prompt"] not in IMAGE_PROMPT_CHOICES:
+            raise UIError(f"image_prompt: expected one of {list(IMAGE_PROMPT_CHOICES)}, got {values['image_prompt']!r}")
+        options["image_prompt"] = IMAGE_PROMPT_CHOICES[values["image_prompt"]]
     return options
 
 
@@ -174,14 +197,16 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
                         choice = gr.Dropdown(names, value=names[0], label="Example scene", scale=3,
                                              elem_id=f"{task}-example")
                         load = gr.Button("Load example", scale=1, elem_id=f"{task}-load")
-            clicks = None
+            clicks = points_data = None
             if ui.click_help:
                 with gr.Column():
+                    # page.js records the clicks on this panel, and its two buttons, in the hidden points field
                     clicks = gr.Image(label=f"Points: {ui.click_help}", interactive=False, type="numpy",
                                       format="png", elem_id=f"{task}-points", elem_classes="dd-points", height=420)
+                    points_data = gr.Textbox("[]", visible="hidden", elem_id=f"{task}-points-data")
                     with gr.Row():
-                        undo_point = gr.Button("Undo last point", elem_id=f"{task}-undo-point")
-                        clear_points = gr.Button("Clear points", elem_id=f"{task}-clear-points")
+                        gr.Button("Undo last point", elem_id=f"{task}-undo-point", elem_classes="dd-undo-point")
+                        gr.Button("Clear points", elem_id=f"{task}-clear-points", elem_classes="dd-clear-points")
             ref_editor = None
             if info.images == 2:
                 with gr.Column():
@@ -216,18 +241,24 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
                  if ui.scale else None)
         run = gr.Button("Run", variant="primary", elem_id=f"{task}-run")
         with gr.Accordion("Advanced", open=False):
-            advanced = _advanced(gr, pipe, steps)
+            advanced = _advanced(gr, pipe, info, steps)
 
     # ---------------------------------------------------------------------------------------------- events
     # Every page event goes through _reported: a failure is said in `message`, the other outputs keep their value.
-    resettable = [editor] + ([clicks] if clicks is not None else []) + [message]
+    resettable = [editor] + ([clicks, points_data] if clicks is not None else []) + [message]
 
     def reset(image, session):
         session.points[task] = []
+        session.shown[task] = image
         out = {editor: {"background": image, "layers": [], "composite": image}}
         if clicks is not None:
-            out[clicks] = draw_points(image, None, [])
+            out.update({clicks: draw_points(image, None, []), points_data: "[]"})
         return out
+
+    def points(value, text, session) -> list:
+        """The points of the hidden field, in image pixels, which become the session's."""
+        session.points[task] = panel_points(text, editor_image(value).shape[:2])
+        return session.points[task]
 
     def load_example(name, session):
         image, caption = examples[name]
@@ -259,9 +290,15 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             event.then(_reported(message, refresh), preview_inputs, [preview, message], **PRIVATE)
 
     # An upload of any mode (grey, palette, transparent, ...) becomes the RGB picture an edit reads, at once, and
-    # the points panel shows it (page.js has already refused files over the limits or not images).
+    # the points panel shows it (page.js has already refused files over the limits or not images). The editor also
+    # says "upload" a while after the server has set its picture (load example, edit this result, undo, this reset):
+    # the picture the tab shows already changes nothing, and keeps the points clicked meanwhile.
     def uploaded(value, session):
-        return reset(editor_image(value), session)
+        image = editor_image(value)
+        shown = session.shown.get(task)
+        if shown is not None and shown.shape == image.shape and np.array_equal(shown, image):
+            return {}
+        return reset(image, session)
 
     then_refresh(editor.upload(_reported(message, uploaded), [editor, state], resettable, **PRIVATE))
     if ref_editor is not None:
@@ -277,28 +314,25 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
                            trigger_mode="always_last", **PRIVATE)
 
     if clicks is not None:
-        def add_point(value, session, evt: gr.SelectData):
-            k = display_factor(editor_image(value).shape[:2])
-            pts = session.points.setdefault(task, [])
-            pts.append(tuple(float(v) // k for v in evt.index))
-            return {clicks: _preview(value, pts)}
+        def show_points(value, text, session):
+            return {clicks: _preview(value, points(value, text, session))}
 
-        def edit_points(value, session, keep):
-            pts = session.points.setdefault(task, [])
-            del pts[keep(len(pts)):]
-            return {clicks: _preview(value, pts)}
+        def repaint(value, text, session):
+            try:
+                pts = points(value, text, session)
+            except UIError:
+                pts = []
+            return _preview(value, pts)
 
-        # Every click counts (trigger_mode "multiple"), in order (one at a time); no progress overlay on the points
-        # image, and the status tracker over it lets clicks through (CSS), which would swallow them.
-        quiet = {"show_progress": "hidden", "trigger_mode": "multiple", **PRIVATE}
-        clicks.select(_reported(message, add_point), [editor, state], [clicks, message], **quiet)
-        undo_point.click(_reported(message, lambda v, s: edit_points(v, s, lambda n: max(0, n - 1))),
-                         [editor, state], [clicks, message], **quiet)
-        clear_points.click(_reported(message, lambda v, s: edit_points(v, s, lambda n: 0)), [editor, state],
-                           [clicks, message], **quiet)
+        # The hidden field holds every point clicked (page.js appends each click, undoes, clears): only its latest
+        # value matters, so a redraw may skip the ones before it (trigger_mode "always_last") and no click is lost.
+        # (Its change event: a Textbox's input event only follows key presses.) No progress overlay on the points
+        # image; the status tracker over it lets clicks through (CSS).
+        points_data.change(_reported(message, show_points), [editor, points_data, state], [clicks, message],
+                           show_progress="hidden", trigger_mode="always_last", **PRIVATE)
         # Painting fires a change per stroke: only the latest redraw matters.
-        editor.change(lambda v, s: _preview(v, s.points.get(task, [])), [editor, state], [clicks],
-                      show_progress="hidden", trigger_mode="always_last", **PRIVATE)
+        editor.change(repaint, [editor, points_data, state], [clicks], show_progress="hidden",
+                      trigger_mode="always_last", **PRIVATE)
 
     def do_run(data, request: gr.Request, progress=gr.Progress()):
         session = data[state]
@@ -310,9 +344,11 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             reference = editor_image(data[ref_editor], "reference")
             if info.images == 2:
                 reference_mask = editor_mask(data[ref_editor], reference.shape[:2], "reference mask")
+        # the points as the page holds them now (their redraw may still be queued)
+        pts = points(value, data[points_data], session) if points_data is not None else []
         out, info_, paths = run_edit(
             pipe, session, task, image, outputs=outputs, owner=request.session_hash, mask=mask,
-            points=list(session.points.get(task, [])), reference=reference, reference_mask=reference_mask,
+            points=pts, reference=reference, reference_mask=reference_mask,
             prompt=data[prompt] or "", scale=float(data[scale]) if scale is not None else 1.0,
             options=_options({k: data[c] for k, c in advanced.items()}), progress=progress,
             values={name: data[c] for name, c in fields.items()})
@@ -322,7 +358,7 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
         return shown
 
     inputs = {state, editor, prompt, *advanced.values(), *fields.values()} | {
-        c for c in (clicks, ref_editor, scale) if c is not None}
+        c for c in (points_data, ref_editor, scale) if c is not None}
     run.click(_reported(message, do_run), inputs, [result, status, files, message] + ([working] if working else []),
               concurrency_id="edit", **PRIVATE)
 
@@ -364,7 +400,7 @@ def _api_endpoint(gr, pipe, info, steps: int, session: Session, outputs: Outputs
     values = {name: (gr.Number(None, label=name) if kind == "number" else gr.JSON(None, label=name))
               for name, kind in ui.api_fields.items()}
     prompt = gr.Textbox("", label="prompt")
-    advanced = _advanced(gr, pipe, steps)
+    advanced = _advanced(gr, pipe, info, steps)
     result = gr.Image(type="numpy", format="png", label="result")
     status = gr.Markdown(label="status")
 

@@ -5,10 +5,72 @@
 //    them: bytes first, then the format and size from the file's header (no decoding). A file over the limits or
 //    not an image is refused with a message on the editor naming it and what is accepted; the editor never loads
 //    it, so a huge picture cannot freeze the page and no upload is left half done.
+// 2. Clicks on a points panel (.dd-points, id "<task>-points") are recorded here, not by the image's own select
+//    events (which the page drops while the panel is being redrawn: quick clicks were lost). Each click appends its
+//    position, in the panel picture's pixels, to the whole list of points kept in the tab's hidden field
+//    ("<task>-points-data", JSON [[x, y], ...]); "Undo last point" and "Clear points" edit that list. The field's
+//    change event sends the whole list, so an event merged with or dropped for a later one loses no point: the
+//    server redraws the panel from the latest list. The server sets the field to "[]" when the image changes.
 (() => {
   const LIMITS = window.DRAGONDIFF_UPLOAD;
   if (!LIMITS || window.__dragondiffPage) return;
   window.__dragondiffPage = true;
+
+  // ------------------------------------------------------------------------------------------ clicked points
+  const field = (task) => document.querySelector(`#${task}-points-data textarea, #${task}-points-data input`);
+
+  function readPoints(input) {
+    try {
+      const list = JSON.parse(input.value || "[]");
+      return Array.isArray(list) ? list : [];
+    } catch (e) {
+      return [];
+    }
+  }
+
+  function writePoints(task, edit) {
+    const input = field(task);
+    if (!input) return;
+    input.value = JSON.stringify(edit(readPoints(input)));
+    input.dispatchEvent(new Event("input", {bubbles: true}));  // the field takes the value: its change event
+  }
+
+  // the pixel of the panel's picture under a click, as the image's own select event computes it: the <img> fills
+  // its box with object-fit scale-down (never enlarged), centred; null outside the picture
+  function pixel(img, e) {
+    const box = img.getBoundingClientRect();
+    const w = img.naturalWidth, h = img.naturalHeight;
+    if (!w || !h || !box.width || !box.height) return null;
+    const r = Math.min(box.width / w, box.height / h, 1);
+    const x = Math.round((e.clientX - box.left - (box.width - w * r) / 2) / r);
+    const y = Math.round((e.clientY - box.top - (box.height - h * r) / 2) / r);
+    return x < 0 || x >= w || y < 0 || y >= h ? null : [x, y];
+  }
+
+  function onPanel(e) {
+    const img = e.target instanceof HTMLImageElement ? e.target : null;
+    const panel = img && img.closest(".dd-points");
+    if (!panel || !panel.id.endsWith("-points")) return;
+    const xy = pixel(img, e);
+    if (!xy) return;
+    writePoints(panel.id.slice(0, -"-points".length), (list) => [...list, xy]);
+  }
+
+  // A mouse or pen press counts at once (a click whose image is redrawn between press and release would be lost);
+  // a tap counts on its click, so that a touch that scrolls the page adds no point.
+  let lastPointer = "";
+  document.addEventListener("pointerdown", (e) => {
+    lastPointer = e.pointerType;
+    if (e.pointerType !== "touch" && e.button === 0 && e.isPrimary) onPanel(e);
+  }, true);
+  document.addEventListener("click", (e) => {
+    if ((e.pointerType || lastPointer) === "touch") onPanel(e);
+    const button = e.target.closest && e.target.closest(".dd-undo-point, .dd-clear-points");
+    if (!button || !button.id) return;
+    const clear = button.classList.contains("dd-clear-points");
+    const task = button.id.slice(0, -(clear ? "-clear-points" : "-undo-point").length);
+    writePoints(task, (list) => (clear ? [] : list.slice(0, -1)));
+  }, true);
 
   // ------------------------------------------------------------------------------------------ upload checks
   const u16 = (b, i, little) => little ? b[i] | (b[i + 1] << 8) : (b[i] << 8) | b[i + 1];

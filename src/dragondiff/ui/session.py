@@ -126,6 +126,29 @@ def display_factor(size_hw: tuple[int, int]) -> int:
     return max(1, MIN_DISPLAY // max(size_hw))
 
 
+# The most points a panel keeps (drag takes handle/target pairs; more than this is no edit anyone clicks).
+MAX_PANEL_POINTS = 200
+
+
+def panel_points(text: str | None, size_hw: tuple[int, int]) -> list[tuple[float, float]]:
+    """The points of a tab's hidden points field (what page.js records: JSON [[x, y], ...] in the pixels of the
+    panel's picture, which is the image enlarged by display_factor) in image pixels."""
+    try:
+        data = json.loads(text or "[]")
+    except ValueError:
+        data = None
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9
+
+    ok = isinstance(data, list) and all(isinstance(p, list) and len(p) == 2 and all(map(number, p)) for p in data)
+    if not ok:
+        raise UIError("points: the page sent an unreadable list of points; clear the points and click again")
+    if len(data) > MAX_PANEL_POINTS:
+        raise UIError(f"points: {len(data)} clicked; at most {MAX_PANEL_POINTS} (undo some or clear them)")
+    k = display_factor(size_hw)
+    return [(float(x) // k, float(y) // k) for x, y in data]
+
+
 def draw_points(image: np.ndarray, mask: np.ndarray | None, points: list) -> Image.Image:
     """The image (enlarged by display_factor) with the mask tinted, handles (red) and targets (blue) as dots,
     arrows between pairs. `points` are in image pixels."""
@@ -269,6 +292,7 @@ class Session:
     inversion_seconds: float = 0.0
     history: list = field(default_factory=list)  # earlier input images, for undo
     points: dict = field(default_factory=dict)  # task -> clicked points (x, y) in image pixels
+    shown: dict = field(default_factory=dict)  # task -> the picture its tab was last given (RGB)
     runs: int = 0
 
     def push(self, image: np.ndarray) -> None:
@@ -390,6 +414,7 @@ def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dic
     status = {"task": task, "inversion": "reused" if reused else "computed",
               "inversion_seconds": round(inversion_seconds, 2), "edit_seconds": round(result.seconds, 2),
               "guidance_scale": result.spec.guidance_scale, "energy_scale": result.spec.energy_scale,
+              "image_prompt": bool(result.spec.image_prompt), "ip_scale": result.spec.ip_scale,
               "flags": list(result.flags), "kept": not framed, "working_image": working}
     return out, status, paths
 
@@ -399,5 +424,6 @@ def status_text(status: dict) -> str:
            else f"inversion computed in {status['inversion_seconds']:.1f} s"
            + (" (kept for further edits of this image)" if status.get("kept", True) else ""))
     notes = "".join(f"\n- note: {f}" for f in status["flags"])
+    ip = f", image prompt {status['ip_scale']:g}" if status.get("image_prompt") else ""
     return (f"**{status['task']}** done: edit {status['edit_seconds']:.1f} s; {inv}; CFG "
-            f"{status['guidance_scale']:g}, energy {status['energy_scale']:g}.{notes}")
+            f"{status['guidance_scale']:g}, energy {status['energy_scale']:g}{ip}.{notes}")
