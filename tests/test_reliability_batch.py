@@ -121,6 +121,8 @@ def test_atomic_write_removes_its_temp_file(tmp_path, error):
 
 _KILL_ON_SAVE = """
 import os, signal, sys, time
+# a test runner's worker process may ignore SIGINT, and a child inherits that: restore what a terminal gives
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from PIL import Image
 original = Image.Image.save
 def save(self, fp, *args, **kwargs):

@@ -5,6 +5,7 @@ localhost with the bundled model and 4 DDIM steps ($DRAGONDIFF_UI_STEPS). Screen
 Skipped only outside CI when Gradio, Playwright or chromium is missing; in CI (CI=true) their absence fails."""
 
 import io
+import json
 import os
 import re
 import shutil
@@ -123,16 +124,30 @@ def settle(page, selector: str, quiet_ms: int = 1200, timeout: float = 20.0) -> 
         page.wait_for_timeout(100)
 
 
+def _page_points(page, task: str) -> int:
+    text = page.evaluate("(sel) => { const e = document.querySelector(sel); return e ? e.value : '[]'; }",
+                         f"#{task}-points-data textarea, #{task}-points-data input")
+    data = json.loads(text or "[]")
+    return len(data["points"] if isinstance(data, dict) else data)
+
+
 def click_point(page, task: str, x, y, size: int = 128):
-    settle(page, f"#{task}-points img")
-    img = page.locator(f"#{task}-points img").first
-    box = img.bounding_box()
-    before = img.get_attribute("src")
-    img.click(position={"x": box["width"] * (x + 0.5) / size, "y": box["height"] * (y + 0.5) / size})
-    # the next click waits for this one's redrawn image (as a user sees the dot appear)
-    page.wait_for_function("([sel, before]) => { const i = document.querySelector(sel); "
-                           "return i && i.getAttribute('src') !== before; }", arg=[f"#{task}-points img", before],
-                           timeout=15_000)
+    """Click a point as a user does: when no dot appears, click again. (A press that lands while the panel is being
+    redrawn can be lost on a busy machine: finding 15c, open, reproduced by the skipped rapid-click test; the
+    tests of the tabs' other behaviour do not depend on it.)"""
+    for _ in range(3):
+        settle(page, f"#{task}-points img")
+        img = page.locator(f"#{task}-points img").first
+        box = img.bounding_box()
+        before = _page_points(page, task)
+        img.click(position={"x": box["width"] * (x + 0.5) / size, "y": box["height"] * (y + 0.5) / size})
+        deadline = time.time() + 4
+        while time.time() < deadline and _page_points(page, task) == before:
+            page.wait_for_timeout(100)
+        if _page_points(page, task) > before:
+            settle(page, f"#{task}-points img")  # the redrawn panel (as a user sees the dot appear)
+            return
+    pytest.fail(f"{task}: three clicks at ({x}, {y}) on the points panel did not register")
 
 
 def result_image(page, task: str) -> np.ndarray:
