@@ -145,6 +145,28 @@ class BankSlot:
     controller: BankController | None = None
 
 
+def tokens_in(attn, hidden_states, temb):
+    """The layer input as (B, N, C) tokens after the spatial and group norms (diffusers' attention preamble, shared
+    by our processors)."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states
+
+
+def tokens_out(attn, hidden_states, residual, shape):
+    """The attention output back in the input's shape, with the residual and the output rescale."""
+    if len(shape) == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(shape)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
 class BankAttnProcessor:
     """Self-attention with keys/values supplied by the slot's controller. Same math as diffusers' SDPA processor."""
 
@@ -155,15 +177,8 @@ class BankAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise RuntimeError(f"{self.layer}: memory-bank processor expects plain self-attention")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        residual, shape = hidden_states, hidden_states.shape
+        hidden_states = tokens_in(attn, hidden_states, temb)
         batch = hidden_states.shape[0]
 
         query = attn.to_q(hidden_states)
@@ -182,12 +197,7 @@ class BankAttnProcessor:
         hidden_states = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return tokens_out(attn, hidden_states, residual, shape)
 
 
 def install_bank_processors(unet, slot: BankSlot) -> dict | None:

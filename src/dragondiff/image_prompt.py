@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attention import tokens_in, tokens_out
+
 PROMPT_SIZE = 256  # the official pre-resize of an image prompt, before the CLIP image processor
 VARIANTS = {
     "resampler": "Resampler (DiffEditor's ip_sd15_64, IP-Adapter Plus): penultimate CLIP hidden states",
@@ -65,15 +67,8 @@ class ImagePromptAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is None or attention_mask is not None:
             raise RuntimeError(f"{self.layer}: the image-prompt processor expects plain cross-attention")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        residual, shape = hidden_states, hidden_states.shape
+        hidden_states = tokens_in(attn, hidden_states, temb)
         batch = hidden_states.shape[0]
         n_ip = self.slot.ip_tokens
         text, image = (encoder_hidden_states[:, :-n_ip], encoder_hidden_states[:, -n_ip:]) if n_ip else \
@@ -92,12 +87,7 @@ class ImagePromptAttnProcessor:
             ip = self._attend(attn, query, self.to_k_ip(image), self.to_v_ip(image), batch)
             hidden_states = hidden_states + self.slot.scale * ip.to(hidden_states.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return tokens_out(attn, hidden_states, residual, shape)
 
 
 # ------------------------------------------------------------------------------------------------ files
