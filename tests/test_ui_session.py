@@ -60,6 +60,28 @@ def test_panel_points_from_the_pages_list():
         S.panel_points(json.dumps([[1, 1]] * 201), (128, 128))
 
 
+def test_points_lists_carry_a_version_and_an_older_one_never_replaces_a_newer():
+    """page.js writes {"epoch", "seq", "points"}; redraw requests can arrive out of order (finding 15c), so the
+    session takes a list only if its (epoch, seq) is not older than the one its panel shows; a new picture starts an
+    epoch, after which lists of the old one are refused."""
+    text = lambda e, n, pts: json.dumps({"epoch": e, "seq": n, "points": pts})  # noqa: E731
+    assert S.panel_points(text(1, 4, [[31, 31]]), (128, 128)) == [(10, 10)]
+    assert S.points_version(text(2, 7, [])) == (2, 7) and S.points_version("[[1, 1]]") == (0, 0)
+    for bad in ('{"epoch": -1, "seq": 0, "points": []}', '{"epoch": 1, "seq": "2", "points": []}',
+                '{"epoch": 1, "seq": 2}', '{"epoch": 1, "seq": 2, "points": [[1]]}'):
+        with pytest.raises(S.UIError, match="unreadable list of points"):
+            S.panel_points(bad, (128, 128))
+    session = S.Session()
+    assert session.newer_points("move", (0, 1)) and session.newer_points("move", (0, 3))
+    assert not session.newer_points("move", (0, 2))  # arrived after seq 3's
+    assert session.newer_points("move", (0, 3))  # the same list again (a repaint) is not older
+    fresh = session.new_points_epoch("move")
+    assert fresh == {"epoch": 1, "seq": 0, "points": []} and S.points_version(json.dumps(fresh)) == (1, 0)
+    assert not session.newer_points("move", (0, 9))  # a list clicked on the previous picture
+    assert session.newer_points("move", (1, 1)) and session.newer_points("drag", (0, 1))  # tabs are apart
+    assert session.new_points_epoch("move")["epoch"] == 2
+
+
 def test_run_edit_reuses_the_inversion_and_writes_a_sidecar(tiny_pipe, tmp_path):
     img, disc, _ = make_scene()
     session = S.Session()

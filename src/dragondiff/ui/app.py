@@ -17,8 +17,8 @@ from ..limits import (DEFAULT_PRESET, DEFAULT_SEED, LIMITS, UPLOAD_FORMATS, UPLO
                       upload_rule)
 from ..presets import PRESETS
 from ..tasks import TASKS
-from .session import (Outputs, Session, UIError, draw_points, editor_image, editor_mask,
-                      panel_points, read_upload, run_edit, run_fields, status_text, task_preview, ui_fields)
+from .session import (Outputs, Session, UIError, draw_points, editor_image, editor_mask, panel_points,
+                      points_version, read_upload, run_edit, run_fields, status_text, task_preview, ui_fields)
 
 # The largest request the server takes: an accepted image's exports from the page's editor (RGBA PNG, at worst
 # 4 bytes a pixel) or an API upload, which is then refused by its own check with a message naming the limits.
@@ -252,7 +252,7 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
         session.shown[task] = image
         out = {editor: {"background": image, "layers": [], "composite": image}}
         if clicks is not None:
-            out.update({clicks: draw_points(image, None, []), points_data: "[]"})
+            out.update({clicks: draw_points(image, None, []), points_data: json.dumps(session.new_points_epoch(task))})
         return out
 
     def points(value, text, session) -> list:
@@ -315,9 +315,13 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
 
     if clicks is not None:
         def show_points(value, text, session):
+            if not session.newer_points(task, points_version(text)):
+                return {}  # a redraw that arrived after a later one's
             return {clicks: _preview(value, points(value, text, session))}
 
         def repaint(value, text, session):
+            if not session.newer_points(task, points_version(text)):
+                return _preview(value, session.points.get(task, []))
             try:
                 pts = points(value, text, session)
             except UIError:

@@ -8,9 +8,10 @@
 // 2. Clicks on a points panel (.dd-points, id "<task>-points") are recorded here, not by the image's own select
 //    events (which the page drops while the panel is being redrawn: quick clicks were lost). Each click appends its
 //    position, in the panel picture's pixels, to the whole list of points kept in the tab's hidden field
-//    ("<task>-points-data", JSON [[x, y], ...]); "Undo last point" and "Clear points" edit that list. The field's
-//    change event sends the whole list, so an event merged with or dropped for a later one loses no point: the
-//    server redraws the panel from the latest list. The server sets the field to "[]" when the image changes.
+//    ("<task>-points-data", JSON {"epoch", "seq", "points": [[x, y], ...]}); "Undo last point" and "Clear points"
+//    edit that list. The field's change event sends the whole list, so an event merged with or dropped for a later
+//    one loses no point: the server redraws the panel from the newest list (by seq). The server starts a new epoch
+//    when the image changes.
 (() => {
   const LIMITS = window.DRAGONDIFF_UPLOAD;
   if (!LIMITS || window.__dragondiffPage) return;
@@ -19,27 +20,43 @@
   // ------------------------------------------------------------------------------------------ clicked points
   const field = (task) => document.querySelector(`#${task}-points-data textarea, #${task}-points-data input`);
 
+  // {epoch, seq, points}: the server starts an epoch (a new picture, no points); each edit here counts seq up, so
+  // that the server never draws an older list over a newer one (redraw requests can arrive out of order)
   function readPoints(input) {
     try {
-      const list = JSON.parse(input.value || "[]");
-      return Array.isArray(list) ? list : [];
-    } catch (e) {
-      return [];
-    }
+      const data = JSON.parse(input.value || "[]");
+      if (Array.isArray(data)) return {epoch: 0, seq: 0, points: data};
+      if (data && Array.isArray(data.points)) return {epoch: data.epoch | 0, seq: data.seq | 0, points: data.points};
+    } catch (e) { /* unreadable: an empty list */ }
+    return {epoch: 0, seq: 0, points: []};
   }
 
   function writePoints(task, edit) {
     const input = field(task);
     if (!input) return;
-    input.value = JSON.stringify(edit(readPoints(input)));
+    const list = readPoints(input);
+    input.value = JSON.stringify({epoch: list.epoch, seq: list.seq + 1, points: edit(list.points)});
     input.dispatchEvent(new Event("input", {bubbles: true}));  // the field takes the value: its change event
   }
+
+  // The picture's size in pixels, per panel: while a redrawn panel's new picture loads, the <img> reports
+  // naturalWidth 0 (clicks in that moment were dropped: finding 15c); a redraw keeps the size, so the last size
+  // seen stands in, and every picture that finishes loading updates it.
+  const sizes = new Map();
+  function pictureSize(img) {
+    const panel = img.closest(".dd-points");
+    if (img.naturalWidth && img.naturalHeight) sizes.set(panel, [img.naturalWidth, img.naturalHeight]);
+    return sizes.get(panel) || [0, 0];
+  }
+  document.addEventListener("load", (e) => {  // load does not bubble: caught on the way down
+    if (e.target instanceof HTMLImageElement && e.target.closest(".dd-points")) pictureSize(e.target);
+  }, true);
 
   // the pixel of the panel's picture under a click, as the image's own select event computes it: the <img> fills
   // its box with object-fit scale-down (never enlarged), centred; null outside the picture
   function pixel(img, e) {
     const box = img.getBoundingClientRect();
-    const w = img.naturalWidth, h = img.naturalHeight;
+    const [w, h] = pictureSize(img);
     if (!w || !h || !box.width || !box.height) return null;
     const r = Math.min(box.width / w, box.height / h, 1);
     const x = Math.round((e.clientX - box.left - (box.width - w * r) / 2) / r);
