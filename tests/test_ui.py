@@ -177,7 +177,7 @@ def wait_status(page, task: str, before: str, needle: str = "done", timeout: flo
 
 
 def error_shown(page, text: str) -> bool:
-    page.get_by_text(text, exact=False).first.wait_for(timeout=15_000)
+    page.get_by_text(text, exact=False).first.wait_for(timeout=30_000)  # 15 s was missed once under load
     return True
 
 
