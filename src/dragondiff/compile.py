@@ -62,9 +62,13 @@ def compiled_blocks(unet) -> list[torch.nn.Module]:
 def compile_unet(unet, settings: CompileSettings) -> int:
     """Compile the UNet's repeated blocks in place (their next call compiles); returns how many."""
     import torch._dynamo
+    import torch._functorch.config
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
+    # The two energy gradients of a guided step go backward through one graph (retain_graph on the first), which
+    # compiled backwards with donated buffers refuse.
+    torch._functorch.config.donated_buffer = False
     blocks = compiled_blocks(unet)
     options = {"backend": settings.backend, "dynamic": False, "fullgraph": False}
     if settings.mode is not None:
