@@ -23,8 +23,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import loading
-from .compile import CompileSettings, compile_unet, explain_failure, graphs_built, uncompile_unet
 from .attention import PLAIN, REPLACE, BankController, MemoryBank
+from .compile import CompileSettings, compile_unet, explain_failure, graphs_built, uncompile_unet
 from .inputs import Prepared, load_image, to_pixels
 from .inversion import Inversion, merge_banks
 from .limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, check
@@ -601,7 +601,7 @@ class DragonPipeline:
         record = StepRecord(self, callback, intermediates)
         start, graphs = time.perf_counter(), graphs_built()
         try:
-            return self._run_locked(task, prep, guidance, preset, n, schedule, counts, record, bank_device,
+            return self._run_phases(task, prep, guidance, preset, n, schedule, counts, record, bank_device,
                                     spec=spec, generator=generator, progress=progress, start=start, graphs=graphs)
         except Exception as e:
             failure = explain_failure(e) if self.compiled is not None else None
@@ -609,8 +609,9 @@ class DragonPipeline:
                 raise failure from e
             raise
 
-    def _run_locked(self, task, prep, guidance, preset, n, schedule, counts, record, bank_device, *, spec,
+    def _run_phases(self, task, prep, guidance, preset, n, schedule, counts, record, bank_device, *, spec,
                     generator, progress, start, graphs) -> EditResult:
+        """The three phases under the backbone's lock (`_run` turns a compiled path's give-up into CompileError)."""
         inversion = prep.inversion
         with self.backbone.lock, tqdm(total=2 * n, desc=f"dragondiff {task.name}", leave=False,
                                       disable=not progress) as bar:
