@@ -153,6 +153,17 @@ def result_image(page, task: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def ready_move(browser, server):
+    """A new page with the move tab's first example loaded, its object brushed and one handle/target pair clicked."""
+    page = _open(browser, server)
+    page.click("#move-load")
+    page.wait_for_timeout(1500)
+    paint(page, "move-editor", 16, 40, 64, 88)
+    click_point(page, "move", 40, 64)
+    click_point(page, "move", 84, 88)
+    return page
+
+
 def run_and_wait(page, task: str, needle: str = "done", timeout: float = 120.0) -> str:
     """Click Run and wait for the status to change and contain needle; an error toast fails at once, with its text."""
     for close in page.locator(".toast-close").all():  # earlier messages, already checked

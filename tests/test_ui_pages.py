@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import require
 from browser import browser, server, server_tmp  # noqa: F401 (module-scoped pytest fixtures)
-from browser import (EXE, _open, paint, settle, click_point, result_image, run_and_wait, wait_status, _message, _points_field, _panel_shows, _click_panel)
+from browser import (EXE, _open, paint, ready_move, settle, click_point, result_image, run_and_wait, wait_status, _message, _points_field, _panel_shows, _click_panel)
 
 
 def test_two_sessions_get_their_own_results(browser, server):
@@ -40,12 +40,7 @@ def test_two_sessions_get_their_own_results(browser, server):
 
 
 def test_failed_run_keeps_the_result_and_says_why_in_the_message_area(browser, server):
-    page = _open(browser, server)
-    page.click("#move-load")
-    page.wait_for_timeout(1500)
-    paint(page, "move-editor", 16, 40, 64, 88)
-    click_point(page, "move", 40, 64)
-    click_point(page, "move", 84, 88)
+    page = ready_move(browser, server)
     run_and_wait(page, "move")
     before = page.locator("#move-result img").first.get_attribute("src")
     page.click("#move-clear-points")
@@ -60,12 +55,7 @@ def test_failed_run_keeps_the_result_and_says_why_in_the_message_area(browser, s
 
 
 def test_closing_the_page_removes_its_session_folder(browser, server, server_tmp):
-    page = _open(browser, server)
-    page.click("#move-load")
-    page.wait_for_timeout(1500)
-    paint(page, "move-editor", 16, 40, 64, 88)
-    click_point(page, "move", 40, 64)
-    click_point(page, "move", 84, 88)
+    page = ready_move(browser, server)
     before = set(server_tmp.glob("dragondiff-ui-*/session-*"))
     run_and_wait(page, "move")
     (mine,) = set(server_tmp.glob("dragondiff-ui-*/session-*")) - before
