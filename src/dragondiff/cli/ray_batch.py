@@ -171,9 +171,12 @@ def run_on_ray(pending: list[Job], opts: dict, options: RayOptions) -> tuple[int
     import ray
     from tqdm.auto import tqdm
 
+    level = logging.INFO if opts.get("debug") else logging.ERROR  # Ray's start-up and progress notes are noise
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(level)
     started = not ray.is_initialized()
     if started:
-        kwargs = dict(include_dashboard=False, log_to_driver=bool(opts.get("debug")), logging_level=logging.WARNING)
+        kwargs = dict(include_dashboard=False, log_to_driver=bool(opts.get("debug")), logging_level=level)
         if options.address == LOCAL:
             kwargs["object_store_memory"] = LOCAL_OBJECT_STORE
         try:
