@@ -97,3 +97,15 @@ def test_ray_batch_is_the_local_batch_and_survives_failing_workers(tmp_path, ray
     assert _batch(root, "-o", out, *FAST[:-1], "--ray") == 0  # nothing left: Ray is not even asked
     captured = capsys.readouterr()
     assert "0 edited, 5 already done" in captured.out + captured.err
+
+
+def test_ray_options_are_checked_before_anything_runs(tmp_path, capsys):
+    require("the Ray batch", modules=["ray"])
+    root = tmp_path / "in"
+    _inputs(root, samples=("cat/a",))
+    cases = [(["--ray-workers", "2"], "--ray-workers: given without --ray"),
+             (["--ray", "--device", "cuda", "--ray-gpus-per-worker", "0"], "a Ray worker sees no GPU")]
+    for args, message in cases:
+        assert _batch(root, "-o", tmp_path / "out", *FAST, *args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -209,9 +209,14 @@ def run_on_ray(pending: list[Job], opts: dict, options: RayOptions) -> tuple[int
             for row in ds.iter_rows():
                 status[int(row["index"])] = str(row["reason"])
                 bar.update(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # stop our runtime's workers first, then remove what they left unfinished
+        if started:
+            ray.shutdown()
         for job in pending:
             remove_unfinished(job, opts["preview"])
+        finished = sum(job.written_by_us() for job in pending)
+        click.echo(f"batch interrupted: {finished} edited, {len(pending) - finished} left; the same command "
+                   "resumes", err=True)
         raise
     except InputError:
         raise
@@ -220,7 +225,7 @@ def run_on_ray(pending: list[Job], opts: dict, options: RayOptions) -> tuple[int
         if opts.get("debug"):
             traceback.print_exc()
     finally:
-        if started:
+        if started and ray.is_initialized():
             ray.shutdown()
     failures = []
     for k, job in enumerate(pending):
