@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_MODEL, make_scene, require
-from test_cli import cli
 
 FAST = ["--model", TINY_MODEL, "--steps", "2", "--max-resolution", "64", "--threads", "1", "-q"]
 TWO_EDITS = [{"task": "move", "image": "scene.png", "mask": "disc.png", "offset": offset, "num_inference_steps": 2,

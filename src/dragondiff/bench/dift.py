@@ -73,7 +73,8 @@ class DiftFeaturizer:
                  ensemble: int = DIFT_ENSEMBLE, seed: int = DIFT_SEED) -> torch.Tensor:
         """(C, h, w) float32 features of an HxWx3 uint8 image, the mean over `ensemble` noised copies."""
         if not 0 <= up_block < len(self.unet.up_blocks):
-            raise ValueError(f"--dift-layer: {up_block} is not an up block of this UNet (0..{len(self.unet.up_blocks) - 1})")
+            last = len(self.unet.up_blocks) - 1
+            raise ValueError(f"--dift-layer: {up_block} is not an up block of this UNet (0..{last})")
         generator = torch.Generator("cpu").manual_seed(int(seed))
         pixels = torch.tensor(np.asarray(image)).permute(2, 0, 1)[None].float() / 255.0 * 2 - 1
         pixels = pixels.repeat(ensemble, 1, 1, 1).to(self.device, self.dtype)

@@ -194,7 +194,8 @@ def markdown(data: dict) -> str:
         lines.append(f"| {name} | — | — | {note} |")
     for row in data["published"]:
         lines.append(f"| {row['method']} | {_fmt(row['md'], 2)} | {_fmt(row['if'], 3)} | {row['source']} |")
-    lines += ["", "## Per category", "", "| Category | Samples | Pairs | MD ↓ | IF ↑ |", "|---|---:|---:|---:|---:|"]
+    lines += ["", "## Per category", "", "| Category | Samples | Pairs | MD ↓ | IF ↑ |",
+              "|---|---:|---:|---:|---:|"]
     for c in data["categories"]:
         lines.append(f"| {c['category']} | {c['samples']}/{c['of']} | {c['pairs']} | {_fmt(c['md'], 2)} | "
                      f"{_fmt(c['if'], 3)} |")

@@ -8,8 +8,8 @@ in the project's field notes (shared/field-notes.md §1.1, §2.1); check against
 
 from __future__ import annotations
 
-FLOWDRAG = "FlowDrag (KAIST, 2025), DragBench table"
-GEODRAG = "GeoDrag, DragBench table"
+FLOWDRAG = "FlowDrag paper (KAIST), DragBench table"
+GEODRAG = "GeoDrag paper, DragBench table"
 
 # (method, MD, IF, source)
 PUBLISHED: tuple[tuple[str, float | None, float | None, str], ...] = (

@@ -49,7 +49,6 @@ class RayOptions:
             raise InputError(f"--ray {address}: a path, not a Ray address; put --ray after DIR (dragondiff batch "
                              f"DIR -o OUT --ray [ADDRESS])")
         try:
-            import ray  # noqa: F401
             import ray.data  # noqa: F401
         except ImportError as e:
             raise InputError(f"--ray needs Ray Data: pip install 'dragondiff[ray]' ({e})") from e
