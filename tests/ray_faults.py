@@ -15,6 +15,13 @@ def install():
     def faulty(self, spec, **kwargs):
         image = str(getattr(spec, "image", ""))
         if not os.path.exists(config["off"]):
+            if config.get("die") and config["die"] in image:  # the worker process dies (once, or always)
+                try:
+                    os.close(os.open(config["marker"] + "-died", os.O_CREAT | os.O_EXCL))
+                    os._exit(1)
+                except FileExistsError:
+                    if config.get("die_always"):
+                        os._exit(1)
             if config["always"] in image:
                 raise RuntimeError("injected fault: this worker always fails here")
             if config["once"] in image:

@@ -7,8 +7,9 @@ all of the group's edits that share prompt, steps and resolution (the same resul
 is written by the actor with the local batch's own `execute` (atomic files, sidecar last), so outputs, sidecars and
 resume are the local batch's; the nodes must therefore see DIR, OUT and the model at the same paths (one machine,
 or a shared file system). An edit that raises is retried on its worker `--ray-retries` times, then listed as
-failed; a worker that dies takes its unfinished edits with it: they are listed as failed, whatever they had
-written is removed, and the same command finishes them.
+failed. A worker that dies (killed, out of memory) is restarted by Ray and given its group again, whose finished
+edits are kept; after --ray-retries such deaths the group's unfinished edits are listed as failed, whatever they
+had written is removed, and the same command finishes them.
 """
 
 from __future__ import annotations
@@ -99,12 +100,24 @@ def shared_inversions(pipe, jobs: list[Job]) -> dict[int, object]:
     return out
 
 
+class AttemptCounter:
+    """A Ray actor counting how often each group was started: Ray restarts a worker that died and gives it the same
+    group again, without limit; a group whose worker died more than --ray-retries times is listed as failed."""
+
+    def __init__(self):
+        self.counts: dict[int, int] = {}
+
+    def start(self, group: int) -> int:
+        self.counts[group] = self.counts.get(group, 0) + 1
+        return self.counts[group]
+
+
 class EditWorker:
     """A Ray actor: loads the model once, then runs groups of edits (one dataset row = one group)."""
 
-    def __init__(self, opts: dict, threads: int, retries: int, extra: dict):
+    def __init__(self, opts: dict, threads: int, retries: int, extra: dict, counter=None):
         quiet_third_party()
-        self.opts, self.retries, self.extra = opts, retries, extra
+        self.opts, self.retries, self.extra, self.counter = opts, retries, extra, counter
         self.loaded = open_model({**opts, "threads": threads})
 
     def _run(self, job: Job, inversion) -> str | None:
@@ -123,17 +136,32 @@ class EditWorker:
         return reason
 
     def __call__(self, batch: dict) -> dict:
+        import ray
+
         out: dict[str, list] = {"index": [], "reason": []}
-        for payload in batch["jobs"]:
+        for group, payload in zip(batch["group"], batch["jobs"]):
             items: list[tuple[int, Job]] = pickle.loads(payload)
-            jobs = [job for _, job in items]
+            attempt = 1 if self.counter is None else ray.get(self.counter.start.remote(int(group)))
+            if attempt > self.retries + 1:  # its workers died on it every time: give up on the rest of the group
+                reason = f"its Ray worker died {attempt - 1} times while editing this image"
+                for index, job in items:
+                    out["index"].append(index)
+                    out["reason"].append("" if job.written_by_us() and job.output.exists() else reason)
+                continue
+            # a retry after a worker died: the group's finished edits are kept (resume), the rest run
+            todo = [(k, index, job) for k, (index, job) in enumerate(items)
+                    if attempt == 1 or not (job.written_by_us() and job.output.exists())]
             try:
-                inversions = shared_inversions(self.loaded.pipe, jobs)
+                inversions = shared_inversions(self.loaded.pipe, [job for _, _, job in todo])
             except Exception:  # noqa: BLE001 (each edit then inverts on its own, and reports its own error)
                 inversions = {}
-            for k, (index, job) in enumerate(items):
+            done = {index for index, _ in items} - {index for _, index, _ in todo}
+            for index in done:
                 out["index"].append(index)
-                out["reason"].append(self._run(job, inversions.get(k)) or "")
+                out["reason"].append("")
+            for position, (_, index, job) in enumerate(todo):
+                out["index"].append(index)
+                out["reason"].append(self._run(job, inversions.get(position)) or "")
         return out
 
 
@@ -157,8 +185,8 @@ def _worker_count(ray, options: RayOptions, n_groups: int) -> int:
         raise InputError(f"--ray-gpus-per-worker {options.gpus_per_worker:g}: the Ray cluster has {gpus:g} GPUs")
     if options.cpus_per_worker > cpus:
         raise InputError(f"--ray-cpus-per-worker {options.cpus_per_worker:g}: the Ray cluster has {cpus:g} CPUs")
-    if options.workers is not None:
-        return options.workers
+    if options.workers is not None:  # no more than there are groups: an idle worker would load the model for nothing
+        return min(options.workers, n_groups)
     fit = gpus // options.gpus_per_worker if options.gpus_per_worker else cpus // options.cpus_per_worker
     return int(max(1, min(fit, n_groups)))
 
@@ -192,7 +220,8 @@ def run_on_ray(pending: list[Job], opts: dict, options: RayOptions) -> tuple[int
         context.print_on_execution_start = False
         parts = groups(pending)
         workers = _worker_count(ray, options, len(parts))
-        rows = [{"jobs": pickle.dumps([(k, pending[k]) for k in part])} for part in parts]
+        rows = [{"group": g, "jobs": pickle.dumps([(k, pending[k]) for k in part])} for g, part in enumerate(parts)]
+        counter = ray.remote(num_cpus=0)(AttemptCounter).remote()
         device = opts.get("device") or ("cuda" if options.gpus_per_worker > 0 else "cpu")
         threads = max(1, int(opts.get("threads") or options.cpus_per_worker))
         extra = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
@@ -202,7 +231,7 @@ def run_on_ray(pending: list[Job], opts: dict, options: RayOptions) -> tuple[int
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker,
             fn_constructor_kwargs={"opts": {**opts, "device": device}, "threads": threads,
-                                   "retries": options.retries, "extra": extra})
+                                   "retries": options.retries, "extra": extra, "counter": counter})
         with tqdm(total=len(pending), desc=f"dragondiff batch (ray, {workers} workers)", unit="edit",
                   disable=opts.get("quiet")) as bar:
             for row in ds.iter_rows():
