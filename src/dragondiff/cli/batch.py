@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .. import dragbench
 from ..provenance import is_sidecar
 from .edits import SPEC_FORMS, is_edit_spec, load_spec_data, read_spec_file
-from .options import edit_options, model_options, run_options, spec_fields
+from .options import edit_options, model_options, ray_options, run_options, spec_fields
 from .runner import (InputError, Job, check_inputs, check_ip_options, check_jobs, execute, open_model, output_name,
                      write_problem)
 
@@ -108,12 +108,20 @@ def _reason(e: BaseException) -> str:
                    "editable_mask.png; per spec file <spec>.png and its sidecar); not DIR itself nor a folder "
                    "holding it  [required]")
 @click.option("--dry-run", is_flag=True, help="only read and validate every sample, spec and output")
+@ray_options
 @model_options
 @run_options
 @edit_options
-def batch(root, output, dry_run, **opts):
+def batch(root, output, dry_run, ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker, ray_retries,
+          **opts):
     if output is None:
         raise InputError("--output: give the folder for the results (-o DIR)")
+    ray_opts = None
+    if ray_address is not None or any(v is not None for v in (ray_workers, ray_gpus_per_worker, ray_cpus_per_worker)):
+        from .ray_batch import RayOptions
+
+        ray_opts = RayOptions.checked(ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker, ray_retries,
+                                      root, opts)
     out = output
     _check_output_folder(root, out)
     items, others = collect(root, out)
@@ -153,6 +161,12 @@ def batch(root, output, dry_run, **opts):
         for job in pending:
             click.echo(f"{job.label}: valid -> {job.output}")
         done = len(pending)
+    elif pending and ray_opts is not None:
+        from .ray_batch import run_on_ray
+
+        done, ray_failures = run_on_ray(pending, opts, ray_opts)
+        failed_runs = len(ray_failures)
+        failures.extend(ray_failures)
     elif pending:
         try:
             loaded = open_model(opts)

@@ -242,3 +242,21 @@ def task_fields(task: str, opts: dict) -> dict:
             value = tuple(p for group in value for p in group) or None
         out[f.name] = value
     return out
+
+
+# batch on Ray (the [ray] extra): where, how many model-holding workers, what each one gets.
+ray_options = option_group(
+    click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                 help="run the edits as a Ray Data pipeline (needs the [ray] extra): alone, on a local Ray runtime; "
+                      "with ADDRESS, on that cluster (auto: the one this machine belongs to; ray://HOST:10001: a "
+                      "remote one, whose nodes must see DIR, -o and the model at the same paths). Put it after DIR"),
+    click.option("--ray-workers", type=click.IntRange(1, 100000), default=None,
+                 help="workers (Ray actors), each loading the model once  [default: the cluster's GPUs / "
+                      "--ray-gpus-per-worker, or its CPUs / --ray-cpus-per-worker, at most one per image]"),
+    click.option("--ray-gpus-per-worker", type=click.FloatRange(0, 64), default=None,
+                 help="GPUs per worker (fractions share a GPU)  [default: 1 with --device cuda, else 0]"),
+    click.option("--ray-cpus-per-worker", type=click.FloatRange(0.01, 512), default=None,
+                 help="CPUs per worker  [default: --threads, or 1]"),
+    click.option("--ray-retries", type=click.IntRange(0, 10), default=1, show_default=True,
+                 help="times a worker retries an edit that raised before listing it as failed"),
+)

@@ -10,7 +10,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
@@ -337,9 +337,11 @@ def save_json(data: dict, path: Path) -> None:
 
 
 def execute(pipe, job: Job, *, working_size: bool, preview: bool, quiet: bool, threads: int,
-            load_seconds: float = 0.0) -> dict:
+            load_seconds: float = 0.0, inversion=None, extra: dict | None = None) -> dict:
     """Run one job: edit, save the image (composited at the input's size unless working_size), sidecar, preview.
-    Returns the sidecar."""
+    `inversion`: the job's image already inverted by this pipeline with the job's prompt, steps and resolution
+    (several edits of one image share it; the result is the same); `extra`: sidecar fields set by the caller (a
+    Ray worker's driver command). Returns the sidecar."""
     from ..output import full_resolution, preview as preview_sheet
     from ..provenance import build_sidecar
 
@@ -352,7 +354,11 @@ def execute(pipe, job: Job, *, working_size: bool, preview: bool, quiet: bool, t
     try:
         for path, image in job.writes:
             save(image, path)
-        result = pipe.edit(job.spec, progress=not quiet)
+        if inversion is None:
+            result = pipe.edit(job.spec, progress=not quiet)
+        else:  # the sidecar names the image file, not the in-memory inversion
+            result = pipe.edit(replace(job.spec, image=inversion), progress=not quiet)
+            result.spec = replace(result.spec, image=job.spec.image)
         start = time.perf_counter()
         image = result.image if working_size else full_resolution(result, job.spec.image)
         save(image, job.output)
@@ -361,7 +367,7 @@ def execute(pipe, job: Job, *, working_size: bool, preview: bool, quiet: bool, t
         seconds = {"load": load_seconds, **result.timings, "save": time.perf_counter() - start,
                    "edit": result.seconds}
         sidecar = build_sidecar(result, pipe, sidecar=job.sidecar, output=job.output,
-                                full_resolution=not working_size, seconds=seconds, threads=threads)
+                                full_resolution=not working_size, seconds=seconds, threads=threads, extra=extra)
         sidecar["output"]["size"] = list(image.size)
         # The sidecar is written last: an output with its sidecar is a finished edit (batch resume relies on it).
         save_json(sidecar, job.sidecar)
