@@ -116,7 +116,7 @@ def pass_costs(pipe, latent_hw: tuple[int, int], repeats: int = 3) -> dict[str, 
     bb, dev = pipe.backbone, pipe.device
     g = torch.Generator("cpu").manual_seed(0)
     z = torch.randn((1, 4, *latent_hw), generator=g).to(dev)
-    cond = bb.condition([""])
+    cond = bb.condition([""], tuple(d * bb.vae_factor for d in latent_hw))
     t = 500
     with torch.no_grad():
         full1 = _median_seconds(lambda: bb.eps(z, t, cond), dev, repeats)
