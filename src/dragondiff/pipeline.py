@@ -158,6 +158,8 @@ class DragonPipeline:
     vae = property(lambda self: self.backbone.vae)
     text_encoder = property(lambda self: self.backbone.text_encoder)
     tokenizer = property(lambda self: self.backbone.tokenizer)
+    text_encoder_2 = property(lambda self: getattr(self.backbone, "text_encoder_2", None))  # SDXL's second
+    tokenizer_2 = property(lambda self: getattr(self.backbone, "tokenizer_2", None))
 
     @property
     def uses_one_backward(self) -> bool:

@@ -128,3 +128,20 @@ def build_tiny_pipeline(seed: int = 0, layout: str = "sd1", **kwargs):
     from .pipeline import DragonPipeline
 
     return DragonPipeline(**build_tiny_components(seed, layout), **kwargs)
+
+
+def save_tiny_model(folder, layout: str = "sd1", seed: int = 0):
+    """Write a tiny random model of `layout` as a diffusers folder (model_index.json and one subfolder per
+    component, safetensors), as `from_pretrained` and the CLI's --model read a real one. Returns the folder."""
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    parts = build_tiny_components(seed, layout)
+    if layout == "sdxl":
+        pipe = StableDiffusionXLPipeline(**parts)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
