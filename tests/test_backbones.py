@@ -178,6 +178,26 @@ def test_refused_at_load_naming_what_was_found(tmp_path):
         DragonPipeline.from_pretrained(folder, local_files_only=True, device="cpu")
 
 
+@pytest.mark.parametrize("layout", ["sd2-v", "sdxl"])
+def test_single_files_load_with_their_config(layout, tmp_path):
+    """An original-layout checkpoint (SD2: OpenCLIP text under cond_stage_model.model.; SDXL: CLIP + OpenCLIP
+    bigG under conditioner.embedders.0/1) with --config naming a folder of its family loads to the same weights,
+    backbone and prediction type."""
+    from ldm_export import export_ldm_checkpoint
+
+    folder = save_tiny_model(tmp_path / layout, layout)
+    bb = build_tiny_pipeline(0, layout, device="cpu").backbone
+    path = tmp_path / f"{layout}.safetensors"
+    export_ldm_checkpoint(bb.unet, bb.vae, bb.text_encoder, path, text_encoder_2=getattr(bb, "text_encoder_2", None),
+                          open_clip=layout != "sdxl")
+    single = DragonPipeline.from_single_file(path, config=folder, local_files_only=True, device="cpu")
+    assert (single.backbone.NAME, single.backbone.prediction_type) == NAMES[layout]
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(bb, name, None) is not None:
+            a, b = getattr(bb, name).state_dict(), getattr(single.backbone, name).state_dict()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_folders_load_and_the_cli_names_the_backbone(tmp_path, capsys):
     """A tiny SDXL and SD2.1-v saved as diffusers folders load by path (same weights), and the CLI takes them
     unchanged: `info` and the sidecar say which backbone ran."""

@@ -67,7 +67,8 @@ def _tiny_sdxl(seed: int) -> dict:
                 bos_token_id=512, eos_token_id=513, pad_token_id=513)
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=2, hidden_act="quick_gelu",
                                                 projection_dim=32, **text))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, num_hidden_layers=3,
+    # The second encoder is wider than the first, as SDXL's (1280 vs 768): single-file loading tells them apart so.
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, num_hidden_layers=3,
                                                                 hidden_act="gelu", projection_dim=32, **text))
     time_dim = 8
     unet = UNet2DConditionModel(
@@ -75,7 +76,7 @@ def _tiny_sdxl(seed: int) -> dict:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
-        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        cross_attention_dim=32 + 48, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + 32, norm_num_groups=8,
     )
     vae = AutoencoderKL(
