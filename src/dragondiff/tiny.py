@@ -117,6 +117,75 @@ def build_sd15_shaped_components(seed: int = 0, device=None) -> dict:
             "scheduler": _scheduler()}
 
 
+SHAPED = {"sd15-shaped": 512, "sd21-shaped": 768, "sdxl-shaped": 1024}  # full-size random models: default px
+
+
+def build_shaped_components(name: str, seed: int = 0, device=None, dtype=None) -> dict:
+    """Full-size random components of SHAPED[name]'s family, built on `device` in `dtype` (default fp32; SDXL's VAE
+    stays fp32 under fp16, as the backbone runs it): for the speed and memory benchmarks. "sd21-shaped" is
+    SD2.1 (768 px, v-prediction, OpenCLIP ViT-H text: 1024 wide, 23 layers); "sdxl-shaped" SDXL base (2.6 B UNet;
+    CLIP ViT-L 768 x 12 and OpenCLIP bigG 1280 x 32 text encoders over the byte tokenizer)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if name not in SHAPED:
+        raise ValueError(f"name: expected one of {', '.join(SHAPED)}, got {name!r}")
+    dtype = dtype or torch.float32
+    if name == "sd15-shaped":
+        parts = build_sd15_shaped_components(seed, device) if dtype == torch.float32 else None
+        if parts is not None:
+            return parts
+    text = dict(vocab_size=514, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    vae_args = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                    layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=SHAPED[name])
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: no full-size fp32 copy first
+    try:
+        with torch.device(device or "cpu"):
+            if name == "sdxl-shaped":
+                text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, num_hidden_layers=12,
+                                                            num_attention_heads=12, intermediate_size=3072,
+                                                            hidden_act="quick_gelu", projection_dim=768, **text))
+                text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+                    hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
+                    hidden_act="gelu", projection_dim=1280, **text))
+                unet = UNet2DConditionModel(
+                    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                    block_out_channels=(320, 640, 1280),
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                    use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
+                    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                )
+                torch.set_default_dtype(torch.float32 if dtype == torch.float16 else dtype)
+                vae = AutoencoderKL(**vae_args, scaling_factor=0.13025, force_upcast=True)
+                return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": build_tokenizer(),
+                        "text_encoder_2": text_encoder_2, "tokenizer_2": build_tokenizer(),
+                        "scheduler": _scheduler(timestep_spacing="leading")}
+            sd21 = name == "sd21-shaped"
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                hidden_size=1024 if sd21 else 768, num_hidden_layers=23 if sd21 else 12,
+                num_attention_heads=16 if sd21 else 12, intermediate_size=4096 if sd21 else 3072,
+                hidden_act="gelu" if sd21 else "quick_gelu", projection_dim=1024 if sd21 else 768, **text))
+            unet = UNet2DConditionModel(
+                sample_size=SHAPED[name] // 8, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(320, 640, 1280, 1280),
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                cross_attention_dim=1024 if sd21 else 768, attention_head_dim=(5, 10, 20, 20) if sd21 else 8,
+                use_linear_projection=sd21,
+            )
+            vae = AutoencoderKL(**vae_args)
+    finally:
+        torch.set_default_dtype(previous)
+    scheduler = _scheduler(**({"prediction_type": "v_prediction"} if name == "sd21-shaped" else {}))
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": build_tokenizer(),
+            "scheduler": scheduler}
+
+
 def _scheduler(**kwargs):
     from diffusers import DDIMScheduler
 

@@ -187,14 +187,15 @@ def demo(out, preset, seed, threads, tiny, overwrite):
     click.echo(json.dumps(summary, indent=1))
 
 
-BENCHMARKS = ("speed", "shapes")
+BENCHMARKS = ("speed", "shapes", "memory")
 
 
 @click.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                           "help_option_names": []},
                help="Benchmarks: `bench speed` (seconds, passes, memory per edit), `bench shapes` (edit quality "
-                    "on the bundled model). `dragondiff bench speed --help` lists each one's options.")
-@click.argument("which", metavar="{speed|shapes}", required=False)
+                    "on the bundled model), `bench memory` (GPU memory of one edit of a full-size SD1.5/SD2.1/SDXL, "
+                    "estimated on fake tensors). `dragondiff bench speed --help` lists each one's options.")
+@click.argument("which", metavar="{speed|shapes|memory}", required=False)
 @click.argument("rest", nargs=-1, type=click.UNPROCESSED)
 def bench(which, rest):
     # --help is the benchmark's own option after its name (`bench speed --help`), so it is not click's here
@@ -203,9 +204,11 @@ def bench(which, rest):
         return
     if which not in BENCHMARKS:
         raise click.BadParameter(f"{shown(which)} is not one of {', '.join(BENCHMARKS)}",
-                                 param_hint="'{speed|shapes}'")
+                                 param_hint="'{speed|shapes|memory}'")
     if which == "speed":
         from ..bench.speed import main as run
+    elif which == "memory":
+        from ..bench.memory import main as run
     else:
         from ..bench.shapes import main as run
     code = run(list(rest)) or 0
