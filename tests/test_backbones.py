@@ -232,3 +232,4 @@ def test_folders_load_and_the_cli_names_the_backbone(tmp_path, capsys):
     side = json.loads((tmp_path / "moved.json").read_text())
     assert side["backbone"] == {"name": "SDXL", "prediction_type": "epsilon", "vae_dtype": "float32"}
     assert Image.open(tmp_path / "moved.png").size == (128, 128)
+

@@ -115,6 +115,9 @@ class SD1Backbone:
     FEATURE_FACTOR = 2
     # The up blocks whose self-attention the memory bank covers (None: every decoder self-attention layer).
     BANK_BLOCKS: tuple[int, ...] | None = None
+    # GPU bytes per latent cell of the largest pass of an edit (the guidance evaluation: feature pass with gradient
+    # and its backward) in 16-bit, at full size: `dragondiff bench memory` (4.0 GiB at 768 px for SD1.5 and SD2.1).
+    ACTIVATION_BYTES_PER_CELL = 4.0 * 2**30 / 96**2
 
     def __init__(self, unet, vae, text_encoder, tokenizer):
         if len(getattr(unet, "up_blocks", [])) <= max(self.FEATURE_BLOCKS):
@@ -387,6 +390,12 @@ class SD1Backbone:
                 self._bank.controller = previous
                 if originals is not None:
                     self.unet.set_attn_processor(originals)
+
+    def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
+        """GPU bytes the largest pass of an edit needs at this latent size (an estimate for full-size weights;
+        scaled by the model dtype's width)."""
+        width = torch.finfo(self.dtype).bits / 16
+        return int(self.ACTIVATION_BYTES_PER_CELL * latent_hw[0] * latent_hw[1] * width)
 
     def bank_bytes(self, latent_hw: tuple[int, int], steps: int, images: int = 1) -> int:
         """Bytes a memory bank of `images` images over `steps` steps will take, before capturing it."""

@@ -559,7 +559,7 @@ class DragonPipeline:
 
     def _bank_device(self, bank_device, latent_hw=None, steps: int = 50, images: int = 1) -> torch.device:
         """Where a bank lives: as asked; else on the compute device, except on CUDA when the bank would not fit
-        in half of the free GPU memory (or when its size is unknown: `invert`'s banks outlive the edit)."""
+        in half of the free GPU memory, or not beside the edit's largest pass (or when its size is unknown: `invert`'s banks outlive the edit)."""
         if bank_device is not None:
             return torch.device(bank_device)
         if self.device.type != "cuda":
@@ -567,7 +567,10 @@ class DragonPipeline:
         if latent_hw is None:
             return torch.device("cpu")
         free, _ = torch.cuda.mem_get_info(self.device)
-        return self.device if self.backbone.bank_bytes(latent_hw, steps, images) < free // 2 else torch.device("cpu")
+        bank = self.backbone.bank_bytes(latent_hw, steps, images)
+        # The bank must also leave room for the guidance pass's activations (SDXL at 1024 px: ~13 GiB in fp16).
+        room = bank < free // 2 and bank + self.backbone.activation_bytes(latent_hw) < 0.9 * free
+        return self.device if room else torch.device("cpu")
 
     def _invert_batch(self, pixels, prompts, schedule, counts, bank_device):
         """Inversion of images (B, 3, H, W) into their own bank: (latents (n+1, B, 4, h, w), MemoryBank)."""

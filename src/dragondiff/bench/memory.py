@@ -3,6 +3,7 @@
     dragondiff bench memory --model sdxl-shaped                      # SDXL at 1024 px, fp16, move (one image)
     dragondiff bench memory --model sdxl-shaped --images 2 --bank-device cpu
     dragondiff bench memory --model sd15-shaped --size 768           # checks the method against the H100 run
+    dragondiff bench memory --model tiny-sdxl --size 256 --steps 2 --check   # ... and against a real run here
 
 The full-size random model (`tiny.SHAPED`) is built on fake tensors (torch's FakeTensorMode: shapes, dtypes and
 devices, no storage), and each kind of pass an edit makes runs through the backbone as the sampler calls it
@@ -66,18 +67,29 @@ def _peak(fn) -> int:
 
 
 def estimate(model: str, size: int, dtype: torch.dtype = torch.float16, images: int = 1, steps: int = 50,
-             bank_device: str = "cuda", guided_steps: int = 20) -> dict:
-    """Bytes of an edit's parts and of its estimated peak (see the module docstring). `guided_steps`: distinct
-    guided steps whose reference features are cached (the `official` preset's 20 of 50)."""
+             bank_device: str = "cuda") -> dict:
+    """Bytes of an edit's parts and of its estimated peak with the `official` preset (see the module docstring)."""
+    from ..presets import get_preset
+
+    official = get_preset("official")  # its guided steps' reference features are cached: 20 of 50
+    guided_steps = sum(official.is_guided(i * 50 // steps) for i in range(steps))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..features import resize_features
     from ..inputs import working_size
     from ..loading import backbone_class
-    from ..tiny import build_shaped_components
+    from ..tiny import SHAPED, build_shaped_components, build_tiny_components
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        parts = build_shaped_components(model, dtype=dtype)
+        if model in SHAPED:
+            parts = build_shaped_components(model, dtype=dtype)
+        else:  # "tiny-<layout>": the tests' models, to check the estimate against a real run
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)  # fake parameters cannot be cast after they are made
+            try:
+                parts = build_tiny_components(0, model.removeprefix("tiny-"))
+            finally:
+                torch.set_default_dtype(previous)
         scheduler = parts.pop("scheduler")
         cls = backbone_class(parts["unet"].config, scheduler.config)
         bb = cls.from_components(**parts)
@@ -148,28 +160,59 @@ def estimate(model: str, size: int, dtype: torch.dtype = torch.float16, images: 
             "largest_pass": max(passes, key=passes.get)}
 
 
+def measure(layout: str, size: int, steps: int, images: int = 1) -> int:
+    """Peak bytes of tensors alive during a real `official` edit of a tiny model (fp32, CPU, bank on the CPU):
+    move for one image, paste for two."""
+    from ..bench.speed import scene
+    from ..tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(0, layout, device="cpu", dtype=torch.float32)
+    example = scene(size)
+    meter = LiveBytes()
+    common = dict(max_resolution=size, num_inference_steps=steps, progress=False, preset="official",
+                  bank_device="cpu")
+    with meter:
+        if images == 1:
+            pipe.move(example.image, example.object, offset=(size // 8, 0), **common)
+        else:
+            pipe.paste(example.image, example.image, example.object, offset=(size // 8, 0), **common)
+    return meter.peak
+
+
 def main(argv=None) -> int:
-    from ..tiny import SHAPED
+    from ..tiny import LAYOUTS, SHAPED
 
     parser = argparse.ArgumentParser(prog="dragondiff bench memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sdxl-shaped", choices=sorted(SHAPED))
+    parser.add_argument("--model", default="sdxl-shaped", choices=sorted(SHAPED) + [f"tiny-{x}" for x in LAYOUTS],
+                        help="a full-size random model, or a tiny one (to compare with a real run)")
     parser.add_argument("--size", type=int, default=None, help="working resolution (default: the model's own)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--images", type=int, default=1, choices=[1, 2],
                         help="images inverted: 1 (move, drag, face) or 2 (appearance, paste)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--bank-device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--check", action="store_true",
+                        help="tiny models: also run the official move for real (CPU, fp32) and print what it held")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
     args = parser.parse_args(argv)
+    if args.check and args.model in SHAPED:
+        parser.error("--check runs the edit for real: only with a tiny-* model")
     torch.set_num_threads(1)
-    size = args.size or SHAPED[args.model]
+    size = args.size or SHAPED.get(args.model, 128)
     result = estimate(args.model, size, getattr(torch, args.dtype), args.images, args.steps, args.bank_device)
     for key in ("weights_bytes", "bank_bytes", "bank_bytes_per_step", "feature_cache_bytes", "latents_bytes",
                 "peak_estimate_bytes"):
         print(f"{key.removesuffix('_bytes'):20s} {result[key] / GIB:8.2f} GiB")
     for name, n in result["pass_peak_bytes"].items():
         print(f"  pass {name:18s} {n / GIB:8.2f} GiB")
+    if args.check:
+        result["measured_bytes"] = measure(args.model.removeprefix("tiny-"), size, args.steps, args.images)
+        # the real run keeps its bank and cached features in CPU memory, which the meter counts
+        predicted = (result["peak_estimate_bytes"] - result["weights_bytes"]
+                     + (result["bank_bytes"] + result["feature_cache_bytes"] if args.bank_device == "cpu" else 0))
+        print(f"check: held beyond the weights {result['measured_bytes'] / 2**20:.1f} MiB measured, "
+              f"{predicted / 2**20:.1f} MiB predicted")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
