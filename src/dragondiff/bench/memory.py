@@ -193,11 +193,14 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--bank-device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--check", action="store_true",
-                        help="tiny models: also run the official move for real (CPU, fp32) and print what it held")
+                        help="tiny models: also run the official move for real (CPU, fp32; the estimate then uses "
+                             "fp32 too) and print what it held")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: print only)")
     args = parser.parse_args(argv)
     if args.check and args.model in SHAPED:
         parser.error("--check runs the edit for real: only with a tiny-* model")
+    if args.check:
+        args.dtype = "float32"  # as the real run on the CPU
     torch.set_num_threads(1)
     size = args.size or SHAPED.get(args.model, 128)
     result = estimate(args.model, size, getattr(torch, args.dtype), args.images, args.steps, args.bank_device)
