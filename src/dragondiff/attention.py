@@ -112,6 +112,9 @@ class BankController:
             self._layer_masks[key] = small.flatten()
         return self._layer_masks[key]
 
+    # Never traced by torch.compile: it looks the bank up by step and writes into it, so a compiled block would
+    # recompile at every step; it runs eager between the block's two graphs (dragondiff.compile).
+    @torch.compiler.disable
     def transform(self, layer: str, key: torch.Tensor, value: torch.Tensor):
         """Return the K/V the generation branch attends to (Q is always its own)."""
         mode = self.mode

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import loading
 from .attention import PLAIN, REPLACE, BankController, MemoryBank
+from .compile import CompileSettings, compile_unet, explain_failure, graphs_built, uncompile_unet
 from .inputs import Prepared, load_image, to_pixels
 from .inversion import Inversion, merge_banks
 from .limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, check
@@ -91,6 +92,8 @@ class DragonPipeline:
         self.one_backward: bool | None = None
         # Exact per-phase seconds on CUDA (EditResult.phases): synchronises at every phase boundary; benchmarks only.
         self.precise_timings = False
+        # How the UNet's blocks are compiled (`enable_compile`); None: eager, the reference.
+        self.compiled: CompileSettings | None = None
         # Only the DDIM ᾱ table and timesteps are used: the update is written out in `sampler` so that the guided
         # and unguided ε can enter it separately.
         self.scheduler_config = DDIMScheduler.from_config(scheduler.config).config
@@ -174,6 +177,23 @@ class DragonPipeline:
         if tile_px is not None:
             tile_px = check_int(tile_px, "tile_px", 2 * self.backbone.vae_factor, 8192)
         self.backbone.set_vae_tiling(enabled, tile_px)
+        return self
+
+    def enable_compile(self, backend: str = "inductor", mode: str | None = None) -> "DragonPipeline":
+        """Run the UNet's transformer blocks compiled (`torch.compile`, regional; see `dragondiff.compile`). The
+        first edit at a new size or batch pays the compilation (cached by torch across processes); results stay
+        within a few grey levels of eager. `backend="aot_eager"` traces without generating code (for tests)."""
+        settings = CompileSettings(backend, mode)
+        with self.backbone.lock:
+            compile_unet(self.backbone.unet, settings)
+        self.compiled = settings
+        return self
+
+    def disable_compile(self) -> "DragonPipeline":
+        """Eager UNet calls again."""
+        with self.backbone.lock:
+            uncompile_unet(self.backbone.unet)
+        self.compiled = None
         return self
 
     def schedule(self, num_inference_steps: int) -> Schedule:
@@ -596,12 +616,24 @@ class DragonPipeline:
              generator=None, callback=None, intermediates: bool = False, progress: bool = True,
              bank_device=None) -> EditResult:
         """Invert (phase 1), sample (phase 2), decode and assemble the result (phase 3)."""
-        inversion = prep.inversion
         schedule = self.schedule(n)
         bank_device = self._bank_device(bank_device, prep.latent_hw, n, task.pixels.shape[0])
         counts = PassCounts(watch=Stopwatch(self.device if self.precise_timings else None))
         record = StepRecord(self, callback, intermediates)
-        start = time.perf_counter()
+        start, graphs = time.perf_counter(), graphs_built()
+        try:
+            return self._run_phases(task, prep, guidance, preset, n, schedule, counts, record, bank_device,
+                                    spec=spec, generator=generator, progress=progress, start=start, graphs=graphs)
+        except Exception as e:
+            failure = explain_failure(e) if self.compiled is not None else None
+            if failure is not None:
+                raise failure from e
+            raise
+
+    def _run_phases(self, task, prep, guidance, preset, n, schedule, counts, record, bank_device, *, spec,
+                    generator, progress, start, graphs) -> EditResult:
+        """The three phases under the backbone's lock (`_run` turns a compiled path's give-up into CompileError)."""
+        inversion = prep.inversion
         with self.backbone.lock, tqdm(total=2 * n, desc=f"dragondiff {task.name}", leave=False,
                                       disable=not progress) as bar:
             inverted, bank = self._invert_parts(task, inversion, schedule, counts, bank_device)
@@ -626,11 +658,13 @@ class DragonPipeline:
             with counts.watch.phase("decode"):
                 pixels = self.backbone.decode(final)
             timings["decode"] = time.perf_counter() - start - timings["inversion"] - timings["sampling"]
+        compiled = None if self.compiled is None else {
+            "backend": self.compiled.backend, "mode": self.compiled.mode, "graphs_built": graphs_built() - graphs}
         return self._result(task, prep, preset, pixels, z_t, inverted, energies, counts, record, spec=spec,
-                            seconds=time.perf_counter() - start, timings=timings)
+                            seconds=time.perf_counter() - start, timings=timings, compiled=compiled)
 
     def _result(self, task, prep, preset, pixels, z_t, inverted, energies, counts, record, *, spec, seconds,
-                timings) -> EditResult:
+                timings, compiled=None) -> EditResult:
         """Phase 3: the result object (intermediates only when they were recorded)."""
         flags = list(task.flags)
         if record.stopped_at is not None:
@@ -659,6 +693,7 @@ class DragonPipeline:
             eps_cfg=[(i, r, e.cpu()) for i, r, e in record.eps_cfg] if keep else None,
             photo=None if prep.frame is None else Image.fromarray(prep.frame.paste(pixels, task.paste_weight)),
             landmarks=task.landmarks,
+            compiled=compiled,
         )
 
 

@@ -49,6 +49,8 @@ class EditResult:
     # Landmark tasks (face): {"handles", "targets"} on the aligned crop (its pixels, 1024 px), "photo": the face's
     # landmarks in the photo's pixels.
     landmarks: dict | None = None
+    # With a compiled UNet (pipe.enable_compile): backend, mode and the graphs this edit compiled (0 once warm).
+    compiled: dict | None = None
 
     @property
     def settings(self) -> dict:

@@ -31,14 +31,15 @@ CASE_NAMES = tuple(BENCH_CASES)  # move, resize, drag, appearance, paste: declar
 _PIPES: dict = {}
 
 
-def _pipe(model: str | None = None):
-    """The bundled model, or a diffusers folder of a shapes model (e.g. a training checkpoint's export)."""
-    if model not in _PIPES:
+def _pipe(model: str | None = None, dtype: str = "float32"):
+    """The bundled model, or a diffusers folder of a shapes model (e.g. a training checkpoint's export), in dtype."""
+    if (model, dtype) not in _PIPES:
         from ..pipeline import DragonPipeline
 
-        _PIPES[model] = (DragonPipeline.bundled(device="cpu") if model is None
-                         else DragonPipeline.from_pretrained(model, device="cpu", local_files_only=True))
-    return _PIPES[model]
+        kind = getattr(torch, dtype)
+        _PIPES[model, dtype] = (DragonPipeline.bundled(device="cpu", dtype=kind) if model is None else
+                                DragonPipeline.from_pretrained(model, device="cpu", dtype=kind, local_files_only=True))
+    return _PIPES[model, dtype]
 
 
 def settings_rows(model: str | None, choice: str) -> list[tuple[str, dict]]:
@@ -123,9 +124,9 @@ def evaluate(pipe, case, output: np.ndarray, size: int = SIZE) -> dict:
 
 
 def _worker(job):
-    task, k, preset, save_image, overrides, model, label, resolution = job
+    task, k, preset, save_image, overrides, model, label, resolution, dtype = job
     torch.set_num_threads(1)
-    pipe = _pipe(model)
+    pipe = _pipe(model, dtype)
     case = make_case(task, k)
     t0 = time.perf_counter()
     out = run_edit(pipe, case, preset, resolution=resolution, **overrides)
@@ -246,6 +247,8 @@ def main(argv=None) -> int:
                         help="edit at this size: scenes redrawn (same layouts scaled), outputs area-averaged back to "
                              "128 px for the metrics (128)")
     parser.add_argument("--model", default=None, help="a shapes-model diffusers folder (default: the bundled model)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the model's dtype (bfloat16: to check that it keeps the edits' quality on a CPU)")
     parser.add_argument("--out", type=Path, default=Path("out/bench/shapes"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -273,9 +276,11 @@ def main(argv=None) -> int:
         tag += "_" + "-".join(args.tasks)
     if args.resolution != SIZE:
         tag += f"_{args.resolution}px"
+    if args.dtype != "float32":
+        tag += f"_{args.dtype}"
     cases = range(args.first_case, args.first_case + args.cases)
     jobs = [(task, k, args.preset, k < args.first_case + args.sheet, overrides[task], args.model, label,
-             args.resolution)
+             args.resolution, args.dtype)
             for label, overrides in rows_spec for task in args.tasks for k in cases]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
@@ -292,7 +297,7 @@ def main(argv=None) -> int:
     for r in rows:
         r.pop("images", None)
     (args.out / f"results_{tag}.json").write_text(json.dumps(
-        {"preset": args.preset, "model": args.model or "bundled", "row_labels": [lbl for lbl, _ in rows_spec],
+        {"preset": args.preset, "model": args.model or "bundled", "dtype": args.dtype, "row_labels": [lbl for lbl, _ in rows_spec],
          "cases": args.cases, "thresholds": mt.THRESHOLDS, "summary": table, "rows": rows,
          "wall_seconds": round(time.perf_counter() - t0, 1)}, indent=1, default=float))
     print("\n| task | method | n | success | medians |")

@@ -220,9 +220,12 @@ def run(pipe, size: int, tasks, presets, steps: int | None, repeats: int = 3, ba
     pipe.precise_timings = True
     mem = PeakMemory(dev)
     latent_hw = tuple(d // pipe.backbone.vae_factor for d in working_size(size, size, size))
+    warm = time.perf_counter()  # with --compile, the cold start: compiling every signature the edits use
     costs = pass_costs(pipe, latent_hw, repeats)
     fe = costs["unet_forward_b1"]
-    _edit(pipe, next(iter(BENCH_CASES)), example.image, "official", size, 2, example)  # warm-up of the whole path
+    for preset in presets:  # warm-up of the whole path (each preset's signatures)
+        _edit(pipe, next(iter(BENCH_CASES)), example.image, preset, size, 2, example)
+    warmup_s = time.perf_counter() - warm
     rows = []
     for preset in presets:
         n = steps or PRESETS[preset].steps
@@ -265,7 +268,20 @@ def run(pipe, size: int, tasks, presets, steps: int | None, repeats: int = 3, ba
                   f"{later.seconds:7.2f} s ({row['later_edit_fe']:6.1f} FE)  official code ~"
                   f"{row['official_code_fe_estimate']:6.1f} FE  peak {first_peak / 2**20:7.0f} MiB", flush=True)
     return {"pass_seconds": {k: round(v, 5) for k, v in costs.items()}, "latent_hw": list(latent_hw),
-            "rows": rows}
+            "warmup_s": round(warmup_s, 1), "rows": rows}
+
+
+def grey_difference_vs_eager(pipe, size: int, task: str, preset: str, steps: int | None) -> int:
+    """Largest difference (grey levels) between this compiled pipeline's edit and the same edit run eager."""
+    example = scene(size)
+    settings = pipe.compiled
+    compiled = np.asarray(_edit(pipe, task, example.image, preset, size, steps, example).image).astype(int)
+    pipe.disable_compile()
+    try:
+        eager = np.asarray(_edit(pipe, task, example.image, preset, size, steps, example).image).astype(int)
+    finally:
+        pipe.enable_compile(settings.backend, settings.mode)
+    return int(np.abs(compiled - eager).max())
 
 
 def table(result: dict) -> str:
@@ -306,6 +322,9 @@ def main(argv=None) -> int:
     parser.add_argument("--image-prompt", choices=["off", "random"], default="off",
                         help="random: a random IP-Adapter of the official shapes (64 tokens; used by the official "
                              "and fast presets), to measure what the image prompt costs")
+    parser.add_argument("--compile", choices=["off", "inductor", "aot_eager"], default="off",
+                        help="run the UNet's blocks compiled (pipe.enable_compile); the warm-up then measures the "
+                             "cold start, and the output is compared with an eager run of the same edit")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (out/bench/speed-<model>-<size>.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -314,23 +333,28 @@ def main(argv=None) -> int:
     pipe, default_size = load_model(args.model, args.device, dtype)
     pipe.one_backward = {"auto": None, "one": True, "two": False}[args.backward]
     image_prompt = attach_random_image_prompt(pipe) if args.image_prompt == "random" else None
+    if args.compile != "off":
+        pipe.enable_compile(backend=args.compile)
     load_s = time.perf_counter() - t
     size = args.size or default_size
     result = run(pipe, size, args.tasks, args.presets, args.steps, bank_device=args.bank_device)
+    grey = None if args.compile == "off" else grey_difference_vs_eager(pipe, size, args.tasks[0], args.presets[0],
+                                                                        args.steps)
     meta = {"model": args.model, "size": size, "device": str(pipe.device),
             "dtype": str(pipe.dtype).replace("torch.", ""),
             "gpu": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else None,
             "threads": args.threads,
             "one_backward": pipe.uses_one_backward,
             "bank_device": args.bank_device or str(pipe.device), "load_s": round(load_s, 1),
-            "image_prompt": image_prompt,
+            "image_prompt": image_prompt, "compile": args.compile, "max_grey_difference_vs_eager": grey,
             "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor() or None}
-    suffix = "-ip" if image_prompt else ""
+    suffix = ("-ip" if image_prompt else "") + ("" if args.compile == "off" else f"-{args.compile}")
     out = args.out or Path(f"out/bench/speed-{Path(args.model).name}-{size}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, **result}, indent=1))
     print()
     print(table(result))
-    print(f"\nFE = one batch-1 UNet forward = {result['pass_seconds']['unet_forward_b1'] * 1e3:.1f} ms; "
+    print(f"\nwarm-up (with --compile: the cold start) {result['warmup_s']} s; "
+          f"FE = one batch-1 UNet forward = {result['pass_seconds']['unet_forward_b1'] * 1e3:.1f} ms; "
           f"{json.dumps(meta)}  -> {out}")
     return 0

@@ -264,7 +264,7 @@ def check_ip_options(opts: dict, jobs=()) -> None:
 
 
 def load_pipeline(model: str, config: str | None, device, dtype, threads: int, vae_tiling: bool = False,
-                  ip_adapter: str | None = None, image_encoder: str | None = None):
+                  ip_adapter: str | None = None, image_encoder: str | None = None, compile_unet: bool = False):
     """Load the model once; single .safetensors files need --config."""
     import torch
 
@@ -288,6 +288,8 @@ def load_pipeline(model: str, config: str | None, device, dtype, threads: int, v
             pipe.load_ip_adapter(ip_adapter, image_encoder)
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise InputError(f"--ip-adapter/--image-encoder: {e}") from e
+    if compile_unet:
+        pipe.enable_compile()
     return pipe
 
 
@@ -308,7 +310,8 @@ def open_model(opts: dict, model: str | None = None) -> Loaded:
     threads = opts["threads"] or available_threads()[0]
     start = time.perf_counter()
     pipe = load_pipeline(model or opts["model"], opts["config"], opts["device"], opts["dtype"], threads,
-                         opts["vae_tiling"], opts.get("ip_adapter"), opts.get("image_encoder"))
+                         opts["vae_tiling"], opts.get("ip_adapter"), opts.get("image_encoder"),
+                         opts.get("compile_unet", False))
     return Loaded(pipe, threads, time.perf_counter() - start)
 
 

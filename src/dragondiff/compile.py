@@ -1,0 +1,105 @@
+"""Compiled UNet calls (opt-in): `torch.compile` over the UNet's repeated transformer blocks.
+
+The eager path stays the default and the reference: the parity tests run it. What `compile_unet` changes:
+
+- Every `BasicTransformerBlock` (diffusers' `_repeated_blocks` of the UNet: regional compilation, so a cold start
+  compiles a few block graphs instead of a whole UNet) runs as generated kernels, one graph per input signature
+  (`dynamic=False`: an edit's shapes are static). Resnets, resampling and our code between the blocks stay eager.
+- The memory bank's exchange (`BankController.transform`: bank lookups by step, capture into the bank) runs eager
+  between two graphs of a decoder block, so a new step or bank mode never recompiles a block.
+- The guidance gradient w.r.t. the latent goes through AOTAutograd's compiled backward.
+- Recompiles are bounded and loud: past RECOMPILE_LIMIT graphs per block signature, torch would otherwise fall back
+  to eager in silence; with `fail_on_recompile_limit_hit` it raises, which `CompileError` names.
+
+CUDA graphs (`mode="reduce-overhead"`) are refused: a block graph replayed by the next block of the same shape in
+one UNet forward would overwrite outputs that the skip connections still hold; capturing them needs the whole
+forward as one graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Graphs per compiled block signature before torch gives up on compiling it. A UNet forward at one resolution sees
+# each block width once per batch size (1: feature passes, 2: CFG, 3: some two-image passes) and per bank state.
+RECOMPILE_LIMIT = 64
+BACKENDS = ("inductor", "aot_eager", "eager")  # aot_eager / eager: tracing without code generation (tests, debugging)
+MODES = (None, "default", "max-autotune-no-cudagraphs")
+
+
+class CompileError(RuntimeError):
+    """The compiled path could not run as compiled (and would otherwise have fallen back to eager)."""
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """How the UNet's blocks are compiled. `backend="inductor"` generates kernels (C++ on the CPU, Triton on CUDA);
+    `mode` is torch.compile's (no CUDA graphs)."""
+
+    backend: str = "inductor"
+    mode: str | None = None
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"compile backend: {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.mode not in MODES:
+            allowed = ", ".join(str(m) for m in MODES)
+            raise ValueError(f"compile mode: {self.mode!r} is not one of {allowed} (CUDA-graph modes are not "
+                             "supported: block graphs would overwrite outputs the skip connections hold)")
+
+
+def compiled_blocks(unet) -> list[torch.nn.Module]:
+    """The UNet's repeated blocks (diffusers' `_repeated_blocks`, BasicTransformerBlock for SD UNets)."""
+    names = set(getattr(unet, "_repeated_blocks", None) or ())
+    blocks = [m for m in unet.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"unet: {type(unet).__name__} declares no repeated blocks to compile")
+    return blocks
+
+
+def compile_unet(unet, settings: CompileSettings) -> int:
+    """Compile the UNet's repeated blocks in place (their next call compiles); returns how many."""
+    import torch._dynamo
+    import torch._functorch.config
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    # The two energy gradients of a guided step go backward through one graph (retain_graph on the first), which
+    # compiled backwards with donated buffers refuse.
+    torch._functorch.config.donated_buffer = False
+    blocks = compiled_blocks(unet)
+    options = {"backend": settings.backend, "dynamic": False, "fullgraph": False}
+    if settings.mode is not None:
+        options["mode"] = settings.mode
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
+
+
+def uncompile_unet(unet) -> None:
+    """Eager blocks again (the compiled code stays in torch's caches)."""
+    for block in compiled_blocks(unet):
+        block._compiled_call_impl = None
+
+
+def is_compiled(unet) -> bool:
+    return any(getattr(b, "_compiled_call_impl", None) is not None for b in compiled_blocks(unet))
+
+
+def graphs_built() -> int:
+    """Graphs torch.compile has built in this process so far (each compile or recompile adds to it)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def explain_failure(error: BaseException) -> CompileError | None:
+    """A CompileError naming what happened when `error` is torch giving up on compiling; None otherwise."""
+    text = f"{type(error).__name__}: {error}"
+    if "recompile" in text.lower() or "cache_size_limit" in text or "FailOnRecompileLimitHit" in text:
+        return CompileError(f"compiled UNet: torch recompiled a block more than {RECOMPILE_LIMIT} times (new "
+                            f"shapes or dtypes at every call?) and would have fallen back to eager; run without "
+                            f"--compile, or keep one working size per process ({text[:300]})")
+    return None

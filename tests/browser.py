@@ -1,0 +1,263 @@
+"""Shared by the browser tests (test_ui.py, test_ui_pages.py): `dragondiff ui` started on localhost with the
+bundled model and 4 DDIM steps ($DRAGONDIFF_UI_STEPS), Debian's chromium driven by Playwright, and the helpers
+that act on the page as a user does. Two test files, each with its own server, so that pytest-xdist runs them
+on two workers."""
+
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import require
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+EXE = Path(sys.executable).parent / "dragondiff"
+
+
+def _require():
+    require("the browser test", ("gradio", "playwright"), () if CHROMIUM else ("chromium",))
+
+
+@pytest.fixture(scope="module")
+def server_tmp(tmp_path_factory):
+    """The server's temp dir (its edits' folders go there)."""
+    return tmp_path_factory.mktemp("ui-server-tmp")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, server_tmp):
+    _require()
+    log = tmp_path_factory.mktemp("ui-server") / "server.log"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(server_tmp)}
+    steps = os.environ.get("DRAGONDIFF_UI_STEPS", "4")  # README screenshots: 50
+    out = open(log, "w")  # a file, not a pipe: nobody reads a pipe while the tests run, and a full one blocks
+    proc = subprocess.Popen([str(EXE), "ui", "--port", str(port), "--steps", steps, "--threads", "1"], env=env,
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"dragondiff ui exited: {log.read_text()}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("dragondiff ui did not answer within 120 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+    out.close()
+    print(log.read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = Path(os.environ.get("DRAGONDIFF_UI_SHOTS") or tmp_path_factory.mktemp("ui-shots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _open(browser, server):
+    page = browser.new_page(viewport={"width": 1400, "height": 1150})
+    page.goto(server)
+    page.wait_for_selector("#move-load")
+    return page
+
+
+def _image_box(page, editor: str, size: int = 128):
+    """Page coordinates of the image inside an ImageEditor canvas: centred, at the editor's zoom."""
+    box = page.locator(f"#{editor} canvas").first.bounding_box()
+    zoom = int(re.search(r"(\d+)%", page.inner_text(f"#{editor}")).group(1)) / 100
+    side = size * zoom
+    return box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2, zoom
+
+
+def paint(page, editor: str, x0, y0, x1, y1):
+    """Brush a filled rectangle (image pixels) with horizontal strokes."""
+    left, top, zoom = _image_box(page, editor)
+    for y in np.arange(y0, y1 + 1, 6):
+        page.mouse.move(left + x0 * zoom, top + y * zoom)
+        page.mouse.down()
+        page.mouse.move(left + x1 * zoom, top + y * zoom, steps=6)
+        page.mouse.up()
+    page.wait_for_timeout(800)
+
+
+def settle(page, selector: str, quiet_ms: int = 1200, timeout: float = 20.0) -> None:
+    """Wait until the image's src has not changed for quiet_ms (redraws after painting have finished): a click on
+    an image that is being replaced is lost by the browser, as it would be for a user."""
+    deadline, last, since = time.time() + timeout, None, time.time()
+    while time.time() < deadline:
+        src = page.locator(selector).first.get_attribute("src")
+        if src != last:
+            last, since = src, time.time()
+        elif time.time() - since > quiet_ms / 1000:
+            return
+        page.wait_for_timeout(100)
+
+
+def _page_points(page, task: str) -> int:
+    text = page.evaluate("(sel) => { const e = document.querySelector(sel); return e ? e.value : '[]'; }",
+                         f"#{task}-points-data textarea, #{task}-points-data input")
+    data = json.loads(text or "[]")
+    return len(data["points"] if isinstance(data, dict) else data)
+
+
+def click_point(page, task: str, x, y, size: int = 128):
+    """Click a point as a user does, and wait until the page's list holds it and the panel has redrawn."""
+    settle(page, f"#{task}-points img")
+    img = page.locator(f"#{task}-points img").first
+    box = img.bounding_box()
+    before = _page_points(page, task)
+    img.click(position={"x": box["width"] * (x + 0.5) / size, "y": box["height"] * (y + 0.5) / size})
+    deadline = time.time() + 4
+    while time.time() < deadline and _page_points(page, task) == before:
+        page.wait_for_timeout(100)
+    assert _page_points(page, task) == before + 1, f"{task}: a click at ({x}, {y}) on the points panel was lost"
+    settle(page, f"#{task}-points img")  # the redrawn panel (as a user sees the dot appear)
+
+
+def result_image(page, task: str) -> np.ndarray:
+    src = page.locator(f"#{task}-result img").first.get_attribute("src")
+    data = page.request.get(src).body() if not src.startswith("data:") else None
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def ready_move(browser, server):
+    """A new page with the move tab's first example loaded, its object brushed and one handle/target pair clicked."""
+    page = _open(browser, server)
+    page.click("#move-load")
+    page.wait_for_timeout(1500)
+    paint(page, "move-editor", 16, 40, 64, 88)
+    click_point(page, "move", 40, 64)
+    click_point(page, "move", 84, 88)
+    return page
+
+
+def run_and_wait(page, task: str, needle: str = "done", timeout: float = 120.0) -> str:
+    """Click Run and wait for the status to change and contain needle; an error toast fails at once, with its text."""
+    for close in page.locator(".toast-close").all():  # earlier messages, already checked
+        close.click()
+    page.wait_for_timeout(300)
+    before = page.inner_text(f"#{task}-status")
+    page.click(f"#{task}-run")
+    return wait_status(page, task, before, needle, timeout)
+
+
+def wait_status(page, task: str, before: str, needle: str = "done", timeout: float = 120.0) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = page.inner_text(f"#{task}-status")
+        if text != before and needle in text:
+            return text
+        toasts = page.locator(".toast-body")
+        if toasts.count():
+            page.screenshot(path="/tmp/dragondiff-ui-failure.png")
+            pytest.fail(f"{task}: the page shows an error instead of a result: {toasts.first.inner_text()}")
+        page.wait_for_timeout(250)
+    page.screenshot(path="/tmp/dragondiff-ui-failure.png")
+    pytest.fail(f"{task}: no result within {timeout} s; status {page.inner_text(f'#{task}-status')!r}")
+
+
+def error_shown(page, text: str) -> bool:
+    page.get_by_text(text, exact=False).first.wait_for(timeout=30_000)  # 15 s was missed once under load
+    return True
+
+
+def _message(page, task: str, needle: str, timeout: float = 20.0) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = page.inner_text(f"#{task}-message")
+        if needle in text:
+            return text
+        page.wait_for_timeout(200)
+    pytest.fail(f"{task}: the message area does not say {needle!r}: {page.inner_text(f'#{task}-message')!r}")
+
+
+def _shown(page, selector: str) -> np.ndarray:
+    src = page.locator(f"{selector} img").first.get_attribute("src")
+    return np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+
+
+def _panel(page, task: str) -> np.ndarray:
+    src = page.locator(f"#{task}-points img").first.get_attribute("src")
+    data = page.request.get(src).body() if not src.startswith("data:") else None
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _points_field(page, task: str):
+    """The hidden points field's list (None where the page has none)."""
+    import json
+
+    text = page.evaluate("(sel) => { const e = document.querySelector(sel); return e ? e.value : null; }",
+                         f"#{task}-points-data textarea, #{task}-points-data input")
+    if text is None:
+        return None
+    data = json.loads(text)
+    return data["points"] if isinstance(data, dict) else data
+
+
+def _panel_shows(page, task: str, scene, points, timeout: float = 60.0) -> None:
+    """Wait until the points panel is the scene with exactly these points (image pixels, in this order) drawn: the
+    session's points, as the server drew them. (Under CPU load the last redraw of 30 quick clicks took up to 28 s.)"""
+    from dragondiff.ui.session import draw_points
+
+    want = np.asarray(draw_points(scene, None, points))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        shown = _panel(page, task)
+        if shown.shape == want.shape and np.array_equal(shown, want):
+            return
+        page.wait_for_timeout(250)
+    field = _points_field(page, task)
+    # about how many dots it shows: the pixels of the dots' colours over those of one dot
+    dots = lambda a: sum(int((a == c).all(-1).sum()) for c in ((230, 30, 30), (30, 90, 240)))  # noqa: E731
+    one = dots(np.asarray(draw_points(scene, None, points[:1])))
+    pytest.fail(f"{task}: the points panel does not show the {len(points)} points clicked, in order: it shows "
+                f"about {dots(shown) / max(one, 1):.0f} (the page's list holds "
+                f"{'no field' if field is None else len(field)}: {field})")
+
+
+def _click_panel(page, task: str, points, factor: int, gap_ms: int = 50) -> None:
+    """Click image pixels (x, y) on the points panel as fast as a user clicking quickly, without waiting for the
+    redraws: each at the middle of the pixel's enlarged block, placed as the <img> shows its picture (object-fit
+    scale-down, centred)."""
+    img = page.locator(f"#{task}-points img").first
+    page.wait_for_function("(sel) => document.querySelector(sel).naturalWidth > 0", arg=f"#{task}-points img")
+    box = img.bounding_box()
+    nw, nh = img.evaluate("(i) => [i.naturalWidth, i.naturalHeight]")  # the picture's size (0 while it loads)
+    r = min(box["width"] / nw, box["height"] / nh, 1)
+    left, top = box["x"] + (box["width"] - nw * r) / 2, box["y"] + (box["height"] - nh * r) / 2
+    for x, y in points:
+        page.mouse.click(left + (x * factor + factor / 2) * r, top + (y * factor + factor / 2) * r)
+        page.wait_for_timeout(gap_ms)

@@ -1,0 +1,77 @@
+"""The compiled UNet path (pipe.enable_compile): regional torch.compile of the transformer blocks.
+
+CI runs it with the `aot_eager` backend (dynamo + AOTAutograd trace the blocks and their backward, no code is
+generated: inductor's C++ compilation takes minutes on 2 cores); inductor's numbers are measured by
+`dragondiff bench speed --compile` (docs/speed.md)."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_scene
+from dragondiff import EditSpec
+from dragondiff.compile import CompileError, CompileSettings, is_compiled
+from dragondiff.tiny import build_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    eager = build_tiny_pipeline(seed=0, device="cpu")
+    compiled = build_tiny_pipeline(seed=0, device="cpu").enable_compile(backend="aot_eager")
+    return eager, compiled
+
+
+def _move(size=64, **kw):
+    img, disc, _ = make_scene(size)
+    return EditSpec(task="move", image=img, mask=disc, offset=(10, 4), preset="fast", prompt="", max_resolution=size,
+                    num_inference_steps=6, **kw)
+
+
+def _pixels(result):
+    return np.asarray(result.image).astype(int)
+
+
+def test_compiled_edit_matches_eager_and_a_warm_edit_compiles_nothing(pipes):
+    eager, compiled = pipes
+    want = eager.edit(_move(), progress=False)
+    first = compiled.edit(_move(), progress=False)
+    assert want.compiled is None and first.compiled["backend"] == "aot_eager"
+    assert first.compiled["graphs_built"] > 0  # the blocks really went through torch.compile
+    assert np.abs(_pixels(first) - _pixels(want)).max() <= 2
+    assert first.energies and want.energies  # guided steps ran: gradients through the compiled blocks
+    again = compiled.edit(_move(), progress=False)
+    assert again.compiled["graphs_built"] == 0  # warm: no recompiles (steps and bank modes are not traced)
+    assert np.array_equal(_pixels(again), _pixels(first))
+
+
+def test_disable_compile_runs_eager_again():
+    pipe = build_tiny_pipeline(seed=0, device="cpu").enable_compile(backend="aot_eager")
+    assert is_compiled(pipe.unet) and pipe.compiled == CompileSettings("aot_eager")
+    pipe.disable_compile()
+    assert not is_compiled(pipe.unet) and pipe.compiled is None
+    assert pipe.edit(_move(), progress=False).compiled is None
+
+
+def test_too_many_recompiles_fail_loudly_instead_of_falling_back_to_eager():
+    import torch._dynamo
+
+    pipe = build_tiny_pipeline(seed=0, device="cpu").enable_compile(backend="aot_eager")
+    torch._dynamo.reset()  # this test's limit applies to fresh caches
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(
+            CompileError, match="recompiled a block more than .* fallen back to eager"):
+        pipe.edit(_move(), progress=False)  # blocks see several shapes: more than one graph each
+
+
+@pytest.mark.parametrize("kw, message", [({"backend": "tensorrt"}, "compile backend: 'tensorrt' is not one of"),
+                                         ({"mode": "reduce-overhead"}, "CUDA-graph modes are not supported")])
+def test_unknown_compile_settings_are_refused_by_name(kw, message):
+    with pytest.raises(ValueError, match=message):
+        build_tiny_pipeline(seed=0, device="cpu").enable_compile(**kw)
+
+
+def test_the_command_line_flag_compiles_the_loaded_pipeline():
+    from conftest import TINY_MODEL
+    from dragondiff.cli.runner import load_pipeline
+
+    pipe = load_pipeline(str(TINY_MODEL), None, "cpu", "float32", torch.get_num_threads(), compile_unet=True)
+    assert pipe.compiled == CompileSettings() and is_compiled(pipe.unet)  # inductor; compiles on the first edit
