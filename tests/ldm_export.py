@@ -24,6 +24,8 @@ _UNET_RESNET = {
     "conv_shortcut": "skip_connection",
 }
 _UNET_TOP = {
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's pooled-text + time-id embedding
+    "add_embedding.linear_2": "label_emb.0.2",
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
     "conv_in": "input_blocks.0.0",
@@ -105,7 +107,40 @@ def _vae_key(key, cfg):
     return f"{part}.{name}.{ldm_b}.{'downsample' if sub == 'downsamplers' else 'upsample'}.{tail}"
 
 
-def export_ldm_checkpoint(unet, vae, text_encoder, path) -> None:
+# transformers CLIP text layer -> OpenCLIP resblock (SD2's and SDXL's second text encoder).
+_OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                  "embeddings.position_embedding.weight": "positional_embedding",
+                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def _open_clip_state(text_encoder) -> dict:
+    """A transformers CLIP text model's weights under OpenCLIP's names (q/k/v fused into in_proj)."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {}
+    for key, tensor in sd.items():
+        if key in _OPEN_CLIP_TOP:
+            out[_OPEN_CLIP_TOP[key]] = tensor
+        elif key == "text_projection.weight":
+            out["text_projection"] = tensor.T  # OpenCLIP multiplies x @ P
+        elif key.startswith("encoder.layers."):
+            i, rest = re.match(r"encoder\.layers\.(\d+)\.(.+)", key).groups()
+            module, param = rest.rsplit(".", 1)
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                if module.endswith("q_proj"):
+                    parts = [sd[f"encoder.layers.{i}.self_attn.{p}_proj.{param}"] for p in "qkv"]
+                    out[f"transformer.resblocks.{i}.attn.in_proj_{param}"] = torch.cat(parts)
+                continue
+            out[f"transformer.resblocks.{i}.{_OPEN_CLIP_LAYER[module]}.{param}"] = tensor
+        elif not key.endswith("position_ids"):
+            raise KeyError(f"no OpenCLIP mapping for text encoder key {key!r}")
+    return out
+
+
+def export_ldm_checkpoint(unet, vae, text_encoder, path, *, text_encoder_2=None, open_clip: bool = False) -> None:
+    """SD1.x (CLIP text), SD2.x (`open_clip`: OpenCLIP text under cond_stage_model.model.) or SDXL
+    (`text_encoder_2`: CLIP under conditioner.embedders.0, OpenCLIP bigG under conditioner.embedders.1)."""
     out = {}
 
     def put(key, tensor):
@@ -123,12 +158,20 @@ def export_ldm_checkpoint(unet, vae, text_encoder, path) -> None:
             t = t[:, :, None, None]  # LDM AttnBlock uses 1x1 convs; diffusers squeezes them to Linear
         put("first_stage_model." + ldm, t)
 
-    # transformers >= 5.6 flattened CLIPTextModel (no `text_model.` submodule), but the LDM file and
-    # diffusers' CLIP detection (`...transformer.text_model.embeddings...`) still expect that prefix.
-    for k, t in text_encoder.state_dict().items():
-        if not k.startswith("text_model."):
-            k = "text_model." + k
-        put("cond_stage_model.transformer." + k, t)
+    if open_clip:
+        for k, t in _open_clip_state(text_encoder).items():
+            put("cond_stage_model.model." + k, t)
+    else:
+        # transformers >= 5.6 flattened CLIPTextModel (no `text_model.` submodule), but the LDM file and
+        # diffusers' CLIP detection (`...transformer.text_model.embeddings...`) still expect that prefix.
+        prefix = "conditioner.embedders.0.transformer." if text_encoder_2 is not None else "cond_stage_model.transformer."
+        for k, t in text_encoder.state_dict().items():
+            if not k.startswith("text_model."):
+                k = "text_model." + k
+            put(prefix + k, t)
+    if text_encoder_2 is not None:
+        for k, t in _open_clip_state(text_encoder_2).items():
+            put("conditioner.embedders.1.model." + k, t)
 
     save_file(out, str(path))
 

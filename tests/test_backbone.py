@@ -79,10 +79,11 @@ def test_bank_processors_are_installed_once_and_read_the_edit_controller(tiny_pi
 
 def test_backbone_class_from_the_configuration():
     assert backbone_class({"addition_embed_type": None, "in_channels": 4}) is SD1Backbone
-    with pytest.raises(ValueError, match=r"no backbone runs this model.*'addition_embed_type': 'text_time'"):
-        backbone_class({"addition_embed_type": "text_time", "in_channels": 4, "cross_attention_dim": 2048})
-    with pytest.raises(ValueError, match=r"'prediction_type': 'v_prediction'"):
-        backbone_class({"in_channels": 4}, {"prediction_type": "v_prediction"})
+    assert backbone_class({"in_channels": 4}, {"prediction_type": "v_prediction"}) is SD1Backbone
+    with pytest.raises(ValueError, match=r"no backbone runs this model's layout.*'addition_embed_type': 'image'"):
+        backbone_class({"addition_embed_type": "image", "in_channels": 4, "cross_attention_dim": 2048})
+    with pytest.raises(ValueError, match=r"prediction type.*'prediction_type': 'sample'"):
+        backbone_class({"in_channels": 4}, {"prediction_type": "sample"})
 
 
 def test_components_pick_their_backbone(tiny_pipe):

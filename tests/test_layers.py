@@ -15,8 +15,8 @@ ROOT = Path(dragondiff.__file__).parent
 LAYERS = [
     ("leaves", {"errors", "validate", "limits", "grid", "presets", "result", "documents", "shapes", "shapes.scenes",
                 "shapes.metrics", "shapes.tokenizer", "shapes.model"}),
-    ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone", "image_prompt",
-                          "face"}),
+    ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone", "backbone_sdxl",
+                          "compile", "image_prompt", "face"}),
     ("engine", {"sampler"}),
     ("tasks and description", {"tasks", "tasks.base", "tasks.move", "tasks.drag", "tasks.appearance", "tasks.paste",
                                "tasks.face", "spec"}),

@@ -8,7 +8,8 @@ fields, so image-prompt tokens or SDXL's pooled text and size ids travel in it w
 `SD1Backbone` is the first implementation: a stock diffusers `UNet2DConditionModel`, `AutoencoderKL` and CLIP text
 encoder, changed only through attention processors (the memory bank). One explicit forward serves both the ε
 prediction and the feature pass, which stops after the last feature block instead of running the whole UNet.
-A second backbone (SD2.x, SDXL) is another class with the same methods, listed in `loading.BACKBONES`.
+Whatever the UNet predicts (ε or v), `eps` returns ε. `SD2Backbone` (here) and `SDXLBackbone` (backbone_sdxl.py)
+are the same class with another layout, listed in `loading.BACKBONES`.
 """
 
 from __future__ import annotations
@@ -97,35 +98,75 @@ def model_lock(module: torch.nn.Module) -> threading.RLock:
         return _LOCKS[module]
 
 
+# What a UNet may predict: ε, or v = √ᾱ·ε − √(1−ᾱ)·x0 (SD2.x at 768 px). `eps()` always returns ε.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 class SD1Backbone:
-    """Stable Diffusion 1.x: ε-prediction UNet2DConditionModel, AutoencoderKL with scale factor 8, CLIP text."""
+    """Stable Diffusion 1.x: UNet2DConditionModel, AutoencoderKL with scale factor 8, CLIP text."""
 
     NAME = "SD1.x"
-    SUPPORTS = ("SD1.x-style diffusers layouts: a UNet2DConditionModel without added conditions, ε-prediction, "
-                "a CLIP text encoder")
-    # Guidance features: outputs of these up blocks (the official up_ft_index), compared on a grid FEATURE_FACTOR
-    # times the latent resolution (the official code resizes both maps to 2x the latent, i.e. H/4).
+    SUPPORTS = ("SD1.x: a UNet2DConditionModel without added conditions or linear projections, one CLIP text "
+                "encoder")
+    # Guidance features: outputs of these up blocks (the official up_ft_index: the decoder outputs at 1/2 and 1/1 of
+    # the latent resolution), compared on a grid FEATURE_FACTOR times the latent resolution (the official code
+    # resizes both maps to 2x the latent, i.e. H/4).
     FEATURE_BLOCKS = (1, 2)
     FEATURE_FACTOR = 2
+    # The up blocks whose self-attention the memory bank covers (None: every decoder self-attention layer).
+    BANK_BLOCKS: tuple[int, ...] | None = None
+    # GPU bytes per latent cell of the largest pass of an edit (the guidance evaluation: feature pass with gradient
+    # and its backward) in 16-bit, at full size: `dragondiff bench memory` (4.0 GiB at 768 px for SD1.5 and SD2.1).
+    ACTIVATION_BYTES_PER_CELL = 4.0 * 2**30 / 96**2
 
     def __init__(self, unet, vae, text_encoder, tokenizer):
-        if len(getattr(unet, "up_blocks", [])) < 3:
-            raise ValueError("unet: expected an SD1.x-style UNet2DConditionModel with at least 3 up blocks")
-        decoder_self_attention_names(unet)
+        if len(getattr(unet, "up_blocks", [])) <= max(self.FEATURE_BLOCKS):
+            raise ValueError(f"unet: expected an {self.NAME}-style UNet2DConditionModel with at least "
+                             f"{max(self.FEATURE_BLOCKS) + 1} up blocks")
+        decoder_self_attention_names(unet, self.BANK_BLOCKS)
+        if getattr(vae.config, "latents_mean", None) is not None:
+            raise ValueError("vae: a VAE with latents_mean/latents_std (e.g. Playground v2.5's) is not supported; "
+                             "supported: a VAE scaled by its scaling_factor alone")
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.lock = model_lock(unet)
         self._bank = BankSlot()
         self.image_prompt = None  # an image_prompt.ImagePrompt once `load_image_prompt` ran
+        self.prediction_type = "epsilon"
+        self._alphas: torch.Tensor | None = None  # ᾱ per training timestep, for the v -> ε conversion
 
     # ------------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def accepts(cls, unet_config, scheduler_config=None) -> bool:
-        """Whether a model with this UNet (and scheduler) configuration is an SD1.x-style model."""
-        plain = (unet_config.get("addition_embed_type") is None and unet_config.get("class_embed_type") is None
-                 and unet_config.get("in_channels", 4) == 4)
-        eps = scheduler_config is None or scheduler_config.get("prediction_type", "epsilon") == "epsilon"
-        return plain and eps
+    def plain_unet(cls, unet_config) -> bool:
+        """A UNet conditioned on text alone (no class, time-id or image embeddings), on 4 latent channels."""
+        return (unet_config.get("addition_embed_type") is None and unet_config.get("class_embed_type") is None
+                and unet_config.get("in_channels", 4) == 4 and unet_config.get("encoder_hid_dim_type") is None)
+
+    @classmethod
+    def accepts(cls, unet_config) -> bool:
+        """Whether a model with this UNet configuration has this backbone's layout (the prediction type is checked
+        apart: every backbone handles each of PREDICTION_TYPES)."""
+        return cls.plain_unet(unet_config) and not unet_config.get("use_linear_projection", False)
+
+    @classmethod
+    def from_components(cls, unet, vae, text_encoder, tokenizer, text_encoder_2=None, tokenizer_2=None):
+        """The backbone of components built or loaded elsewhere (SD1.x and SD2.x take one text encoder)."""
+        if text_encoder_2 is not None or tokenizer_2 is not None:
+            raise TypeError(f"text_encoder_2/tokenizer_2: an {cls.NAME} model has one text encoder")
+        return cls(unet, vae, text_encoder, tokenizer)
+
+    def set_prediction(self, prediction_type: str, alphas_cumprod: torch.Tensor) -> None:
+        """What the UNet predicts (the scheduler's `prediction_type`) and the ᾱ table of its training timesteps,
+        so that `eps` can turn a v prediction into ε. Set by the pipeline from its scheduler."""
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler: prediction_type {prediction_type!r} is not supported; supported: "
+                             f"{', '.join(PREDICTION_TYPES)}")
+        self.prediction_type = prediction_type
+        self._alphas = alphas_cumprod.detach().to(torch.float32).cpu()
+
+    def describe(self) -> dict:
+        """What `info`, sidecars and results say the model is."""
+        return {"name": self.NAME, "prediction_type": self.prediction_type}
 
     @classmethod
     def from_pretrained(cls, source: str, *, use_safetensors=True, local_files_only: bool = False):
@@ -201,14 +242,19 @@ class SD1Backbone:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    def module_dtype(self, module: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+        """The dtype `module` runs in when the model runs in `dtype` (all the same here; SDXL's VAE differs)."""
+        return dtype
+
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move / cast every module; a failed move (e.g. out of memory) puts them back and re-raises."""
         before = [(next(m.parameters()).device, next(m.parameters()).dtype) for m in self.modules]
         try:
             for module in self.modules:
                 param = next(module.parameters())
-                if param.device != device or param.dtype != dtype:  # diffusers warns on no-op casts
-                    module.to(device=device, dtype=dtype)
+                want = self.module_dtype(module, dtype)
+                if param.device != device or param.dtype != want:  # diffusers warns on no-op casts
+                    module.to(device=device, dtype=want)
         except (RuntimeError, AssertionError):
             for module, (dev, dt) in zip(self.modules, before):
                 module.to(device=dev, dtype=dt)
@@ -309,8 +355,16 @@ class SD1Backbone:
         return unet.conv_out(sample).float()
 
     def eps(self, z: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
-        """ε prediction in fp32, whatever the model's dtype."""
-        return self.forward(z, t, cond)
+        """ε prediction in fp32, whatever the model's dtype and whatever the UNet predicts: a v prediction becomes
+        ε = √ᾱ_t·v + √(1−ᾱ_t)·z_t here, so every ε/x0 formula downstream (inversion, guided sampling, time travel,
+        regional SDE) is the ε one."""
+        out = self.forward(z, t, cond)
+        if self.prediction_type == "epsilon":
+            return out
+        if self._alphas is None:
+            raise RuntimeError("backbone: a v-prediction model needs its ᾱ table (set_prediction) before eps")
+        a_t = self._alphas[int(t)].to(out.device)
+        return a_t.sqrt() * out + (1 - a_t).sqrt() * z.float()
 
     def features(self, z: torch.Tensor, t, cond: Conditioning) -> list[torch.Tensor]:
         """Guidance features (outputs of FEATURE_BLOCKS) at their native resolutions; differentiable."""
@@ -328,7 +382,7 @@ class SD1Backbone:
         would not need rebuilding per edit. By default the original processors come back after the block.
         """
         with self.lock:
-            originals = install_bank_processors(self.unet, self._bank)
+            originals = install_bank_processors(self.unet, self._bank, self.BANK_BLOCKS)
             previous, self._bank.controller = self._bank.controller, controller
             try:
                 yield
@@ -337,9 +391,15 @@ class SD1Backbone:
                 if originals is not None:
                     self.unet.set_attn_processor(originals)
 
+    def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
+        """GPU bytes the largest pass of an edit needs at this latent size (an estimate for full-size weights;
+        scaled by the model dtype's width)."""
+        width = torch.finfo(self.dtype).bits / 16
+        return int(self.ACTIVATION_BYTES_PER_CELL * latent_hw[0] * latent_hw[1] * width)
+
     def bank_bytes(self, latent_hw: tuple[int, int], steps: int, images: int = 1) -> int:
         """Bytes a memory bank of `images` images over `steps` steps will take, before capturing it."""
-        return estimate_bank_bytes(self.unet, latent_hw, steps, images)
+        return estimate_bank_bytes(self.unet, latent_hw, steps, images, blocks=self.BANK_BLOCKS)
 
     # ------------------------------------------------------------------------------------------- encoders
 
@@ -351,13 +411,17 @@ class SD1Backbone:
         return list(prompts)
 
     @torch.no_grad()
-    def condition(self, prompts: Sequence[str]) -> Conditioning:
+    def condition(self, prompts: Sequence[str], size_hw: tuple[int, int] | None = None) -> Conditioning:
         """Conditioning of each prompt: (B, 77, C) last hidden states, padded to the tokenizer's max length.
-        The unconditional branch is `condition([""])`."""
+        `size_hw` (the working size) is not read by SD1.x/SD2.x (SDXL's time ids are made from it)."""
         limit = self.tokenizer.model_max_length
         tokens = self.tokenizer(self._check_prompts(prompts), padding="max_length", max_length=limit,
                                 truncation=True, return_tensors="pt")
         return Conditioning(text=self.text_encoder(tokens.input_ids.to(self.device))[0].float())
+
+    def unconditional(self, size_hw: tuple[int, int] | None = None, n: int = 1) -> Conditioning:
+        """The classifier-free guidance's unconditional branch: the empty prompt's conditioning."""
+        return self.condition([""] * n, size_hw)
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens of a prompt with its start/end tokens (what must fit in the text encoder's window)."""
@@ -377,3 +441,16 @@ class SD1Backbone:
             raise NonFiniteError(f"NaN/Inf in the VAE decode ({self.vae.dtype}); try dtype=torch.float32 for the VAE")
         x = (x.float() / 2 + 0.5).clamp(0, 1)
         return (x[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+
+
+class SD2Backbone(SD1Backbone):
+    """Stable Diffusion 2.x: SD1's block layout with linear projections in the transformer blocks and 64-channel
+    attention heads, conditioned on OpenCLIP ViT-H text features (a transformers CLIPTextModel in diffusers layouts,
+    read the same way: its last hidden state); ε (2.x-base, 512 px) or v-prediction (2.x, 768 px)."""
+
+    NAME = "SD2.x"
+    SUPPORTS = ("SD2.x: SD1's layout with linear projections (use_linear_projection), one OpenCLIP text encoder")
+
+    @classmethod
+    def accepts(cls, unet_config) -> bool:
+        return cls.plain_unet(unet_config) and bool(unet_config.get("use_linear_projection", False))

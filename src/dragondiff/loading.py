@@ -2,7 +2,9 @@
 hub id or one checkpoint file, and the model's recommended settings file.
 
 Nothing here knows `DragonPipeline`: the loaders return a backbone (and the scheduler config and settings), and the
-pipeline's classmethods wrap them. A second backbone (SD2.x, SDXL) is a class in `BACKBONES`, not a branch here.
+pipeline's classmethods wrap them. Each base model family (SD1.x, SD2.x, SDXL) is a class in `BACKBONES`, not a
+branch here; its defaults (working resolution, CFG and energy scale per task) are a table in the format of a
+model's own settings file (`BACKBONE_DEFAULTS`), which the model's file overrides.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .backbone import SD1Backbone
-from .limits import LIMITS
+from .backbone import PREDICTION_TYPES, SD1Backbone, SD2Backbone
+from .backbone_sdxl import SDXLBackbone
+from .limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, LIMITS, check
 from .validate import check_number, shown
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -22,8 +25,17 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # A model may ship its own recommended CFG / energy settings per task in this file beside its weights.
 SETTINGS_FILE = "dragondiff_defaults.json"
 SETTING_KEYS = ("guidance_scale", "energy_scale", "ip_scale")  # what such a file may recommend per task
-# Backbone classes, tried in order: each says from a model's configuration whether it can run it.
-BACKBONES = (SD1Backbone,)
+# Backbone classes, tried in order: each says from a model's UNet configuration whether it has its layout.
+BACKBONES = (SDXLBackbone, SD2Backbone, SD1Backbone)
+# Per-backbone defaults, in the settings file's format ({"max_resolution": px, "settings": {task: {...}}}); a
+# model's own SETTINGS_FILE overrides them key by key. Only what differs from the official SD1.5 values is here;
+# docs/backbones.md says how each was chosen and which are untested.
+BACKBONE_DEFAULTS = {
+    # SDXL works at 1024 px (its training size; 768 px, the official SD1.5 working size, is below it). The energy
+    # scale stays the official per-task value: untested on real SDXL weights.
+    SDXLBackbone.NAME: {"max_resolution": 1024},
+    # SD2.x keeps 768 px: the official working size, and SD2.1-v's training size (SD2.1-base's is 512).
+}
 
 
 def default_device() -> torch.device:
@@ -36,15 +48,25 @@ def default_device() -> torch.device:
 
 def backbone_class(unet_config, scheduler_config=None):
     """The backbone class that runs a model with this UNet (and scheduler) configuration; a clear refusal
-    naming what was found otherwise."""
-    for cls in BACKBONES:
-        if cls.accepts(unet_config, scheduler_config):
-            return cls
-    found = {k: unet_config.get(k) for k in ("addition_embed_type", "cross_attention_dim", "in_channels")}
-    if scheduler_config is not None:
-        found["prediction_type"] = scheduler_config.get("prediction_type", "epsilon")
-    raise ValueError(f"model: no backbone runs this model (found {found}); supported: "
-                     + "; ".join(cls.SUPPORTS for cls in BACKBONES))
+    naming what was found otherwise (a layout no backbone has, or a prediction type no backbone handles)."""
+    prediction = None if scheduler_config is None else scheduler_config.get("prediction_type", "epsilon")
+    cls = next((c for c in BACKBONES if c.accepts(unet_config)), None)
+    if cls is not None and (prediction is None or prediction in PREDICTION_TYPES):
+        return cls
+    found = {k: unet_config.get(k) for k in ("addition_embed_type", "class_embed_type", "cross_attention_dim",
+                                             "in_channels", "use_linear_projection")}
+    found = {k: v for k, v in found.items() if v is not None}
+    if prediction is not None:
+        found["prediction_type"] = prediction
+    what = "layout" if cls is None else "prediction type"
+    raise ValueError(f"model: no backbone runs this model's {what} (found {found}); supported: "
+                     + "; ".join(c.SUPPORTS for c in BACKBONES)
+                     + f"; each predicting one of {', '.join(PREDICTION_TYPES)}")
+
+
+def backbone_defaults(name: str) -> dict:
+    """A backbone's default working resolution and per-task settings ({} entries: the official SD1.5 values)."""
+    return BACKBONE_DEFAULTS.get(name, {})
 
 
 def resolve_source(id_or_folder) -> tuple[str, bool]:
@@ -66,8 +88,8 @@ def looks_local(source: str) -> bool:
 
 
 def load_pretrained(id_or_folder, *, local_files_only: bool = False, allow_pickle: bool = False):
-    """(backbone, scheduler, recommended settings) of a diffusers layout (hub id or folder). Safetensors only
-    unless allow_pickle=True."""
+    """(backbone, scheduler, the model's settings file as `read_model_file` gives it) of a diffusers layout (hub id
+    or folder). Safetensors only unless allow_pickle=True."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     source, bundled_only = resolve_source(id_or_folder)
@@ -89,12 +111,13 @@ def load_pretrained(id_or_folder, *, local_files_only: bool = False, allow_pickl
         backbone = cls.from_pretrained(source, use_safetensors=safe, **common)
     except (OSError, EnvironmentError, ValueError) as e:
         raise ValueError(f"id_or_folder: cannot load an {cls.NAME} model from {source!r}{hint}: {e}") from e
-    return backbone, scheduler, read_settings(source)
+    return backbone, scheduler, read_model_file(source)
 
 
 def load_single_file(path, *, config, local_files_only: bool = False, allow_pickle: bool = False):
-    """(backbone, scheduler) of one original-layout checkpoint; `config` gives the component configs."""
-    from diffusers import StableDiffusionPipeline
+    """(backbone, scheduler) of one original-layout checkpoint; `config` (a diffusers folder or hub id of the same
+    family) gives the component configs and tokenizers, and picks the backbone class and diffusers' converter."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     path = Path(path)
     if not path.is_file():
@@ -107,19 +130,31 @@ def load_single_file(path, *, config, local_files_only: bool = False, allow_pick
     if path.suffix.lower() not in PICKLE_SUFFIXES + (".safetensors",):
         raise ValueError(f"path: expected a .safetensors (or, with allow_pickle, .ckpt) file, got {path.name}")
     try:
-        sd = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=local_files_only,
-            safety_checker=None, requires_safety_checker=False,
-        )
+        unet_config = UNet2DConditionModel.load_config(str(config), subfolder="unet",
+                                                       local_files_only=local_files_only)
+    except (OSError, EnvironmentError, ValueError) as e:
+        raise ValueError(f"config: cannot read a UNet configuration from {str(config)!r} (a diffusers folder or hub "
+                         f"id of the checkpoint's family): {e}") from e
+    cls = backbone_class(unet_config)
+    loader = StableDiffusionXLPipeline if cls is SDXLBackbone else StableDiffusionPipeline
+    extra = {} if cls is SDXLBackbone else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        sd = loader.from_single_file(str(path), config=str(config), local_files_only=local_files_only, **extra)
     except (OSError, EnvironmentError, ValueError, KeyError) as e:
-        raise ValueError(f"path: cannot load {path.name} as an SD1.x checkpoint with config {config!r}: {e}") from e
-    cls = backbone_class(sd.unet.config, sd.scheduler.config)
-    return cls(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer), sd.scheduler
+        raise ValueError(f"path: cannot load {path.name} as an {cls.NAME} checkpoint with config {config!r}: "
+                         f"{e}") from e
+    backbone_class(sd.unet.config, sd.scheduler.config)  # the prediction type, checked before building
+    parts = {"text_encoder_2": sd.text_encoder_2, "tokenizer_2": sd.tokenizer_2,
+             "force_zeros_for_empty_prompt": sd.config.get("force_zeros_for_empty_prompt", True)} \
+        if cls is SDXLBackbone else {}
+    return cls.from_components(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, **parts), sd.scheduler
 
 
-def model_factors(id_or_folder) -> tuple[int, int] | None:
-    """(vae_factor, feature_factor) of a model from its configuration files alone (no weights loaded), for checks
-    before loading; None when the configuration cannot be read here (e.g. a hub id that is not cached)."""
+def describe_model(id_or_folder) -> dict | None:
+    """What a model is, from its configuration files alone (no weights loaded), for checks before loading and for
+    `info`: {"backbone", "prediction_type", "vae_factor", "feature_factor", "default_max_resolution",
+    "recommended_settings"}; None when the configuration cannot be read here (a single file, or a hub id that is
+    not cached). Raises the load-time refusal for a model no backbone runs."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     try:
@@ -130,10 +165,24 @@ def model_factors(id_or_folder) -> tuple[int, int] | None:
         unet = UNet2DConditionModel.load_config(source, subfolder="unet", **common)
         scheduler = DDIMScheduler.load_config(source, subfolder="scheduler", **common)
         vae = AutoencoderKL.load_config(source, subfolder="vae", **common)
-        cls = backbone_class(unet, scheduler)
     except (OSError, EnvironmentError, ValueError):
         return None
-    return 2 ** (len(vae["block_out_channels"]) - 1), cls.FEATURE_FACTOR
+    cls = backbone_class(unet, scheduler)
+    defaults = model_defaults(cls.NAME, read_model_file(source))
+    resolution = BUNDLED_RESOLUTION if str(id_or_folder) == BUNDLED_ID else defaults["max_resolution"]
+    return {"backbone": cls.NAME, "prediction_type": scheduler.get("prediction_type", "epsilon"),
+            "vae_factor": 2 ** (len(vae["block_out_channels"]) - 1), "feature_factor": cls.FEATURE_FACTOR,
+            "default_max_resolution": resolution, "recommended_settings": defaults["settings"]}
+
+
+def model_factors(id_or_folder) -> tuple[int, int] | None:
+    """(vae_factor, feature_factor) of a model from its configuration files alone (no weights loaded), for checks
+    before loading; None when the configuration cannot be read here (e.g. a hub id that is not cached)."""
+    try:
+        info = describe_model(id_or_folder)
+    except ValueError:
+        return None
+    return None if info is None else (info["vae_factor"], info["feature_factor"])
 
 
 def check_settings(settings: dict, name: str) -> dict:
@@ -155,10 +204,40 @@ def check_settings(settings: dict, name: str) -> dict:
     return out
 
 
-def read_settings(folder) -> dict:
-    """The model's recommended settings from SETTINGS_FILE in a local model folder ({} when there is none)."""
+def read_model_file(folder) -> dict:
+    """SETTINGS_FILE of a local model folder, checked: {"settings": {...}, "max_resolution": px} with the keys it
+    has ({} when there is none)."""
     path = Path(folder) / SETTINGS_FILE
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
-    return check_settings(data.get("settings", {}), str(path))
+    return check_model_file(json.loads(path.read_text()), str(path))
+
+
+def check_model_file(data, name: str) -> dict:
+    """A settings file's content (or a BACKBONE_DEFAULTS entry), checked against the edit limits."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{name}: expected an object with 'settings' and/or 'max_resolution'")
+    out = {}
+    if "settings" in data:
+        out["settings"] = check_settings(data["settings"], name)
+    if data.get("max_resolution") is not None:
+        out["max_resolution"] = check("max_resolution", data["max_resolution"], f"{name}['max_resolution']")
+    return out
+
+
+def read_settings(folder) -> dict:
+    """The model's recommended settings from SETTINGS_FILE in a local model folder ({} when there is none)."""
+    return read_model_file(folder).get("settings", {})
+
+
+def model_defaults(backbone: str, own: dict | None = None) -> dict:
+    """{"max_resolution": px, "settings": {task: {...}}} of a model: its own file's values (`own`, as
+    `read_model_file` gives them) over its backbone's (`BACKBONE_DEFAULTS`), task by task and key by key; the
+    official working resolution when neither gives one. Tasks neither names keep the registry's official values."""
+    base = check_model_file(backbone_defaults(backbone), f"BACKBONE_DEFAULTS[{backbone!r}]")
+    own = own or {}
+    settings = {task: dict(values) for task, values in base.get("settings", {}).items()}
+    for task, values in own.get("settings", {}).items():
+        settings.setdefault(task, {}).update(values)
+    resolution = own.get("max_resolution", base.get("max_resolution", DEFAULT_MAX_RESOLUTION))
+    return {"max_resolution": resolution, "settings": settings}

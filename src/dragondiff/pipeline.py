@@ -1,4 +1,4 @@
-"""`DragonPipeline`: load an SD1.x model once, then edit images with one method per task.
+"""`DragonPipeline`: load a Stable Diffusion model (SD1.x, SD2.x, SDXL) once, then edit images with one method per task.
 
     pipe = DragonPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
     out = pipe.move("cup.png", "cup_mask.png", offset=(120, 0), prompt="a photo of a cup")
@@ -51,33 +51,42 @@ OFFICIAL_SETTINGS = {name: {k: info.settings[k] for k in ("guidance_scale", "ene
 
 
 class DragonPipeline:
-    """DragonDiffusion on a backbone (SD1.x: stock diffusers UNet2DConditionModel, AutoencoderKL, CLIP text
-    encoder). Load once, edit many: `edit(spec)` runs any task; `move`, `drag`, `replace_appearance`, `paste` and
-    `reshape_face` are its typed wrappers. Edits on one backbone are serialised by its lock."""
+    """DragonDiffusion on a backbone (SD1.x, SD2.x or SDXL: stock diffusers UNet2DConditionModel, AutoencoderKL,
+    CLIP text encoders; `loading.BACKBONES`). Load once, edit many: `edit(spec)` runs any task; `move`, `drag`,
+    `replace_appearance`, `paste` and `reshape_face` are its typed wrappers. Edits on one backbone are serialised by its lock."""
 
-    def __init__(self, unet=None, vae=None, text_encoder=None, tokenizer=None, scheduler=None, *, backbone=None,
-                 device=None, dtype=None, recommended_settings: dict | None = None):
-        """Either the components (unet, vae, text_encoder, tokenizer; the backbone class is picked from the UNet's
-        configuration) or a ready `backbone`, and the scheduler whose ᾱ table the edits use."""
+    def __init__(self, unet=None, vae=None, text_encoder=None, tokenizer=None, scheduler=None, *,
+                 text_encoder_2=None, tokenizer_2=None, backbone=None, device=None, dtype=None,
+                 recommended_settings: dict | None = None, default_max_resolution: int | None = None):
+        """Either the components (unet, vae, text_encoder, tokenizer, and SDXL's text_encoder_2, tokenizer_2; the
+        backbone class is picked from the UNet's configuration) or a ready `backbone`, and the scheduler whose ᾱ
+        table and prediction type (ε or v) the edits use. `recommended_settings` ({task: {...}}) and
+        `default_max_resolution` override the backbone's defaults (`loading.BACKBONE_DEFAULTS`)."""
         from diffusers import DDIMScheduler
 
+        components = (unet, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2)
         if backbone is None:
             if unet is None:
                 raise TypeError("DragonPipeline needs a backbone or its components (unet, vae, text_encoder, tokenizer)")
             cls = loading.backbone_class(unet.config, None if scheduler is None else scheduler.config)
-            backbone = cls(unet, vae, text_encoder, tokenizer)
-        elif any(c is not None for c in (unet, vae, text_encoder, tokenizer)):
+            backbone = cls.from_components(unet, vae, text_encoder, tokenizer, text_encoder_2=text_encoder_2,
+                                           tokenizer_2=tokenizer_2)
+        elif any(c is not None for c in components):
             raise TypeError("DragonPipeline: pass a backbone or its components, not both")
         if scheduler is None:
             raise TypeError("DragonPipeline needs a scheduler (its ᾱ table and timesteps)")
         self.backbone = backbone
-        self.recommended_settings = loading.check_settings(recommended_settings or {}, "recommended_settings")
+        own = {"settings": loading.check_settings(recommended_settings or {}, "recommended_settings")}
+        if default_max_resolution is not None:
+            own["max_resolution"] = check("max_resolution", default_max_resolution, "default_max_resolution")
+        defaults = loading.model_defaults(backbone.NAME, own)
+        self.recommended_settings = defaults["settings"]
         # Where the weights came from (set by the loaders; None for components built in memory), for provenance.
         self.model_id: str | None = None
         self.model_path: Path | None = None
-        # The working resolution an edit uses when neither the spec nor an Inversion gives one (the official 768;
-        # the bundled model's 128, the size it was trained at).
-        self.default_max_resolution = DEFAULT_MAX_RESOLUTION
+        # The working resolution an edit uses when neither the spec nor an Inversion gives one (the official 768,
+        # SDXL's 1024; the bundled model's 128, the size it was trained at).
+        self.default_max_resolution = defaults["max_resolution"]
         # Both energy gradients through one batched backward (same numbers as the official two; see
         # sampler.guidance). None = on CUDA only: on the CPU the batched backward measured 9 % slower (docs/speed.md).
         self.one_backward: bool | None = None
@@ -88,6 +97,9 @@ class DragonPipeline:
         # Only the DDIM ᾱ table and timesteps are used: the update is written out in `sampler` so that the guided
         # and unguided ε can enter it separately.
         self.scheduler_config = DDIMScheduler.from_config(scheduler.config).config
+        # What the UNet predicts: the backbone turns a v prediction into ε with this ᾱ table.
+        backbone.set_prediction(self.scheduler_config.get("prediction_type", "epsilon"),
+                                DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod)
         device = check_device(device, "device") if device is not None else default_device()
         dtype = check_dtype(dtype, "dtype") if dtype is not None else (
             torch.float16 if device.type == "cuda" else torch.float32)
@@ -103,9 +115,10 @@ class DragonPipeline:
                         local_files_only: bool = False, allow_pickle: bool = False) -> "DragonPipeline":
         """Load a diffusers layout (hub id or folder); the backbone class is chosen from the model's configuration
         (`loading.BACKBONES`). Safetensors only unless allow_pickle=True."""
-        backbone, scheduler, settings = loading.load_pretrained(id_or_folder, local_files_only=local_files_only,
-                                                                allow_pickle=allow_pickle)
-        pipe = cls(backbone=backbone, scheduler=scheduler, device=device, dtype=dtype, recommended_settings=settings)
+        backbone, scheduler, own = loading.load_pretrained(id_or_folder, local_files_only=local_files_only,
+                                                           allow_pickle=allow_pickle)
+        pipe = cls(backbone=backbone, scheduler=scheduler, device=device, dtype=dtype,
+                   recommended_settings=own.get("settings"), default_max_resolution=own.get("max_resolution"))
         source, _ = loading.resolve_source(id_or_folder)
         pipe.model_id = str(id_or_folder)
         pipe.model_path = Path(source) if Path(source).is_dir() else None
@@ -121,8 +134,9 @@ class DragonPipeline:
     @classmethod
     def from_single_file(cls, path: str | Path, *, config: str | Path = DEFAULT_MODEL, device=None, dtype=None,
                          local_files_only: bool = False, allow_pickle: bool = False) -> "DragonPipeline":
-        """Load one original-layout SD1.x checkpoint. `config` is a diffusers folder or hub id giving the
-        component configs and tokenizer (offline, pass a local folder)."""
+        """Load one original-layout checkpoint (SD1.x, SD2.x or SDXL). `config` is a diffusers folder or hub id of
+        the same family giving the component configs and tokenizers (e.g. stabilityai/stable-diffusion-xl-base-1.0
+        for an SDXL file; offline, pass a local folder)."""
         backbone, scheduler = loading.load_single_file(path, config=config, local_files_only=local_files_only,
                                                        allow_pickle=allow_pickle)
         pipe = cls(backbone=backbone, scheduler=scheduler, device=device, dtype=dtype)
@@ -147,6 +161,8 @@ class DragonPipeline:
     vae = property(lambda self: self.backbone.vae)
     text_encoder = property(lambda self: self.backbone.text_encoder)
     tokenizer = property(lambda self: self.backbone.tokenizer)
+    text_encoder_2 = property(lambda self: getattr(self.backbone, "text_encoder_2", None))  # SDXL's second
+    tokenizer_2 = property(lambda self: getattr(self.backbone, "tokenizer_2", None))
 
     @property
     def uses_one_backward(self) -> bool:
@@ -516,7 +532,8 @@ class DragonPipeline:
         f = self.backbone.vae_factor
         z = torch.randn((len(prompts), 4, h // f, w // f), generator=generator)
         with self.backbone.lock:
-            cond, uncond = self.backbone.condition(prompts), self.backbone.condition([""] * len(prompts))
+            cond = self.backbone.condition(prompts, (h, w))
+            uncond = self.backbone.unconditional((h, w), len(prompts))
             z = sample_text_to_image(self.backbone, schedule, z.to(self.device), cond, uncond,
                                      check("guidance_scale", guidance_scale))
             return [self.backbone.decode(z[k : k + 1]) for k in range(len(prompts))]
@@ -562,7 +579,7 @@ class DragonPipeline:
 
     def _bank_device(self, bank_device, latent_hw=None, steps: int = 50, images: int = 1) -> torch.device:
         """Where a bank lives: as asked; else on the compute device, except on CUDA when the bank would not fit
-        in half of the free GPU memory (or when its size is unknown: `invert`'s banks outlive the edit)."""
+        in half of the free GPU memory, or not beside the edit's largest pass (or when its size is unknown: `invert`'s banks outlive the edit)."""
         if bank_device is not None:
             return torch.device(bank_device)
         if self.device.type != "cuda":
@@ -570,14 +587,18 @@ class DragonPipeline:
         if latent_hw is None:
             return torch.device("cpu")
         free, _ = torch.cuda.mem_get_info(self.device)
-        return self.device if self.backbone.bank_bytes(latent_hw, steps, images) < free // 2 else torch.device("cpu")
+        bank = self.backbone.bank_bytes(latent_hw, steps, images)
+        # The bank must also leave room for the guidance pass's activations (SDXL at 1024 px: ~13 GiB in fp16).
+        room = bank < free // 2 and bank + self.backbone.activation_bytes(latent_hw) < 0.9 * free
+        return self.device if room else torch.device("cpu")
 
     def _invert_batch(self, pixels, prompts, schedule, counts, bank_device):
         """Inversion of images (B, 3, H, W) into their own bank: (latents (n+1, B, 4, h, w), MemoryBank)."""
         controller = BankController(MemoryBank(bank_device))
         with self.backbone.memory_bank(controller):
             with counts.watch.phase("encode"):
-                z0, cond = self.backbone.encode_image(pixels), self.backbone.condition(prompts)
+                z0 = self.backbone.encode_image(pixels)
+                cond = self.backbone.condition(prompts, tuple(pixels.shape[-2:]))
             latents = invert(self.backbone, z0, cond, schedule, controller, counts)
         return latents, controller.bank
 
@@ -622,7 +643,8 @@ class DragonPipeline:
             with self.backbone.memory_bank(controller):
                 z_t, ref_t = task.init_latent(inverted[-1])
                 with counts.watch.phase("encode"):
-                    cond, uncond = self.backbone.condition([task.prompt]), self.backbone.condition([""])
+                    cond = self.backbone.condition([task.prompt], prep.size_hw)
+                    uncond = self.backbone.unconditional(prep.size_hw)
                     if spec is not None and spec.image_prompt:
                         cond, uncond = self.backbone.add_image_prompt(
                             cond, uncond, task.prompt_images, base_as_text=spec.ip_routing == "official")

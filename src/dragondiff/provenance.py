@@ -1,7 +1,8 @@
 """Sidecars: a JSON file beside each output that says how it was made, and re-runs it.
 
     {"dragondiff": "0.1.0", "spec": {...resolved EditSpec, paths relative to the sidecar...},
-     "model": {"id": ..., "sha256": ... or "revision": ...}, "versions": {...}, "device": ..., "dtype": ...,
+     "model": {"id": ..., "sha256": ... or "revision": ...}, "backbone": {"name": ..., "prediction_type": ...},
+     "versions": {...}, "device": ..., "dtype": ...,
      "threads": ..., "seconds": {"load": ..., "inversion": ..., "sampling": ..., "decode": ..., "save": ...},
      "output": {"file": ..., "size": [w, h], "working_size": [w, h], "full_resolution": true}}
 
@@ -144,6 +145,7 @@ def build_sidecar(result, pipe, *, sidecar: Path, output: Path, full_resolution:
         SIDECAR_KEY: package_versions()["dragondiff"],
         "spec": spec_for_sidecar(result.spec, sidecar),
         "model": model_fingerprint(pipe),
+        "backbone": pipe.backbone.describe(),  # SD1.x / SD2.x / SDXL and what its UNet predicts
         "versions": package_versions(),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).replace("torch.", ""),

@@ -3,6 +3,7 @@
     dragondiff bench speed                                   # tiny random model, 128 px, every task and preset
     dragondiff bench speed --model bundled                   # the shapes model at 128 px
     dragondiff bench speed --model sd15-shaped --size 512 --device cuda --dtype float16
+    dragondiff bench speed --model sdxl-shaped --device cuda --tasks move --presets official   # 1024 px, SDXL's sizes
     dragondiff bench speed --image-prompt random             # the same with a random 64-token image prompt
 
 For each preset and task it runs one image three ways: `pipe.invert` + a first edit (= the cost of a plain edit,
@@ -116,7 +117,7 @@ def pass_costs(pipe, latent_hw: tuple[int, int], repeats: int = 3) -> dict[str, 
     bb, dev = pipe.backbone, pipe.device
     g = torch.Generator("cpu").manual_seed(0)
     z = torch.randn((1, 4, *latent_hw), generator=g).to(dev)
-    cond = bb.condition([""])
+    cond = bb.condition([""], tuple(d * bb.vae_factor for d in latent_hw))
     t = 500
     with torch.no_grad():
         full1 = _median_seconds(lambda: bb.eps(z, t, cond), dev, repeats)
@@ -166,14 +167,15 @@ def estimate_seconds(counts: dict, costs: dict, inversion_batch: int) -> float:
 
 def load_model(name: str, device, dtype):
     from ..pipeline import DragonPipeline
-    from ..tiny import build_sd15_shaped_components, build_tiny_pipeline
+    from ..tiny import SHAPED, build_shaped_components, build_tiny_pipeline
 
     if name == "tiny":
         return build_tiny_pipeline(device=device, dtype=dtype), 128
     if name == "bundled":
         return DragonPipeline.bundled(device=device, dtype=dtype), 128
-    if name == "sd15-shaped":
-        return DragonPipeline(**build_sd15_shaped_components(device=device), device=device, dtype=dtype), 512
+    if name in SHAPED:  # full-size random weights: SD1.5, SD2.1 (v, 768 px), SDXL (1024 px)
+        return DragonPipeline(**build_shaped_components(name, device=device, dtype=dtype), device=device,
+                              dtype=dtype), SHAPED[name]
     return DragonPipeline.from_pretrained(name, device=device, dtype=dtype), 512
 
 
@@ -301,7 +303,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dragondiff bench speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny",
-                        help="tiny | bundled | sd15-shaped (SD1.5's sizes, random weights) | a diffusers folder")
+                        help="tiny | bundled | sd15-shaped | sd21-shaped | sdxl-shaped (full sizes, random weights) | "
+                             "a diffusers folder")
     parser.add_argument("--size", type=int, default=None, help="working resolution (128 tiny/bundled, else 512)")
     parser.add_argument("--tasks", nargs="+", choices=list(BENCH_CASES), default=list(BENCH_CASES),
                         help="benchmark cases (each task's declared cases)")

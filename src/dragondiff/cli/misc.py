@@ -18,26 +18,31 @@ from .runner import InputError, check_output, open_model, quiet_third_party, sav
 
 
 def _model_info(model: str) -> dict:
-    from ..loading import read_settings
+    from ..loading import describe_model, looks_local
     from ..provenance import file_hash, folder_hash
 
     out = {"id": model}
     if model == BUNDLED_ID:
         from ..shapes import model as shapes_model
 
-        out.update(path=str(shapes_model.WEIGHTS), available=shapes_model.is_available(),
-                   default_max_resolution=BUNDLED_RESOLUTION)
+        out.update(path=str(shapes_model.WEIGHTS), available=shapes_model.is_available())
         folder = shapes_model.WEIGHTS
     else:
-        from ..loading import looks_local
-
         folder = Path(model)
         if looks_local(model) and not folder.exists():
             raise InputError(f"--model {model}: no such file or folder (a local model is a diffusers folder or one "
                              ".safetensors file; a hub id looks like 'owner/name')")
-        out["default_max_resolution"] = DEFAULT_MAX_RESOLUTION
+    try:  # from the configuration files alone: which backbone runs it, its defaults
+        described = describe_model(model)
+    except ValueError as e:
+        described, out["backbone"] = None, f"not supported: {e}"
+    if described is not None:
+        out.update(backbone=described["backbone"], prediction_type=described["prediction_type"],
+                   default_max_resolution=described["default_max_resolution"],
+                   recommended_settings=described["recommended_settings"] or None)
+    elif "backbone" not in out:
+        out["default_max_resolution"] = BUNDLED_RESOLUTION if model == BUNDLED_ID else DEFAULT_MAX_RESOLUTION
     if folder.is_dir():
-        out["recommended_settings"] = read_settings(folder) or None
         out["sha256"] = folder_hash(folder)
     elif folder.is_file():
         out["sha256"] = file_hash([folder])
@@ -182,16 +187,17 @@ def demo(out, preset, seed, threads, tiny, overwrite):
     click.echo(json.dumps(summary, indent=1))
 
 
-BENCHMARKS = ("speed", "shapes", "dragbench")
+BENCHMARKS = ("speed", "shapes", "memory", "dragbench")
 
 
 @click.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                           "help_option_names": []},
                help="Benchmarks: `bench speed` (seconds, passes, memory per edit), `bench shapes` (edit quality "
-                    "on the bundled model), `bench dragbench DIR --outputs OUT` (DragBench's Mean Distance and Image "
-                    "Fidelity, editing what is missing first). `dragondiff bench speed --help` lists each one's "
+                    "on the bundled model), `bench memory` (GPU memory of one edit of a full-size SD1.5/SD2.1/SDXL, "
+                    "estimated on fake tensors), `bench dragbench DIR --outputs OUT` (DragBench's Mean Distance and "
+                    "Image Fidelity, editing what is missing first). `dragondiff bench speed --help` lists each one's "
                     "options.")
-@click.argument("which", metavar="{speed|shapes|dragbench}", required=False)
+@click.argument("which", metavar="{speed|shapes|memory|dragbench}", required=False)
 @click.argument("rest", nargs=-1, type=click.UNPROCESSED)
 def bench(which, rest):
     # --help is the benchmark's own option after its name (`bench speed --help`), so it is not click's here
@@ -200,9 +206,11 @@ def bench(which, rest):
         return
     if which not in BENCHMARKS:
         raise click.BadParameter(f"{shown(which)} is not one of {', '.join(BENCHMARKS)}",
-                                 param_hint="'{speed|shapes|dragbench}'")
+                                 param_hint="'{speed|shapes|memory|dragbench}'")
     if which == "speed":
         from ..bench.speed import main as run
+    elif which == "memory":
+        from ..bench.memory import main as run
     elif which == "dragbench":
         from .bench_dragbench import main as run
     else:

@@ -160,8 +160,8 @@ edit_options = option_group(
     click.option("--seed", type=int_range("seed"), default=DEFAULT_SEED, show_default=True,
                  help="seeds the regional-SDE noise"),
     click.option("--max-resolution", type=int_range("max_resolution"), default=None,
-                 help=f"working resolution: area about N² px  [default: {DEFAULT_MAX_RESOLUTION}; "
-                      f"{BUNDLED_RESOLUTION} with the bundled model]"),
+                 help=f"working resolution: area about N² px  [default: {DEFAULT_MAX_RESOLUTION}; 1024 for SDXL; "
+                      f"{BUNDLED_RESOLUTION} with the bundled model; a model's settings file may set its own]"),
     click.option("--guidance-scale", type=float_range("guidance_scale"), default=None,
                  help="CFG scale; " + _settings_help("guidance_scale")),
     click.option("--energy-scale", type=float_range("energy_scale"), default=None,

@@ -206,13 +206,19 @@ def plan_geometry(spec: EditSpec, model: str) -> None:
     """Resolve, prepare and build the edit as the pipeline would, without loading `model` (its grid factors,
     default working size and recommended settings come from its files; SD1's grid when they cannot be read)."""
     from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION
-    from ..loading import BUNDLED_ID, model_factors, read_settings, resolve_source
+    from ..loading import BUNDLED_ID, describe_model
     from ..pipeline import plan_edit
 
-    factors = model_factors(model) or (8, 2)
-    folder, _ = resolve_source(model) if model == BUNDLED_ID else (model, False)
-    recommended = read_settings(folder) if Path(folder).is_dir() else {}
-    resolution = BUNDLED_RESOLUTION if model == BUNDLED_ID else DEFAULT_MAX_RESOLUTION
+    try:
+        info = describe_model(model)
+    except ValueError:  # a model no backbone runs: loading it says so
+        info = None
+    if info is None:
+        factors, recommended = (8, 2), {}
+        resolution = BUNDLED_RESOLUTION if model == BUNDLED_ID else DEFAULT_MAX_RESOLUTION
+    else:
+        factors = (info["vae_factor"], info["feature_factor"])
+        recommended, resolution = info["recommended_settings"], info["default_max_resolution"]
     plan_edit(spec, factors=factors, recommended=recommended, default_max_resolution=resolution)
 
 
