@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import require
-from browser import browser, server, shots  # noqa: F401 (module-scoped pytest fixtures)
+from browser import browser, server, server_tmp, shots  # noqa: F401 (module-scoped pytest fixtures)
 from browser import (_open, paint, settle, click_point, result_image, run_and_wait, error_shown, _message, _shown)
 
 
