@@ -190,7 +190,13 @@ def wait_status(page, task: str, before: str, needle: str = "done", timeout: flo
 
 
 def error_shown(page, text: str) -> bool:
-    page.get_by_text(text, exact=False).first.wait_for(timeout=30_000)  # 15 s was missed once under load
+    try:
+        page.get_by_text(text, exact=False).first.wait_for(timeout=30_000)  # 15 s was missed once under load
+    except Exception:
+        page.screenshot(path="/tmp/dragondiff-ui-failure.png", full_page=True)
+        messages = [m.inner_text() for m in page.locator(".dd-message, .toast-body").all()]
+        pytest.fail(f"the page did not show {text!r} within 30 s; its messages: {messages} "
+                    "(screenshot: /tmp/dragondiff-ui-failure.png)")
     return True
 
 
