@@ -99,7 +99,10 @@ def explain_failure(error: BaseException) -> CompileError | None:
     """A CompileError naming what happened when `error` is torch giving up on compiling; None otherwise."""
     text = f"{type(error).__name__}: {error}"
     if "recompile" in text.lower() or "cache_size_limit" in text or "FailOnRecompileLimitHit" in text:
-        return CompileError(f"compiled UNet: torch recompiled a block more than {RECOMPILE_LIMIT} times (new "
+        import torch._dynamo
+
+        limit = torch._dynamo.config.recompile_limit
+        return CompileError(f"compiled UNet: torch recompiled a block more than {limit} times (new "
                             f"shapes or dtypes at every call?) and would have fallen back to eager; run without "
                             f"--compile, or keep one working size per process ({text[:300]})")
     return None

@@ -620,7 +620,7 @@ class DragonPipeline:
         bank_device = self._bank_device(bank_device, prep.latent_hw, n, task.pixels.shape[0])
         counts = PassCounts(watch=Stopwatch(self.device if self.precise_timings else None))
         record = StepRecord(self, callback, intermediates)
-        start, graphs = time.perf_counter(), graphs_built()
+        start, graphs = time.perf_counter(), (graphs_built() if self.compiled is not None else 0)
         try:
             return self._run_phases(task, prep, guidance, preset, n, schedule, counts, record, bank_device,
                                     spec=spec, generator=generator, progress=progress, start=start, graphs=graphs)
