@@ -94,12 +94,27 @@ def _open(browser, server):
     return page
 
 
-def _image_box(page, editor: str, size: int = 128):
-    """Page coordinates of the image inside an ImageEditor canvas: centred, at the editor's zoom."""
-    box = page.locator(f"#{editor} canvas").first.bounding_box()
-    zoom = int(re.search(r"(\d+)%", page.inner_text(f"#{editor}")).group(1)) / 100
+def _image_box(page, editor: str, size: int = 128, timeout: float = 20.0):
+    """Page coordinates of the image inside an ImageEditor canvas: centred, at the editor's zoom. Read until the
+    canvas and the zoom have not changed for 600 ms: after an image is loaded the editor re-fits it, and strokes
+    placed by an earlier reading land in the wrong place (seen under load: a brushed rectangle that came out a
+    third of its size)."""
+    def read():
+        box = page.locator(f"#{editor} canvas").first.bounding_box()
+        zoom = re.search(r"(\d+)%", page.inner_text(f"#{editor}"))
+        return None if box is None or zoom is None else (box["x"], box["y"], box["width"], box["height"],
+                                                         int(zoom.group(1)) / 100)
+
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        now = read()
+        if now is not None and now == last:
+            break
+        last = now
+        page.wait_for_timeout(600)
+    x, y, width, height, zoom = last
     side = size * zoom
-    return box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2, zoom
+    return x + (width - side) / 2, y + (height - side) / 2, zoom
 
 
 def paint(page, editor: str, x0, y0, x1, y1):
@@ -169,12 +184,20 @@ def run_and_wait(page, task: str, needle: str = "done", timeout: float = 120.0) 
     for close in page.locator(".toast-close").all():  # earlier messages, already checked
         close.click()
     page.wait_for_timeout(300)
-    before = page.inner_text(f"#{task}-status")
+    before, message = page.inner_text(f"#{task}-status"), _message_text(page, task)
     page.click(f"#{task}-run")
-    return wait_status(page, task, before, needle, timeout)
+    return wait_status(page, task, before, needle, timeout, message)
 
 
-def wait_status(page, task: str, before: str, needle: str = "done", timeout: float = 120.0) -> str:
+def _message_text(page, task: str) -> str:
+    """The text of the task's message area (its paragraphs: not the progress timer Gradio shows over it)."""
+    return " ".join(p.inner_text().strip() for p in page.locator(f"#{task}-message p").all()).strip()
+
+
+def wait_status(page, task: str, before: str, needle: str = "done", timeout: float = 120.0,
+                message: str | None = None) -> str:
+    """Wait for the status to change and contain needle; an error toast, or a new text in the task's message area
+    (the input checks answer there), fails at once with its text."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         text = page.inner_text(f"#{task}-status")
@@ -184,6 +207,11 @@ def wait_status(page, task: str, before: str, needle: str = "done", timeout: flo
         if toasts.count():
             page.screenshot(path="/tmp/dragondiff-ui-failure.png")
             pytest.fail(f"{task}: the page shows an error instead of a result: {toasts.first.inner_text()}")
+        said = _message_text(page, task)
+        if message is not None and said and said != message:
+            page.screenshot(path="/tmp/dragondiff-ui-failure.png")
+            pytest.fail(f"{task}: the page says {said!r} instead of a result (screenshot: "
+                        "/tmp/dragondiff-ui-failure.png)")
         page.wait_for_timeout(250)
     page.screenshot(path="/tmp/dragondiff-ui-failure.png")
     pytest.fail(f"{task}: no result within {timeout} s; status {page.inner_text(f'#{task}-status')!r}")

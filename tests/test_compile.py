@@ -75,3 +75,20 @@ def test_the_command_line_flag_compiles_the_loaded_pipeline():
 
     pipe = load_pipeline(str(TINY_MODEL), None, "cpu", "float32", torch.get_num_threads(), compile_unet=True)
     assert pipe.compiled == CompileSettings() and is_compiled(pipe.unet)  # inductor; compiles on the first edit
+
+
+def test_compiled_code_is_cached_in_the_users_cache_folder_unless_torch_is_told_otherwise(monkeypatch, tmp_path):
+    from dragondiff.compile import compile_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache_dir() == tmp_path / "xdg" / "dragondiff" / "torch-compile"
+    build_tiny_pipeline(seed=0, device="cpu").enable_compile(backend="aot_eager")
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "dragondiff" / "torch-compile")
+    assert cache_dir() == os.environ["TORCHINDUCTOR_CACHE_DIR"]  # where inductor's caches will read and write
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice wins
+    build_tiny_pipeline(seed=0, device="cpu").enable_compile(backend="aot_eager")
+    assert compile_cache_dir() == tmp_path / "mine" and cache_dir() == str(tmp_path / "mine")

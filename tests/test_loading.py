@@ -189,3 +189,34 @@ def test_bad_recommended_settings_are_named(tmp_path, settings, match):
     (folder / SETTINGS_FILE).write_text(json.dumps({"settings": settings}))
     with pytest.raises(ValueError, match=match):
         DragonPipeline.from_pretrained(folder, local_files_only=True, device="cpu")
+
+
+def test_building_the_byte_tokenizer_leaves_no_temporary_folder(monkeypatch, tmp_path):
+    import tempfile
+
+    from dragondiff.shapes.tokenizer import build_tokenizer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # every tiny or bundled model load builds one
+    tokenizer = build_tokenizer()
+    assert list(tmp_path.iterdir()) == []
+    assert tokenizer("a red disc").input_ids[0] == 512  # it still reads its vocabulary
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_is_flagged_as_slow(monkeypatch, native):
+    import warnings
+
+    from dragondiff import loading
+    from dragondiff.errors import PerformanceNote
+    from dragondiff.tiny import build_tiny_pipeline
+
+    monkeypatch.setattr(loading, "native_bf16", lambda: native)
+    pipe = build_tiny_pipeline(seed=0, device="cpu")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe.to(dtype=torch.bfloat16)
+    notes = [w for w in seen if issubclass(w.category, PerformanceNote)]
+    assert len(notes) == (0 if native else 1)
+    if notes:
+        assert "no native bf16" in str(notes[0].message) and "float32" in str(notes[0].message)
+    assert pipe.dtype == torch.bfloat16  # accepted all the same

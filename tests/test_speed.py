@@ -101,3 +101,37 @@ def test_vae_tiling_runs_the_vae_in_tiles():
     assert np.array_equal(np.asarray(plain.image), np.asarray(again.image))
     with pytest.raises(ValueError, match="tile_px"):
         pipe.enable_vae_tiling(tile_px=4)
+
+
+def test_channels_last_is_opt_in_close_to_the_default_and_reversible():
+    import pytest
+    import torch
+
+    from conftest import TINY_MODEL, make_scene
+    from dragondiff import EditSpec
+    from dragondiff.cli.runner import load_pipeline
+    from dragondiff.tiny import build_tiny_pipeline
+
+    img, disc, _ = make_scene(128)
+    spec = EditSpec(task="move", image=img, mask=disc, offset=(12, 4), preset="fast", num_inference_steps=4,
+                    max_resolution=128)
+    pipe = build_tiny_pipeline(seed=0, device="cpu")
+    assert not pipe.backbone.channels_last  # the default layout: earlier spec files rerun bit for bit
+    default = np.asarray(pipe.edit(spec, progress=False).image).astype(int)
+    pipe.enable_channels_last()
+    assert pipe.backbone.channels_last and pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    pipe.to(dtype=torch.float32)
+    assert pipe.backbone.channels_last  # moves and casts keep the layout
+    faster = pipe.edit(spec, progress=False)
+    assert faster.energies and np.abs(np.asarray(faster.image).astype(int) - default).max() <= 2
+    assert pipe.uses_one_backward is False  # vmap cannot batch channels-last convolutions' backward
+    pipe.one_backward = True
+    with pytest.raises(ValueError, match="one_backward=True: the batched backward"):
+        pipe.edit(spec, progress=False)
+    pipe.one_backward = None
+    pipe.enable_channels_last(False)
+    assert not pipe.backbone.channels_last
+    assert np.array_equal(np.asarray(pipe.edit(spec, progress=False).image).astype(int), default)
+    loaded = load_pipeline(str(TINY_MODEL), None, "cpu", "float32", torch.get_num_threads(), channels_last=True)
+    assert loaded.backbone.channels_last  # the command-line flag

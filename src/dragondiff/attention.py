@@ -113,8 +113,9 @@ class BankController:
         return self._layer_masks[key]
 
     # Never traced by torch.compile: it looks the bank up by step and writes into it, so a compiled block would
-    # recompile at every step; it runs eager between the block's two graphs (dragondiff.compile).
-    @torch.compiler.disable
+    # recompile at every step; `compile.compile_unet` wraps it in torch.compiler.disable (there, not here: the
+    # decorator imports torch._dynamo, 1.5-3 s at every start of the CLI), and it runs eager between the block's
+    # two graphs.
     def transform(self, layer: str, key: torch.Tensor, value: torch.Tensor):
         """Return the K/V the generation branch attends to (Q is always its own)."""
         mode = self.mode

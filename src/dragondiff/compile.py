@@ -8,6 +8,9 @@ The eager path stays the default and the reference: the parity tests run it. Wha
 - The memory bank's exchange (`BankController.transform`: bank lookups by step, capture into the bank) runs eager
   between two graphs of a decoder block, so a new step or bank mode never recompiles a block.
 - The guidance gradient w.r.t. the latent goes through AOTAutograd's compiled backward.
+- Compiled code is kept across processes in torch's on-disk caches (inductor's FX graph cache and AOTAutograd's
+  cache, both on by default), in `compile_cache_dir()`: a later process at the same size skips code generation
+  (dynamo still traces the blocks).
 - Recompiles are bounded and loud: past RECOMPILE_LIMIT graphs per block signature, torch would otherwise fall back
   to eager in silence; with `fail_on_recompile_limit_hit` it raises, which `CompileError` names.
 
@@ -18,7 +21,9 @@ forward as one graph.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,6 +55,15 @@ class CompileSettings:
                              "supported: block graphs would overwrite outputs the skip connections hold)")
 
 
+def compile_cache_dir() -> Path:
+    """Where torch keeps compiled code across processes: $TORCHINDUCTOR_CACHE_DIR when set, else the user's cache
+    folder (~/.cache/dragondiff/torch-compile; torch's own default is in /tmp, which many systems empty at boot)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dragondiff" / "torch-compile"
+
+
 def compiled_blocks(unet) -> list[torch.nn.Module]:
     """The UNet's repeated blocks (diffusers' `_repeated_blocks`, BasicTransformerBlock for SD UNets)."""
     names = set(getattr(unet, "_repeated_blocks", None) or ())
@@ -57,6 +71,17 @@ def compiled_blocks(unet) -> list[torch.nn.Module]:
     if not blocks:
         raise ValueError(f"unet: {type(unet).__name__} declares no repeated blocks to compile")
     return blocks
+
+
+def keep_bank_exchange_eager() -> None:
+    """Exclude `BankController.transform` (bank lookups by step, capture into the bank) from tracing, once per
+    process: a decoder block is then two graphs around it, and neither a new step nor a bank mode recompiles."""
+    from .attention import BankController
+
+    if not getattr(BankController.transform, "_dragondiff_eager", False):
+        eager = torch.compiler.disable(BankController.transform)
+        eager._dragondiff_eager = True
+        BankController.transform = eager
 
 
 def compile_unet(unet, settings: CompileSettings) -> int:
@@ -69,6 +94,9 @@ def compile_unet(unet, settings: CompileSettings) -> int:
     # The two energy gradients of a guided step go backward through one graph (retain_graph on the first), which
     # compiled backwards with donated buffers refuse.
     torch._functorch.config.donated_buffer = False
+    # torch reads the variable whenever it opens its caches, so setting it before the first compile is enough.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+    keep_bank_exchange_eager()
     blocks = compiled_blocks(unet)
     options = {"backend": settings.backend, "dynamic": False, "fullgraph": False}
     if settings.mode is not None:
@@ -93,6 +121,14 @@ def graphs_built() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def cache_hits() -> int:
+    """Compiled graphs loaded from the on-disk caches in this process so far (inductor's FX graphs and AOTAutograd's
+    joint graphs), instead of being generated."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_hit"]) + int(counters["aot_autograd"]["autograd_cache_hit"])
 
 
 def explain_failure(error: BaseException) -> CompileError | None:

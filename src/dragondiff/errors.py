@@ -7,3 +7,8 @@ class NonFiniteError(RuntimeError):
 
 class InputNote(UserWarning):
     """An input was accepted after a conversion the user should know about (e.g. transparency flattened)."""
+
+
+class PerformanceNote(UserWarning):
+    """A setting was accepted that is known to run much slower here than an alternative (e.g. bf16 on a CPU
+    without native bf16 instructions)."""

@@ -151,6 +151,7 @@ def build_sidecar(result, pipe, *, sidecar: Path, output: Path, full_resolution:
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "threads": threads,
         "vae_tiling": pipe.backbone.vae_tiling,  # changes pixels at tile seams
+        "channels_last": pipe.backbone.channels_last,  # --channels-last: about 1 grey level from the default
         "platform": f"{platform.system()} {platform.machine()}",
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},

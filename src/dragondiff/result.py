@@ -49,7 +49,8 @@ class EditResult:
     # Landmark tasks (face): {"handles", "targets"} on the aligned crop (its pixels, 1024 px), "photo": the face's
     # landmarks in the photo's pixels.
     landmarks: dict | None = None
-    # With a compiled UNet (pipe.enable_compile): backend, mode and the graphs this edit compiled (0 once warm).
+    # With a compiled UNet (pipe.enable_compile): backend, mode, the graphs this edit compiled (0 once warm) and how
+    # many compiled graphs it loaded from torch's on-disk caches (`cache_hits`: a later process at the same size).
     compiled: dict | None = None
 
     @property

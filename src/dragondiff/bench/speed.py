@@ -325,14 +325,21 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", choices=["off", "inductor", "aot_eager"], default="off",
                         help="run the UNet's blocks compiled (pipe.enable_compile); the warm-up then measures the "
                              "cold start, and the output is compared with an eager run of the same edit")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels-last convolutions (pipe.enable_channels_last): faster on a CPU")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (out/bench/speed-<model>-<size>.json)")
     args = parser.parse_args(argv)
+    from ..compile import cache_hits, compile_cache_dir
+    from ..loading import cpu_description
+
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     t = time.perf_counter()
     pipe, default_size = load_model(args.model, args.device, dtype)
     pipe.one_backward = {"auto": None, "one": True, "two": False}[args.backward]
     image_prompt = attach_random_image_prompt(pipe) if args.image_prompt == "random" else None
+    if args.channels_last:
+        pipe.enable_channels_last()
     if args.compile != "off":
         pipe.enable_compile(backend=args.compile)
     load_s = time.perf_counter() - t
@@ -346,9 +353,14 @@ def main(argv=None) -> int:
             "threads": args.threads,
             "one_backward": pipe.uses_one_backward,
             "bank_device": args.bank_device or str(pipe.device), "load_s": round(load_s, 1),
-            "image_prompt": image_prompt, "compile": args.compile, "max_grey_difference_vs_eager": grey,
-            "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor() or None}
-    suffix = ("-ip" if image_prompt else "") + ("" if args.compile == "off" else f"-{args.compile}")
+            "image_prompt": image_prompt, "channels_last": args.channels_last, "compile": args.compile,
+            "max_grey_difference_vs_eager": grey,
+            # graphs loaded from torch's on-disk caches instead of generated: > 0 when an earlier process compiled
+            "compile_cache_hits": None if args.compile == "off" else cache_hits(),
+            "compile_cache_dir": None if args.compile == "off" else str(compile_cache_dir()),
+            "torch": torch.__version__, "machine": platform.machine(), **cpu_description()}
+    suffix = ("-ip" if image_prompt else "") + ("-cl" if args.channels_last else "") + (
+        "" if args.compile == "off" else f"-{args.compile}")
     out = args.out or Path(f"out/bench/speed-{Path(args.model).name}-{size}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, **result}, indent=1))

@@ -134,6 +134,10 @@ model_options = option_group(
                  help="run the UNet's transformer blocks compiled (torch.compile, inductor): the first edit at a "
                       "size compiles (minutes on a CPU; cached across runs), later ones are faster; results within "
                       "a few grey levels of the default eager run"),
+    click.option("--channels-last", is_flag=True,
+                 help="channels-last convolutions in the UNet and VAE: on a CPU about 10-19 % faster per pass at "
+                      "512 px; outputs within about 1 grey level of the default layout, which keeps earlier spec "
+                      "files and sidecars rerunning bit for bit"),
 )
 
 

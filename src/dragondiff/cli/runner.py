@@ -264,7 +264,8 @@ def check_ip_options(opts: dict, jobs=()) -> None:
 
 
 def load_pipeline(model: str, config: str | None, device, dtype, threads: int, vae_tiling: bool = False,
-                  ip_adapter: str | None = None, image_encoder: str | None = None, compile_unet: bool = False):
+                  ip_adapter: str | None = None, image_encoder: str | None = None, compile_unet: bool = False,
+                  channels_last: bool = False):
     """Load the model once; single .safetensors files need --config."""
     import torch
 
@@ -288,6 +289,8 @@ def load_pipeline(model: str, config: str | None, device, dtype, threads: int, v
             pipe.load_ip_adapter(ip_adapter, image_encoder)
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise InputError(f"--ip-adapter/--image-encoder: {e}") from e
+    if channels_last:
+        pipe.enable_channels_last()
     if compile_unet:
         pipe.enable_compile()
     return pipe
@@ -311,7 +314,7 @@ def open_model(opts: dict, model: str | None = None) -> Loaded:
     start = time.perf_counter()
     pipe = load_pipeline(model or opts["model"], opts["config"], opts["device"], opts["dtype"], threads,
                          opts["vae_tiling"], opts.get("ip_adapter"), opts.get("image_encoder"),
-                         opts.get("compile_unet", False))
+                         opts.get("compile_unet", False), opts.get("channels_last", False))
     return Loaded(pipe, threads, time.perf_counter() - start)
 
 

@@ -18,10 +18,14 @@ def _byte_symbols() -> list[str]:
 
 
 def build_tokenizer(folder: str | Path | None = None):
-    """A CLIP tokenizer over single bytes (no merges): 256 symbols, their </w> forms, and the two specials."""
+    """A CLIP tokenizer over single bytes (no merges): 256 symbols, their </w> forms, and the two specials. Its
+    files are written to `folder`, or to a temporary folder removed once the tokenizer has read them."""
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="dragondiff-tok-") as scratch:
+            return build_tokenizer(scratch)
     from transformers import CLIPTokenizer
 
-    folder = Path(folder or tempfile.mkdtemp(prefix="dragondiff-tok-"))
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     symbols = _byte_symbols()
     vocab = {s: i for i, s in enumerate(symbols)}
