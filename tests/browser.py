@@ -28,6 +28,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 EXE = Path(sys.executable).parent / "dragondiff"
 
 
+# As root, without a sandbox; no background connections (refused here, many at a time, slowing each start).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--disable-quic", "--disable-gpu"]
+
+
 def _require():
     require("the browser test", ("gradio", "playwright"), () if CHROMIUM else ("chromium",))
 
@@ -75,7 +80,7 @@ def browser(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield b
         b.close()
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import require
 from browser import browser, server, server_tmp, shots  # noqa: F401 (module-scoped pytest fixtures)
-from browser import (_open, paint, settle, click_point, result_image, run_and_wait, error_shown, _message, _shown)
+from browser import (_image_box, _open, paint, settle, click_point, result_image, run_and_wait, error_shown, _message, _shown)
 
 
 def test_move_tab_edit_reuse_and_errors(browser, server, shots):
@@ -75,6 +75,8 @@ def test_two_tasks_with_reference_and_missing_mask(browser, server, shots):
     page.get_by_role("tab", name="Appearance").click()
     page.click("#appearance-load")
     page.wait_for_timeout(1500)
+    for editor in ("appearance-editor", "appearance-reference"):  # both hold the example, fitted (see _image_box)
+        _image_box(page, editor)
     page.click("#appearance-run")
     assert error_shown(page, "brush over the object first")
     paint(page, "appearance-editor", 18, 42, 62, 86)
