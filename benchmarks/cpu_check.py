@@ -23,11 +23,10 @@ import torch
 
 
 def _seconds(fn, repeats: int = 3) -> float:
-    fn()  # warm-up (oneDNN picks its kernels on the first call)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+    """Median seconds of `repeats` calls after a warm-up (the speed benchmark's timer, on the CPU)."""
+    from dragondiff.bench.speed import _median_seconds
+
+    return _median_seconds(fn, torch.device("cpu"), repeats)
 
 
 def ops(args) -> dict:
