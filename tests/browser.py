@@ -130,7 +130,7 @@ def paint(page, editor: str, x0, y0, x1, y1):
         page.mouse.down()
         page.mouse.move(left + x1 * zoom, top + y * zoom, steps=6)
         page.mouse.up()
-    page.wait_for_timeout(800)
+    page.wait_for_timeout(2000)  # the editor commits its layers to its value after the strokes (800 ms lost one)
 
 
 def settle(page, selector: str, quiet_ms: int = 1200, timeout: float = 20.0) -> None:
