@@ -227,6 +227,7 @@ def test_reused_inversion_gives_the_same_edit_without_inverting_again(tiny_pipe,
         else:
             assert np.array_equal(a, b)
             assert reused.pass_counts["inversion_unet"] == 0
+            assert reused.timings["inversion"] == 0 < direct.timings["inversion"]  # a sidecar's 0 s: shared
         # The second edit reads the base image's reference features from the inversion's cache.
         cached = reused.pass_counts["feature_cached"]
         uncached = EDITS[task].get("uncached_steps", 0)

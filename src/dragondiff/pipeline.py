@@ -659,7 +659,9 @@ class DragonPipeline:
                                       disable=not progress) as bar:
             inverted, bank = self._invert_parts(task, inversion, schedule, counts, bank_device)
             bar.update(n)
-            timings = {"inversion": time.perf_counter() - start}
+            # a reused inversion (and no reference to invert) did no inversion work in this edit: its moment of
+            # bookkeeping counts as sampling, so that a sidecar's 0 says the inversion was shared
+            timings = {"inversion": time.perf_counter() - start if counts.inversion_unet else 0.0}
             controller = BankController(bank, union_masks=task.union_masks)
             with self.backbone.memory_bank(controller):
                 z_t, ref_t = task.init_latent(inverted[-1])
