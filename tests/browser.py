@@ -122,15 +122,66 @@ def _image_box(page, editor: str, size: int = 128, timeout: float = 20.0):
     return x + (width - side) / 2, y + (height - side) / 2, zoom
 
 
-def paint(page, editor: str, x0, y0, x1, y1):
-    """Brush a filled rectangle (image pixels) with horizontal strokes."""
-    left, top, zoom = _image_box(page, editor)
-    for y in np.arange(y0, y1 + 1, 6):
-        page.mouse.move(left + x0 * zoom, top + y * zoom)
-        page.mouse.down()
-        page.mouse.move(left + x1 * zoom, top + y * zoom, steps=6)
-        page.mouse.up()
-    page.wait_for_timeout(2000)  # the editor commits its layers to its value after the strokes (800 ms lost one)
+def load_example(page, task: str) -> None:
+    """Click the tab's "Load example" and wait until its answer has reached the page: the points panel shows a
+    picture that has stopped changing (tasks with one), and the editor has fitted it. Strokes made before the
+    answer arrives are wiped when it does (the example replaces the editor's layers)."""
+    page.click(f"#{task}-load")
+    panel = f"#{task}-points img"
+    if page.locator(f"#{task}-points").count():
+        page.wait_for_function("(sel) => { const i = document.querySelector(sel); return i && i.src && "
+                               "i.naturalWidth > 0; }", arg=panel, timeout=60000)
+        settle(page, panel)
+    else:
+        page.wait_for_timeout(1500)
+    _image_box(page, f"{task}-editor")
+
+
+def _stroke_pixels(x0, y0, x1, y1):
+    """The image pixels every stroke of `paint` passes through, away from the rectangle's ends."""
+    return [(x, y) for y in np.arange(y0, y1 + 1, 6) for x in range(x0 + 4, x1 - 3, 4)]
+
+
+def _panel_tinted(page, task: str, pixels, before: np.ndarray, size: int = 128) -> bool:
+    """Whether the points panel (the server's drawing of the editor's value) shows these pixels under the mask's
+    tint (draw_points: 45 % of (255, 200, 0) over the picture), for 90 % of them."""
+    shown = _panel(page, task)
+    if shown.shape != before.shape:
+        return False
+    k = shown.shape[0] // size
+    hits = 0
+    for x, y in pixels:
+        was, now = before[y * k + k // 2, x * k + k // 2].astype(float), shown[y * k + k // 2, x * k + k // 2]
+        hits += bool(np.abs(np.rint(was * 0.55 + np.array([255, 200, 0]) * 0.45) - now).max() <= 2)
+    return hits >= 0.9 * len(pixels)
+
+
+def paint(page, editor: str, x0, y0, x1, y1, tries: int = 3):
+    """Brush a filled rectangle (image pixels) with horizontal strokes. On a tab's image editor whose tab has a
+    points panel, wait until the panel shows the rectangle tinted, i.e. the mask has reached the server in the
+    editor's value (the value Run sends), and brush again if it never does (seen under load: a Run after the
+    strokes found no mask)."""
+    task = editor.removesuffix("-editor")
+    check = editor.endswith("-editor") and page.locator(f"#{task}-points").count() > 0
+    before = _panel(page, task) if check else None
+    for _ in range(tries):
+        left, top, zoom = _image_box(page, editor)
+        for y in np.arange(y0, y1 + 1, 6):
+            page.mouse.move(left + x0 * zoom, top + y * zoom)
+            page.mouse.down()
+            page.mouse.move(left + x1 * zoom, top + y * zoom, steps=6)
+            page.mouse.up()
+        page.wait_for_timeout(2000)  # the editor commits its layers to its value after the strokes (800 ms lost one)
+        if not check:
+            return
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            settle(page, f"#{task}-points img", quiet_ms=600)
+            if _panel_tinted(page, task, _stroke_pixels(x0, y0, x1, y1), before):
+                return
+            page.wait_for_timeout(500)
+    pytest.fail(f"{editor}: after {tries} brushings of ({x0}, {y0})-({x1}, {y1}) the points panel never showed the "
+                "mask: the editor's value did not carry the strokes")
 
 
 def settle(page, selector: str, quiet_ms: int = 1200, timeout: float = 20.0) -> None:
@@ -176,8 +227,7 @@ def result_image(page, task: str) -> np.ndarray:
 def ready_move(browser, server):
     """A new page with the move tab's first example loaded, its object brushed and one handle/target pair clicked."""
     page = _open(browser, server)
-    page.click("#move-load")
-    page.wait_for_timeout(1500)
+    load_example(page, "move")
     paint(page, "move-editor", 16, 40, 64, 88)
     click_point(page, "move", 40, 64)
     click_point(page, "move", 84, 88)

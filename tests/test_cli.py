@@ -19,9 +19,9 @@ EXE = Path(sys.executable).parent / "dragondiff"
 FAST = ["--model", str(TINY_MODEL), "--steps", "2", "--max-resolution", "128", "--threads", "1", "-q"]
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, env=None):
     exe = str(EXE) if EXE.exists() else shutil.which("dragondiff")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
@@ -134,6 +134,8 @@ def test_run_spec_files_and_sidecar_reproduces(files):
     specs = {"edits": [
         {"task": "move", "image": "scene.png", "mask": "disc.png", "offset": [20, 0], "num_inference_steps": 2,
          "max_resolution": 128},
+        {"task": "move", "image": "scene.png", "mask": "disc.png", "offset": [-14, 6], "num_inference_steps": 2,
+         "max_resolution": 128},
         {"task": "paste", "image": "scene.png", "reference": "scene.png", "reference_mask": "square.png",
          "offset": [-50, 0], "num_inference_steps": 2, "max_resolution": 128},
     ]}
@@ -144,11 +146,16 @@ def test_run_spec_files_and_sidecar_reproduces(files):
     out = cli("run", files / "specs" / "two.json", "-o", files / "res", "--model", TINY_MODEL, "--threads", "1", "-q")
     assert out.returncode == 0, out.stderr
     first = read(files / "res" / "two-0.png")
-    assert (files / "res" / "two-1.png").exists()
-    # the sidecar re-runs the edit (its own model id) and gives the same image
-    out = cli("run", files / "res" / "two-0.json", "-o", files / "again.png", "--threads", "1", "-q")
-    assert out.returncode == 0, out.stderr
-    assert np.array_equal(read(files / "again.png"), first)
+    assert (files / "res" / "two-2.png").exists()
+    # the two moves of scene.png shared one inversion; the paste (two images) inverted its own
+    seconds = [json.loads((files / "res" / f"two-{k}.json").read_text())["seconds"]["inversion"] for k in range(3)]
+    assert seconds[0] == seconds[1] == 0 < seconds[2], seconds
+    # the sidecar re-runs the edit (its own model id) and gives the same image, shared inversion or not
+    for k in (0, 1):
+        out = cli("run", files / "res" / f"two-{k}.json", "-o", files / f"again-{k}.png", "--threads", "1", "-q")
+        assert out.returncode == 0, out.stderr
+        assert np.array_equal(read(files / f"again-{k}.png"), read(files / "res" / f"two-{k}.png"))
+    assert not np.array_equal(read(files / "again-1.png"), first)
     # YAML works too
     (files / "one.yaml").write_text("task: move\nimage: scene.png\nmask: disc.png\noffset: [10, 5]\n"
                                     "num_inference_steps: 2\nmax_resolution: 128\n")

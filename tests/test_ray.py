@@ -91,7 +91,9 @@ def test_ray_batch_is_the_local_batch_and_survives_failing_workers(tmp_path, ray
             a, b = json.loads(expected[name]), json.loads(got[name])
             assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= {"seconds", "command", "ray"}, name
     sidecars = [json.loads(got[f"two-{k}.json"]) for k in (0, 1)]
-    assert all(s["seconds"]["inversion"] == 0 for s in sidecars)  # one inversion, made before both edits
+    local_sidecars = [json.loads(expected[f"two-{k}.json"]) for k in (0, 1)]
+    # one inversion, made before both edits, on Ray as in the local batch
+    assert all(s["seconds"]["inversion"] == 0 for s in sidecars + local_sidecars)
     assert sidecars[0]["ray"]["address"] == "local" and not list(out.rglob(".*.tmp"))
     assert _batch(root, "-o", out, *FAST[:-1], "--ray") == 0  # nothing left: Ray is not even asked
     captured = capsys.readouterr()

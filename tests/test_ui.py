@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import require
 from browser import browser, server, server_tmp, shots  # noqa: F401 (module-scoped pytest fixtures)
-from browser import (_image_box, _open, paint, settle, click_point, result_image, run_and_wait, error_shown, _message, _shown)
+from browser import (_image_box, _open, load_example, paint, settle, click_point, result_image, run_and_wait, error_shown, _message, _shown)
 
 
 def test_move_tab_edit_reuse_and_errors(browser, server, shots):
@@ -21,8 +21,7 @@ def test_move_tab_edit_reuse_and_errors(browser, server, shots):
 
     scene, _ = next(iter(example_scenes().values()))
     page = _open(browser, server)
-    page.click("#move-load")
-    page.wait_for_timeout(1500)
+    load_example(page, "move")
     paint(page, "move-editor", 16, 40, 64, 88)  # the red circle (centre 40, 64, radius 20)
     click_point(page, "move", 40, 64)
     click_point(page, "move", 84, 88)
@@ -58,8 +57,7 @@ def test_drag_tab_and_odd_clicks(browser, server, shots):
     page = _open(browser, server)
     page.click("#tab-drag-button") if page.locator("#tab-drag-button").count() else page.get_by_role(
         "tab", name="Drag").click()
-    page.click("#drag-load")
-    page.wait_for_timeout(1500)
+    load_example(page, "drag")
     paint(page, "drag-editor", 14, 38, 96, 100)
     click_point(page, "drag", 40, 64)
     page.click("#drag-run")
@@ -73,10 +71,8 @@ def test_drag_tab_and_odd_clicks(browser, server, shots):
 def test_two_tasks_with_reference_and_missing_mask(browser, server, shots):
     page = _open(browser, server)
     page.get_by_role("tab", name="Appearance").click()
-    page.click("#appearance-load")
-    page.wait_for_timeout(1500)
-    for editor in ("appearance-editor", "appearance-reference"):  # both hold the example, fitted (see _image_box)
-        _image_box(page, editor)
+    load_example(page, "appearance")
+    _image_box(page, "appearance-reference")  # it holds the example too, fitted (see _image_box)
     page.click("#appearance-run")
     assert error_shown(page, "brush over the object first")
     paint(page, "appearance-editor", 18, 42, 62, 86)
@@ -84,8 +80,7 @@ def test_two_tasks_with_reference_and_missing_mask(browser, server, shots):
     assert "done" in run_and_wait(page, "appearance")
     page.screenshot(path=str(shots / "ui-appearance.png"), full_page=True)
     page.get_by_role("tab", name="Paste").click()
-    page.click("#paste-load")
-    page.wait_for_timeout(1500)
+    load_example(page, "paste")
     paint(page, "paste-reference", 66, 62, 118, 112)  # the white triangle
     click_point(page, "paste", 92, 84)
     assert "done" in run_and_wait(page, "paste")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import require
 from browser import browser, server, server_tmp  # noqa: F401 (module-scoped pytest fixtures)
-from browser import (EXE, _open, paint, ready_move, settle, click_point, result_image, run_and_wait, wait_status, _message, _points_field, _panel_shows, _click_panel)
+from browser import (EXE, _open, load_example, paint, ready_move, settle, click_point, result_image, run_and_wait, wait_status, _message, _points_field, _panel_shows, _click_panel)
 
 
 def test_two_sessions_get_their_own_results(browser, server):
@@ -22,8 +22,7 @@ def test_two_sessions_get_their_own_results(browser, server):
         if names[k] is None:  # the second session picks another example scene
             page.locator("#move-example input").first.click()
             page.get_by_role("option").nth(1).click()
-        page.click("#move-load")
-        page.wait_for_timeout(1500)
+        load_example(page, "move")
         paint(page, "move-editor", *((20, 20, 60, 60) if k else (16, 40, 64, 88)))
         click_point(page, "move", 40, 50)
         click_point(page, "move", 70, 70)

@@ -3,7 +3,8 @@
     {"dragondiff": "0.1.0", "spec": {...resolved EditSpec, paths relative to the sidecar...},
      "model": {"id": ..., "sha256": ... or "revision": ...}, "backbone": {"name": ..., "prediction_type": ...},
      "versions": {...}, "device": ..., "dtype": ...,
-     "threads": ..., "seconds": {"load": ..., "inversion": ..., "sampling": ..., "decode": ..., "save": ...},
+     "threads": ..., "cpu_kernels": "AVX2" (torch's CPU ISA; null on CUDA),
+     "seconds": {"load": ..., "inversion": ..., "sampling": ..., "decode": ..., "save": ...},
      "output": {"file": ..., "size": [w, h], "working_size": [w, h], "full_resolution": true}}
 
 `dragondiff run sidecar.json` reads `spec` back (relative paths against the sidecar's folder) and uses `model.id`
@@ -153,6 +154,7 @@ def build_sidecar(result, pipe, *, sidecar: Path, output: Path, full_resolution:
         "vae_tiling": pipe.backbone.vae_tiling,  # changes pixels at tile seams
         "channels_last": pipe.backbone.channels_last,  # --channels-last: about 1 grey level from the default
         "platform": f"{platform.system()} {platform.machine()}",
+        "cpu_kernels": cpu_kernels() if pipe.device.type == "cpu" else None,  # fp32 pixels depend on them
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "flags": list(result.flags),
@@ -160,6 +162,34 @@ def build_sidecar(result, pipe, *, sidecar: Path, output: Path, full_resolution:
                    "full_resolution": full_resolution, "working_size": list(result.size)},
         **(extra or {}),
     }
+
+
+def cpu_kernels() -> str:
+    """torch's vector ISA for this CPU ("AVX2", "AVX512", ...): its kernels round differently, so a CPU edit re-run
+    on a CPU with other kernels may differ by a grey level in a few pixels (measured: 2 of 16,384, AVX-512 vs AVX2)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+# How to make this CPU run the kernels a sidecar recorded (torch's ATen kernels, and oneDNN's convolutions and
+# matrix products): tested for AVX2 sidecars on an AVX-512 CPU, which then re-run bit for bit.
+KERNEL_ENV = {"AVX2": "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2", "DEFAULT": "ATEN_CPU_CAPABILITY=default"}
+
+
+def kernels_change(data: dict) -> str | None:
+    """A note when a CPU sidecar was made with other CPU kernels than this CPU runs (None: the same, not recorded,
+    or not a CPU edit), saying how to run the recorded ones where that is known."""
+    recorded = data.get("cpu_kernels")
+    if not isinstance(recorded, str) or not str(data.get("device", "")).startswith("cpu"):
+        return None
+    now = cpu_kernels()
+    if recorded == now:
+        return None
+    how = (f"; for the same pixels run it with {KERNEL_ENV[recorded]} before the command" if recorded in KERNEL_ENV
+           else "")
+    return (f"made with torch's {recorded} CPU kernels, this CPU runs {now}: pixels may differ by a grey level "
+            f"here and there{how}")
 
 
 def is_sidecar(data) -> bool:

@@ -16,7 +16,7 @@ from ..provenance import is_sidecar
 from .edits import SPEC_FORMS, is_edit_spec, load_spec_data, read_spec_file
 from .options import edit_options, model_options, ray_options, run_options, spec_fields
 from .runner import (InputError, Job, check_inputs, check_ip_options, check_jobs, execute, open_model, output_name,
-                     write_problem)
+                     with_shared_inversions, write_problem)
 
 SPEC_SUFFIXES = (".json", ".yaml", ".yml")
 MASK_NAME = "editable_mask.png"  # a DragBench mask written beside the output, so that the sidecar can re-run it
@@ -170,10 +170,11 @@ def batch(root, output, dry_run, ray_address, ray_workers, ray_gpus_per_worker, 
     elif pending:
         try:
             loaded = open_model(opts)
-            for job in tqdm(pending, desc="dragondiff batch", unit="edit", disable=quiet):
+            edits = with_shared_inversions(loaded.pipe, pending)  # several edits of one image: one inversion
+            for job, inversion in tqdm(edits, total=len(pending), desc="dragondiff batch", unit="edit", disable=quiet):
                 try:
                     execute(loaded.pipe, job, working_size=opts["working_size"], preview=opts["preview"],
-                            quiet=True, threads=loaded.threads, load_seconds=loaded.seconds)
+                            quiet=True, threads=loaded.threads, load_seconds=loaded.seconds, inversion=inversion)
                     done += 1
                 except KeyboardInterrupt:
                     raise

@@ -12,7 +12,7 @@ from ..tasks import TASKS
 from .options import (edit_options, model_options, option_group, output_option, run_options, spec_fields,
                       task_fields, task_options, weight_options)
 from .runner import (IMAGE_SUFFIXES, InputError, Job, check_inputs, check_ip_options, check_jobs, execute, open_model,
-                     output_name)
+                     output_name, with_shared_inversions)
 
 
 def make_spec(task: str, label: str, **fields) -> EditSpec:
@@ -36,9 +36,9 @@ def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
     loaded = open_model(opts, model)
     done = 0
     try:
-        for job in jobs:
+        for job, inversion in with_shared_inversions(loaded.pipe, jobs):  # several edits of one image: one inversion
             execute(loaded.pipe, job, working_size=opts["working_size"], preview=opts["preview"],
-                    quiet=opts["quiet"], threads=loaded.threads, load_seconds=loaded.seconds)
+                    quiet=opts["quiet"], threads=loaded.threads, load_seconds=loaded.seconds, inversion=inversion)
             done += 1
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.main): the edit in progress left no file
         click.echo(f"interrupted: {done} of {len(jobs)} edit{'s' * (len(jobs) != 1)} written"
@@ -116,7 +116,8 @@ def read_spec_file(path: Path) -> tuple[list[tuple[str, EditSpec]], str | None]:
     """A spec file's edits as (label, EditSpec), and the model a sidecar names. Accepts one EditSpec object, a
     list of them, {"edits": [...]}, or a sidecar written next to an output; JSON, or YAML (.yaml/.yml)."""
     from .. import documents
-    from ..provenance import is_sidecar, sidecar_model
+    from ..errors import InputNote
+    from ..provenance import is_sidecar, kernels_change, sidecar_model
 
     data = load_spec_data(path)
     model = None
@@ -127,6 +128,9 @@ def read_spec_file(path: Path) -> tuple[list[tuple[str, EditSpec]], str | None]:
             model = sidecar_model(data)
         except ValueError as e:
             raise InputError(f"{path}: {e}") from e
+        change = kernels_change(data)
+        if change is not None:
+            warnings.warn(f"{path}: {change}", InputNote, stacklevel=2)
         entries, labels = [data["spec"]], [str(path)]
     elif isinstance(data, dict) and "edits" in data:
         entries = data["edits"]

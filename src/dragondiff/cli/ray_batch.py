@@ -3,7 +3,8 @@
 The driver (this process) reads and checks every sample and output exactly as the local batch does; only the
 edits move. Edits are grouped by their image file; each group is one row of a Ray dataset, mapped by a pool of
 actors (`EditWorker`) that each load the model once. A group runs on one actor, which inverts the image once for
-all of the group's edits that share prompt, steps and resolution (the same result as inverting per edit). Each edit
+all of the group's one-image edits that share prompt, steps and resolution, as the local batch does
+(`runner.shared_inversions`: the same result as inverting per edit). Each edit
 is written by the actor with the local batch's own `execute` (atomic files, sidecar last), so outputs, sidecars and
 resume are the local batch's; the nodes must therefore see DIR, OUT and the model at the same paths (one machine,
 or a shared file system). An edit that raises is retried on its worker `--ray-retries` times, then listed as
@@ -15,7 +16,6 @@ had written is removed, and the same command finishes them.
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 import sys
 import traceback
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from .runner import InputError, Job, execute, open_model, quiet_third_party
+from .runner import InputError, Job, execute, groups, open_model, quiet_third_party, shared_inversions
 
 LOCAL = "local"
 LOCAL_OBJECT_STORE = 256 * 1024 * 1024  # the rows are job descriptions and statuses: a small store is plenty
@@ -62,42 +62,6 @@ class RayOptions:
         if cpus is None:
             cpus = float(opts.get("threads") or 1)
         return cls(address, workers, float(gpus), float(cpus), retries)
-
-
-def image_key(job: Job) -> str:
-    """Edits of one image file form one group (one worker, one inversion)."""
-    image = job.spec.image
-    return str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else f"job:{job.label}"
-
-
-def groups(jobs: list[Job]) -> list[list[int]]:
-    by_key: dict[str, list[int]] = {}
-    for k, job in enumerate(jobs):
-        by_key.setdefault(image_key(job), []).append(k)
-    return list(by_key.values())
-
-
-def shared_inversions(pipe, jobs: list[Job]) -> dict[int, object]:
-    """An inversion per set of two or more edits of one image with one prompt, step count and resolution (tasks
-    that edit a crop of the photo, e.g. face, invert their own crop): {position in jobs: Inversion}."""
-    from ..tasks import TASKS
-
-    keys: dict[tuple, list[int]] = {}
-    for k, job in enumerate(jobs):
-        spec = job.spec
-        if not isinstance(spec.image, (str, os.PathLike)) or TASKS[spec.task].frame is not None:
-            continue
-        resolved = spec.resolved(pipe.recommended_settings, None, pipe.default_max_resolution)
-        key = (image_key(job), resolved.prompt, resolved.num_inference_steps, resolved.max_resolution)
-        keys.setdefault(key, []).append(k)
-    out = {}
-    for (_, prompt, steps, resolution), members in keys.items():
-        if len(members) < 2:
-            continue
-        inversion = pipe.invert(jobs[members[0]].spec.image, prompt=prompt, max_resolution=resolution,
-                                num_inference_steps=steps, progress=False)
-        out.update({k: inversion for k in members})
-    return out
 
 
 class AttemptCounter:

@@ -345,6 +345,61 @@ def save_json(data: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
+def image_key(job: Job) -> str:
+    """Edits of one image file form one group (one inversion; on Ray, one worker)."""
+    image = job.spec.image
+    return str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else f"job:{job.label}"
+
+
+def groups(jobs: list[Job]) -> list[list[int]]:
+    """Positions of the jobs grouped by image file, groups in the order of their first job."""
+    by_key: dict[str, list[int]] = {}
+    for k, job in enumerate(jobs):
+        by_key.setdefault(image_key(job), []).append(k)
+    return list(by_key.values())
+
+
+def shared_inversions(pipe, jobs: list[Job]) -> dict[int, object]:
+    """An inversion per set of two or more edits of one image with one prompt, step count and resolution:
+    {position in jobs: Inversion}. Only one-image tasks share one: their edit of a reused inversion is the same
+    image bit for bit; a two-image task (appearance, paste) would invert its base apart from its reference, equal
+    only to fp32 rounding, and a task that edits a crop of the photo (face) inverts its own crop."""
+    from ..tasks import TASKS
+
+    keys: dict[tuple, list[int]] = {}
+    for k, job in enumerate(jobs):
+        spec = job.spec
+        info = TASKS[spec.task]
+        if not isinstance(spec.image, (str, os.PathLike)) or info.frame is not None or info.images != 1:
+            continue
+        resolved = spec.resolved(pipe.recommended_settings, None, pipe.default_max_resolution)
+        key = (image_key(job), resolved.prompt, resolved.num_inference_steps, resolved.max_resolution)
+        keys.setdefault(key, []).append(k)
+    out = {}
+    for (_, prompt, steps, resolution), members in keys.items():
+        if len(members) < 2:
+            continue
+        inversion = pipe.invert(jobs[members[0]].spec.image, prompt=prompt, max_resolution=resolution,
+                                num_inference_steps=steps, progress=False)
+        out.update({k: inversion for k in members})
+    return out
+
+
+def with_shared_inversions(pipe, jobs: list[Job]):
+    """(job, its shared inversion or None), grouped by image file: each image with several edits is inverted
+    once, and only one image's inversions are held at a time (at 512 px an SD1.5 inversion's bank is GBs). If that
+    inversion fails, each edit of the group runs on its own and reports its own error."""
+    for members in groups(jobs):
+        group = [jobs[k] for k in members]
+        try:
+            inversions = shared_inversions(pipe, group)
+        except Exception:  # noqa: BLE001 (each edit then inverts on its own, and says what is wrong)
+            inversions = {}
+        for k, job in enumerate(group):
+            yield job, inversions.get(k)
+        del inversions
+
+
 def execute(pipe, job: Job, *, working_size: bool, preview: bool, quiet: bool, threads: int,
             load_seconds: float = 0.0, inversion=None, extra: dict | None = None) -> dict:
     """Run one job: edit, save the image (composited at the input's size unless working_size), sidecar, preview.
