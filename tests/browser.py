@@ -24,6 +24,12 @@ from conftest import require
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
+# A browser test that fails is run again, twice at most (pytest-rerunfailures), on a new page of the same server.
+# In CI (two workers on 2 cores, two servers, two browsers) one page test of eleven once failed because its
+# strokes never reached the server, and earlier a Run was never answered; neither came back in runs by hand, idle
+# or with the cores busy. A broken feature fails all three runs.
+RETRY = pytest.mark.flaky(reruns=2, reruns_delay=1)
+
 
 EXE = Path(sys.executable).parent / "dragondiff"
 
@@ -142,18 +148,18 @@ def _stroke_pixels(x0, y0, x1, y1):
     return [(x, y) for y in np.arange(y0, y1 + 1, 6) for x in range(x0 + 4, x1 - 3, 4)]
 
 
-def _panel_tinted(page, task: str, pixels, before: np.ndarray, size: int = 128) -> bool:
-    """Whether the points panel (the server's drawing of the editor's value) shows these pixels under the mask's
-    tint (draw_points: 45 % of (255, 200, 0) over the picture), for 90 % of them."""
+def _panel_tinted(page, task: str, pixels, before: np.ndarray, size: int = 128) -> float:
+    """The share of these pixels that the points panel (the server's drawing of the editor's value) shows under the
+    mask's tint (draw_points: 45 % of (255, 200, 0) over the picture); -1 where the panel's size changed."""
     shown = _panel(page, task)
     if shown.shape != before.shape:
-        return False
+        return -1.0
     k = shown.shape[0] // size
     hits = 0
     for x, y in pixels:
         was, now = before[y * k + k // 2, x * k + k // 2].astype(float), shown[y * k + k // 2, x * k + k // 2]
         hits += bool(np.abs(np.rint(was * 0.55 + np.array([255, 200, 0]) * 0.45) - now).max() <= 2)
-    return hits >= 0.9 * len(pixels)
+    return hits / len(pixels)
 
 
 def paint(page, editor: str, x0, y0, x1, y1, tries: int = 3):
@@ -177,11 +183,14 @@ def paint(page, editor: str, x0, y0, x1, y1, tries: int = 3):
         deadline = time.time() + 30
         while time.time() < deadline:
             settle(page, f"#{task}-points img", quiet_ms=600)
-            if _panel_tinted(page, task, _stroke_pixels(x0, y0, x1, y1), before):
+            tinted = _panel_tinted(page, task, _stroke_pixels(x0, y0, x1, y1), before)
+            if tinted >= 0.9:
                 return
             page.wait_for_timeout(500)
+    page.screenshot(path="/tmp/dragondiff-ui-failure.png", full_page=True)
     pytest.fail(f"{editor}: after {tries} brushings of ({x0}, {y0})-({x1}, {y1}) the points panel never showed the "
-                "mask: the editor's value did not carry the strokes")
+                f"mask: the editor's value did not carry the strokes (share of stroke pixels tinted: {tinted:.2f}, "
+                "-1: the panel changed size; screenshot: /tmp/dragondiff-ui-failure.png)")
 
 
 def settle(page, selector: str, quiet_ms: int = 1200, timeout: float = 20.0) -> None:

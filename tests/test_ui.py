@@ -13,7 +13,9 @@ from PIL import Image
 
 from conftest import require
 from browser import browser, server, server_tmp, shots  # noqa: F401 (module-scoped pytest fixtures)
-from browser import (_image_box, _open, load_example, paint, settle, click_point, result_image, run_and_wait, error_shown, _message, _shown)
+from browser import (RETRY, _image_box, _open, load_example, paint, settle, click_point, result_image, run_and_wait, error_shown, _message, _shown)
+
+pytestmark = RETRY
 
 
 def test_move_tab_edit_reuse_and_errors(browser, server, shots):

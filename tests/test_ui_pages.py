@@ -12,7 +12,9 @@ from PIL import Image
 
 from conftest import require
 from browser import browser, server, server_tmp  # noqa: F401 (module-scoped pytest fixtures)
-from browser import (EXE, _open, load_example, paint, ready_move, settle, click_point, result_image, run_and_wait, wait_status, _message, _points_field, _panel_shows, _click_panel)
+from browser import (RETRY, EXE, _open, load_example, paint, ready_move, settle, click_point, result_image, run_and_wait, wait_status, _message, _points_field, _panel_shows, _click_panel)
+
+pytestmark = RETRY
 
 
 def test_two_sessions_get_their_own_results(browser, server):
