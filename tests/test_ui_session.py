@@ -187,3 +187,21 @@ def test_task_fields_reference_upload_and_preview_drawing():
     assert k > 1 and tuple(shown[10 * k + k // 2, 10 * k + k // 2]) == (230, 30, 30)  # an unmoved handle: red
     assert tuple(shown[30 * k + k // 2, 50 * k + k // 2]) == (30, 90, 240)  # its target: blue
     assert (shown[5 * k, 20 * k:30 * k] == (255, 200, 0)).all()  # the box's top edge
+
+
+def test_no_progress_cover_over_an_editor_for_its_own_upload(tiny_pipe):
+    """Every image editor's upload event (which the editor also fires, twice, after the server sets its picture)
+    shows no progress: with Gradio's cover the page now and then kept a finished event's "processing" over the
+    editor for good, and strokes landed on the cover (tests/browser.py's paint found no mask)."""
+    from conftest import require
+
+    require("the web UI's page events", ("gradio",))
+    from dragondiff.ui.app import build_app
+
+    config = build_app(tiny_pipe, steps=2).config
+    editors = {c["id"]: c["props"]["elem_id"] for c in config["components"] if c["type"] == "imageeditor"}
+    uploads = {editors[target]: dep["show_progress"] for dep in config["dependencies"]
+               for target, event in dep["targets"] if target in editors and event == "upload"}
+    assert "move-editor" in uploads and "paste-reference" in uploads
+    assert set(uploads) == set(editors.values())
+    assert set(uploads.values()) == {"hidden"}, uploads

@@ -300,14 +300,18 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             return {}
         return reset(image, session)
 
-    then_refresh(editor.upload(_reported(message, uploaded), [editor, state], resettable, **PRIVATE))
+    # No progress shown: the editor fires upload twice after the server sets its picture, and the page now and then
+    # kept the second's "processing" cover over the editor for good (both handled in ms; seen 2 in 30 page loads on
+    # a quiet machine), so that strokes landed on the cover instead of the picture.
+    then_refresh(editor.upload(_reported(message, uploaded), [editor, state], resettable, show_progress="hidden",
+                               **PRIVATE))
     if ref_editor is not None:
         def ref_uploaded(value):
             image = editor_image(value, "reference")
             return {ref_editor: {"background": image, "layers": [], "composite": image}}
 
         then_refresh(ref_editor.upload(_reported(message, ref_uploaded), [ref_editor], [ref_editor, message],
-                                       **PRIVATE))
+                                       show_progress="hidden", **PRIVATE))
     if preview is not None:
         for control in fields.values():
             control.change(_reported(message, refresh), preview_inputs, [preview, message],
