@@ -301,8 +301,8 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
         return reset(image, session)
 
     # No progress shown: the editor fires upload twice after the server sets its picture, and the page now and then
-    # kept the second's "processing" cover over the editor for good (both handled in ms; seen 2 in 30 page loads on
-    # a quiet machine), so that strokes landed on the cover instead of the picture.
+    # kept a "processing" cover over the editor for good, both events answered in ms (3 in about 80 page loads after
+    # a page closed mid-load, the server idle; tools/ui_editor_cover.py), hiding the picture and taking the strokes.
     then_refresh(editor.upload(_reported(message, uploaded), [editor, state], resettable, show_progress="hidden",
                                **PRIVATE))
     if ref_editor is not None:
