@@ -300,14 +300,18 @@ def _task_tab(gr, pipe, info, state, steps: int, examples: dict, reference_image
             return {}
         return reset(image, session)
 
-    then_refresh(editor.upload(_reported(message, uploaded), [editor, state], resettable, **PRIVATE))
+    # No progress shown: the editor fires upload twice after the server sets its picture, and the page now and then
+    # kept a "processing" cover over the editor for good, both events answered in ms (3 in about 80 page loads after
+    # a page closed mid-load, the server idle; tools/ui_editor_cover.py), hiding the picture and taking the strokes.
+    then_refresh(editor.upload(_reported(message, uploaded), [editor, state], resettable, show_progress="hidden",
+                               **PRIVATE))
     if ref_editor is not None:
         def ref_uploaded(value):
             image = editor_image(value, "reference")
             return {ref_editor: {"background": image, "layers": [], "composite": image}}
 
         then_refresh(ref_editor.upload(_reported(message, ref_uploaded), [ref_editor], [ref_editor, message],
-                                       **PRIVATE))
+                                       show_progress="hidden", **PRIVATE))
     if preview is not None:
         for control in fields.values():
             control.change(_reported(message, refresh), preview_inputs, [preview, message],
