@@ -246,7 +246,10 @@ def click_point(page, task: str, x, y, size: int = 128):
     deadline = time.time() + 4
     while time.time() < deadline and _page_points(page, task) == before:
         page.wait_for_timeout(100)
-    assert _page_points(page, task) == before + 1, f"{task}: a click at ({x}, {y}) on the points panel was lost"
+    if _page_points(page, task) != before + 1:
+        page.screenshot(path="/tmp/dragondiff-ui-failure.png", full_page=True)
+        pytest.fail(f"{task}: a click at ({x}, {y}) on the points panel was lost (screenshot: "
+                    "/tmp/dragondiff-ui-failure.png)")
     settle(page, f"#{task}-points img")  # the redrawn panel (as a user sees the dot appear)
 
 
@@ -322,7 +325,9 @@ def _message(page, task: str, needle: str, timeout: float = 20.0) -> str:
         if needle in text:
             return text
         page.wait_for_timeout(200)
-    pytest.fail(f"{task}: the message area does not say {needle!r}: {page.inner_text(f'#{task}-message')!r}")
+    page.screenshot(path="/tmp/dragondiff-ui-failure.png", full_page=True)
+    pytest.fail(f"{task}: the message area does not say {needle!r}: {page.inner_text(f'#{task}-message')!r} "
+                "(screenshot: /tmp/dragondiff-ui-failure.png)")
 
 
 def _shown(page, selector: str) -> np.ndarray:
