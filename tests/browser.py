@@ -66,20 +66,6 @@ class UIServer:
                                      env=env, stdout=self.out, stderr=subprocess.STDOUT, text=True)
         self.url = f"http://127.0.0.1:{port}"
 
-    def wait(self, timeout: float = 120.0) -> str | None:
-        """None once the server answers, else what went wrong."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                return f"dragondiff ui exited: {self.log.read_text()}"
-            try:
-                urllib.request.urlopen(self.url, timeout=2)
-                return None
-            except OSError:
-                time.sleep(0.5)
-        self.proc.kill()
-        return f"dragondiff ui did not answer within {timeout:.0f} s"
-
     def stop(self) -> str:
         """Stop the server; the end of its log."""
         self.proc.terminate()
@@ -88,12 +74,20 @@ class UIServer:
         return self.log.read_text()[-3000:]
 
 
-def start_server(log: Path, tmp: Path | None = None) -> UIServer:
+def start_server(log: Path, tmp: Path | None = None, timeout: float = 120.0) -> UIServer:
+    """A UIServer that answers (the test fails if it exits or does not answer within timeout)."""
     server = UIServer(log, tmp)
-    problem = server.wait()
-    if problem:
-        pytest.fail(problem)
-    return server
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.proc.poll() is not None:
+            pytest.fail(f"dragondiff ui exited: {log.read_text()}")
+        try:
+            urllib.request.urlopen(server.url, timeout=2)
+            return server
+        except OSError:
+            time.sleep(0.5)
+    server.proc.kill()
+    pytest.fail(f"dragondiff ui did not answer within {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +113,15 @@ def shots(tmp_path_factory):
     folder = Path(os.environ.get("DRAGONDIFF_UI_SHOTS") or tmp_path_factory.mktemp("ui-shots"))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+FAILURE_SHOT = "/tmp/dragondiff-ui-failure.png"
+
+
+def fail_with_screenshot(page, message: str):
+    """Fail the test with this message, saving the whole page first (its path is added to the message)."""
+    page.screenshot(path=FAILURE_SHOT, full_page=True)
+    pytest.fail(f"{message} (screenshot: {FAILURE_SHOT})")
 
 
 def _open(browser, server):
@@ -210,10 +213,9 @@ def paint(page, editor: str, x0, y0, x1, y1, tries: int = 3):
             if tinted >= 0.9:
                 return
             page.wait_for_timeout(500)
-    page.screenshot(path="/tmp/dragondiff-ui-failure.png", full_page=True)
-    pytest.fail(f"{editor}: after {tries} brushings of ({x0}, {y0})-({x1}, {y1}) the points panel never showed the "
-                f"mask: the editor's value did not carry the strokes (share of stroke pixels tinted: {tinted:.2f}, "
-                "-1: the panel changed size; screenshot: /tmp/dragondiff-ui-failure.png)")
+    fail_with_screenshot(page, f"{editor}: after {tries} brushings of ({x0}, {y0})-({x1}, {y1}) the points panel "
+                         "never showed the mask: the editor's value did not carry the strokes (share of stroke "
+                         f"pixels tinted: {tinted:.2f}, -1: the panel changed size)")
 
 
 def settle(page, selector: str, quiet_ms: int = 1200, timeout: float = 20.0) -> None:
@@ -247,9 +249,7 @@ def click_point(page, task: str, x, y, size: int = 128):
     while time.time() < deadline and _page_points(page, task) == before:
         page.wait_for_timeout(100)
     if _page_points(page, task) != before + 1:
-        page.screenshot(path="/tmp/dragondiff-ui-failure.png", full_page=True)
-        pytest.fail(f"{task}: a click at ({x}, {y}) on the points panel was lost (screenshot: "
-                    "/tmp/dragondiff-ui-failure.png)")
+        fail_with_screenshot(page, f"{task}: a click at ({x}, {y}) on the points panel was lost")
     settle(page, f"#{task}-points img")  # the redrawn panel (as a user sees the dot appear)
 
 
@@ -295,26 +295,21 @@ def wait_status(page, task: str, before: str, needle: str = "done", timeout: flo
             return text
         toasts = page.locator(".toast-body")
         if toasts.count():
-            page.screenshot(path="/tmp/dragondiff-ui-failure.png")
-            pytest.fail(f"{task}: the page shows an error instead of a result: {toasts.first.inner_text()}")
+            fail_with_screenshot(page, f"{task}: the page shows an error instead of a result: "
+                                       f"{toasts.first.inner_text()}")
         said = _message_text(page, task)
         if message is not None and said and said != message:
-            page.screenshot(path="/tmp/dragondiff-ui-failure.png")
-            pytest.fail(f"{task}: the page says {said!r} instead of a result (screenshot: "
-                        "/tmp/dragondiff-ui-failure.png)")
+            fail_with_screenshot(page, f"{task}: the page says {said!r} instead of a result")
         page.wait_for_timeout(250)
-    page.screenshot(path="/tmp/dragondiff-ui-failure.png")
-    pytest.fail(f"{task}: no result within {timeout} s; status {page.inner_text(f'#{task}-status')!r}")
+    fail_with_screenshot(page, f"{task}: no result within {timeout} s; status {page.inner_text(f'#{task}-status')!r}")
 
 
 def error_shown(page, text: str) -> bool:
     try:
         page.get_by_text(text, exact=False).first.wait_for(timeout=30_000)  # 15 s was missed once under load
     except Exception:
-        page.screenshot(path="/tmp/dragondiff-ui-failure.png", full_page=True)
         messages = [m.inner_text() for m in page.locator(".dd-message, .toast-body").all()]
-        pytest.fail(f"the page did not show {text!r} within 30 s; its messages: {messages} "
-                    "(screenshot: /tmp/dragondiff-ui-failure.png)")
+        fail_with_screenshot(page, f"the page did not show {text!r} within 30 s; its messages: {messages}")
     return True
 
 
@@ -325,9 +320,8 @@ def _message(page, task: str, needle: str, timeout: float = 20.0) -> str:
         if needle in text:
             return text
         page.wait_for_timeout(200)
-    page.screenshot(path="/tmp/dragondiff-ui-failure.png", full_page=True)
-    pytest.fail(f"{task}: the message area does not say {needle!r}: {page.inner_text(f'#{task}-message')!r} "
-                "(screenshot: /tmp/dragondiff-ui-failure.png)")
+    fail_with_screenshot(page, f"{task}: the message area does not say {needle!r}: "
+                               f"{page.inner_text(f'#{task}-message')!r}")
 
 
 def _shown(page, selector: str) -> np.ndarray:
