@@ -3,7 +3,8 @@
     {"dragondiff": "0.1.0", "spec": {...resolved EditSpec, paths relative to the sidecar...},
      "model": {"id": ..., "sha256": ... or "revision": ...}, "backbone": {"name": ..., "prediction_type": ...},
      "versions": {...}, "device": ..., "dtype": ...,
-     "threads": ..., "cpu_kernels": "AVX2" (torch's CPU ISA; null on CUDA),
+     "threads": ..., "cpu_kernels": "AVX2" (torch's CPU kernels in force; null on CUDA),
+     "cpu_isa": "AVX512" (the CPU's own widest ISA; null on CUDA),
      "seconds": {"load": ..., "inversion": ..., "sampling": ..., "decode": ..., "save": ...},
      "output": {"file": ..., "size": [w, h], "working_size": [w, h], "full_resolution": true}}
 
@@ -155,6 +156,7 @@ def build_sidecar(result, pipe, *, sidecar: Path, output: Path, full_resolution:
         "channels_last": pipe.backbone.channels_last,  # --channels-last: about 1 grey level from the default
         "platform": f"{platform.system()} {platform.machine()}",
         "cpu_kernels": cpu_kernels() if pipe.device.type == "cpu" else None,  # fp32 pixels depend on them
+        "cpu_isa": cpu_isa() if pipe.device.type == "cpu" else None,  # ... and on the hardware beneath them
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "flags": list(result.flags),
@@ -165,29 +167,55 @@ def build_sidecar(result, pipe, *, sidecar: Path, output: Path, full_resolution:
 
 
 def cpu_kernels() -> str:
-    """torch's vector ISA for this CPU ("AVX2", "AVX512", ...): its kernels round differently, so a CPU edit re-run
-    on a CPU with other kernels may differ by a grey level in a few pixels (measured: 2 of 16,384, AVX-512 vs AVX2)."""
+    """torch's vector ISA in force ("AVX2", "AVX512", ...; ATEN_CPU_CAPABILITY can lower it): its kernels round
+    differently, so a CPU edit re-run with other kernels may differ by a grey level in a few pixels (measured: 2 of
+    16,384, AVX-512 vs AVX2)."""
     import torch
 
     return torch.backends.cpu.get_cpu_capability()
 
 
+def cpu_isa() -> str:
+    """The widest vector ISA the CPU itself has, whatever kernels are pinned: pinning another CPU's kernels does not
+    make its pixels (oneDNN and MKL still pick code paths by the hardware; measured on an AVX-512 CPU running an
+    AVX2 sidecar with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2: 1 pixel of 16,384 one grey level off)."""
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return cpu_kernels()
+    for name, probe in (("AVX512", "_is_avx512_supported"), ("AVX2", "_is_avx2_supported")):
+        if getattr(torch.cpu, probe, lambda: False)():
+            return name
+    return "DEFAULT"
+
+
 # How to make this CPU run the kernels a sidecar recorded (torch's ATen kernels, and oneDNN's convolutions and
-# matrix products): tested for AVX2 sidecars on an AVX-512 CPU, which then re-run bit for bit.
+# matrix products). On a CPU of the recorded kind (cpu_isa) this gives the recorded pixels bit for bit; on other
+# hardware it brings them closer, not always equal (see cpu_isa).
 KERNEL_ENV = {"AVX2": "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2", "DEFAULT": "ATEN_CPU_CAPABILITY=default"}
 
 
 def kernels_change(data: dict) -> str | None:
-    """A note when a CPU sidecar was made with other CPU kernels than this CPU runs (None: the same, not recorded,
-    or not a CPU edit), saying how to run the recorded ones where that is known."""
+    """A note when a CPU sidecar was made with other CPU kernels, or on a CPU of another kind, than this one runs
+    (None: the same, not recorded, or not a CPU edit), saying how to run the recorded kernels where that is known
+    and what that promises."""
     recorded = data.get("cpu_kernels")
     if not isinstance(recorded, str) or not str(data.get("device", "")).startswith("cpu"):
         return None
-    now = cpu_kernels()
-    if recorded == now:
+    now, made_on, here = cpu_kernels(), data.get("cpu_isa"), cpu_isa()
+    other_hardware = isinstance(made_on, str) and made_on != here
+    if recorded == now and not other_hardware:
         return None
-    how = (f"; for the same pixels run it with {KERNEL_ENV[recorded]} before the command" if recorded in KERNEL_ENV
-           else "")
+    if recorded == now:
+        return (f"made on a CPU with {made_on}, this one has {here}: with the same kernels ({now}) pixels may still "
+                f"differ by a grey level here and there")
+    if recorded not in KERNEL_ENV:
+        how = ""
+    elif made_on == here:
+        how = f"; for the same pixels run it with {KERNEL_ENV[recorded]} before the command"
+    else:  # not recorded (older sidecars) or another kind of CPU: the pin narrows the gap, it may not close it
+        how = (f"; {KERNEL_ENV[recorded]} before the command runs the recorded kernels (the same pixels on a CPU "
+               f"with {made_on or recorded}, closer elsewhere)")
     return (f"made with torch's {recorded} CPU kernels, this CPU runs {now}: pixels may differ by a grey level "
             f"here and there{how}")
 
