@@ -78,7 +78,7 @@ def make_frame(spec, photo: np.ndarray) -> Frame:
     """Find the face (given landmarks, or detected and chosen), align it, and place the handles on the crop."""
     p = spec.params
     if p.landmarks is not None:
-        points = F.check_landmarks(p.landmarks, "landmarks")
+        points = F.check_landmarks(p.landmarks, "landmarks", photo.shape[:2])
     else:
         points = F.choose(F.detect(photo), p.face, "image").landmarks
     return _frame(p, photo, points)
@@ -105,7 +105,8 @@ def _targets(p, frame: Frame) -> tuple[np.ndarray, np.ndarray | None]:
     if p.target_landmarks is not None:
         if given_ref:
             raise ValueError("target_landmarks: give the targets either as points or by a reference face, not both")
-        return frame.alignment.to_aligned(F.check_landmarks(p.target_landmarks, "target_landmarks")), None
+        targets = F.check_landmarks(p.target_landmarks, "target_landmarks", frame.photo.shape[:2])  # photo pixels
+        return frame.alignment.to_aligned(targets), None
     if not given_ref:
         raise ValueError("reference: required (a reference face photo, or its reference_landmarks), unless "
                          "target_landmarks are given")
@@ -114,7 +115,7 @@ def _targets(p, frame: Frame) -> tuple[np.ndarray, np.ndarray | None]:
         return F.ideal_alignment(points).to_aligned(points), None
     ref = load_image(p.reference, "reference")
     if p.reference_landmarks is not None:
-        points = F.check_landmarks(p.reference_landmarks, "reference_landmarks")
+        points = F.check_landmarks(p.reference_landmarks, "reference_landmarks", ref.shape[:2])
     else:
         points = F.choose(F.detect(ref), p.reference_face, "reference").landmarks
     crop, alignment = F.align(ref, points, name="reference")
