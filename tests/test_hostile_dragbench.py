@@ -120,7 +120,8 @@ def test_the_probes_246_byte_bomb_is_refused_by_read_sample_and_batch_dry_run(tm
 def test_several_arrays_share_one_bound(tmp_path):
     """Many arrays each under the bound cannot add up past it (one file, many constructor calls)."""
     each = np.zeros((256, 256), np.uint8)  # 64 KiB each; 64x64 image: 131,072 bytes in all
-    data = pickle.dumps({"prompt": "p", "points": [(1, 1), (2, 2)], "mask": each, "more": [each.copy() for _ in range(3)]})
+    meta = {"prompt": "p", "points": [(1, 1), (2, 2)], "mask": each, "more": [each.copy() for _ in range(3)]}
+    data = pickle.dumps(meta)
     with pytest.raises(dragbench.UnsafePickleError, match="at most 131,072 bytes in all"):
         dragbench.load_restricted(data, "x", max_bytes=131_072)
     assert dragbench.load_restricted(pickle.dumps(each), "x", max_bytes=131_072).shape == (256, 256)

@@ -24,7 +24,8 @@ def test_tiny_pickle_cannot_allocate_a_huge_array(tmp_path, protocol):
     path.write_bytes(data)
     tracemalloc.start()
     try:
-        with pytest.raises(dragbench.UnsafePickleError, match=r"3,200,000,000 bytes \(40000 x 40000 of float16\).*nothing was allocated"):
+        with pytest.raises(dragbench.UnsafePickleError,
+                           match=r"3,200,000,000 bytes \(40000 x 40000 of float16\).*nothing was allocated"):
             dragbench.read_meta(path, image_hw=(64, 64))
         _, peak = tracemalloc.get_traced_memory()
     finally:

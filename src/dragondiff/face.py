@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -26,6 +27,8 @@ from typing import Callable, NamedTuple
 import cv2
 import numpy as np
 from PIL import Image
+
+from .errors import InputNote
 
 N_LANDMARKS = 68
 # The 68-point layout's parts (index ranges), as a user chooses them.
@@ -221,17 +224,64 @@ def describe(faces: list[Face]) -> str:
     return "; ".join(f"#{k}: box {tuple(int(v) for v in f.box)}, score {f.score:.2f}" for k, f in enumerate(faces))
 
 
-def choose(faces: list[Face], which, name: str) -> Face:
-    """The face a user chose: `which` None (there must be exactly one), an index, or a box (x0, y0, x1, y1) (the
-    detected face whose box overlaps it most). The official code silently takes the last detection."""
+# Without a choice of face, the best-scoring detection is taken when it clearly dominates every other one: its score
+# at least DOMINANT_SCORE times theirs, and its box at least DOMINANT_AREA of each of theirs. dlib's false hits come
+# in the detector's own window sizes, as faces do (the astronaut photo: the face 90x90 px at 1.21, the mission patch
+# 89x90 at 0.16), so the score decides, and the size only keeps a smaller face (one in the background) from being
+# taken over a larger one: 2/3 lets a face one pyramid step (area x1.44) smaller than another through, no more.
+# Two real faces score alike (within 2x); such photos are refused with the list of faces, as before.
+DOMINANT_SCORE = 2.0
+DOMINANT_AREA = 2 / 3
+
+
+def _area(face: Face) -> float:
+    x0, y0, x1, y1 = face.box
+    return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+def dominant(faces: list[Face]) -> int | None:
+    """The index of the face that clearly dominates the others (see DOMINANT_SCORE), or None."""
+    best = max(range(len(faces)), key=lambda k: faces[k].score)
+    top = faces[best]
+    others = [f for k, f in enumerate(faces) if k != best]
+    if top.score > 0 and all(top.score >= DOMINANT_SCORE * f.score and _area(top) >= DOMINANT_AREA * _area(f)
+                             for f in others):
+        return best
+    return None
+
+
+def _how_to_choose(option: str) -> str:
+    return f"{option}= (--{option.replace('_', '-')}) as an index or a box x0,y0,x1,y1 around it"
+
+
+def taken_note(faces: list[Face], k: int, name: str, option: str = "face") -> str:
+    """What `choose` says when it takes face k of several: which, the others, and how to take another."""
+    others = "; ".join(f"#{i}: box {tuple(int(v) for v in f.box)}, score {f.score:.2f}"
+                       for i, f in enumerate(faces) if i != k)
+    return (f"{name}: {len(faces)} faces found; took #{k} (box {tuple(int(v) for v in faces[k].box)}, score "
+            f"{faces[k].score:.2f}), which clearly dominates the others ({others}); to take another, pass "
+            f"{_how_to_choose(option)}")
+
+
+def choose(faces: list[Face], which, name: str, option: str = "face") -> Face:
+    """The face a user chose: `which` None (the only face, or the one that clearly dominates the others: `dominant`,
+    with a note listing the others), an index, or a box (x0, y0, x1, y1) (the detected face whose box overlaps it
+    most). `option` names the parameter that chooses (face, reference_face). The official code silently takes the
+    last detection."""
     if not faces:
         raise ValueError(f"{name}: no face found (dlib's frontal detector finds upright faces at least about 40 px "
                          "wide); pass its 68 landmarks instead")
+    how = _how_to_choose(option)
     if which is None:
-        if len(faces) > 1:
-            raise ValueError(f"{name}: {len(faces)} faces found ({describe(faces)}); choose one by index or by a box "
-                             "(x0, y0, x1, y1) around it")
-        return faces[0]
+        if len(faces) == 1:
+            return faces[0]
+        k = dominant(faces)
+        if k is None:
+            raise ValueError(f"{name}: {len(faces)} faces found ({describe(faces)}) and none clearly dominates (a "
+                             f"score at least {DOMINANT_SCORE:g}x and a box at least {DOMINANT_AREA:.2g} of every "
+                             f"other's); choose one by {how}")
+        warnings.warn(taken_note(faces, k, name, option), InputNote, stacklevel=2)
+        return faces[k]
     if isinstance(which, int):
         if not 0 <= which < len(faces):
             raise ValueError(f"{name}: face index {which} out of range; {len(faces)} found ({describe(faces)})")
