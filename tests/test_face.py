@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from conftest import FAST, require
+from test_reliability import main  # noqa: F401 (fixture: the CLI in this process)
 from dragondiff import face as F
+from dragondiff.errors import InputNote
 from dragondiff.spec import EditSpec
 
 DATA = Path(__file__).parent / "data" / "face"
@@ -64,8 +66,11 @@ def test_detected_landmarks_lie_on_the_features_and_several_faces_are_listed():
     assert len(faces) == 2 and faces[0].score > faces[1].score
     check_on_features(faces[0].landmarks)
     assert F.landmark_error(faces[0].landmarks, LANDMARKS) < 1.0
-    with pytest.raises(ValueError, match=r"^image: 2 faces found \(#0: box \(175, 76, 265, 166\), score 1\.21; #1"):
-        F.choose(faces, None, "image")
+    # the face clearly dominates the weak hit on the flag: taken, with a note naming the other and how to choose
+    with pytest.warns(InputNote, match=r"^image: 2 faces found; took #0 \(box \(175, 76, 265, 166\), score 1\.21\), "
+                      r"which clearly dominates the others \(#1: box \(126, 335, 215, 425\), score 0\.16\); to take "
+                      r"another, pass face= \(--face\) as an index or a box"):
+        assert F.choose(faces, None, "image") is faces[0]
     assert F.choose(faces, (170, 70, 270, 170), "image") is faces[0] and F.choose(faces, 1, "image") is faces[1]
     with pytest.raises(ValueError, match="face index 2 out of range"):
         F.choose(faces, 2, "image")
@@ -214,12 +219,15 @@ def test_face_detection_errors():
     def plan(image, **fields):
         return plan_edit(EditSpec(task="face", image=image, **fields), factors=(8, 2))
 
-    with pytest.raises(ValueError, match=r"^image: 2 faces found .*; choose one by index or by a box"):
-        plan(PHOTO, target_landmarks=LANDMARKS)
+    two = np.ascontiguousarray(np.concatenate([PHOTO, PHOTO[:, ::-1]], axis=1))  # two faces scoring alike
+    with pytest.raises(ValueError, match=r"^image: 4 faces found .* and none clearly dominates .*; choose one by "
+                                         r"face= \(--face\) as an index or a box"):
+        plan(two, target_landmarks=LANDMARKS)
     with pytest.raises(ValueError, match=r"^image: no face found"):
         plan(np.full((256, 256, 3), 90, np.uint8), target_landmarks=LANDMARKS)
-    with pytest.raises(ValueError, match=r"^reference: 2 faces found"):
-        plan(warped(PHOTO), reference=PHOTO)
+    with pytest.raises(ValueError, match=r"^reference: 4 faces found .*none clearly dominates.* reference_face= "
+                                         r"\(--reference-face\)"):
+        plan(warped(PHOTO), reference=two)
     small = np.asarray(Image.fromarray(PHOTO).resize((320, 320), Image.LANCZOS))
     with pytest.raises(ValueError, match=r"^image: the face is too small"):
         plan(small, face=0, target_landmarks=LANDMARKS)
@@ -244,3 +252,59 @@ def test_cli_face_with_landmark_files(tmp_path):
     bad = cli("face", DATA / "astronaut.jpg", "--landmarks", tmp_path / "lm.json", "-o", tmp_path / "x.png",
               *CLI_FAST)
     assert bad.returncode != 0 and "reference: required" in bad.stderr and not (tmp_path / "x.png").exists()
+
+
+# ------------------------------------------------------------------------------------------------ choice of face
+
+
+def fake(box, score) -> F.Face:
+    return F.Face(box, score, LANDMARKS)
+
+
+@pytest.mark.parametrize("faces, chosen", [
+    ([fake((175, 76, 265, 166), 1.21), fake((126, 335, 215, 425), 0.16)], 0),  # the astronaut and the flag
+    ([fake((0, 0, 40, 40), 0.3), fake((100, 100, 190, 190), 1.5)], 1),  # any order; the other smaller and weaker
+    ([fake((0, 0, 90, 90), 1.0), fake((100, 100, 190, 190), 0.5)], 0),  # exactly 2x
+    ([fake((0, 0, 90, 90), 1.0), fake((100, 100, 208, 208), 0.2)], 0),  # one pyramid step larger: 1.44x the area
+    ([fake((0, 0, 90, 90), 1.2), fake((100, 100, 190, 190), 1.0)], None),  # two faces scoring alike
+    ([fake((0, 0, 90, 90), 1.0), fake((100, 100, 190, 190), 0.6)], None),  # under 2x
+    ([fake((0, 0, 60, 60), 1.5), fake((100, 100, 260, 260), 0.5)], None),  # the best is a much smaller face
+    ([fake((0, 0, 90, 90), 1.5), fake((100, 100, 190, 190), 0.2), fake((300, 0, 390, 90), 0.9)], None),
+    ([fake((0, 0, 90, 90), 0.0), fake((100, 100, 190, 190), 0.0)], None),  # no score to go by
+])
+def test_a_face_is_taken_only_when_it_clearly_dominates(faces, chosen):
+    """The rule (face.DOMINANT_SCORE, DOMINANT_AREA): a score at least 2x and a box at least 2/3 of every other
+    detection's; otherwise the faces are listed and one must be chosen."""
+    assert F.dominant(faces) == chosen
+    if chosen is None:
+        with pytest.raises(ValueError, match=rf"^image: {len(faces)} faces found \(#0: box .* none clearly dominates"):
+            F.choose(faces, None, "image")
+    else:
+        with pytest.warns(InputNote, match=rf"took #{chosen} "):
+            assert F.choose(faces, None, "image") is faces[chosen]
+    assert F.choose(faces, 1, "image") is faces[1]  # an explicit choice always wins
+
+
+def test_cli_takes_the_dominant_face_with_a_note(tmp_path, main):
+    """`dragondiff face astronaut.jpg` (the face and a weak hit on the flag) goes on with the face and a note."""
+    needs_dlib()
+    from conftest import TINY_MODEL
+
+    (tmp_path / "targets.json").write_text(json.dumps(mouth_lowered(LANDMARKS).tolist()))
+    code, out, err = main("face", DATA / "astronaut.jpg", "--target-landmarks", tmp_path / "targets.json", "-o",
+                          tmp_path / "out.png", "--model", TINY_MODEL, "--threads", "1", "--dry-run")
+    assert code == 0, err
+    assert "note: image: 2 faces found; took #0 (box (175, 76, 265, 166), score 1.21)" in err
+    assert "#1: box (126, 335, 215, 425), score 0.16" in err and "--face" in err and "valid" in out
+
+
+def test_ui_preview_numbers_the_faces_and_says_which_was_taken():
+    needs_dlib()
+    from dragondiff.tasks.face import _preview
+
+    out = _preview(PHOTO, None, {})
+    assert len(out["boxes"]) == 2 and out["handles"] is not None
+    assert out["problem"].startswith("image: 2 faces found; took #0")
+    assert "#1: box (126, 335, 215, 425)" in out["problem"]
+    chosen = _preview(PHOTO, None, {"face": 0})
+    assert chosen["boxes"] == [] and chosen["problem"] is None and chosen["handles"] is not None

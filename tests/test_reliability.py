@@ -24,7 +24,8 @@ def test_tiny_pickle_cannot_allocate_a_huge_array(tmp_path, protocol):
     path.write_bytes(data)
     tracemalloc.start()
     try:
-        with pytest.raises(dragbench.UnsafePickleError, match=r"1,600,000,000 values.*nothing was allocated"):
+        with pytest.raises(dragbench.UnsafePickleError,
+                           match=r"3,200,000,000 bytes \(40000 x 40000 of float16\).*nothing was allocated"):
             dragbench.read_meta(path, image_hw=(64, 64))
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -44,8 +45,8 @@ def test_array_reconstruction_is_bounded_by_the_image(tmp_path):
     # _reconstruct allocates an empty array; the data comes from the file, so only a shape past the bound fails
     out = dragbench.read_meta(path, image_hw=(400, 400))["mask"]
     assert out.shape == (200, 200)
-    with pytest.raises(dragbench.UnsafePickleError, match="at most 16,384"):
-        dragbench.load_restricted(pickle.dumps(_ArrayBomb()), "x", max_elements=16_384)
+    with pytest.raises(dragbench.UnsafePickleError, match="at most 16,384 bytes"):
+        dragbench.load_restricted(pickle.dumps(_ArrayBomb()), "x", max_bytes=16_384)
 
 
 def _alias_bomb(levels: int = 9) -> str:

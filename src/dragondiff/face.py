@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -26,6 +27,8 @@ from typing import Callable, NamedTuple
 import cv2
 import numpy as np
 from PIL import Image
+
+from .errors import InputNote
 
 N_LANDMARKS = 68
 # The 68-point layout's parts (index ranges), as a user chooses them.
@@ -52,39 +55,114 @@ Detector = Callable[[np.ndarray], "list[Face]"]  # an HxWx3 uint8 RGB image -> i
 # --------------------------------------------------------------------------------------------- landmarks
 
 
-def check_landmarks(value, name: str) -> np.ndarray:
+# Landmark files are read only when what they declare fits: at most this many bytes, a JSON nesting no deeper than
+# this ({"landmarks": [[x, y], ...]} is 3 deep), a .npy header of a small real (N, 2) array.
+LANDMARK_FILE_BYTES = 1_000_000
+LANDMARK_JSON_DEPTH = 8
+LANDMARK_NPY_VALUES = 10_000
+# No photo this package reads is wider than this (inputs.MAX_INPUT_PIXELS); coordinates past it are not a face's.
+MAX_COORDINATE = 1_000_000.0
+
+
+def check_landmarks(value, name: str, image_hw: tuple[int, int] | None = None) -> np.ndarray:
     """68 (x, y) points: an array-like (68, 2), or a path to a JSON file ([[x, y], ...] or {"landmarks": [...]}),
-    a .npy file or a text file of 68 "x y" lines. Returns float64 (68, 2)."""
+    a .npy file or a text file of 68 "x y" lines. Returns float64 (68, 2). The points must span a face (not one
+    spot or one line) and, given the photo's size `image_hw`, lie on the photo or within half its size of it."""
     if isinstance(value, (str, os.PathLike)):
         value = read_landmarks(value, name)
+    if isinstance(value, np.ndarray) and value.dtype.kind not in "biuf":
+        raise TypeError(f"{name}: expected {N_LANDMARKS} real (x, y) points, got an array of {value.dtype}")
     try:
         points = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise TypeError(f"{name}: expected {N_LANDMARKS} (x, y) points, got {type(value).__name__}") from e
     if points.shape != (N_LANDMARKS, 2):
         raise ValueError(f"{name}: expected {N_LANDMARKS} (x, y) points (shape (68, 2), the 68-point iBUG layout), "
                          f"got shape {points.shape}")
     if not np.isfinite(points).all():
         raise ValueError(f"{name}: landmarks must be finite numbers")
+    check_landmark_geometry(points, name, image_hw)
     return points
+
+
+def check_landmark_geometry(points: np.ndarray, name: str, image_hw: tuple[int, int] | None = None) -> None:
+    """Refuse landmarks that cannot be a face: beyond any photo's size, on one spot or one line (the alignment
+    divides by their spread), or, given the photo's (height, width), more than half its size outside it."""
+    if np.abs(points).max() > MAX_COORDINATE:
+        raise ValueError(f"{name}: coordinates up to {np.abs(points).max():.3g} px; landmarks are pixel positions "
+                         f"in the photo (at most {MAX_COORDINATE:,.0f})")
+    hull = cv2.convexHull(points.astype(np.float32))
+    if cv2.contourArea(hull) < 1.0 or not quad_of(points)[1] >= 1.0:
+        lo, hi = points.min(0), points.max(0)
+        raise ValueError(f"{name}: the 68 points are degenerate (they span x {lo[0]:g}..{hi[0]:g}, y {lo[1]:g}.."
+                         f"{hi[1]:g} with no area): all equal, all zero or on one line are not a face's landmarks")
+    if image_hw is None:
+        return
+    h, w = image_hw
+    lo, hi = points.min(0), points.max(0)
+    if lo[0] < -w / 2 or hi[0] > w * 1.5 or lo[1] < -h / 2 or hi[1] > h * 1.5:
+        raise ValueError(f"{name}: the points span x {lo[0]:.0f}..{hi[0]:.0f}, y {lo[1]:.0f}..{hi[1]:.0f}, more than "
+                         f"half the photo's size outside its {w}x{h} pixels; landmarks are positions in the photo")
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of [ and { in JSON text (outside strings), without parsing it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """A .npy file whose header declares a small real (N, 2) array; the header is read before any data."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f".npy format version {version[0]}.{version[1]}; numpy.save writes 1.0")
+        values = int(np.prod(shape, dtype=object))
+        if len(shape) != 2 or shape[1] != 2 or values > LANDMARK_NPY_VALUES or dtype.kind not in "biuf":
+            raise ValueError(f"it holds a {' x '.join(map(str, shape)) or 'scalar'} array of {dtype}; landmarks are "
+                             f"a ({N_LANDMARKS}, 2) array of real numbers")
+    return np.load(path, allow_pickle=False)
 
 
 def read_landmarks(path, name: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{name}: file not found: {path}")
-    if path.stat().st_size > 1_000_000:
-        raise ValueError(f"{name}: {path} is larger than 1 MB; expected 68 landmarks")
+    if path.stat().st_size > LANDMARK_FILE_BYTES:
+        raise ValueError(f"{name}: {path} is larger than {LANDMARK_FILE_BYTES / 1e6:g} MB; expected 68 landmarks")
     try:
         if path.suffix.lower() == ".npy":
-            return np.load(path, allow_pickle=False)
+            return _read_npy(path)
         text = path.read_text()
         if path.suffix.lower() == ".json":
+            if _json_depth(text) > LANDMARK_JSON_DEPTH:
+                raise ValueError(f"JSON nested {_json_depth(text):,} deep; landmarks are [[x, y], ...] or "
+                                 '{"landmarks": [[x, y], ...]} (3 deep)')
             data = json.loads(text)
             return data["landmarks"] if isinstance(data, dict) and "landmarks" in data else data
         return np.array([[float(v) for v in line.replace(",", " ").split()] for line in text.splitlines()
                          if line.strip()])
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{name}: cannot read {path} as 68 landmarks ({e})") from e
 
 
@@ -146,17 +224,64 @@ def describe(faces: list[Face]) -> str:
     return "; ".join(f"#{k}: box {tuple(int(v) for v in f.box)}, score {f.score:.2f}" for k, f in enumerate(faces))
 
 
-def choose(faces: list[Face], which, name: str) -> Face:
-    """The face a user chose: `which` None (there must be exactly one), an index, or a box (x0, y0, x1, y1) (the
-    detected face whose box overlaps it most). The official code silently takes the last detection."""
+# Without a choice of face, the best-scoring detection is taken when it clearly dominates every other one: its score
+# at least DOMINANT_SCORE times theirs, and its box at least DOMINANT_AREA of each of theirs. dlib's false hits come
+# in the detector's own window sizes, as faces do (the astronaut photo: the face 90x90 px at 1.21, the mission patch
+# 89x90 at 0.16), so the score decides, and the size only keeps a smaller face (one in the background) from being
+# taken over a larger one: 2/3 lets a face one pyramid step (area x1.44) smaller than another through, no more.
+# Two real faces score alike (within 2x); such photos are refused with the list of faces, as before.
+DOMINANT_SCORE = 2.0
+DOMINANT_AREA = 2 / 3
+
+
+def _area(face: Face) -> float:
+    x0, y0, x1, y1 = face.box
+    return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+def dominant(faces: list[Face]) -> int | None:
+    """The index of the face that clearly dominates the others (see DOMINANT_SCORE), or None."""
+    best = max(range(len(faces)), key=lambda k: faces[k].score)
+    top = faces[best]
+    others = [f for k, f in enumerate(faces) if k != best]
+    if top.score > 0 and all(top.score >= DOMINANT_SCORE * f.score and _area(top) >= DOMINANT_AREA * _area(f)
+                             for f in others):
+        return best
+    return None
+
+
+def _how_to_choose(option: str) -> str:
+    return f"{option}= (--{option.replace('_', '-')}) as an index or a box x0,y0,x1,y1 around it"
+
+
+def taken_note(faces: list[Face], k: int, name: str, option: str = "face") -> str:
+    """What `choose` says when it takes face k of several: which, the others, and how to take another."""
+    others = "; ".join(f"#{i}: box {tuple(int(v) for v in f.box)}, score {f.score:.2f}"
+                       for i, f in enumerate(faces) if i != k)
+    return (f"{name}: {len(faces)} faces found; took #{k} (box {tuple(int(v) for v in faces[k].box)}, score "
+            f"{faces[k].score:.2f}), which clearly dominates the others ({others}); to take another, pass "
+            f"{_how_to_choose(option)}")
+
+
+def choose(faces: list[Face], which, name: str, option: str = "face") -> Face:
+    """The face a user chose: `which` None (the only face, or the one that clearly dominates the others: `dominant`,
+    with a note listing the others), an index, or a box (x0, y0, x1, y1) (the detected face whose box overlaps it
+    most). `option` names the parameter that chooses (face, reference_face). The official code silently takes the
+    last detection."""
     if not faces:
         raise ValueError(f"{name}: no face found (dlib's frontal detector finds upright faces at least about 40 px "
                          "wide); pass its 68 landmarks instead")
+    how = _how_to_choose(option)
     if which is None:
-        if len(faces) > 1:
-            raise ValueError(f"{name}: {len(faces)} faces found ({describe(faces)}); choose one by index or by a box "
-                             "(x0, y0, x1, y1) around it")
-        return faces[0]
+        if len(faces) == 1:
+            return faces[0]
+        k = dominant(faces)
+        if k is None:
+            raise ValueError(f"{name}: {len(faces)} faces found ({describe(faces)}) and none clearly dominates (a "
+                             f"score at least {DOMINANT_SCORE:g}x and a box at least {DOMINANT_AREA:.2g} of every "
+                             f"other's); choose one by {how}")
+        warnings.warn(taken_note(faces, k, name, option), InputNote, stacklevel=2)
+        return faces[k]
     if isinstance(which, int):
         if not 0 <= which < len(faces):
             raise ValueError(f"{name}: face index {which} out of range; {len(faces)} found ({describe(faces)})")

@@ -49,7 +49,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     other libraries' warnings (deprecations inside the hub client, ...) are not the user's business (--debug shows
     them)."""
     if issubclass(category, InputNote) or Path(filename).resolve().is_relative_to(PACKAGE):
-        click.echo(f"note: {message}", err=True)
+        if str(message) not in _NOTES_SHOWN:  # the pre-check and the edit both read the inputs: one note each
+            _NOTES_SHOWN.add(str(message))
+            click.echo(f"note: {message}", err=True)
+
+
+_NOTES_SHOWN: set[str] = set()  # notes printed by this command (emptied when main() starts)
 
 
 class Terminated(KeyboardInterrupt):
@@ -71,6 +76,7 @@ def _interrupted(e: BaseException) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    _NOTES_SHOWN.clear()
     if not debug:
         warnings.showwarning = _show_warning
     in_main_thread = threading.current_thread() is threading.main_thread()

@@ -58,9 +58,9 @@ class FaceParams(Params):
                                      doc="the reference face's 68 landmarks in its pixels; skips its detection")
     groups: tuple = param(tuple(F.GROUPS), kind=GROUPS, doc="landmark groups to reshape (the others stay): "
                           + ",".join(F.GROUPS))
-    face: Any = param(None, kind=FACE, default_text="the only one",
+    face: Any = param(None, kind=FACE, default_text="the only or clearly best one",
                       doc="which face of the image: an index into the detected faces or a box x0,y0,x1,y1")
-    reference_face: Any = param(None, kind=FACE, default_text="the only one",
+    reference_face: Any = param(None, kind=FACE, default_text="the only or clearly best one",
                                 doc="which face of the reference: an index or a box x0,y0,x1,y1")
     w_edit: float = weight(12.0, "weight of the landmark energy (target boxes like the landmark boxes)")
 
@@ -78,7 +78,7 @@ def make_frame(spec, photo: np.ndarray) -> Frame:
     """Find the face (given landmarks, or detected and chosen), align it, and place the handles on the crop."""
     p = spec.params
     if p.landmarks is not None:
-        points = F.check_landmarks(p.landmarks, "landmarks")
+        points = F.check_landmarks(p.landmarks, "landmarks", photo.shape[:2])
     else:
         points = F.choose(F.detect(photo), p.face, "image").landmarks
     return _frame(p, photo, points)
@@ -105,7 +105,8 @@ def _targets(p, frame: Frame) -> tuple[np.ndarray, np.ndarray | None]:
     if p.target_landmarks is not None:
         if given_ref:
             raise ValueError("target_landmarks: give the targets either as points or by a reference face, not both")
-        return frame.alignment.to_aligned(F.check_landmarks(p.target_landmarks, "target_landmarks")), None
+        targets = F.check_landmarks(p.target_landmarks, "target_landmarks", frame.photo.shape[:2])  # photo pixels
+        return frame.alignment.to_aligned(targets), None
     if not given_ref:
         raise ValueError("reference: required (a reference face photo, or its reference_landmarks), unless "
                          "target_landmarks are given")
@@ -114,9 +115,9 @@ def _targets(p, frame: Frame) -> tuple[np.ndarray, np.ndarray | None]:
         return F.ideal_alignment(points).to_aligned(points), None
     ref = load_image(p.reference, "reference")
     if p.reference_landmarks is not None:
-        points = F.check_landmarks(p.reference_landmarks, "reference_landmarks")
+        points = F.check_landmarks(p.reference_landmarks, "reference_landmarks", ref.shape[:2])
     else:
-        points = F.choose(F.detect(ref), p.reference_face, "reference").landmarks
+        points = F.choose(F.detect(ref), p.reference_face, "reference", "reference_face").landmarks
     crop, alignment = F.align(ref, points, name="reference")
     mapped = alignment.to_aligned(points)
     targets = _redetected(crop, mapped) if p.reference_landmarks is None else None
@@ -185,7 +186,8 @@ def _arrows(result) -> list:
 
 def _preview(image: np.ndarray, reference: np.ndarray | None, fields: dict) -> dict:
     """The web UI's preview (TaskUI.preview): the handles and the targets as the task places them on the aligned
-    crop, mapped back into the photo; the detected faces' boxes when the choice of face is missing or wrong."""
+    crop, mapped back into the photo; the detected faces' boxes when the choice of face is missing or wrong, or
+    when one of several was taken (said in the message area)."""
     out = {"handles": None, "targets": None, "boxes": [], "problem": None}
     try:
         p = FaceParams(reference=reference, **{k: v for k, v in fields.items() if v is not None})
@@ -195,6 +197,9 @@ def _preview(image: np.ndarray, reference: np.ndarray | None, fields: dict) -> d
         except ValueError:
             out["boxes"] = [f.box for f in faces]
             raise
+        taken = F.dominant(faces) if p.face is None and len(faces) > 1 else None
+        if taken is not None:  # one of several taken: number their boxes and say which (the face field changes it)
+            out["boxes"], out["problem"] = [f.box for f in faces], F.taken_note(faces, taken, "image")
         frame = _frame(p, image, points)
         handles = np.asarray(frame.data["handles"], dtype=np.float64)
         out["handles"] = frame.alignment.to_photo(handles)
@@ -214,8 +219,9 @@ UI = TaskUI(
     examples=False,
     reference_upload="Reference face: its landmarks are the targets",
     fields=(UIField("groups", "Landmark groups to reshape", tuple(F.GROUPS)),
-            UIField("face", "Face in the image (index or x0,y0,x1,y1; empty: the only one)"),
-            UIField("reference_face", "Face in the reference (index or x0,y0,x1,y1; empty: the only one)")),
+            UIField("face", "Face in the image (index or x0,y0,x1,y1; empty: the only or clearly best one)"),
+            UIField("reference_face",
+                    "Face in the reference (index or x0,y0,x1,y1; empty: the only or clearly best one)")),
     preview=_preview,
     working_result="Edited aligned crop (working size)",
     api_fields={"landmarks": "json", "target_landmarks": "json", "reference_landmarks": "json"},
