@@ -412,13 +412,14 @@ def load_image_encoder(source: str | Path | None, *, local_files_only: bool = Fa
                                 "or a hub id 'owner/name')")
     if Path(source).is_dir():
         check_encoder_folder(Path(source))
-    from .loading import load_component
+    from .loading import check_loading_info
 
     try:
-        encoder = load_component(CLIPVisionModelWithProjection, source, "image_encoder",
-                                 local_files_only=local_files_only)
+        encoder, info = CLIPVisionModelWithProjection.from_pretrained(source, local_files_only=local_files_only,
+                                                                      output_loading_info=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"image_encoder: cannot load a CLIP image encoder from {source!r} ({str(e)[:600]})") from e
+    check_loading_info(encoder, info, f"image_encoder: {source}")
     try:
         processor = CLIPImageProcessor.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError):

@@ -151,12 +151,13 @@ def check_family(folder: Path) -> None:
         cls_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
         if part == "transformer" and cls_name:
             family = OTHER_FAMILIES.get(cls_name, f"a model with a {cls_name} transformer")
-            raise ValueError(f"model: {folder} is {family} ({index.get('_class_name', 'its pipeline')}): not "
-                             "supported yet; supported: " + "; ".join(c.SUPPORTS for c in BACKBONES))
+            pipeline = index.get("_class_name", "its pipeline")
+            raise ValueError(f"id_or_folder: {folder} is {family} ({pipeline}): not supported yet; supported: "
+                             + "; ".join(c.SUPPORTS for c in BACKBONES))
     if index.get("requires_aesthetics_score") or (
             "text_encoder_2" in index and index.get("text_encoder") in (None, [None, None])):
-        raise ValueError(f"model: {folder} is an SDXL refiner (requires_aesthetics_score, no text_encoder): not "
-                         "supported; use an SDXL base model")
+        raise ValueError(f"id_or_folder: {folder} is an SDXL refiner (requires_aesthetics_score, no "
+                         "text_encoder): not supported; use an SDXL base model")
 
 
 def check_folder(folder: Path, parts: dict, allow_pickle: bool) -> None:
@@ -165,11 +166,11 @@ def check_folder(folder: Path, parts: dict, allow_pickle: bool) -> None:
     for part, kind in parts.items():
         sub = Path(folder) / part
         if not sub.is_dir():
-            raise ValueError(f"model: {folder} has no {part}/ folder (a diffusers model folder has "
+            raise ValueError(f"id_or_folder: {folder} has no {part}/ folder (a diffusers model folder has "
                              f"{', '.join(p + '/' for p in parts)})")
         config = CONFIG_FILES[kind]
         if config is not None and not (sub / config).is_file():
-            raise ValueError(f"model: {part}/{config} is missing in {folder}")
+            raise ValueError(f"id_or_folder: {part}/{config} is missing in {folder}")
         if kind != "model":
             continue
         names = [p.name for p in sub.iterdir() if p.is_file()]
@@ -178,9 +179,9 @@ def check_folder(folder: Path, parts: dict, allow_pickle: bool) -> None:
         if any(n.endswith(".bin") for n in names):
             if allow_pickle:
                 continue
-            raise ValueError(f"model: {part}/ in {folder} has only pickle (.bin) weights; only .safetensors "
+            raise ValueError(f"id_or_folder: {part}/ in {folder} has only pickle (.bin) weights; only .safetensors "
                              "weights are loaded unless allow_pickle=True")
-        raise ValueError(f"model: {part}/ in {folder} has no weights file (expected a .safetensors file)")
+        raise ValueError(f"id_or_folder: {part}/ in {folder} has no weights file (expected a .safetensors file)")
 
 
 def backbone_defaults(name: str) -> dict:
