@@ -161,7 +161,7 @@ def _encoder_missing_layer(tmp_path):
 BAD_ENCODERS = [
     ("missing-layer", _encoder_missing_layer, ValueError,
      r"image_encoder: .*its weights do not match its configuration: \d+ missing \(vision_model\.encoder\.layers\.0\."),
-    ("clip-text-model", lambda _: TINY_MODEL / "text_encoder", ValueError,
+    ("text-model-folder", lambda _: TINY_MODEL / "text_encoder", ValueError,
      r"image_encoder: .*text_encoder is a CLIP text model, not a CLIP image encoder"),
     ("unet-folder", lambda _: TINY_MODEL / "unet", ValueError,
      r"image_encoder: .*unet is a diffusers UNet2DConditionModel folder, not a CLIP image encoder"),
