@@ -184,11 +184,13 @@ def test_bad_image_encoders_are_refused_by_what_they_are(tmp_path, tiny_pipe, na
 def test_cli_image_encoder_that_is_a_unet_exits_2(tmp_path):
     from test_cli import cli
 
+    from dragondiff.image_prompt import convert_to_safetensors
+
+    adapter = convert_to_safetensors(DATA / "ip-adapter" / "ip_sd15_64.bin", tmp_path / "ip.safetensors")
     out = cli("move", DATA / "parity" / "inputs" / "image.png", "--mask", DATA / "parity" / "inputs" /
-              "object_mask.png", "--offset", "4,0", "--model", TINY_MODEL, "--ip-adapter",
-              DATA / "ip-adapter" / "ip_sd15_64.bin", "--image-encoder", TINY_MODEL / "unet", "--threads", "1",
-              "-o", tmp_path / "x.png")
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+              "object_mask.png", "--offset", "4,0", "--model", TINY_MODEL, "--ip-adapter", adapter,
+              "--image-encoder", TINY_MODEL / "unet", "--threads", "1", "-o", tmp_path / "x.png")
+    assert out.returncode == 2 and "is a diffusers UNet2DConditionModel folder" in out.stderr, out.stderr
 
 
 # ------------------------------------------------------------------------------------------------ adapter files
