@@ -173,12 +173,13 @@ class SD1Backbone:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from .loading import load_component
+
         common = {"local_files_only": local_files_only}
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=use_safetensors,
-                                                    **common)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=use_safetensors, **common)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder",
-                                                     use_safetensors=use_safetensors, **common)
+        weights = {"use_safetensors": use_safetensors, **common}
+        unet = load_component(UNet2DConditionModel, source, "unet", "unet", **weights)
+        vae = load_component(AutoencoderKL, source, "vae", "vae", **weights)
+        text_encoder = load_component(CLIPTextModel, source, "text_encoder", "text_encoder", **weights)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
         return cls(unet, vae, text_encoder, tokenizer)
 

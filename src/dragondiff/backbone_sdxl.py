@@ -79,10 +79,13 @@ class SDXLBackbone(SD1Backbone):
 
         common = {"local_files_only": local_files_only}
         weights = {"use_safetensors": use_safetensors, **common}
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **weights)
+        from .loading import load_component
+
+        unet = load_component(UNet2DConditionModel, source, "unet", "unet", **weights)
+        vae = load_component(AutoencoderKL, source, "vae", "vae", **weights)
+        text_encoder = load_component(CLIPTextModel, source, "text_encoder", "text_encoder", **weights)
+        text_encoder_2 = load_component(CLIPTextModelWithProjection, source, "text_encoder_2", "text_encoder_2",
+                                        **weights)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
         tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common)
         try:

@@ -119,15 +119,61 @@ def read_adapter_file(path: str | Path, *, allow_pickle: bool = True) -> tuple[d
                          "allow pickles")
     import pickle
 
+    if path.stat().st_size == 0:
+        raise ValueError(f"ip_adapter: {path.name} is empty (0 bytes)")
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"ip_adapter: {path.name} is not a plain tensor file; refused without running it "
-                         f"({str(e).splitlines()[0][:200]})") from e
+    except pickle.UnpicklingError as e:  # something other than tensors: code, or objects that could hide code
+        raise ValueError(f"ip_adapter: {path.name} is not a plain tensor file; refused without running it, as "
+                         f"loading it fully could execute code in it (torch: {unpickling_reason(e)})") from e
+    except Exception as e:  # noqa: BLE001 (a truncated or foreign file fails anywhere in torch's reader)
+        raise ValueError(f"ip_adapter: cannot read {path.name} as a tensor file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else 'no detail'})") from e
     if not isinstance(data, dict) or set(data) != {"image_proj", "ip_adapter"}:
-        found = sorted(data)[:5] if isinstance(data, dict) else type(data).__name__
+        found = sorted(map(str, data))[:5] if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"ip_adapter: {path.name} must hold {{'image_proj': ..., 'ip_adapter': ...}}; found {found}")
+    for part in ("image_proj", "ip_adapter"):
+        if not isinstance(data[part], dict):
+            raise ValueError(f"ip_adapter: {path.name}'s {part} is a {type(data[part]).__name__}; expected a dict "
+                             "of tensors")
     return dict(data["image_proj"]), dict(data["ip_adapter"])
+
+
+def unpickling_reason(error: Exception) -> str:
+    """Why torch's weights-only unpickler refused a file (the line naming the global or type), without its
+    boilerplate about re-running with weights_only=False."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
+                                                              "(1)", "(2)", "In PyTorch"))]
+    text = " ".join(reasons)
+    text = text.split("WeightsUnpickler error:", 1)[-1].strip()  # after torch's "please file an issue" request
+    return text[:500] or (lines[0][:500] if lines else type(error).__name__)
+
+
+def check_tensors(proj: dict, layers: dict) -> None:
+    """Every entry of the adapter's two parts a tensor with no empty dimension, named by its file key."""
+    for prefix, state in (("image_proj", proj), ("ip_adapter", layers)):
+        for key, value in state.items():
+            if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+                raise ValueError(f"ip_adapter: {prefix}.{key} is a {type(value).__name__}; expected a tensor")
+            if value.dim() == 0 or 0 in value.shape:
+                raise ValueError(f"ip_adapter: {prefix}.{key} has shape {tuple(value.shape)}; expected a tensor "
+                                 "with no empty dimension")
+
+
+# The dimensions of the projection tensors the variant's sizes are read from.
+VARIANT_DIMS = {"resampler": {"latents": 3, "proj_in.weight": 2, "proj_out.weight": 2, "norm_out.weight": 1,
+                              "layers.0.0.to_q.weight": 2, "layers.0.1.1.weight": 2},
+                "linear": {"proj.weight": 2, "proj.bias": 1, "norm.weight": 1, "norm.bias": 1}}
+
+
+def check_dims(proj: dict, variant: str) -> None:
+    for key, dims in VARIANT_DIMS[variant].items():
+        if key not in proj:
+            raise ValueError(f"ip_adapter: image_proj.{key} is missing; the {variant} image projection needs it")
+        if proj[key].dim() != dims:
+            raise ValueError(f"ip_adapter: image_proj.{key} has shape {tuple(proj[key].shape)}; expected {dims} "
+                             "dimensions")
 
 
 def convert_to_safetensors(source: str | Path, target: str | Path) -> Path:
@@ -144,12 +190,15 @@ def convert_to_safetensors(source: str | Path, target: str | Path) -> Path:
 
 def detect_variant(proj: dict) -> tuple[str, int]:
     """(variant, tokens) from the image projection's keys and shapes; a clear refusal otherwise."""
+    check_tensors(proj, {})
     if {"latents", "proj_in.weight", "proj_out.weight", "norm_out.weight"} <= set(proj):
+        check_dims(proj, "resampler")
         latents = proj["latents"]
         if latents.dim() != 3 or latents.shape[0] != 1:
             raise ValueError(f"ip_adapter: image_proj.latents has shape {tuple(latents.shape)}; expected (1, N, C)")
         return "resampler", int(latents.shape[1])
     if {"proj.weight", "proj.bias", "norm.weight", "norm.bias"} <= set(proj):
+        check_dims(proj, "linear")
         out_dim, norm_dim = proj["proj.weight"].shape[0], proj["norm.weight"].shape[0]
         if out_dim % norm_dim:
             raise ValueError(f"ip_adapter: image_proj.proj.weight has {out_dim} outputs, not a multiple of the "
@@ -164,39 +213,77 @@ def build_projection(proj: dict, variant: str, context_dim: int) -> torch.nn.Mod
     """diffusers' module for the variant, with the file's weights (strict: every key and shape must match)."""
     from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
 
+    if variant == "linear":
+        width = proj["norm.weight"].shape[0]
+        module = ImageProjection(cross_attention_dim=width, image_embed_dim=proj["proj.weight"].shape[1],
+                                 num_image_text_embeds=proj["proj.weight"].shape[0] // width)
+        state = {k.replace("proj", "image_embeds", 1) if k.startswith("proj") else k: v for k, v in proj.items()}
+        names = {k: f"proj{k.removeprefix('image_embeds')}" if k.startswith("image_embeds") else k for k in state}
+    else:
+        depths = {m.group(1) for m in map(re.compile(r"^layers\.(\d+)\.").match, proj) if m}
+        latents, to_q = proj["latents"], proj["layers.0.0.to_q.weight"]
+        if to_q.shape[0] % 64:
+            raise ValueError(f"ip_adapter: image_proj.layers.0.0.to_q.weight has {to_q.shape[0]} rows; expected a "
+                             "multiple of 64 (attention heads of 64)")
+        module = IPAdapterPlusImageProjection(embed_dims=proj["proj_in.weight"].shape[1],
+                                              output_dims=proj["proj_out.weight"].shape[0],
+                                              hidden_dims=latents.shape[2], depth=1 + max(map(int, depths)),
+                                              dim_head=64, heads=to_q.shape[0] // 64, num_queries=latents.shape[1],
+                                              ffn_ratio=proj["layers.0.1.1.weight"].shape[0] / latents.shape[2])
+        state, names = _resampler_state(proj)
+    check_state(module, state, names, variant)
     try:
-        if variant == "linear":
-            width = proj["norm.weight"].shape[0]
-            module = ImageProjection(cross_attention_dim=width, image_embed_dim=proj["proj.weight"].shape[1],
-                                     num_image_text_embeds=proj["proj.weight"].shape[0] // width)
-            state = {k.replace("proj", "image_embeds", 1) if k.startswith("proj") else k: v for k, v in proj.items()}
-        else:
-            depth = 1 + max(int(k.split(".")[1]) for k in proj if k.startswith("layers."))
-            latents = proj["latents"]
-            heads = proj["layers.0.0.to_q.weight"].shape[0] // 64
-            module = IPAdapterPlusImageProjection(embed_dims=proj["proj_in.weight"].shape[1],
-                                                  output_dims=proj["proj_out.weight"].shape[0],
-                                                  hidden_dims=latents.shape[2], depth=depth, dim_head=64,
-                                                  heads=heads, num_queries=latents.shape[1],
-                                                  ffn_ratio=proj["layers.0.1.1.weight"].shape[0] / latents.shape[2])
-            state = _resampler_state(proj)
         module.load_state_dict(state, strict=True)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"ip_adapter: the {variant} image projection does not load ({str(e).splitlines()[0]})") from e
+    except RuntimeError as e:  # check_state names what it can; torch's whole message otherwise, not its first line
+        raise ValueError(f"ip_adapter: the {variant} image projection does not load ("
+                         + " ".join(line.strip() for line in str(e).splitlines())[:800] + ")") from e
     width = proj["norm.weight" if variant == "linear" else "norm_out.weight"].shape[0]
     if width != context_dim:
         raise ValueError(f"ip_adapter: its tokens are {width} wide; this UNet's cross-attention reads {context_dim}")
     return module.eval().requires_grad_(False)
 
 
-def _resampler_state(proj: dict) -> dict:
-    """IP-Adapter's Resampler keys as diffusers' IPAdapterPlusImageProjection names them (to_kv split in two)."""
-    out = {}
+def check_state(module: torch.nn.Module, state: dict, names: dict, variant: str) -> None:
+    """The file's projection weights against the module built from its sizes, each problem named by its file key
+    (`names`: module key -> file key): missing, unexpected, or of another shape."""
+    expected = module.state_dict()
+    unexpected = [names.get(k, k) for k in state if k not in expected]
+    missing = list(dict.fromkeys(_file_key(k) for k in expected if k not in state))
+    shapes = [f"{names.get(k, k)} is {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
+              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    problems = [f"{what} image_proj keys: {', '.join(keys[:5])}" + (f" ({len(keys)} in all)" if len(keys) > 5 else "")
+                for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    problems += [f"image_proj.{shape}" for shape in shapes[:5]]
+    if problems:
+        raise ValueError(f"ip_adapter: the {variant} image projection does not load: " + "; ".join(problems))
+
+
+# diffusers' IPAdapterPlusImageProjection names -> IP-Adapter's Resampler file names (the inverse of
+# _resampler_state, to name a missing weight as the file would hold it).
+_FILE_NAMES = (("ln0.", "0.norm1."), ("ln1.", "0.norm2."), ("attn.to_k.", "0.to_kv."), ("attn.to_v.", "0.to_kv."),
+               ("attn.to_out.0.", "0.to_out."), ("attn.", "0."), ("ff.0.", "1.0."), ("ff.1.net.0.proj.", "1.1."),
+               ("ff.1.net.2.", "1.3."), ("image_embeds.", "proj."))
+
+
+def _file_key(key: str) -> str:
+    m = re.match(r"^(layers\.\d+\.)(.+)$", key)
+    head, rest = (m.group(1), m.group(2)) if m else ("", key)
+    for ours, theirs in _FILE_NAMES:
+        if rest.startswith(ours):
+            return head + theirs + rest[len(ours):]
+    return key
+
+
+def _resampler_state(proj: dict) -> tuple[dict, dict]:
+    """IP-Adapter's Resampler keys as diffusers' IPAdapterPlusImageProjection names them (to_kv split in two), and
+    {diffusers key: file key} to name a problem by the file's key."""
+    out, names = {}, {}
     for key, value in proj.items():
         m = re.match(r"^layers\.(\d+)\.(0|1)\.(.+)$", key)
         if m is None:
-            out[key] = value
+            out[key], names[key] = value, key
             continue
+        before = set(out)
         i, part, rest = m.groups()
         if part == "0":  # the Perceiver attention
             if rest.startswith("norm1."):
@@ -214,9 +301,10 @@ def _resampler_state(proj: dict) -> dict:
             sub, tail = rest.split(".", 1)
             name = {"0": "ff.0", "1": "ff.1.net.0.proj", "3": "ff.1.net.2"}.get(sub)
             if name is None:
-                raise ValueError(f"unexpected key {key}")
+                raise ValueError(f"ip_adapter: unexpected key image_proj.{key}")
             out[f"layers.{i}.{name}.{tail}"] = value
-    return out
+        names.update({k: key for k in set(out) - before})
+    return out, names
 
 
 def cross_attention_names(unet) -> list[str]:
@@ -227,6 +315,7 @@ def cross_attention_names(unet) -> list[str]:
 def build_layers(unet, layers: dict) -> dict[str, tuple[torch.nn.Linear, torch.nn.Linear]]:
     """to_k_ip / to_v_ip per cross-attention processor name. The file indexes layers by their position in the
     UNet's processor list; every cross-attention layer must get both projections, of its own width."""
+    check_tensors({}, layers)
     names = cross_attention_names(unet)
     found: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in layers.items():
@@ -235,9 +324,17 @@ def build_layers(unet, layers: dict) -> dict[str, tuple[torch.nn.Linear, torch.n
             raise ValueError(f"ip_adapter: unexpected key {key!r} (expected '<n>.to_k_ip.weight' / '<n>.to_v_ip.weight')")
         found.setdefault(int(m.group(1)), {})[m.group(2)] = value
     cross = [k for k, n in enumerate(names) if ".attn2." in n]
+    extra = sorted(set(found) - set(cross))
+    if extra:
+        keys = [f"{k}.{which}.weight" for k in extra for which in sorted(found[k])]
+        raise ValueError(f"ip_adapter: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}: no cross-attention "
+                         f"layer {extra[0]} in this UNet (its {len(cross)} are {cross[:4]}...); an adapter for another "
+                         "model?")
     if sorted(found) != cross:
-        raise ValueError(f"ip_adapter: layers {sorted(found)[:8]}... do not match this UNet's {len(cross)} "
-                         f"cross-attention layers (indices {cross[:4]}...); an adapter for another model?")
+        absent = [k for k in cross if k not in found]
+        raise ValueError(f"ip_adapter: no weights for cross-attention layer{'s' * (len(absent) > 1)} "
+                         f"{', '.join(map(str, absent[:8]))}{' ...' if len(absent) > 8 else ''} of this UNet's "
+                         f"{len(cross)} (e.g. {absent[0]}.to_k_ip.weight); an adapter for another model?")
     out = {}
     for k in cross:
         name = names[k]
@@ -275,6 +372,31 @@ def _processor_class():
     return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
 
+ENCODER_TYPES = ("clip_vision_model", "clip")  # a CLIP vision folder, or a whole CLIP model (its vision tower)
+
+
+def check_encoder_folder(folder: Path) -> None:
+    """Refuse, naming what it is, a folder that is not a CLIP image encoder (a text encoder, a diffusers UNet...)
+    before transformers reads it as one (it would load with every weight missing, filled at random)."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"image_encoder: {folder} has no readable config.json ({e}); expected a "
+                         "CLIPVisionModelWithProjection folder") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"image_encoder: {folder}/config.json is not an object")
+    kind = config.get("model_type")
+    if kind in ENCODER_TYPES:
+        return
+    what = (f"a diffusers {config['_class_name']} folder" if config.get("_class_name")
+            else "a CLIP text model" if kind == "clip_text_model"
+            else f"a {kind} model" if kind else "not a transformers model")
+    raise ValueError(f"image_encoder: {folder} is {what}, not a CLIP image encoder (model_type "
+                     f"{' or '.join(ENCODER_TYPES)}; e.g. h94/IP-Adapter's models/image_encoder)")
+
+
 def load_image_encoder(source: str | Path | None, *, local_files_only: bool = False):
     """(CLIPVisionModelWithProjection, CLIPImageProcessor) from a folder or hub id (the processor's settings from
     the folder when it has them, else CLIP's defaults: shortest side 224, centre crop 224)."""
@@ -288,10 +410,16 @@ def load_image_encoder(source: str | Path | None, *, local_files_only: bool = Fa
     if (source.startswith((".", "/", "~")) or source.count("/") != 1) and not Path(source).is_dir():
         raise FileNotFoundError(f"image_encoder: {source} is not a folder (a CLIPVisionModelWithProjection folder "
                                 "or a hub id 'owner/name')")
+    if Path(source).is_dir():
+        check_encoder_folder(Path(source))
+    from .loading import check_loading_info
+
     try:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(source, local_files_only=local_files_only)
+        encoder, info = CLIPVisionModelWithProjection.from_pretrained(source, local_files_only=local_files_only,
+                                                                      output_loading_info=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"image_encoder: cannot load a CLIP image encoder from {source!r} ({str(e)[:300]})") from e
+        raise ValueError(f"image_encoder: cannot load a CLIP image encoder from {source!r} ({str(e)[:600]})") from e
+    check_loading_info(encoder, info, f"image_encoder: {source}")
     try:
         processor = CLIPImageProcessor.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError):
@@ -313,6 +441,7 @@ class ImagePrompt:
     path: str | None = None
     sha256: str | None = None
     encoder_source: str | None = None
+    encoder_sha256: str | None = None  # of the encoder folder's weight and config files (a local folder only)
     slot: ImagePromptSlot = field(default_factory=ImagePromptSlot)
 
     @property
@@ -325,7 +454,7 @@ class ImagePrompt:
 
     def record(self) -> dict:
         return {"file": self.path, "sha256": self.sha256, "variant": self.variant, "tokens": self.tokens,
-                "image_encoder": self.encoder_source}
+                "image_encoder": self.encoder_source, "image_encoder_sha256": self.encoder_sha256}
 
     @torch.no_grad()
     def embed(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,8 +500,12 @@ def from_state(unet, proj: dict, layer_state: dict, image_encoder, *, local_file
         encoder, processor = load_image_encoder(image_encoder, local_files_only=local_files_only)
         source = None if image_encoder is None else str(image_encoder)
     else:
-        encoder, processor = image_encoder if isinstance(image_encoder, tuple) else (image_encoder,
-                                                                                    _processor_class()())
+        encoder, processor = image_encoder if isinstance(image_encoder, tuple) and len(image_encoder) == 2 else (
+            image_encoder, _processor_class()())
+        config = getattr(encoder, "config", None)
+        if not isinstance(encoder, torch.nn.Module) or getattr(config, "model_type", None) not in ENCODER_TYPES:
+            raise TypeError("image_encoder: expected a CLIPVisionModelWithProjection folder or hub id, the model, "
+                            f"or a (model, processor) pair; got {type(encoder).__name__}")
         source = getattr(encoder, "name_or_path", None) or "<in-memory>"
     expected = proj["proj_in.weight"].shape[1] if variant == "resampler" else proj["proj.weight"].shape[1]
     got = encoder.config.hidden_size if variant == "resampler" else encoder.config.projection_dim
@@ -380,7 +513,17 @@ def from_state(unet, proj: dict, layer_state: dict, image_encoder, *, local_file
         what = "hidden size" if variant == "resampler" else "projection size"
         raise ValueError(f"image_encoder: its {what} is {got}; this adapter's projection reads {expected}")
     return ImagePrompt(variant=variant, tokens=tokens, projection=projection, layers=layers, encoder=encoder,
-                       processor=processor, encoder_source=source)
+                       processor=processor, encoder_source=source, encoder_sha256=encoder_fingerprint(image_encoder))
+
+
+def encoder_fingerprint(image_encoder) -> str | None:
+    """sha256 of an image encoder given as a local folder (as `provenance.folder_hash` fingerprints a model
+    folder), so that a sidecar re-run can tell its weights changed; None for a hub id or an in-memory model."""
+    if not isinstance(image_encoder, (str, Path)) or not Path(image_encoder).is_dir():
+        return None
+    from .provenance import folder_hash
+
+    return folder_hash(Path(image_encoder))
 
 
 def random_state(unet, variant: str = "resampler", tokens: int = 64, *, encoder_width: int, hidden: int = 768,

@@ -88,6 +88,102 @@ def backbone_class(unet_config, scheduler_config=None):
                      + f"; each predicting one of {', '.join(PREDICTION_TYPES)}")
 
 
+# The parts of a diffusers folder each backbone loads (subfolder: what it holds), checked before any weight is read.
+FOLDER_PARTS = {"unet": "model", "vae": "model", "text_encoder": "model", "tokenizer": "tokenizer",
+                "scheduler": "scheduler"}
+SDXL_PARTS = {**FOLDER_PARTS, "text_encoder_2": "model", "tokenizer_2": "tokenizer"}
+CONFIG_FILES = {"model": "config.json", "scheduler": "scheduler_config.json", "tokenizer": None}
+# Families of diffusers folders no backbone here runs, by the class of their denoiser (model_index.json).
+OTHER_FAMILIES = {"SD3Transformer2DModel": "an SD3 model", "FluxTransformer2DModel": "a FLUX model",
+                  "PixArtTransformer2DModel": "a PixArt model", "SanaTransformer2DModel": "a Sana model"}
+LISTED_KEYS = 5  # keys named in a refusal; the count says how many more
+
+
+def listed(keys, count: int = LISTED_KEYS) -> str:
+    """The first `count` of some keys (sorted) and how many there are in all."""
+    keys = sorted(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > count else ""
+    return ", ".join(keys[:count]) + more
+
+
+def load_component(cls, source: str, component: str, subfolder: str | None = None, **kwargs):
+    """`cls.from_pretrained` of one component (diffusers or transformers), refused with the component's name and
+    its first keys when its weights file lacks weights the configuration has, holds others, or leaves any
+    on the meta device: neither library may fill a missing weight with random values (a re-run would differ)."""
+    if subfolder is not None:
+        kwargs["subfolder"] = subfolder
+    model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+    check_loading_info(model, info, component)
+    return model
+
+
+def check_loading_info(model, info: dict, component: str) -> None:
+    """Refuse a loaded module whose loading report (diffusers' / transformers' `output_loading_info`) lists missing,
+    unexpected or misshaped keys, or which still has weights on the meta device (never loaded)."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of another shape")):
+        keys = [k if isinstance(k, str) else str(k[0]) for k in info.get(key) or ()]
+        if keys:
+            problems.append(f"{len(keys)} {what} ({listed(keys)})")
+    meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta and not problems:
+        problems.append(f"{len(meta)} never loaded ({listed(meta)})")
+    if problems:
+        raise ValueError(f"{component}: its weights do not match its configuration: " + "; ".join(problems)
+                         + "; refused rather than filled with random values")
+
+
+def model_index(folder: Path) -> dict:
+    """A local model folder's model_index.json ({} when it has none or it cannot be read: the folder check
+    names what is missing)."""
+    try:
+        data = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_family(folder: Path) -> None:
+    """Refuse, by name, a diffusers folder of a family no backbone here runs (from its model_index.json)."""
+    index = model_index(folder)
+    for part, entry in index.items():
+        cls_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+        if part == "transformer" and cls_name:
+            family = OTHER_FAMILIES.get(cls_name, f"a model with a {cls_name} transformer")
+            pipeline = index.get("_class_name", "its pipeline")
+            raise ValueError(f"id_or_folder: {folder} is {family} ({pipeline}): not supported yet; supported: "
+                             + "; ".join(c.SUPPORTS for c in BACKBONES))
+    if index.get("requires_aesthetics_score") or (
+            "text_encoder_2" in index and index.get("text_encoder") in (None, [None, None])):
+        raise ValueError(f"id_or_folder: {folder} is an SDXL refiner (requires_aesthetics_score, no "
+                         "text_encoder): not supported; use an SDXL base model")
+
+
+def check_folder(folder: Path, parts: dict, allow_pickle: bool) -> None:
+    """Each part of a local diffusers folder there with its configuration and weights, before any is read: the
+    refusal names the part's file (`unet/config.json`); pickle-only weights get the allow_pickle hint."""
+    for part, kind in parts.items():
+        sub = Path(folder) / part
+        if not sub.is_dir():
+            raise ValueError(f"id_or_folder: {folder} has no {part}/ folder (a diffusers model folder has "
+                             f"{', '.join(p + '/' for p in parts)})")
+        config = CONFIG_FILES[kind]
+        if config is not None and not (sub / config).is_file():
+            raise ValueError(f"id_or_folder: {part}/{config} is missing in {folder}")
+        if kind != "model":
+            continue
+        names = [p.name for p in sub.iterdir() if p.is_file()]
+        if any(n.endswith(".safetensors") for n in names):
+            continue
+        if any(n.endswith(".bin") for n in names):
+            if allow_pickle:
+                continue
+            raise ValueError(f"id_or_folder: {part}/ in {folder} has only pickle (.bin) weights; only .safetensors "
+                             "weights are loaded unless allow_pickle=True")
+        raise ValueError(f"id_or_folder: {part}/ in {folder} has no weights file (expected a .safetensors file)")
+
+
 def backbone_defaults(name: str) -> dict:
     """A backbone's default working resolution and per-task settings ({} entries: the official SD1.5 values)."""
     return BACKBONE_DEFAULTS.get(name, {})
@@ -122,26 +218,36 @@ def load_pretrained(id_or_folder, *, local_files_only: bool = False, allow_pickl
                          "looks like 'owner/name')")
     common = {"local_files_only": local_files_only or bundled_only}
     safe = None if allow_pickle else True
-    hint = "" if allow_pickle else " (only .safetensors weights are loaded unless allow_pickle=True)"
+    local = Path(source).is_dir()
+    if local:  # what is wrong with a local folder is named by its part, before any weight is read
+        check_family(Path(source))
+        check_folder(Path(source), {"unet": "model", "scheduler": "scheduler"}, allow_pickle)
+        own = read_model_file(source)
     try:
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **common)
         scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **common)
     except (OSError, EnvironmentError, ValueError) as e:
         where = "" if Path(source).exists() else (" (no such local folder; as a hub id it is neither cached here nor "
                                                   "reachable: offline, or no such repository)")
-        raise ValueError(f"id_or_folder: cannot load a model from {source!r}{where or hint}: {e}") from e
+        raise ValueError(f"id_or_folder: cannot load a model from {source!r}{where}: {e}") from e
     cls = backbone_class(unet_config, scheduler.config)
+    if local:
+        check_folder(Path(source), SDXL_PARTS if cls is SDXLBackbone else FOLDER_PARTS, allow_pickle)
     try:
         backbone = cls.from_pretrained(source, use_safetensors=safe, **common)
     except (OSError, EnvironmentError, ValueError) as e:
+        # a hub snapshot is not checked file by file: the hint where its weights may be pickle-only
+        hint = (" (only .safetensors weights are loaded unless allow_pickle=True)"
+                if not local and not allow_pickle and ".safetensors" in str(e) else "")
         raise ValueError(f"id_or_folder: cannot load an {cls.NAME} model from {source!r}{hint}: {e}") from e
-    return backbone, scheduler, read_model_file(source)
+    return backbone, scheduler, own if local else read_model_file(source)
 
 
 def load_single_file(path, *, config, local_files_only: bool = False, allow_pickle: bool = False):
     """(backbone, scheduler) of one original-layout checkpoint; `config` (a diffusers folder or hub id of the same
     family) gives the component configs and tokenizers, and picks the backbone class and diffusers' converter."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     path = Path(path)
     if not path.is_file():
@@ -153,6 +259,9 @@ def load_single_file(path, *, config, local_files_only: bool = False, allow_pick
         )
     if path.suffix.lower() not in PICKLE_SUFFIXES + (".safetensors",):
         raise ValueError(f"path: expected a .safetensors (or, with allow_pickle, .ckpt) file, got {path.name}")
+    if path.suffix.lower() == ".safetensors" and is_ip_adapter_file(path):
+        raise ValueError(f"path: {path.name} is an IP-Adapter file (image_proj./ip_adapter. weights), not a model "
+                         "checkpoint; give it with --ip-adapter (load_ip_adapter) beside a model")
     try:
         unet_config = UNet2DConditionModel.load_config(str(config), subfolder="unet",
                                                        local_files_only=local_files_only)
@@ -164,14 +273,30 @@ def load_single_file(path, *, config, local_files_only: bool = False, allow_pick
     extra = {} if cls is SDXLBackbone else {"safety_checker": None, "requires_safety_checker": False}
     try:
         sd = loader.from_single_file(str(path), config=str(config), local_files_only=local_files_only, **extra)
-    except (OSError, EnvironmentError, ValueError, KeyError) as e:
+    except (OSError, EnvironmentError, ValueError, KeyError, SingleFileComponentError) as e:
         raise ValueError(f"path: cannot load {path.name} as an {cls.NAME} checkpoint with config {config!r}: "
-                         f"{e}") from e
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):  # weights the file lacks stay on meta
+        if getattr(sd, part, None) is not None:
+            check_loading_info(getattr(sd, part), {}, f"{path.name}: {part}")
     backbone_class(sd.unet.config, sd.scheduler.config)  # the prediction type, checked before building
     parts = {"text_encoder_2": sd.text_encoder_2, "tokenizer_2": sd.tokenizer_2,
              "force_zeros_for_empty_prompt": sd.config.get("force_zeros_for_empty_prompt", True)} \
         if cls is SDXLBackbone else {}
     return cls.from_components(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, **parts), sd.scheduler
+
+
+def is_ip_adapter_file(path: Path) -> bool:
+    """Whether a .safetensors file holds an IP-Adapter's weights (every key under image_proj. / ip_adapter.), read
+    from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 (not readable as safetensors: the checkpoint loader says why)
+        return False
+    return bool(keys) and all(k.startswith(("image_proj.", "ip_adapter.")) for k in keys)
 
 
 def describe_model(id_or_folder) -> dict | None:
@@ -234,7 +359,11 @@ def read_model_file(folder) -> dict:
     path = Path(folder) / SETTINGS_FILE
     if not path.is_file():
         return {}
-    return check_model_file(json.loads(path.read_text()), str(path))
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not a valid settings file ({e})") from e
+    return check_model_file(data, str(path))
 
 
 def check_model_file(data, name: str) -> dict:

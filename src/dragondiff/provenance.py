@@ -118,6 +118,9 @@ def sidecar_model(data: dict) -> dict | None:
     if adapter is not None and (not isinstance(adapter, dict) or not isinstance(adapter.get("file"), str)):
         raise ValueError(f'model.ip_adapter: expected an object like {{"file": ..., "sha256": ...}}, got '
                          f"{shown(adapter)}")
+    for key in ("sha256", "image_encoder", "image_encoder_sha256"):
+        if adapter is not None and adapter.get(key) is not None and not isinstance(adapter[key], str):
+            raise ValueError(f"model.ip_adapter.{key}: expected a string, got {shown(adapter[key])}")
     return model if model.get("id") is not None else None
 
 

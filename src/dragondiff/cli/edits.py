@@ -221,13 +221,19 @@ def run(specs, output, dry_run, model, **opts):
 
 
 def recorded_adapter(records: list[dict], jobs: list[Job], opts: dict) -> None:
-    """A sidecar made with an image prompt re-runs with the adapter it recorded unless --ip-adapter names one; the
-    file must still be there with the same sha256."""
-    from ..image_prompt import file_sha256
+    """A sidecar made with an image prompt re-runs with the adapter and image encoder it recorded unless
+    --ip-adapter names one; the files must still be there with the same sha256. Sidecars naming different adapters
+    (or encoders) are refused, as different models are: one run loads one adapter."""
+    from ..image_prompt import encoder_fingerprint, file_sha256
 
     wanted = [r["ip_adapter"] for r in records if r.get("ip_adapter")]
     if opts.get("ip_adapter") is not None or not wanted or not any(job.spec.image_prompt for job in jobs):
         return
+    different = {(a["file"], a.get("sha256"), a.get("image_encoder"), a.get("image_encoder_sha256")) for a in wanted}
+    if len(different) > 1:
+        names = sorted({f"{Path(a['file']).name} with image encoder {a.get('image_encoder')}" for a in wanted})
+        raise InputError(f"spec files: the sidecars name different IP-Adapters or image encoders ({'; '.join(names)}"
+                         "); run them apart or pass --ip-adapter and --image-encoder")
     adapter = wanted[0]
     path = Path(adapter["file"])
     if not path.is_file():
@@ -236,4 +242,16 @@ def recorded_adapter(records: list[dict], jobs: list[Job], opts: dict) -> None:
         raise InputError(f"model.ip_adapter: {path} changed since the sidecar was written (sha256 differs); pass "
                          "--ip-adapter to re-run with it anyway")
     opts["ip_adapter"] = str(path)
-    opts["image_encoder"] = opts.get("image_encoder") or adapter.get("image_encoder")
+    if opts.get("image_encoder") is not None:  # given: it overrides the recorded one
+        return
+    encoder = adapter.get("image_encoder")
+    recorded = adapter.get("image_encoder_sha256")
+    if encoder and recorded:
+        now = encoder_fingerprint(encoder)
+        if now is None:
+            raise InputError(f"model.ip_adapter.image_encoder: the sidecar's image encoder {encoder} is not there; "
+                             "give it with --image-encoder")
+        if now != recorded:
+            raise InputError(f"model.ip_adapter.image_encoder: {encoder} changed since the sidecar was written "
+                             "(sha256 differs); pass --image-encoder to re-run with it anyway")
+    opts["image_encoder"] = encoder
