@@ -11,8 +11,8 @@ from ..spec import EditSpec
 from ..tasks import TASKS
 from .options import (edit_options, model_options, option_group, output_option, run_options, spec_fields,
                       task_fields, task_options, weight_options)
-from .runner import (IMAGE_SUFFIXES, InputError, Job, check_inputs, check_ip_options, check_jobs, execute, open_model,
-                     output_name, with_shared_inversions)
+from .runner import (IMAGE_SUFFIXES, InputError, Job, check_inputs, check_jobs, check_model_options, execute,
+                     open_model, output_name, with_shared_inversions)
 
 
 def make_spec(task: str, label: str, **fields) -> EditSpec:
@@ -26,7 +26,7 @@ def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
     """Check every job's inputs and outputs, then load the model once and run them in order."""
     for job in jobs:
         check_inputs(job.spec, job.label, model or opts["model"])
-    check_ip_options(opts, jobs)
+    check_model_options(opts, jobs, model)  # what the load would refuse only after reading the weights
     check_jobs(jobs, opts["overwrite"], opts["preview"])
     note_lossy_outputs(jobs, opts["working_size"])
     if opts.get("dry_run"):
