@@ -204,6 +204,8 @@ BENCHMARKS = ("speed", "shapes", "memory", "dragbench")
 @click.argument("rest", nargs=-1, type=click.UNPROCESSED)
 def bench(which, rest):
     # --help is the benchmark's own option after its name (`bench speed --help`), so it is not click's here
+    if which == "--debug":  # `bench --debug speed ...`: cli.main reads --debug; the benchmark is the next word
+        which, rest = (rest[0], rest[1:]) if rest else (None, rest)
     if which in (None, "-h", "--help"):
         click.echo(click.get_current_context().get_help())
         return
