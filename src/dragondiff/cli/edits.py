@@ -66,7 +66,8 @@ def _default_output(image: str, task: str) -> Path:
     return Path(f"{Path(image).stem}-{task}.png")
 
 
-_dry_run = click.option("--dry-run", is_flag=True, help="only validate the inputs and the output path")
+_dry_run = click.option("--dry-run", is_flag=True, help="only validate the inputs, the output path and the model "
+                                                        "options (device, dtype, the adapter's fit)")
 
 
 def task_command(task: str, help_text: str) -> click.Command:
@@ -207,7 +208,7 @@ def sidecar_model_check(records: list[dict], model: str, given: bool) -> None:
 @click.option("-o", "--output", default=None,
               help="output image when the files hold one edit, else a folder  [default: <spec>.png here; "
                    "<spec>-out.png where <spec>.json is the spec itself]")
-@click.option("--dry-run", is_flag=True, help="only validate the specs, their files and the outputs")
+@click.option("--dry-run", is_flag=True, help="only validate the specs, their files, the outputs and the model options")
 @model_options
 @run_options
 def run(specs, output, dry_run, model, **opts):
