@@ -163,7 +163,8 @@ def test_image_prompt_options_need_the_adapter(scene, run_cli, option, value):
 HOSTILE = [  # (option, value, what the message must name)
     ("IMAGE", "afolder", "IMAGE"), ("IMAGE", "/dev/zero", "image"), ("--mask", "afolder", "--mask"),
     ("--mask", "/dev/zero", "mask"), ("--mask", "scene.png-missing", "mask"),
-    ("--offset", "nan,0", "--offset"), ("--offset", "1e400,0", "--offset"), ("--offset", "99999999999999999999,0", "offset"),
+    ("--offset", "nan,0", "--offset"), ("--offset", "1e400,0", "--offset"),
+    ("--offset", "99999999999999999999,0", "offset"),
     ("--offset", "1", "--offset"), ("--scale", "nan", "scale"), ("--scale", "inf", "scale"), ("--scale", "-1", "scale"),
     ("--scale", "abc", "--scale"), ("--steps", "-5", "--steps"), ("--steps", "99999999999999999999", "--steps"),
     ("--steps", "2.5", "--steps"), ("--seed", "-1", "--seed"), ("--seed", "1e3", "--seed"),
