@@ -119,5 +119,6 @@ def _main(argv: list[str], debug: bool) -> int:
     except Exception as e:  # noqa: BLE001 (a runtime failure: report it in one line)
         if debug:
             traceback.print_exc()
-        click.echo(f"Error: {type(e).__name__}: {e}  (--debug shows the traceback)", err=True)
+        hint = "" if debug else "  (--debug shows the traceback)"  # with --debug it was just printed
+        click.echo(f"Error: {type(e).__name__}: {e}{hint}", err=True)
         return 1

@@ -15,7 +15,7 @@ from .. import dragbench
 from ..provenance import is_sidecar
 from .edits import SPEC_FORMS, is_edit_spec, load_spec_data, read_spec_file
 from .options import edit_options, model_options, ray_options, run_options, spec_fields
-from .runner import (InputError, Job, check_inputs, check_ip_options, check_jobs, execute, open_model, output_name,
+from .runner import (InputError, Job, check_inputs, check_jobs, check_model_options, execute, open_model, output_name,
                      with_shared_inversions, write_problem)
 
 SPEC_SUFFIXES = (".json", ".yaml", ".yml")
@@ -154,7 +154,7 @@ def batch(root, output, dry_run, ray_address, ray_workers, ray_gpus_per_worker, 
         for label, reason in failures:
             click.echo(f"  also failed {label}: {reason}", err=True)
         raise
-    check_ip_options(opts, pending)  # the image prompt's files, before the model loads
+    check_model_options(opts, pending)  # device, dtype, model, the image prompt: before the model loads
     skipped = len(jobs) - len(pending)
     done = failed_runs = 0
     if dry_run:

@@ -54,7 +54,7 @@ def _result_states(root: Path, outputs: Path) -> tuple[list[str], list[str]]:
     return missing, foreign
 
 
-@click.command("dragbench", no_args_is_help=True,
+@click.command("dragbench", no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
                help="DragBench's Mean Distance (DIFT point matching) and Image Fidelity (1 - LPIPS alex) of the "
                     "edits in OUT (OUT/<category>/<sample>/dragged_image.png) against the samples in DIR, per "
                     "sample, per category and overall: OUT/dragbench-eval.json and .md (the published tables' "

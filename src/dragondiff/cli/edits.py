@@ -11,8 +11,8 @@ from ..spec import EditSpec
 from ..tasks import TASKS
 from .options import (edit_options, model_options, option_group, output_option, run_options, spec_fields,
                       task_fields, task_options, weight_options)
-from .runner import (IMAGE_SUFFIXES, InputError, Job, check_inputs, check_ip_options, check_jobs, execute, open_model,
-                     output_name, with_shared_inversions)
+from .runner import (IMAGE_SUFFIXES, InputError, Job, check_inputs, check_jobs, check_model_options, execute,
+                     open_model, output_name, with_shared_inversions)
 
 
 def make_spec(task: str, label: str, **fields) -> EditSpec:
@@ -26,7 +26,7 @@ def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
     """Check every job's inputs and outputs, then load the model once and run them in order."""
     for job in jobs:
         check_inputs(job.spec, job.label, model or opts["model"])
-    check_ip_options(opts, jobs)
+    check_model_options(opts, jobs, model)  # what the load would refuse only after reading the weights
     check_jobs(jobs, opts["overwrite"], opts["preview"])
     note_lossy_outputs(jobs, opts["working_size"])
     if opts.get("dry_run"):
@@ -66,7 +66,8 @@ def _default_output(image: str, task: str) -> Path:
     return Path(f"{Path(image).stem}-{task}.png")
 
 
-_dry_run = click.option("--dry-run", is_flag=True, help="only validate the inputs and the output path")
+_dry_run = click.option("--dry-run", is_flag=True, help="only validate the inputs, the output path and the model "
+                                                        "options (device, dtype, the adapter's fit)")
 
 
 def task_command(task: str, help_text: str) -> click.Command:
@@ -207,7 +208,7 @@ def sidecar_model_check(records: list[dict], model: str, given: bool) -> None:
 @click.option("-o", "--output", default=None,
               help="output image when the files hold one edit, else a folder  [default: <spec>.png here; "
                    "<spec>-out.png where <spec>.json is the spec itself]")
-@click.option("--dry-run", is_flag=True, help="only validate the specs, their files and the outputs")
+@click.option("--dry-run", is_flag=True, help="only validate the specs, their files, the outputs and the model options")
 @model_options
 @run_options
 def run(specs, output, dry_run, model, **opts):

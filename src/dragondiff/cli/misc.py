@@ -14,7 +14,7 @@ from ..loading import BUNDLED_ID, default_device
 from ..presets import PRESETS
 from ..validate import shown
 from .options import available_threads, int_range, model_options
-from .runner import InputError, check_output, open_model, quiet_third_party, save_image
+from .runner import InputError, check_model_options, check_output, open_model, quiet_third_party, save_image
 
 
 def _model_info(model: str) -> dict:
@@ -56,7 +56,8 @@ def _model_info(model: str) -> dict:
 @click.option("--ip-adapter", default=None, type=click.Path(dir_okay=False),
               help="also describe an IP-Adapter file (variant, tokens, sha256)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def info(model, ip_adapter, as_json):
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def info(model, ip_adapter, as_json, debug):
     import torch
 
     from ..provenance import package_versions
@@ -110,13 +111,14 @@ def _adapter_info(path: str) -> dict:
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
 @click.argument("target", required=False, type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="replace an existing TARGET")
-def convert_ip_adapter(source, target, overwrite):
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def convert_ip_adapter(source, target, overwrite, debug):
     from ..image_prompt import convert_to_safetensors, detect_variant, read_adapter_file
 
     target = Path(target) if target else Path(source).with_suffix(".safetensors")
     if target.suffix != ".safetensors":
         raise InputError(f"TARGET: {target} must end in .safetensors")
-    check_output(target, overwrite, "TARGET", image=False)
+    check_output(target, overwrite, "TARGET", image=False, option="TARGET")
     try:
         variant, tokens = detect_variant(read_adapter_file(source, allow_pickle=True)[0])
         convert_to_safetensors(source, target)
@@ -151,7 +153,8 @@ def _free_folder(base: str, names) -> Path:
               help="CPU threads  [default: the cores not busy with other work]")
 @click.option("--tiny", is_flag=True, help="use a tiny random model (smoke test of the pipeline)")
 @click.option("--overwrite", is_flag=True, help="replace an earlier demo's files")
-def demo(out, preset, seed, threads, tiny, overwrite):
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def demo(out, preset, seed, threads, tiny, overwrite, debug):
     import torch
 
     from ..output import draw_arrow, side_by_side
@@ -161,7 +164,7 @@ def demo(out, preset, seed, threads, tiny, overwrite):
     names = ("input.png", "result.png", "side_by_side.png")
     folder = Path(out) if out else _free_folder("dragondiff-demo", names)
     for name in names:
-        check_output(folder / name, overwrite, "--out")
+        check_output(folder / name, overwrite, "--out", option="--out")
     t0 = time.perf_counter()
     torch.set_num_threads(threads or available_threads()[0])
     quiet_third_party()
@@ -201,6 +204,8 @@ BENCHMARKS = ("speed", "shapes", "memory", "dragbench")
 @click.argument("rest", nargs=-1, type=click.UNPROCESSED)
 def bench(which, rest):
     # --help is the benchmark's own option after its name (`bench speed --help`), so it is not click's here
+    if which == "--debug":  # `bench --debug speed ...`: cli.main reads --debug; the benchmark is the next word
+        which, rest = (rest[0], rest[1:]) if rest else (None, rest)
     if which in (None, "-h", "--help"):
         click.echo(click.get_current_context().get_help())
         return
@@ -215,6 +220,8 @@ def bench(which, rest):
         from .bench_dragbench import main as run
     else:
         from ..bench.shapes import main as run
+    if which != "dragbench":  # --debug is every command's (cli.main reads it); these parsers have no option for it
+        rest = tuple(arg for arg in rest if arg != "--debug")
     code = run(list(rest)) or 0
     if code:
         raise SystemExit(code)
@@ -246,12 +253,14 @@ def check_port(host: str, port: int) -> None:
 @click.option("--steps", type=int_range("num_inference_steps"), default=PRESETS[DEFAULT_PRESET].steps,
               show_default=True, help="the DDIM steps the page starts with")
 @model_options
-def ui(host, port, share, steps, **opts):
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def ui(host, port, share, steps, debug, **opts):
     try:
         from ..ui.app import launch
     except ImportError as e:
         raise InputError(f"the web UI needs Gradio: pip install 'dragondiff[ui]' ({e})") from e
-    check_port(host, port)  # before the model loads
+    check_model_options(opts)  # before the model loads: what the load would refuse only after it
+    check_port(host, port)
     loaded = open_model(opts)
     click.echo(f"dragondiff ui: model {opts['model']}, {loaded.threads} thread(s), http://{host}:{port}", err=True)
     launch(loaded.pipe, host=host, port=port, share=share, steps=steps)

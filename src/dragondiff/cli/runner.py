@@ -97,17 +97,17 @@ def write_problem(folder: Path) -> str | None:
 
 
 def check_output(path: Path, overwrite: bool, label: str = "output", image: bool = True, *,
-                 exists: str = "exists", probed: dict | None = None) -> None:
+                 exists: str = "exists", probed: dict | None = None, option: str = "-o") -> None:
     """An output path: an image suffix (for images), not a folder, not an existing file unless `overwrite`, and a
     folder that can be written (tried; `probed` caches the answer per folder across calls). `exists` words the
-    refusal of an existing file."""
+    refusal of an existing file; `option` is what the user gives to choose another (-o, --out, TARGET)."""
     path = Path(path)
     if image and path.suffix.lower() not in IMAGE_SUFFIXES:
         raise InputError(f"{label}: {path} has no image suffix; use one of {', '.join(IMAGE_SUFFIXES)}")
     if path.is_dir():
         raise InputError(f"{label}: {path} is a folder")
     if path.exists() and not overwrite:
-        raise InputError(f"{label}: {path} {exists}; pass --overwrite to replace it or choose another -o")
+        raise InputError(f"{label}: {path} {exists}; pass --overwrite to replace it or choose another {option}")
     folder = Path(os.path.abspath(path.parent))
     if probed is None or folder not in probed:
         problem = write_problem(folder)
@@ -241,26 +241,110 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def check_ip_options(opts: dict, jobs=()) -> None:
-    """Before loading anything: --ip-adapter readable as an adapter, its --image-encoder given, and no spec asking
-    for an image prompt without one."""
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+SINGLE_FILE_NEEDS_CONFIG = ("a single-file checkpoint needs --config (a diffusers folder or hub id with the component "
+                            "configs)")
+
+
+def check_model_options(opts: dict, jobs=(), model: str | None = None) -> None:
+    """Before loading anything (and in --dry-run), every refusal the load itself would give only after reading the
+    weights: --device and --dtype as the pipeline checks them, --model and --config, then the image prompt's options
+    (`check_ip_options`). `model`: the model the run loads (a sidecar's), else --model."""
+    from ..validate import check_device, check_dtype
+
+    try:
+        if opts.get("device") is not None:
+            check_device(opts["device"], "--device")
+        if opts.get("dtype") is not None:
+            check_dtype(opts["dtype"], "--dtype")
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    model = model or opts["model"]
+    check_model_source(model, opts.get("config"))
+    check_ip_options(opts, jobs, model)
+
+
+def check_model_source(model: str, config: str | None) -> None:
+    """A local --model is a diffusers folder whose configuration reads (of a family we run), or one checkpoint file
+    with --config; --config goes only with such a file. Hub ids are left to the load (they may not be cached)."""
+    from ..loading import BUNDLED_ID, describe_model, looks_local
+
+    path = Path(model)
+    if model.endswith(SINGLE_FILE_SUFFIXES):
+        if not path.is_file():
+            raise InputError(f"--model {model}: no such file")
+        if config is None:
+            raise InputError(f"--model {model}: {SINGLE_FILE_NEEDS_CONFIG}")
+        return
+    if config is not None:
+        raise InputError(f"--config {config}: only for a single-file --model (.safetensors); {model} has its own "
+                         "component configs")
+    if model == BUNDLED_ID or not looks_local(model):
+        return
+    if not path.is_dir():
+        what = "no such file or folder" if not path.exists() else "neither a folder nor a .safetensors file"
+        raise InputError(f"--model {model}: {what} (a local model is a diffusers folder, or one .safetensors file "
+                         "with --config)")
+    try:
+        described = describe_model(model)
+    except ValueError as e:
+        raise InputError(f"--model {model}: {e}") from e
+    if described is None:
+        raise InputError(f"--model {model}: not a diffusers model folder (its unet/, scheduler/ and vae/ "
+                         "configurations cannot be read)")
+
+
+def check_ip_options(opts: dict, jobs=(), model: str | None = None) -> None:
+    """Before loading anything: --ip-adapter readable as an adapter and fitting `model`'s UNet, its --image-encoder
+    given, no image-prompt option (--image-encoder, --ip-scale, --ip-routing) without it, and no spec asking for an
+    image prompt without one."""
     adapter, encoder = opts.get("ip_adapter"), opts.get("image_encoder")
     if adapter is None:
-        if encoder is not None:
-            raise InputError("--image-encoder: given without --ip-adapter")
+        for name in ("image_encoder", "ip_scale", "ip_routing"):
+            if opts.get(name) is not None:
+                raise InputError(f"--{name.replace('_', '-')}: given without --ip-adapter")
         for job in jobs:
             if job.spec.image_prompt:
                 raise InputError(f"{job.label}: image_prompt is true; give the adapter with --ip-adapter")
         return
-    from ..image_prompt import detect_variant, read_adapter_file
+    from ..image_prompt import read_adapter_file
 
     try:
-        detect_variant(read_adapter_file(adapter, allow_pickle=False)[0])
+        proj, layers = read_adapter_file(adapter, allow_pickle=False)
+        if model is not None:
+            check_adapter_fit(proj, layers, model, opts.get("config"))
+        else:
+            from ..image_prompt import detect_variant
+
+            detect_variant(proj)
     except (ValueError, FileNotFoundError) as e:
         raise InputError(f"--ip-adapter {adapter}: {e}") from e
     if encoder is None:
         raise InputError("--image-encoder: --ip-adapter needs the CLIP image encoder it was trained with (a "
                          "CLIPVisionModelWithProjection folder or hub id)")
+
+
+def check_adapter_fit(proj: dict, layers: dict, model: str, config: str | None) -> None:
+    """The adapter's projection and layers against the model's UNet, built from its configuration on the meta
+    device (no weights, no memory): the checks `image_prompt.from_state` makes after the model loads. Only the
+    variant is checked when the configuration cannot be read here (a hub id not cached: the load checks the rest)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from ..image_prompt import build_layers, build_projection, detect_variant
+    from ..loading import resolve_source
+
+    variant, _ = detect_variant(proj)
+    source = config if model.endswith(SINGLE_FILE_SUFFIXES) else resolve_source(model)[0]
+    try:
+        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")  # torch: "copying ... to a meta parameter is a no-op" (the shapes are checked)
+        unet = UNet2DConditionModel.from_config(unet_config)
+        build_projection(proj, variant, unet.config.cross_attention_dim)
+        build_layers(unet, layers)
 
 
 def load_pipeline(model: str, config: str | None, device, dtype, threads: int, vae_tiling: bool = False,
@@ -274,10 +358,9 @@ def load_pipeline(model: str, config: str | None, device, dtype, threads: int, v
     torch.set_num_threads(threads)
     quiet_third_party()
     try:
-        if model.endswith((".safetensors", ".ckpt")):
+        if model.endswith(SINGLE_FILE_SUFFIXES):
             if config is None:
-                raise InputError(f"--model {model}: a single-file checkpoint needs --config (a diffusers folder or "
-                                 "hub id with the component configs)")
+                raise InputError(f"--model {model}: {SINGLE_FILE_NEEDS_CONFIG}")
             pipe = DragonPipeline.from_single_file(model, config=config, device=device, dtype=dtype)
         else:
             pipe = DragonPipeline.from_pretrained(model, device=device, dtype=dtype)
