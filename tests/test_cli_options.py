@@ -64,7 +64,7 @@ DRY_RUN_ROWS = [
     (["--device", "cuda"], "--device: 'cuda' but this torch build or machine has no CUDA device"),
     (["--device", "mps"], "--device: 'mps' but MPS is not available here"),
     (["--dtype", "float64"], "--dtype: 'float64' is not supported"),
-    (["--ip-adapter", "missing.safetensors", "--image-encoder", ENCODER], "do not match this UNet's"),
+    (["--ip-adapter", "missing.safetensors", "--image-encoder", ENCODER], "no weights for cross-attention layer 1"),
     (["--config", TINY_MODEL], "--config"),
     (["--model", "afolder"], "--model afolder: not a diffusers model folder"),
 ]
