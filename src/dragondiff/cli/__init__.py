@@ -76,8 +76,11 @@ def main(argv=None) -> int:
 
 def _main(argv: list[str], debug: bool) -> int:
     try:
-        from .commands import cli
-
+        # A signal while torch and the commands import waits for them (about 3 s): an exception raised inside
+        # torch's start-up can abort the process (exit -6, seen once in 100 tries); it is raised right after.
+        with signals.deferred():
+            from .commands import cli
+        signals.check()
         cli.main(args=argv, prog_name="dragondiff", standalone_mode=False)
         return 0
     except click.exceptions.Exit as e:  # --help, --version
