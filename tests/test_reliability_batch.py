@@ -124,9 +124,10 @@ import os, signal, sys, time
 # a test runner's worker process may ignore SIGINT, and a child inherits that: restore what a terminal gives
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from PIL import Image
+from dragondiff.cli.runner import temp_path
 original = Image.Image.save
 def save(self, fp, *args, **kwargs):
-    if os.path.basename(str(fp)).startswith({prefix!r}):
+    if os.path.basename(str(fp)) == temp_path({prefix!r}).name:
         with open(fp, "wb") as f:
             f.write(b"half")
         os.kill(os.getpid(), {signal})
@@ -138,9 +139,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _cli_killed_on_save(prefix, sig, *args, cwd=None):
-    """The CLI, sent `sig` by itself while it writes the temporary file of the output named `prefix`."""
-    script = _KILL_ON_SAVE.format(prefix=f".{prefix}.", signal=int(sig))
+def _cli_killed_on_save(name, sig, *args, cwd=None):
+    """The CLI, sent `sig` by itself while it writes the temporary file of the output named `name`."""
+    script = _KILL_ON_SAVE.format(prefix=name, signal=int(sig))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=300)

@@ -11,32 +11,27 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 import traceback
 import warnings
 from pathlib import Path
 
 import click
 
-from .. import __version__
+from . import signals
 from ..errors import InputNote
-from .batch import batch
-from .edits import TASK_COMMANDS, run
-from .misc import bench, convert_ip_adapter, demo, info, ui
+from .signals import Terminated
+
+# Only light modules above: the commands (torch, diffusers: seconds to import) are imported by `main` once its
+# signal handlers are in place, so that Ctrl-C or SIGTERM during start-up stops the command with 130/143 too.
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option(__version__, "--version", prog_name="dragondiff")
-def cli():
-    """DragonDiffusion drag-style image editing: move, resize, drag, appearance, paste.
+def __getattr__(name):
+    """`dragondiff.cli.cli`, the command group, imported when first asked for."""
+    if name == "cli":
+        from .commands import cli
 
-    Runs with the bundled shapes model by default (offline, 128 px scenes); pass --model for Stable Diffusion 1.x.
-    `dragondiff COMMAND --help` shows every option with its default.
-    """
-
-
-for command in (*TASK_COMMANDS, run, batch, info, demo, bench, ui, convert_ip_adapter):
-    cli.add_command(command)
+        return cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 PACKAGE = Path(__file__).resolve().parent.parent
@@ -57,12 +52,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _NOTES_SHOWN: set[str] = set()  # notes printed by this command (emptied when main() starts)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that it unwinds as Ctrl-C does (temporary files removed)."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
+INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
 def _interrupted(e: BaseException) -> int:
@@ -79,19 +69,24 @@ def main(argv=None) -> int:
     _NOTES_SHOWN.clear()
     if not debug:
         warnings.showwarning = _show_warning
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
-    try:
-        return _main(argv, debug)
-    except KeyboardInterrupt as e:  # outside click's own handling
-        return _interrupted(e)
-    finally:
-        if in_main_thread and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with signals.handled():
+        try:
+            code = _main(argv, debug)
+            if signals.received() is not None and code not in INTERRUPTED:
+                # its exception was dropped (raised in a finalizer) and the command went on: say it was stopped
+                return _interrupted(signals.stop_exception(signals.received()))
+            return code
+        except KeyboardInterrupt as e:  # outside click's own handling
+            return _interrupted(e)
 
 
 def _main(argv: list[str], debug: bool) -> int:
     try:
+        # A signal while torch and the commands import waits for them (about 3 s): an exception raised inside
+        # torch's start-up can abort the process (exit -6, seen once in 100 tries); it is raised right after.
+        with signals.deferred():
+            from .commands import cli
+        signals.check()
         cli.main(args=argv, prog_name="dragondiff", standalone_mode=False)
         return 0
     except click.exceptions.Exit as e:  # --help, --version

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .. import dragbench
 from ..provenance import is_sidecar
 from .edits import SPEC_FORMS, is_edit_spec, load_spec_data, read_spec_file
+from . import signals
 from .options import edit_options, model_options, ray_options, run_options, spec_fields
 from .runner import (InputError, Job, check_inputs, check_jobs, check_model_options, execute, open_model, output_name,
                      with_shared_inversions, write_problem)
@@ -34,27 +35,32 @@ def _spec_file_kind(path: Path) -> str | None:
     return "spec" if is_edit_spec(data) else None
 
 
-def collect(root: Path, out: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
-    """(kind, path) for every DragBench sample folder and spec file under root, outside the output tree; and the
-    JSON/YAML files there that are not edits (skipped)."""
+def collect(root: Path, out: Path) -> tuple[list[tuple[str, Path]], list[Path], int]:
+    """(kind, path) for every DragBench sample folder and spec file under root, outside the output tree; the
+    JSON/YAML files there that are not edits (skipped); and how many samples and spec files lie inside the output
+    tree (left out: it holds results, not inputs)."""
     out = out.resolve()
     inside_out = lambda p: out == p.resolve() or out in p.resolve().parents  # noqa: E731
-    items = [("dragbench", p) for p in dragbench.find_samples(root) if not inside_out(p)]
-    samples = {p for _, p in items}
+    found = dragbench.find_samples(root)
+    items = [("dragbench", p) for p in found if not inside_out(p)]
+    left_out = len(found) - len(items)
+    samples = set(found)
     others = []
     for p in sorted(root.rglob("*")):
-        if p.suffix.lower() in SPEC_SUFFIXES and p.is_file() and not inside_out(p) and p.parent not in samples:
+        if p.suffix.lower() in SPEC_SUFFIXES and p.is_file() and p.parent not in samples:
             kind = _spec_file_kind(p)
-            if kind == "spec":
+            if kind == "spec" and inside_out(p):
+                left_out += 1
+            elif kind == "spec":
                 items.append(("spec", p))
-            elif kind is None:
+            elif kind is None and not inside_out(p):
                 others.append(p)
-    return sorted(items, key=lambda item: str(item[1])), others
+    return sorted(items, key=lambda item: str(item[1])), others, left_out
 
 
 def _dragbench_job(folder: Path, root: Path, out: Path, fields: dict) -> tuple[Job, np.ndarray]:
-    """The sample's job: its mask is written beside the result just before the edit (the spec reads it there, so
-    that the sidecar re-runs it); returns the mask too, for checking the inputs before anything is written."""
+    """The sample's job: its mask is written beside the result, with it (the spec names it there, so that the
+    sidecar re-runs it); returns the mask too, for checking the inputs before anything is written."""
     sample = dragbench.read_sample(folder)
     target = out / folder.relative_to(root)
     mask_file = target / MASK_NAME
@@ -124,9 +130,12 @@ def batch(root, output, dry_run, ray_address, ray_workers, ray_gpus_per_worker, 
                                       root, opts)
     out = output
     _check_output_folder(root, out)
-    items, others = collect(root, out)
+    items, others, left_out = collect(root, out)
     for path in others:
         click.echo(f"note: skipped {path.relative_to(root)}: not an edit spec (expected {SPEC_FORMS})", err=True)
+    if left_out:  # a mistyped -o (DIR/<category>) would otherwise leave that category out without a word
+        click.echo(f"note: left out {left_out} sample{'s' * (left_out != 1)} or spec file{'s' * (left_out != 1)} "
+                   f"under --output {out}: the results' tree is not searched for edits", err=True)
     if not items:
         raise InputError(f"DIR: no DragBench sample (original_image.png + meta_data.pkl) or spec file under {root}")
     fields = spec_fields(opts)
@@ -172,6 +181,7 @@ def batch(root, output, dry_run, ray_address, ray_workers, ray_gpus_per_worker, 
             loaded = open_model(opts)
             edits = with_shared_inversions(loaded.pipe, pending)  # several edits of one image: one inversion
             for job, inversion in tqdm(edits, total=len(pending), desc="dragondiff batch", unit="edit", disable=quiet):
+                signals.check()  # a signal whose exception was dropped (in a finalizer) stops the batch here
                 try:
                     execute(loaded.pipe, job, working_size=opts["working_size"], preview=opts["preview"],
                             quiet=True, threads=loaded.threads, load_seconds=loaded.seconds, inversion=inversion)

@@ -14,7 +14,8 @@ from ..loading import BUNDLED_ID, default_device
 from ..presets import PRESETS
 from ..validate import shown
 from .options import available_threads, int_range, model_options
-from .runner import InputError, check_model_options, check_output, open_model, quiet_third_party, save_image
+from .runner import (InputError, atomic_write, check_model_options, check_output, open_model, quiet_third_party,
+                     save_image)
 
 
 def _model_info(model: str) -> dict:
@@ -121,7 +122,7 @@ def convert_ip_adapter(source, target, overwrite, debug):
     check_output(target, overwrite, "TARGET", image=False, option="TARGET")
     try:
         variant, tokens = detect_variant(read_adapter_file(source, allow_pickle=True)[0])
-        convert_to_safetensors(source, target)
+        atomic_write(target, lambda tmp: convert_to_safetensors(source, tmp))  # missing folders made, as -o does
     except (ValueError, FileNotFoundError) as e:
         raise InputError(f"SOURCE {source}: {e}") from e
     click.echo(f"wrote {target} ({variant}, {tokens} tokens)")

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import click
 
-from .runner import InputError, Job, execute, groups, open_model, quiet_third_party, shared_inversions
+from . import signals
+from .runner import (InputError, Job, execute, groups, leftover_temps, open_model, quiet_third_party,
+                     shared_inversions)
 
 LOCAL = "local"
 LOCAL_OBJECT_STORE = 256 * 1024 * 1024  # the rows are job descriptions and statuses: a small store is plenty
@@ -129,15 +131,17 @@ class EditWorker:
         return out
 
 
-def remove_unfinished(job: Job, preview: bool) -> None:
-    """What a worker that died mid-edit left of a job without its sidecar: its files and temporary files.
-    (check_jobs let this job write each of them: absent, ours, or --overwrite.)"""
+def remove_unfinished(job: Job, preview: bool, existed: set[Path]) -> None:
+    """What a worker that died mid-edit left of a job without its sidecar: its temporary files, and the files of
+    it that were not there before the run (`existed`: a file the user had is never removed; a worker replaces it
+    only once the whole edit is written)."""
     if job.written_by_us():
         return
     for path in job.outputs(preview):
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
-        for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else ():
+        if path not in existed:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        for tmp in leftover_temps(path):
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
@@ -176,6 +180,7 @@ def run_on_ray(pending: list[Job], opts: dict, options: RayOptions) -> tuple[int
             raise InputError(f"--ray {options.address}: cannot connect ({type(e).__name__}: {e})") from e
     status: dict[int, str] = {}
     error = None
+    existed = {path for job in pending for path in job.outputs(opts["preview"]) if path.exists()}
     try:
         import ray.data
 
@@ -199,13 +204,14 @@ def run_on_ray(pending: list[Job], opts: dict, options: RayOptions) -> tuple[int
         with tqdm(total=len(pending), desc=f"dragondiff batch (ray, {workers} workers)", unit="edit",
                   disable=opts.get("quiet")) as bar:
             for row in ds.iter_rows():
+                signals.check()  # a signal whose exception was dropped (in a finalizer) stops the run here
                 status[int(row["index"])] = str(row["reason"])
                 bar.update(1)
     except KeyboardInterrupt:  # stop our runtime's workers first, then remove what they left unfinished
         if started:
             ray.shutdown()
         for job in pending:
-            remove_unfinished(job, opts["preview"])
+            remove_unfinished(job, opts["preview"], existed)
         finished = sum(job.written_by_us() for job in pending)
         click.echo(f"batch interrupted: {finished} edited, {len(pending) - finished} left; the same command "
                    "resumes", err=True)
@@ -223,7 +229,7 @@ def run_on_ray(pending: list[Job], opts: dict, options: RayOptions) -> tuple[int
     for k, job in enumerate(pending):
         reason = status.get(k, error or "no result from its Ray worker")
         if reason:
-            remove_unfinished(job, opts["preview"])
+            remove_unfinished(job, opts["preview"], existed)
             failures.append((job.label, reason))
     return len(pending) - len(failures), failures
 

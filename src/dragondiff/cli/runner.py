@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 import click
 
 from ..spec import EditSpec
+from . import signals
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -34,8 +36,9 @@ class Job:
     output: Path
     label: str
     inputs: list[Path] = field(default_factory=list)  # files the job reads (never overwritten): spec file etc.
-    # Images the job writes beside its output before the edit, which its spec then reads (batch: the DragBench
-    # mask, so that the sidecar re-runs the edit). They are outputs of the job, not inputs.
+    # Images the job writes beside its output, which its spec names (batch: the DragBench mask, so that the sidecar
+    # re-runs the edit). The edit reads them from memory; they are written with its result, never before (a failed
+    # edit must not have replaced them). They are outputs of the job, not inputs.
     writes: list[tuple[Path, object]] = field(default_factory=list)
 
     @property
@@ -68,15 +71,37 @@ class Job:
             return False
 
 
-def write_problem(folder: Path) -> str | None:
-    """Why nothing can be written in `folder`, found by trying (as root, `os.access` says yes to a read-only file
-    system or /proc): create the missing folders as a write would, create and remove a probe file, then remove
-    the folders this made. None when the folder can be written."""
+def temp_path(path: Path) -> Path:
+    """The temporary file beside `path` that a write renames to it: hidden, unique to this process, and short
+    whatever the length of `path`'s name (any name the file system takes works), named after a digest of that name
+    so that the files a dead process left can be found (`leftover_temps`)."""
+    path = Path(path)
+    return path.with_name(f"{_temp_stem(path)}{os.getpid()}.tmp")
+
+
+def _temp_stem(path: Path) -> str:
+    return f".dd-{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}-"
+
+
+def leftover_temps(path: Path) -> list[Path]:
+    """The temporary files of `path` that any process left (one that died mid-write)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f"{_temp_stem(path)}*.tmp")) if path.parent.is_dir() else []
+
+
+def write_problem(folder: Path, names=()) -> str | None:
+    """Why nothing can be written in `folder`, or not under one of `names`, found by trying the real operation (as
+    root, `os.access` says yes to a read-only file system or /proc): create the missing folders as a write would,
+    create and remove the temporary file of each name and the name itself (unless it exists: the name is then
+    legal), then remove the folders this made. None when all of it works."""
     folder = Path(os.path.abspath(folder))
     missing, existing = [], folder
-    while not existing.exists():
-        missing.append(existing)
-        existing = existing.parent
+    try:
+        while not existing.exists():
+            missing.append(existing)
+            existing = existing.parent
+    except OSError as e:  # a folder name longer than the file system takes
+        return e.strerror or str(e)
     if not existing.is_dir():
         return f"{existing} is not a folder"
     created: list[Path] = []
@@ -84,9 +109,10 @@ def write_problem(folder: Path) -> str | None:
         for path in reversed(missing):
             path.mkdir()
             created.append(path)
-        fd, probe = tempfile.mkstemp(prefix=".dragondiff-write-check-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        for name in names or ["dragondiff-write-check"]:
+            _try_create(temp_path(folder / name))
+            if not (folder / name).exists():
+                _try_create(folder / name)
         return None
     except OSError as e:  # /proc answers "no such file" for any new name
         return "the file system creates no files there" if e.errno == errno.ENOENT else (e.strerror or str(e))
@@ -96,17 +122,29 @@ def write_problem(folder: Path) -> str | None:
                 path.rmdir()
 
 
+def _try_create(path: Path) -> None:
+    """Create `path` (which does not exist) and remove it again; a signal waits until it is gone."""
+    with signals.deferred():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(path)
+
+
 def check_output(path: Path, overwrite: bool, label: str = "output", image: bool = True, *,
                  exists: str = "exists", probed: dict | None = None, option: str = "-o") -> None:
     """An output path: an image suffix (for images), not a folder, not an existing file unless `overwrite`, and a
-    folder that can be written (tried; `probed` caches the answer per folder across calls). `exists` words the
-    refusal of an existing file; `option` is what the user gives to choose another (-o, --out, TARGET)."""
+    folder where it and its temporary file can be written (tried: `write_problem`; `probed` caches the folder's
+    answer across calls). `exists` words the refusal of an existing file; `option` is what the user gives to choose
+    another (-o, --out, TARGET)."""
     path = Path(path)
     if image and path.suffix.lower() not in IMAGE_SUFFIXES:
         raise InputError(f"{label}: {path} has no image suffix; use one of {', '.join(IMAGE_SUFFIXES)}")
-    if path.is_dir():
+    try:
+        is_dir, is_there = path.is_dir(), path.exists()
+    except OSError as e:  # a name longer than the file system takes
+        raise InputError(f"{label}: cannot write {path} ({e.strerror or e})") from e
+    if is_dir:
         raise InputError(f"{label}: {path} is a folder")
-    if path.exists() and not overwrite:
+    if is_there and not overwrite:
         raise InputError(f"{label}: {path} {exists}; pass --overwrite to replace it or choose another {option}")
     folder = Path(os.path.abspath(path.parent))
     if probed is None or folder not in probed:
@@ -115,6 +153,8 @@ def check_output(path: Path, overwrite: bool, label: str = "output", image: bool
             probed[folder] = problem
     else:
         problem = probed[folder]
+    if not problem:  # the folder takes files: does it take this name?
+        problem = write_problem(folder, [path.name])
     if problem:
         raise InputError(f"{label}: cannot write {path} ({problem})")
 
@@ -401,31 +441,78 @@ def open_model(opts: dict, model: str | None = None) -> Loaded:
     return Loaded(pipe, threads, time.perf_counter() - start)
 
 
-def atomic_write(path: Path, write) -> None:
-    """`write(tmp)` a hidden temporary file beside `path`, then rename it to `path`, so that an interrupted run
-    never leaves a half-written output. On any exception (Ctrl-C and SIGTERM included) the temporary file is
-    removed; a write error names `path` (exit code 2), never the temporary file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
+class StagedFiles:
+    """Files being written under their temporary names (see `staged_files`)."""
+
+    def __init__(self):
+        self.staged: list[tuple[Path, Path]] = []  # (temporary file, path)
+
+    def add(self, path: Path, write) -> None:
+        """`write(tmp)` the file that is to become `path`."""
+        path = Path(path)
+        tmp = temp_path(path)
+        self.staged.append((tmp, path))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+        except OSError as e:
             raise InputError(f"cannot write {path} ({e.strerror or e})") from e
+
+
+@contextlib.contextmanager
+def staged_files():
+    """`with staged_files() as files: files.add(path, write)...`: each file is written as a hidden temporary file
+    beside its path, and once the block has written them all, they are renamed into place in the order given (a
+    signal waits until the last one is there). So an existing file is replaced only once every new file is
+    written, and an interrupted or failed write leaves no temporary file and changes nothing. On a failure
+    among the renames (rare: the file system went away), the new files that replaced nothing are removed again;
+    a file that existed is never removed. A write error names the path, never the temporary file (exit code 2)."""
+    files = StagedFiles()
+    placed: list[tuple[Path, bool]] = []  # (path, whether a file was there before)
+    try:
+        yield files
+        signals.check()  # a signal whose exception was dropped while the files were written: put none in place
+        with signals.deferred():
+            for tmp, path in files.staged:
+                try:
+                    existed = path.exists()
+                    os.replace(tmp, path)
+                except OSError as e:
+                    raise InputError(f"cannot write {path} ({e.strerror or e})") from e
+                placed.append((path, existed))
+    except BaseException:
+        for tmp, _ in files.staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        for path, existed in placed:
+            if not existed:
+                with contextlib.suppress(OSError):
+                    path.unlink()
         raise
 
 
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp)` a temporary file beside `path`, then rename it to `path` (`staged_files` with one file): an
+    interrupted run never leaves a half-written output."""
+    with staged_files() as files:
+        files.add(path, write)
+
+
+def image_writer(image, path: Path):
+    """`write(tmp)` saving `image` in the format of `path`'s suffix."""
+    return lambda tmp: image.save(tmp, format=IMAGE_SUFFIXES[Path(path).suffix.lower()])
+
+
+def json_writer(data: dict):
+    return lambda tmp: tmp.write_text(json.dumps(data, indent=1))
+
+
 def save_image(image, path: Path) -> None:
-    path = Path(path)
-    atomic_write(path, lambda tmp: image.save(tmp, format=IMAGE_SUFFIXES[path.suffix.lower()]))
+    atomic_write(path, image_writer(image, path))
 
 
 def save_json(data: dict, path: Path) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+    atomic_write(path, json_writer(data))
 
 
 def image_key(job: Job) -> str:
@@ -483,6 +570,14 @@ def with_shared_inversions(pipe, jobs: list[Job]):
         del inversions
 
 
+def _written_fields(job: Job) -> dict:
+    """{field: image} for the spec's fields naming a file the job writes (`Job.writes`): the edit reads them from
+    memory."""
+    images = {str(path): image for path, image in job.writes}
+    return {name: images[value] for name, value in job.spec.params.sources()
+            if isinstance(value, str) and value in images}
+
+
 def execute(pipe, job: Job, *, working_size: bool, preview: bool, quiet: bool, threads: int,
             load_seconds: float = 0.0, inversion=None, extra: dict | None = None) -> dict:
     """Run one job: edit, save the image (composited at the input's size unless working_size), sidecar, preview.
@@ -492,39 +587,29 @@ def execute(pipe, job: Job, *, working_size: bool, preview: bool, quiet: bool, t
     from ..output import full_resolution, preview as preview_sheet
     from ..provenance import build_sidecar
 
-    written: list[Path] = []
-
-    def save(image, path: Path) -> None:
-        save_image(image, path)
-        written.append(path)
-
-    try:
-        for path, image in job.writes:
-            save(image, path)
-        if inversion is None:
-            result = pipe.edit(job.spec, progress=not quiet)
-        else:  # the sidecar names the image file, not the in-memory inversion
-            result = pipe.edit(replace(job.spec, image=inversion), progress=not quiet)
-            result.spec = replace(result.spec, image=job.spec.image)
-        start = time.perf_counter()
-        image = result.image if working_size else full_resolution(result, job.spec.image)
-        save(image, job.output)
+    signals.check()  # a signal whose exception was dropped (in a finalizer) stops the run before each edit
+    from_memory = _written_fields(job)
+    spec = replace(job.spec, **from_memory, image=job.spec.image if inversion is None else inversion)
+    result = pipe.edit(spec, progress=not quiet, callback_on_step_end=lambda *_: signals.check())
+    # the sidecar names the files, not the in-memory inversion and images
+    result.spec = replace(result.spec, image=job.spec.image,
+                          **{name: getattr(job.spec.params, name) for name in from_memory})
+    start = time.perf_counter()
+    image = result.image if working_size else full_resolution(result, job.spec.image)
+    # Every file is written, then all are put in place, the sidecar last: an output with its sidecar is a finished
+    # edit (batch resume relies on it), and a failed or interrupted edit leaves the files that were there.
+    with staged_files() as files:
+        for path, written in job.writes:
+            files.add(path, image_writer(written, path))
+        files.add(job.output, image_writer(image, job.output))
         if preview:
-            save(preview_sheet(result, image), job.preview)  # shows what was saved
+            files.add(job.preview, image_writer(preview_sheet(result, image), job.preview))  # shows what was saved
         seconds = {"load": load_seconds, **result.timings, "save": time.perf_counter() - start,
                    "edit": result.seconds}
         sidecar = build_sidecar(result, pipe, sidecar=job.sidecar, output=job.output,
                                 full_resolution=not working_size, seconds=seconds, threads=threads, extra=extra)
         sidecar["output"]["size"] = list(image.size)
-        # The sidecar is written last: an output with its sidecar is a finished edit (batch resume relies on it).
-        save_json(sidecar, job.sidecar)
-    except BaseException:
-        # Failed or interrupted before its sidecar: remove what this job wrote, so that no file without a sidecar
-        # is left (a later batch would take it for someone else's and refuse to replace it).
-        for path in written:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-        raise
+        files.add(job.sidecar, json_writer(sidecar))
     if not quiet:
         how = "working size" if working_size else f"input size, edited area from {result.size[0]}x{result.size[1]}"
         flags = "".join(f"\n  note: {f}" for f in result.flags)
