@@ -52,6 +52,11 @@ def _readable(path: Path, name: str):
     return io.BytesIO(_STREAMS[key])
 
 
+def upright(im: Image.Image) -> Image.Image:
+    """The image turned the way viewers show it: phones store photos sideways with an EXIF orientation tag."""
+    return ImageOps.exif_transpose(im)
+
+
 def _open_path(value, name: str) -> Image.Image:
     path = Path(value)
     if not path.exists():
@@ -63,8 +68,7 @@ def _open_path(value, name: str) -> Image.Image:
                     f"{name}: {path} is {im.width}x{im.height}; at most {MAX_INPUT_PIXELS:,} pixels are allowed"
                 )
             im.load()
-            # Phones store photos sideways with an EXIF orientation tag; show them the way viewers do.
-            return ImageOps.exif_transpose(im)
+            return upright(im)
     except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{name}: cannot read {path} as an image ({e})") from e
 

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import inspect
 import json
+import os
 import signal
 import threading
 from pathlib import Path
@@ -17,8 +18,9 @@ from ..limits import (DEFAULT_PRESET, DEFAULT_SEED, LIMITS, UPLOAD_FORMATS, UPLO
                       upload_rule)
 from ..presets import PRESETS
 from ..tasks import TASKS
-from .session import (Outputs, Session, UIError, draw_points, editor_image, editor_mask, panel_points,
-                      points_version, read_upload, run_edit, run_fields, status_text, task_preview, ui_fields)
+from .session import (Outputs, Session, UIError, api_list, draw_points, editor_image, editor_mask, panel_points,
+                      points_version, read_upload, run_edit, run_fields, status_text, task_preview, ui_fields,
+                      uploaded_file)
 
 # The largest request the server takes: an accepted image's exports from the page's editor (RGBA PNG, at worst
 # 4 bytes a pixel) or an API upload, which is then refused by its own check with a message naming the limits.
@@ -154,14 +156,20 @@ def _advanced(gr, pipe, info, steps: int) -> dict:
             "guidance_scale": guidance, "energy_scale": energy, **image_prompt}
 
 
+def _whole(value):
+    """A slider's whole number (2.0) as the int the spec takes; any other value as given, for the spec to check."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _options(values: dict) -> dict:
     """run_fields' options from the advanced settings' values (empty CFG / energy: the model's recommended; the
-    image prompt's, where shown)."""
-    options = {"preset": values["preset"], "num_inference_steps": int(values["num_inference_steps"]),
-               "seed": int(values["seed"] or 0), "max_resolution": int(values["max_resolution"])}
+    image prompt's, where shown). Values are passed on as given: the spec checks each, naming it."""
+    options = {"preset": values["preset"], "num_inference_steps": _whole(values["num_inference_steps"]),
+               "seed": _whole(values["seed"] if values["seed"] is not None else 0),
+               "max_resolution": _whole(values["max_resolution"])}
     for name in ("guidance_scale", "energy_scale", "ip_scale"):
         if values.get(name) is not None:
-            options[name] = float(values[name])
+            options[name] = values[name]
     if values.get("image_prompt") is not None:
         if values["image_prompt"] not in IMAGE_PROMPT_CHOICES:
             raise UIError(f"image_prompt: expected one of {list(IMAGE_PROMPT_CHOICES)}, got {values['image_prompt']!r}")
@@ -396,10 +404,53 @@ def _mask_upload(path, name: str) -> np.ndarray:
     return read_upload(path, name).max(-1) > 127
 
 
-def _api_endpoint(gr, pipe, info, steps: int, session: Session, outputs: Outputs) -> None:
+def _file_paths(value) -> list:
+    """The paths of the files (Gradio FileData: a dict with a "path") anywhere in an event's input or output."""
+    from gradio_client import utils as client_utils
+
+    found = []
+    client_utils.traverse(value, lambda d: found.append(d["path"]) or d, client_utils.is_file_obj)
+    return found
+
+
+def _blocks_class():
+    """gr.Blocks whose events take files only as this server's uploads and record each session's files.
+
+    Gradio itself refuses a path outside its upload folder, but only after its own checks: it fetches a URL given
+    as a file (any public host, unbounded), accepts any file in the machine-wide upload folder (other apps',
+    earlier runs'), and its refusal is an unnamed error with a traceback in the log. Here every file of every
+    event is checked first, by the parameter's name, against this server's own upload folder (see `launch`)."""
+    import gradio as gr
+
+    class AppBlocks(gr.Blocks):
+        param_names: dict  # component id -> the API parameter it is
+
+        async def process_api(self, block_fn, inputs, *args, **kwargs):
+            fn = self.fns[block_fn] if isinstance(block_fn, int) else block_fn
+            received = []
+            for block, value in zip(fn.inputs, inputs):
+                name = getattr(self, "param_names", {}).get(block._id) or getattr(block, "label", None) or "file"
+                for path in _file_paths(value):
+                    try:
+                        received.append(uploaded_file(path, self.GRADIO_CACHE, name))
+                    except UIError as e:
+                        raise _ui_error(gr, e) from None
+            out = await super().process_api(block_fn, inputs, *args, **kwargs)
+            session = kwargs.get("session_hash")
+            outputs = getattr(self, "dragondiff_outputs", None)
+            if session and outputs is not None:
+                outputs.track(session, received + _file_paths(out.get("data")))
+            return out
+
+    return AppBlocks
+
+
+def _api_endpoint(gr, app, pipe, info, steps: int, session: Session, outputs: Outputs) -> None:
     """`/<task>`: the task's fields as parameters (image, mask, its clicked fields as values, reference, its own
     fields, prompt, settings), the full-size result and a status line back. Hidden components: only the API uses
-    them. Images arrive as files, checked (bytes, format and pixels from the header) before they are decoded."""
+    them. Images arrive as uploaded files, checked (bytes, format and pixels from the header) before they are
+    decoded. The values reach `edit` as the client sent them (no Gradio preprocessing): the spec checks each,
+    naming the parameter."""
     task, ui = info.name, info.ui
     names = ["image"] + (["mask"] if ui.mask_on_image else []) + (
         ["reference", "reference_mask"] if info.images == 2 else ["reference"] if ui.reference_upload else [])
@@ -414,16 +465,31 @@ def _api_endpoint(gr, pipe, info, steps: int, session: Session, outputs: Outputs
 
     components = {**images, **own, **values, "prompt": prompt, **advanced}
     names = list(components)
+    app.param_names.update({c._id: name for name, c in components.items()})
+
+    def upload(value, name: str):
+        """An image parameter's file: Gradio's FileData of an upload (AppBlocks has checked where it lies)."""
+        if not (isinstance(value, dict) and isinstance(value.get("path"), str)):
+            raise UIError(f"{name}: expected an uploaded file (gradio_client: handle_file(path)), "
+                          f"got {type(value).__name__}")
+        return value["path"]
 
     def edit(*args):
         data = dict(zip(names, args))
         try:
             if data["image"] is None:
                 raise UIError("image: give the image to edit")
-            image = read_upload(data["image"], "image")
-            fields = {name: (_mask_upload(data[name], name) if name.endswith("mask") else
-                             read_upload(data[name], name) if name in images else data[name])
-                      for name in [*images, *values] if name != "image" and data[name] is not None}
+            image = read_upload(upload(data["image"], "image"), "image")
+            fields = {}
+            for name in [*images, *values]:
+                value = data[name]
+                if name == "image" or value is None:
+                    continue
+                if name in images:
+                    path = upload(value, name)
+                    fields[name] = _mask_upload(path, name) if name.endswith("mask") else read_upload(path, name)
+                else:
+                    fields[name] = api_list(value, name) if ui.api_fields[name] == "json" else value
             fields.update(ui_fields(task, {name: data[name] for name in own}))
             out, status_, _ = run_fields(pipe, session, task, image, fields, outputs=outputs, owner=API_OWNER,
                                          prompt=data["prompt"] or "", options=_options(data))
@@ -437,8 +503,9 @@ def _api_endpoint(gr, pipe, info, steps: int, session: Session, outputs: Outputs
                           **({} if name == "image" else {"default": component.value}))
         for name, component in components.items()])
     trigger = gr.Button(visible=False)
+    # preprocess=False: Gradio's own range and choice checks name no parameter and log a traceback
     trigger.click(edit, list(components.values()), [result, status], api_name=task, api_description=info.doc,
-                  concurrency_id="edit")
+                  concurrency_id="edit", preprocess=False)
 
 
 def build_app(pipe, *, steps: int = 50, outputs: Outputs | None = None):
@@ -450,7 +517,9 @@ def build_app(pipe, *, steps: int = 50, outputs: Outputs | None = None):
     outputs = outputs or Outputs()
     examples = example_scenes()
     reference_image = example_reference()
-    with gr.Blocks(title="dragondiff") as app:
+    with _blocks_class()(title="dragondiff") as app:
+        app.param_names = {}
+        app.dragondiff_outputs = outputs
         gr.Markdown("## dragondiff: DragonDiffusion drag-style editing\n"
                     f"Model: `{pipe.model_id or 'in-memory'}`. Brush the mask on the image, click points, Run. "
                     "The inversion of an image is computed once and reused by every further edit of it.")
@@ -465,13 +534,12 @@ def build_app(pipe, *, steps: int = 50, outputs: Outputs | None = None):
         with gr.Column(visible=False):
             for info in TASKS.values():
                 if info.ui is not None:
-                    _api_endpoint(gr, pipe, info, steps, api_session, outputs)
+                    _api_endpoint(gr, app, pipe, info, steps, api_session, outputs)
 
         def session_ended(request: gr.Request):
             outputs.end_session(request.session_hash)
 
         app.unload(session_ended)
-    app.dragondiff_outputs = outputs
     return app
 
 
@@ -481,16 +549,30 @@ def _interrupt(signum, frame):
 
 def launch(pipe, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, steps: int = 50,
            quiet: bool = False, block: bool = True):
-    """Serve the app; with block=False return it running (close it with `app.close()`). The edits' folders are
-    removed when the server stops (Ctrl-C, SIGTERM, `app.close()`) and, failing that, at exit."""
-    app = build_app(pipe, steps=steps)
-    outputs = app.dragondiff_outputs
-    atexit.register(outputs.close)
+    """Serve the app; with block=False return it running (close it with `app.close()`). The app's folder (Gradio's
+    uploads and cache, the edits' folders) is removed when the server stops (Ctrl-C, SIGTERM, `app.close()`) and,
+    failing that, at exit."""
+    outputs = Outputs()
+    # Gradio's uploads and cache in this server's own folder (Gradio reads GRADIO_TEMP_DIR when the app is built
+    # and at each request): only this server's uploads are inputs, and they go with it.
+    cache, previous = str(outputs.cache_folder()), os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = cache
+    app = build_app(pipe, steps=steps, outputs=outputs)
+
+    def close():
+        outputs.close()
+        if os.environ.get("GRADIO_TEMP_DIR") == cache:  # (unless a later server of this process set its own)
+            if previous is None:
+                os.environ.pop("GRADIO_TEMP_DIR")
+            else:
+                os.environ["GRADIO_TEMP_DIR"] = previous
+
+    atexit.register(close)
 
     @contextlib.asynccontextmanager
     async def lifespan(_server):
         yield
-        outputs.close()
+        close()
 
     # One edit at a time: the model is shared and an edit's memory bank lives on its UNet for the edit's duration.
     app.queue(default_concurrency_limit=1, max_size=64)
@@ -502,5 +584,5 @@ def launch(pipe, *, host: str = "127.0.0.1", port: int = 7860, share: bool = Fal
                    prevent_thread_lock=not block)
     finally:
         if block:
-            outputs.close()
+            close()
     return app

@@ -3,8 +3,11 @@ edit with a reused inversion, and the per-session history. `app.py` only lays th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import re
 import shutil
 import tempfile
 import threading
@@ -15,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..inputs import pil_to_rgb
-from ..limits import UPLOAD_FORMATS, UPLOAD_MAX_BYTES, UPLOAD_MAX_PIXELS, upload_rule
+from ..inputs import pil_to_rgb, upright
+from ..limits import UPLOAD_FORMATS, UPLOAD_MAX_BYTES, UPLOAD_MAX_PIXELS, check, check_prompt, upload_rule
 from ..output import draw_arrow, full_resolution, overlay
 from ..spec import EditSpec
 from ..tasks import TASKS
@@ -34,11 +37,14 @@ class UIError(ValueError):
 # ------------------------------------------------------------------------------------------ reading inputs
 
 def upload_problem(name: str, file: str, *, nbytes: int | None = None, format: str | None = None,
-                   size: tuple[int, int] | None = None) -> str | None:
+                   size: tuple[int, int] | None = None, pixels: int | None = None) -> str | None:
     """Why an upload is refused (None: accepted), naming the upload and what is accepted. `format` is PIL's name
-    of the file's format ("" when it is not an image), `size` its (width, height) from the header."""
+    of the file's format ("" when it is not an image), `size` its (width, height) from the header, `pixels` its
+    pixel count where only that is known (PIL's decompression-bomb guard names no size)."""
     if nbytes is not None and nbytes > UPLOAD_MAX_BYTES:
         what = f"is {nbytes / 1e6:.1f} MB"
+    elif pixels is not None and pixels > UPLOAD_MAX_PIXELS:
+        what = f"is {pixels / 1e6:.1f} megapixels"
     elif format is not None and format not in UPLOAD_FORMATS:
         what = f"is not an image ({format} file)" if format else "is not an image"
     elif size is not None and size[0] * size[1] > UPLOAD_MAX_PIXELS:
@@ -48,25 +54,57 @@ def upload_problem(name: str, file: str, *, nbytes: int | None = None, format: s
     return f"{name}: {file} {what}; {upload_rule()}"
 
 
+def _bomb_pixels(error: Exception) -> int | None:
+    """The pixel count PIL's DecompressionBombError names ("Image size (N pixels) exceeds limit ...")."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return int(found.group(1)) if found else None
+
+
 def read_upload(path, name: str = "image") -> np.ndarray:
     """An uploaded image file as RGB uint8, checked before it is decoded: its size in bytes, then its format and
-    pixels from the header (PIL's lazy open reads no pixel data), then converted from any mode as the CLI does."""
+    pixels from the header (PIL's lazy open reads no pixel data), then turned by its EXIF orientation and converted
+    from any mode as the CLI does."""
     path = Path(path)
     problem = upload_problem(name, path.name, nbytes=path.stat().st_size)
     if problem:
         raise UIError(problem)
     try:
         im = Image.open(path)
-    except (OSError, Image.DecompressionBombError):
+    except Image.DecompressionBombError as e:  # far over our pixel limit: said as the pixel limit says it
+        raise UIError(upload_problem(name, path.name, pixels=_bomb_pixels(e) or UPLOAD_MAX_PIXELS + 1)) from None
+    except OSError:
         raise UIError(upload_problem(name, path.name, format="")) from None
     with im:
         problem = upload_problem(name, path.name, format=im.format or "", size=im.size)
         if problem:
             raise UIError(problem)
         try:
-            return pil_to_rgb(im, name)[0]
+            return pil_to_rgb(upright(im), name)[0]
         except (OSError, ValueError) as e:
             raise UIError(f"{name}: cannot read {path.name} ({e})") from e
+
+
+def uploaded_file(path, folder, name: str) -> Path:
+    """`path` if it names a file inside `folder` (the server's upload folder) once links and `..` are resolved;
+    anything else (another server path, a link pointing out, a URL) is refused with one message, whether or not
+    such a file exists, and nothing is read or fetched."""
+    real = Path(os.path.realpath(path)) if isinstance(path, str) and "://" not in path else None
+    if real is None or not real.is_relative_to(os.path.realpath(folder)):
+        raise UIError(f"{name}: only files uploaded to this server are read (gradio_client: handle_file(path)); "
+                      "a server path or a URL is refused")
+    return real
+
+
+def api_list(value, name: str) -> list:
+    """An API field given as JSON numbers: a list of numbers or of [x, y] pairs (never a string: the API takes no
+    file names, so nothing is read on the server's behalf)."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not (isinstance(value, list) and all(number(v) or (isinstance(v, list) and all(map(number, v)))
+                                            for v in value)):
+        raise UIError(f"{name}: expected a JSON list of numbers or [x, y] pairs, got {type(value).__name__}")
+    return value
 
 
 def editor_image(value, name: str = "image") -> np.ndarray:
@@ -225,6 +263,8 @@ def ui_fields(task: str, values: dict) -> dict:
     for f in TASKS[task].ui.fields:
         value = values.get(f.name)
         if f.choices:
+            if value is not None and not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+                raise UIError(f"{f.name}: expected a list of {list(f.choices)}, got {type(value).__name__}")
             fields[f.name] = tuple(value or ())
         elif value is not None and str(value).strip():
             fields[f.name] = str(value).strip()
@@ -244,30 +284,59 @@ def _session_name(owner: str) -> str:
 
 
 class Outputs:
-    """The folders an app writes its edits to: one `dragondiff-ui-*` folder in the temp dir per app, one subfolder
-    per session in it (removed when the session ends), an `edit-NNN` folder per edit; the oldest edits' folders
-    are removed once all together pass `cap_bytes`, and `close()` (at shutdown) removes everything."""
+    """The folders an app writes to: one `dragondiff-ui-*` folder in the temp dir per app, holding the web
+    framework's upload and cache folder (`cache_folder`) and one subfolder per session (removed when the session
+    ends) with an `edit-NNN` folder per edit; the oldest edits' folders are removed once all together pass
+    `cap_bytes`. The files a session uploaded or was sent in the cache folder (`track`) are removed when it ends
+    too, and `close()` (at shutdown) removes everything."""
 
     def __init__(self, cap_bytes: int = RESULTS_CAP_BYTES, parent=None):
         self.cap_bytes = cap_bytes
         self.parent = parent
-        self.root: Path | None = None  # made at the first edit
+        self.root: Path | None = None  # made at the first edit (or for the cache folder)
         self._lock = threading.Lock()
+        self._cached: dict[str, set[Path]] = {}  # session -> its files in the cache folder
+
+    def _root(self) -> Path:
+        if self.root is None or not self.root.exists():
+            self.root = Path(tempfile.mkdtemp(prefix="dragondiff-ui-", dir=self.parent))
+        return self.root
 
     def session_folder(self, owner: str) -> Path:
         """The folder of one session (`owner`: the browser session's id); the same id gives the same folder."""
         with self._lock:
-            if self.root is None or not self.root.exists():
-                self.root = Path(tempfile.mkdtemp(prefix="dragondiff-ui-", dir=self.parent))
-            folder = self.root / _session_name(owner)
+            folder = self._root() / _session_name(owner)
             folder.mkdir(exist_ok=True)
             return folder
 
+    def cache_folder(self) -> Path:
+        """The folder the web framework keeps uploads and the files it sends in (Gradio's GRADIO_TEMP_DIR)."""
+        with self._lock:
+            folder = self._root() / "uploads"
+            folder.mkdir(exist_ok=True)
+            return folder
+
+    def track(self, owner: str, paths) -> None:
+        """`paths` (in the cache folder) are files of this session: removed when it ends."""
+        with self._lock:
+            if self.root is None:
+                return
+            folder = Path(os.path.realpath(self.root / "uploads"))
+            files = {Path(os.path.realpath(p)) for p in paths}  # never a file outside the cache folder
+            self._cached.setdefault(owner, set()).update(f for f in files if f.parent.is_relative_to(folder))
+
     def end_session(self, owner: str) -> None:
-        """The session has ended (its page was closed): remove its folder."""
+        """The session has ended (its page was closed): remove its folder and its files in the cache folder (but
+        a file another session also holds: the cache names files by their content)."""
         with self._lock:
             if self.root is not None:
                 shutil.rmtree(self.root / _session_name(owner), ignore_errors=True)
+            kept = set().union(*(files for other, files in self._cached.items() if other != owner))
+            for file in self._cached.pop(owner, set()) - kept:
+                file.unlink(missing_ok=True)
+                if file.parent != Path(os.path.realpath(self.root / "uploads")):
+                    with contextlib.suppress(OSError):  # its folder, once empty (Gradio's: one per file)
+                        file.parent.rmdir()
 
     def trim(self, keep: Path | None = None) -> list[Path]:
         """Remove the oldest edit folders (never `keep`) until all of them together fit in cap_bytes."""
@@ -300,6 +369,7 @@ class Outputs:
             if self.root is not None:
                 shutil.rmtree(self.root, ignore_errors=True)
                 self.root = None
+            self._cached.clear()
 
 
 @dataclass
@@ -385,8 +455,12 @@ def run_fields(pipe, session: Session, task: str, image: np.ndarray, fields: dic
     from ..provenance import build_sidecar
 
     options = dict(options or {})
-    steps = int(options.pop("num_inference_steps"))
-    resolution = int(options.pop("max_resolution"))
+    try:  # checked (and named) before the inversion uses them
+        steps = check("num_inference_steps", options.pop("num_inference_steps"))
+        resolution = check("max_resolution", options.pop("max_resolution"))
+        prompt = check_prompt(prompt)
+    except (TypeError, ValueError) as e:
+        raise UIError(str(e)) from e
     # the prompt goes with the inversion, which the spec's edit then uses; a task that edits a crop it makes from
     # the photo (TaskInfo.frame) takes the photo and its prompt, and inverts the crop in its edit
     framed = TASKS[task].frame is not None
