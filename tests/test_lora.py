@@ -246,3 +246,87 @@ def test_sdxl_lora_on_both_text_encoders():
         xl.unload_lora_weights()
         with torch.no_grad():
             assert torch.equal(bb.eps(z, 500, bb.condition(["a"], (128, 128))), base)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+def cli(*args):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "dragondiff"
+    exe = str(exe) if exe.exists() else shutil.which("dragondiff")
+    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def scene_files(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("cli")
+    img, disc, _ = make_scene()
+    Image.fromarray(img).save(root / "scene.png")
+    Image.fromarray(disc.astype(np.uint8) * 255).save(root / "disc.png")
+    return root
+
+
+def test_command_line_refuses_bad_lora_values(scene_files, files):
+    from conftest import TINY_MODEL
+
+    base = ["move", scene_files / "scene.png", "--mask", scene_files / "disc.png", "--model", TINY_MODEL,
+            "--threads", "1", "-q", "--offset", "16,0", "--steps", "2", "--max-resolution", "128",
+            "-o", scene_files / "never.png"]
+    (scene_files / "empty").mkdir(exist_ok=True)
+    for value, says in [(f"{files['a']}:abc", "SCALE 'abc' is not a number"), (f"{files['a']}:nan", "finite"),
+                        (scene_files / "missing.safetensors", "no such file"),
+                        (scene_files / "empty", "holds no LoRA weights")]:
+        out = cli(*base, "--lora", value)
+        assert out.returncode == 2 and "--lora" in out.stderr and says in out.stderr, (value, out.stderr)
+        assert "Traceback" not in out.stderr
+    out = cli(*base, "--lora", files["xl"])  # loads the model, then refuses the file by name
+    assert out.returncode == 2 and "--lora" in out.stderr and "does not fit this SD1.x model" in out.stderr
+    assert not (scene_files / "never.png").exists()
+    out = cli("info", "--json", "--lora", f"{files['kohya']}:0.5")
+    assert out.returncode == 0, out.stderr
+    import json
+
+    lora = json.loads(out.stdout)["loras"][0]
+    assert lora["layout"] == "kohya" and lora["scale"] == 0.5 and lora["parts"] == ["te", "unet"]
+
+
+def test_sidecar_records_loras_and_run_reapplies_them(scene_files, tmp_path):
+    import json
+
+    from conftest import TINY_MODEL
+
+    lora = write_peft_lora(tmp_path, seed=5, name="style.safetensors")
+    common = ["--model", TINY_MODEL, "--threads", "1", "-q", "--steps", "2", "--max-resolution", "128"]
+    out = cli("move", scene_files / "scene.png", "--mask", scene_files / "disc.png", "--offset", "16,0",
+              "--lora", f"{lora}:0.8", "-o", tmp_path / "with.png", *common)
+    assert out.returncode == 0, out.stderr
+    out = cli("move", scene_files / "scene.png", "--mask", scene_files / "disc.png", "--offset", "16,0",
+              "-o", tmp_path / "without.png", *common)
+    assert out.returncode == 0, out.stderr
+    from PIL import Image
+
+    read = lambda p: np.asarray(Image.open(p))  # noqa: E731
+    assert not np.array_equal(read(tmp_path / "with.png"), read(tmp_path / "without.png"))
+    side = json.loads((tmp_path / "with.json").read_text())
+    (record,) = side["model"]["loras"]
+    assert record["file"] == "style.safetensors" and record["scale"] == 0.8 and record["fused"] is False
+    assert len(record["sha256"]) == 64
+    assert "loras" not in json.loads((tmp_path / "without.json").read_text())["model"]
+    out = cli("run", tmp_path / "with.json", "-o", tmp_path / "again.png", "--threads", "1", "-q")
+    assert out.returncode == 0, out.stderr
+    assert np.array_equal(read(tmp_path / "again.png"), read(tmp_path / "with.png"))
+    write_peft_lora(tmp_path, seed=6, name="style.safetensors")  # the file changes
+    out = cli("run", tmp_path / "with.json", "-o", tmp_path / "changed.png", "--threads", "1", "-q")
+    assert out.returncode == 2 and "style.safetensors changed since the sidecar was written" in out.stderr
+    assert not (tmp_path / "changed.png").exists()
+    out = cli("run", tmp_path / "with.json", "-o", tmp_path / "anyway.png", "--threads", "1",
+              "--lora", f"{lora}:0.5")
+    assert out.returncode == 0 and "other LoRAs than the sidecar recorded" in out.stderr, out.stderr
