@@ -330,3 +330,37 @@ def test_sidecar_records_loras_and_run_reapplies_them(scene_files, tmp_path):
     out = cli("run", tmp_path / "with.json", "-o", tmp_path / "anyway.png", "--threads", "1",
               "--lora", f"{lora}:0.5")
     assert out.returncode == 0 and "other LoRAs than the sidecar recorded" in out.stderr, out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ from_pipe
+
+def test_from_pipe_shares_storage_and_edits_like_from_pretrained(files):
+    """A diffusers pipeline's modules go to the DragonPipeline as they are (same data pointers, its LoRAs with
+    them), and an edit equals one by a DragonPipeline loaded from the same folder."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    from conftest import TINY_MODEL
+    from dragondiff import DragonPipeline
+
+    sd = StableDiffusionPipeline.from_pretrained(TINY_MODEL, safety_checker=None, requires_safety_checker=False,
+                                                 local_files_only=True)
+    dragon = DragonPipeline.from_pipe(sd)
+    for part in ("unet", "vae", "text_encoder"):
+        mine, theirs = getattr(dragon, part), getattr(sd, part)
+        assert mine is theirs
+        assert all(a.data_ptr() == b.data_ptr() for a, b in zip(mine.parameters(), theirs.parameters()))
+    assert dragon.model_id == str(TINY_MODEL)
+    loaded = DragonPipeline.from_pretrained(TINY_MODEL, local_files_only=True, device="cpu", dtype=torch.float32)
+    img, disc, _ = make_scene()
+    a = dragon.move(img, disc, offset=(16, 0), **FAST)
+    b = loaded.move(img, disc, offset=(16, 0), **FAST)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    # the img2img pipeline of the same modules, with a LoRA loaded by diffusers: it comes along
+    i2i = StableDiffusionImg2ImgPipeline(**sd.components)
+    i2i.load_lora_weights(str(files["a"].parent), adapter_name="gen")
+    shared = DragonPipeline.from_pipe(i2i)
+    assert [r["adapter_name"] for r in shared.loras] == ["gen"] and shared.loras[0]["path"] is None
+    with_lora = shared.move(img, disc, offset=(16, 0), **FAST)
+    assert not np.array_equal(np.asarray(with_lora.image), np.asarray(a.image))
+    with pytest.raises(TypeError, match="pipeline: expected a loaded diffusers"):
+        DragonPipeline.from_pipe(object())

@@ -123,7 +123,7 @@ def sidecar_model(data: dict) -> dict | None:
                          f"{shown(adapter)}")
     loras = model.get("loras", [])
     if not isinstance(loras, list) or not all(
-            isinstance(r, dict) and isinstance(r.get("path"), str) and isinstance(r.get("scale"), (int, float))
+            isinstance(r, dict) and isinstance(r.get("path"), (str, type(None))) and isinstance(r.get("scale"), (int, float))
             and not isinstance(r.get("scale"), bool) for r in loras):
         raise ValueError(f'model.loras: expected a list of objects like {{"path": ..., "sha256": ..., "scale": 1.0}}, '
                          f"got {shown(loras)}")

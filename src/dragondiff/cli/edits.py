@@ -229,13 +229,16 @@ def recorded_loras(records: list[dict], opts: dict) -> None:
 
     wanted = next((r["loras"] for r in records if r.get("loras")), [])
     if opts.get("loras"):
-        if [(Path(r["path"]).resolve(), float(r["scale"])) for r in wanted] != \
+        if [(Path(r["path"] or "").resolve(), float(r["scale"])) for r in wanted] != \
                 [(Path(p).resolve(), s) for p, s in opts["loras"]]:
             warnings.warn("--lora: other LoRAs than the sidecar recorded "
-                          f"({', '.join(r.get('file') or r['path'] for r in wanted) or 'none'}); the result may differ",
+                          f"({', '.join(str(r.get('file') or r.get('adapter_name')) for r in wanted) or 'none'}); the result may differ",
                           InputNote, stacklevel=2)
         return
     for lora in wanted:
+        if lora["path"] is None:  # loaded by a diffusers pipeline (from_pipe): no file to re-read
+            raise InputError(f"model.loras: LoRA {lora.get('adapter_name')!r} was loaded in memory, not from a "
+                             "file; give the LoRAs with --lora")
         path = Path(lora["path"])
         if not path.is_file():
             raise InputError(f"model.loras: the sidecar's LoRA {path} is not there; give the LoRAs with --lora")
