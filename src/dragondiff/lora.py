@@ -4,8 +4,8 @@ diffusers reads the file's layout (its own, peft's, or kohya's as civitai files 
 `lora_te_...` with `.alpha`), converts it to its own names (`lora_state_dict`), and peft wraps the targeted Linear
 and Conv layers (`to_q`, `to_k`, ...) with LoRA layers that add `scale * B(A(x))` to the base layer's output. The
 memory bank's and the image prompt's attention processors call `attn.to_q(...)` etc., so they run through the LoRA
-layers unchanged. Fusing adds the weighted deltas into the base weights (plain layers again, no extra matmuls;
-unfusing subtracts them, exact only to rounding). Before anything is added, every key is checked against the
+layers unchanged. Fusing adds the weighted deltas into the base weights (peft's wrappers then call only the base
+layer: no LoRA matmuls, a Python call per layer left); unfusing subtracts them, exact only to rounding. Before anything is added, every key is checked against the
 loaded model: a file for another family, or with missing or misshaped layers, is refused by name.
 
 `LoraSet` is what `DragonPipeline.load_lora_weights` and its siblings use: one per pipeline.

@@ -221,8 +221,8 @@ class DragonPipeline:
         return self.set_lora_scales(scales)
 
     def fuse_lora(self) -> "DragonPipeline":
-        """Add the weighted LoRA deltas into the base weights: plain layers again, so edits cost what they cost
-        without LoRAs (and a compiled UNet runs its usual graphs). Unfusing subtracts them (exact to rounding)."""
+        """Add the weighted LoRA deltas into the base weights: peft's wrappers then run only the base layers (no
+        LoRA matmuls; a compiled UNet is recompiled around them once). Unfusing subtracts them (exact to rounding)."""
         with self.backbone.lock:
             self.lora_set.fuse()
             self._after_lora_change()
