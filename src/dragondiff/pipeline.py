@@ -144,6 +144,109 @@ class DragonPipeline:
         pipe.model_id, pipe.model_path = str(path), Path(path)
         return pipe
 
+    @classmethod
+    def from_pipe(cls, pipeline, *, device=None, dtype=None) -> "DragonPipeline":
+        """A DragonPipeline on the modules of a loaded diffusers pipeline (StableDiffusionPipeline, its img2img,
+        StableDiffusionXLPipeline, ...): the same UNet, VAE, text encoder(s) and tokenizer(s) objects, no tensor
+        copied, with the LoRAs loaded into them; the scheduler's configuration gives the ᾱ table. Generating and
+        editing then share one set of weights. Device and dtype stay the pipeline's unless given."""
+        missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+                   if getattr(pipeline, n, None) is None]
+        if missing:
+            raise TypeError(f"pipeline: expected a loaded diffusers Stable Diffusion pipeline (SD1.x, SD2.x, SDXL) "
+                            f"with unet, vae, text_encoder, tokenizer and scheduler; {type(pipeline).__name__} "
+                            f"lacks {', '.join(missing)}")
+        unet = pipeline.unet
+        cls_ = loading.backbone_class(unet.config, pipeline.scheduler.config)
+        extra = {"text_encoder_2": getattr(pipeline, "text_encoder_2", None),
+                 "tokenizer_2": getattr(pipeline, "tokenizer_2", None)}
+        if cls_.NAME == "SDXL":
+            extra["force_zeros_for_empty_prompt"] = pipeline.config.get("force_zeros_for_empty_prompt", True)
+        backbone = cls_.from_components(unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, **extra)
+        pipe = cls(backbone=backbone, scheduler=pipeline.scheduler,
+                   device=device if device is not None else unet.device,
+                   dtype=dtype if dtype is not None else unet.dtype)
+        source = getattr(pipeline, "name_or_path", None) or pipeline.config.get("_name_or_path")
+        if source:
+            pipe.model_id = str(source)
+            pipe.model_path = Path(source) if Path(source).is_dir() else None
+        return pipe
+
+    # ----------------------------------------------------------------------------------------------- LoRAs
+
+    @property
+    def lora_set(self):
+        """The LoRAs on this pipeline's model (`dragondiff.lora.LoraSet`), made on first use."""
+        from .lora import LoraSet
+
+        if getattr(self, "_lora_set", None) is None or self._lora_set.backbone is not self.backbone:
+            self._lora_set = LoraSet(self.backbone)
+        return self._lora_set
+
+    @property
+    def loras(self) -> list[dict]:
+        """The loaded LoRAs: file, path, sha256, scale, adapter_name, fused (what a sidecar records)."""
+        return self.lora_set.records()
+
+    def load_lora_weights(self, file_or_folder, adapter_name: str | None = None, scale: float = 1.0, *,
+                          allow_pickle: bool = False) -> str:
+        """Add a LoRA to the UNet and text encoder(s) (diffusers' loaders and peft): a file or a folder in diffusers',
+        peft's or kohya's (civitai) layout, weighted by `scale`. Safetensors only unless allow_pickle=True. A file
+        whose layers do not fit this model is refused (ValueError naming it) before anything changes. Returns the
+        adapter name (`adapter_name`, or one made from the file name), which `set_lora_scales` takes."""
+        with self.backbone.lock:
+            lora = self.lora_set.load(file_or_folder, adapter_name, scale, allow_pickle)
+            self._after_lora_change()
+        return lora.name
+
+    def set_lora_scales(self, scales: dict) -> "DragonPipeline":
+        """Weights of loaded LoRAs by adapter name ({"style": 0.8, "subject": 0.5}); the others keep theirs."""
+        with self.backbone.lock:
+            self.lora_set.set_scales(scales)
+            self._after_lora_change()
+        return self
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> "DragonPipeline":
+        """diffusers' spelling: the named LoRAs at these weights (1.0 each when None); the others at 0."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = [1.0] * len(names) if adapter_weights is None else (
+            [adapter_weights] * len(names) if not isinstance(adapter_weights, (list, tuple)) else list(adapter_weights))
+        if len(weights) != len(names):
+            raise ValueError(f"adapter_weights: {len(weights)} weights for {len(names)} adapter names")
+        scales = {n: 0.0 for n in self.lora_set.loras}
+        scales.update(dict(zip(names, weights)))
+        unknown = [n for n in names if n not in self.lora_set.loras]
+        if unknown:
+            raise ValueError(f"adapter_names: no LoRA named {unknown[0]!r}; loaded: {sorted(self.lora_set.loras)}")
+        return self.set_lora_scales(scales)
+
+    def fuse_lora(self) -> "DragonPipeline":
+        """Add the weighted LoRA deltas into the base weights: peft's wrappers then run only the base layers (no
+        LoRA matmuls; a compiled UNet is recompiled around them once). Unfusing subtracts them (exact to rounding)."""
+        with self.backbone.lock:
+            self.lora_set.fuse()
+            self._after_lora_change()
+        return self
+
+    def unfuse_lora(self) -> "DragonPipeline":
+        with self.backbone.lock:
+            self.lora_set.unfuse()
+            self._after_lora_change()
+        return self
+
+    def unload_lora_weights(self, adapter_names=None) -> "DragonPipeline":
+        """Remove all LoRAs (or those named); unfused ones leave the model's weights exactly as they were."""
+        with self.backbone.lock:
+            self.lora_set.unload(adapter_names)
+            self._after_lora_change()
+        return self
+
+    def _after_lora_change(self) -> None:
+        """Compiled blocks hold the layers they were compiled with: compile again around the new ones."""
+        if self.compiled is not None:
+            uncompile_unet(self.backbone.unet)
+            compile_unet(self.backbone.unet, self.compiled)
+
     def to(self, device=None, dtype=None) -> "DragonPipeline":
         """Move / cast every component. Arguments are checked first, and a failed move (e.g. out of memory)
         puts the components back, so the pipeline stays usable as it was."""

@@ -99,6 +99,9 @@ def model_fingerprint(pipe) -> dict:
     prompt = pipe.backbone.image_prompt
     if prompt is not None:
         out["ip_adapter"] = prompt.record()
+    loras = pipe.loras
+    if loras:  # file, path, sha256, scale, adapter name, fused: what `run` re-applies
+        out["loras"] = loras
     return out
 
 
@@ -121,6 +124,12 @@ def sidecar_model(data: dict) -> dict | None:
     for key in ("sha256", "image_encoder", "image_encoder_sha256"):
         if adapter is not None and adapter.get(key) is not None and not isinstance(adapter[key], str):
             raise ValueError(f"model.ip_adapter.{key}: expected a string, got {shown(adapter[key])}")
+    loras = model.get("loras", [])
+    if not isinstance(loras, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("path"), (str, type(None))) and isinstance(r.get("scale"), (int, float))
+            and not isinstance(r.get("scale"), bool) for r in loras):
+        raise ValueError(f'model.loras: expected a list of objects like {{"path": ..., "sha256": ..., "scale": 1.0}}, '
+                         f"got {shown(loras)}")
     return model if model.get("id") is not None else None
 
 

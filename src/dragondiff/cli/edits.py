@@ -218,7 +218,36 @@ def run(specs, output, dry_run, model, **opts):
     use = model if given or not records else records[0]["id"]
     sidecar_model_check(records, use, given)
     recorded_adapter(records, jobs, opts)
+    recorded_loras(records, opts)
     run_jobs(jobs, opts, model=use)
+
+
+def recorded_loras(records: list[dict], opts: dict) -> None:
+    """A sidecar made with LoRAs re-runs with those it recorded (same files, sha256, scales, fused or not) unless
+    --lora is given (then a note if they differ)."""
+    from ..errors import InputNote
+    from ..image_prompt import file_sha256
+
+    wanted = next((r["loras"] for r in records if r.get("loras")), [])
+    if opts.get("loras"):
+        if [(Path(r["path"] or "").resolve(), float(r["scale"])) for r in wanted] != \
+                [(Path(p).resolve(), s) for p, s in opts["loras"]]:
+            warnings.warn("--lora: other LoRAs than the sidecar recorded "
+                          f"({', '.join(str(r.get('file') or r.get('adapter_name')) for r in wanted) or 'none'}); the result may differ",
+                          InputNote, stacklevel=2)
+        return
+    for lora in wanted:
+        if lora["path"] is None:  # loaded by a diffusers pipeline (from_pipe): no file to re-read
+            raise InputError(f"model.loras: LoRA {lora.get('adapter_name')!r} was loaded in memory, not from a "
+                             "file; give the LoRAs with --lora")
+        path = Path(lora["path"])
+        if not path.is_file():
+            raise InputError(f"model.loras: the sidecar's LoRA {path} is not there; give the LoRAs with --lora")
+        if lora.get("sha256") and file_sha256(path) != lora["sha256"]:
+            raise InputError(f"model.loras: {path} changed since the sidecar was written (sha256 differs); the re-run "
+                             "would not give the same image. Pass --lora to re-run with it anyway")
+    opts["loras"] = tuple((lora["path"], float(lora["scale"])) for lora in wanted)
+    opts["fuse_lora"] = opts.get("fuse_lora") or any(lora.get("fused") for lora in wanted)
 
 
 def recorded_adapter(records: list[dict], jobs: list[Job], opts: dict) -> None:

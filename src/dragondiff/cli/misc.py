@@ -13,7 +13,7 @@ from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET,
 from ..loading import BUNDLED_ID, default_device
 from ..presets import PRESETS
 from ..validate import shown
-from .options import available_threads, int_range, model_options
+from .options import available_threads, int_range, lora_args, model_options
 from .runner import (InputError, atomic_write, check_model_options, check_output, open_model, quiet_third_party,
                      save_image)
 
@@ -56,9 +56,11 @@ def _model_info(model: str) -> dict:
 @click.option("--model", default=BUNDLED_ID, show_default=True, help="the model to describe")
 @click.option("--ip-adapter", default=None, type=click.Path(dir_okay=False),
               help="also describe an IP-Adapter file (variant, tokens, sha256)")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]", callback=lambda c, p, v: lora_args(v),
+              help="also describe LoRA files (layout, tensors, sha256, scale); repeatable")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--debug", is_flag=True, help="show tracebacks")
-def info(model, ip_adapter, as_json, debug):
+def info(model, ip_adapter, loras, as_json, debug):
     import torch
 
     from ..provenance import package_versions
@@ -78,6 +80,8 @@ def info(model, ip_adapter, as_json, debug):
     }
     if ip_adapter is not None:
         data["ip_adapter"] = _adapter_info(ip_adapter)
+    if loras:
+        data["loras"] = [_lora_info(path, scale) for path, scale in loras]
     if as_json:
         click.echo(json.dumps(data, indent=1))
         return
@@ -91,6 +95,24 @@ def info(model, ip_adapter, as_json, debug):
         click.echo(f"model {key}: {value}")
     for key, value in data.get("ip_adapter", {}).items():
         click.echo(f"ip_adapter {key}: {value}")
+    for i, lora in enumerate(data.get("loras", [])):
+        click.echo(f"lora {i}: " + ", ".join(f"{k} {v}" for k, v in lora.items()))
+
+
+def _lora_info(path: str, scale: float) -> dict:
+    """A LoRA file described from its keys (no model loaded): layout, tensors, what it targets, sha256."""
+    from ..image_prompt import file_sha256
+    from ..lora import lora_file, read_file
+
+    try:
+        file = lora_file(path, allow_pickle=True)
+        keys = list(read_file(file)) if file.suffix == ".safetensors" else ["(pickle: not read here)"]
+    except ValueError as e:
+        raise InputError(f"--lora {path}: {str(e).removeprefix('lora: ')}") from e
+    kohya = all(k.startswith("lora_") for k in keys)
+    parts = sorted({k.split("_")[1] if kohya else k.split(".")[0] for k in keys})
+    return {"file": str(file.resolve()), "layout": "kohya" if kohya else "diffusers", "tensors": len(keys),
+            "parts": parts, "scale": scale, "sha256": file_sha256(file)}
 
 
 def _adapter_info(path: str) -> dict:

@@ -60,6 +60,21 @@ OFFSET = OffsetType()
 PAIRS = PairsType()
 
 
+def lora_args(values) -> tuple[tuple[str, float], ...]:
+    """--lora FILE[:SCALE] values as (file, scale), the file checked to exist (usage error naming --lora)."""
+    from ..lora import lora_file, parse_lora_arg
+
+    out = []
+    for text in values:
+        try:
+            path, scale = parse_lora_arg(text)
+            lora_file(path, allow_pickle=True)  # exists, one weights file; a pickle is refused when loaded
+        except ValueError as e:
+            raise click.BadParameter(str(e).removeprefix("lora: "), param_hint="'--lora'") from e
+        out.append((path, scale))
+    return tuple(out)
+
+
 def option_group(*options):
     """One decorator applying several click options, listed in the order --help shows them."""
 
@@ -130,6 +145,12 @@ model_options = option_group(
                       "convert-ip-adapter`. The official and fast presets then use the image prompt"),
     click.option("--image-encoder", default=None,
                  help="the CLIP image encoder of --ip-adapter: a CLIPVisionModelWithProjection folder or hub id"),
+    click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]", callback=lambda c, p, v: lora_args(v),
+                 help="a LoRA on the model (.safetensors, diffusers/peft or kohya/civitai layout; a file or a "
+                      "folder), weighted by SCALE (default 1); repeat for several"),
+    click.option("--fuse-lora", is_flag=True,
+                 help="add the --lora deltas into the weights: edits cost what they cost without LoRAs; results "
+                      "within rounding of the unfused run"),
     click.option("--compile", "compile_unet", is_flag=True,
                  help="run the UNet's transformer blocks compiled (torch.compile, inductor): the first edit at a "
                       "size compiles (minutes on a CPU; cached across runs), later ones are faster; results within "

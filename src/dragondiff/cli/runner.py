@@ -438,7 +438,20 @@ def open_model(opts: dict, model: str | None = None) -> Loaded:
     pipe = load_pipeline(model or opts["model"], opts["config"], opts["device"], opts["dtype"], threads,
                          opts["vae_tiling"], opts.get("ip_adapter"), opts.get("image_encoder"),
                          opts.get("compile_unet", False), opts.get("channels_last", False))
+    apply_loras(pipe, opts.get("loras") or (), opts.get("fuse_lora", False))
     return Loaded(pipe, threads, time.perf_counter() - start)
+
+
+def apply_loras(pipe, loras, fuse: bool = False) -> None:
+    """Load the --lora (file, scale) pairs onto the model (fused into its weights with --fuse-lora); a file that
+    does not fit it is a usage error."""
+    for path, scale in loras:
+        try:
+            pipe.load_lora_weights(path, scale=scale)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"--lora {path}: {str(e).removeprefix('lora: ')}") from e
+    if fuse and loras:
+        pipe.fuse_lora()
 
 
 class StagedFiles:
