@@ -364,3 +364,30 @@ def test_from_pipe_shares_storage_and_edits_like_from_pretrained(files):
     assert not np.array_equal(np.asarray(with_lora.image), np.asarray(a.image))
     with pytest.raises(TypeError, match="pipeline: expected a loaded diffusers"):
         DragonPipeline.from_pipe(object())
+
+
+def test_sidecars_naming_different_loras_are_refused(tmp_path):
+    """`run a.json b.json` never re-runs b with a's LoRAs (probe 4, finding 9, for LoRAs): different recorded LoRAs
+    are refused unless --lora chooses them for all; the same LoRAs are re-applied."""
+    from dragondiff.cli.edits import recorded_loras
+    from dragondiff.cli.runner import InputError
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"x")
+
+    def record(name, scale=1.0):
+        return {"loras": [{"file": f"{name}.safetensors", "path": str(tmp_path / f"{name}.safetensors"),
+                           "sha256": None, "scale": scale, "adapter_name": name, "fused": False}]}
+
+    with pytest.raises(InputError, match="the sidecars name different LoRAs"):
+        recorded_loras([record("a"), record("b")], {})
+    with pytest.raises(InputError, match="the sidecars name different LoRAs"):
+        recorded_loras([record("a"), {}], {})
+    with pytest.raises(InputError, match="the sidecars name different LoRAs"):
+        recorded_loras([record("a"), record("a", 0.5)], {})
+    opts = {}
+    recorded_loras([record("a"), record("a")], opts)
+    assert opts["loras"] == ((str(tmp_path / "a.safetensors"), 1.0),)
+    given = {"loras": ((str(tmp_path / "b.safetensors"), 1.0),)}
+    recorded_loras([record("a"), record("b")], given)  # --lora given: it is used for all (a note says so)
+    assert given["loras"] == ((str(tmp_path / "b.safetensors"), 1.0),)

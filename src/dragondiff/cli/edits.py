@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -222,12 +223,26 @@ def run(specs, output, dry_run, model, **opts):
     run_jobs(jobs, opts, model=use)
 
 
+def check_recorded_file(path: Path, sha256: str | None, field: str, what: str, option: str) -> None:
+    """A file a sidecar recorded (an adapter, a LoRA) must still be there with the same sha256 for the re-run to
+    give the same image; `option` given again overrides it."""
+    from ..image_prompt import file_sha256
+
+    if not path.is_file():
+        raise InputError(f"{field}: the sidecar's {what} {path} is not there; give it with {option}")
+    if sha256 and file_sha256(path) != sha256:
+        raise InputError(f"{field}: {path} changed since the sidecar was written (sha256 differs); pass {option} to "
+                         "re-run with it anyway")
+
+
 def recorded_loras(records: list[dict], opts: dict) -> None:
     """A sidecar made with LoRAs re-runs with those it recorded (same files, sha256, scales, fused or not) unless
     --lora is given (then a note if they differ)."""
     from ..errors import InputNote
-    from ..image_prompt import file_sha256
 
+    recorded = {json.dumps(r.get("loras") or [], sort_keys=True) for r in records}
+    if len(recorded) > 1 and not opts.get("loras"):  # one run loads one set of LoRAs (probe 4, finding 9's rule)
+        raise InputError("spec files: the sidecars name different LoRAs; run them apart or pass --lora")
     wanted = next((r["loras"] for r in records if r.get("loras")), [])
     if opts.get("loras"):
         if [(Path(r["path"] or "").resolve(), float(r["scale"])) for r in wanted] != \
@@ -240,12 +255,7 @@ def recorded_loras(records: list[dict], opts: dict) -> None:
         if lora["path"] is None:  # loaded by a diffusers pipeline (from_pipe): no file to re-read
             raise InputError(f"model.loras: LoRA {lora.get('adapter_name')!r} was loaded in memory, not from a "
                              "file; give the LoRAs with --lora")
-        path = Path(lora["path"])
-        if not path.is_file():
-            raise InputError(f"model.loras: the sidecar's LoRA {path} is not there; give the LoRAs with --lora")
-        if lora.get("sha256") and file_sha256(path) != lora["sha256"]:
-            raise InputError(f"model.loras: {path} changed since the sidecar was written (sha256 differs); the re-run "
-                             "would not give the same image. Pass --lora to re-run with it anyway")
+        check_recorded_file(Path(lora["path"]), lora.get("sha256"), "model.loras", "LoRA", "--lora")
     opts["loras"] = tuple((lora["path"], float(lora["scale"])) for lora in wanted)
     opts["fuse_lora"] = opts.get("fuse_lora") or any(lora.get("fused") for lora in wanted)
 
@@ -254,7 +264,7 @@ def recorded_adapter(records: list[dict], jobs: list[Job], opts: dict) -> None:
     """A sidecar made with an image prompt re-runs with the adapter and image encoder it recorded unless
     --ip-adapter names one; the files must still be there with the same sha256. Sidecars naming different adapters
     (or encoders) are refused, as different models are: one run loads one adapter."""
-    from ..image_prompt import encoder_fingerprint, file_sha256
+    from ..image_prompt import encoder_fingerprint
 
     wanted = [r["ip_adapter"] for r in records if r.get("ip_adapter")]
     if opts.get("ip_adapter") is not None or not wanted or not any(job.spec.image_prompt for job in jobs):
@@ -266,11 +276,7 @@ def recorded_adapter(records: list[dict], jobs: list[Job], opts: dict) -> None:
                          "); run them apart or pass --ip-adapter and --image-encoder")
     adapter = wanted[0]
     path = Path(adapter["file"])
-    if not path.is_file():
-        raise InputError(f"model.ip_adapter: the sidecar's adapter {path} is not there; give it with --ip-adapter")
-    if adapter.get("sha256") and file_sha256(path) != adapter["sha256"]:
-        raise InputError(f"model.ip_adapter: {path} changed since the sidecar was written (sha256 differs); pass "
-                         "--ip-adapter to re-run with it anyway")
+    check_recorded_file(path, adapter.get("sha256"), "model.ip_adapter", "adapter", "--ip-adapter")
     opts["ip_adapter"] = str(path)
     if opts.get("image_encoder") is not None:  # given: it overrides the recorded one
         return
