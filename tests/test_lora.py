@@ -287,7 +287,7 @@ def test_command_line_refuses_bad_lora_values(scene_files, files):
         out = cli(*base, "--lora", value)
         assert out.returncode == 2 and "--lora" in out.stderr and says in out.stderr, (value, out.stderr)
         assert "Traceback" not in out.stderr
-    out = cli(*base, "--lora", files["xl"])  # loads the model, then refuses the file by name
+    out = cli(*base, "--lora", files["xl"])  # refused by name before the model loads (meta UNet, text encoder)
     assert out.returncode == 2 and "--lora" in out.stderr and "does not fit this SD1.x model" in out.stderr
     assert not (scene_files / "never.png").exists()
     out = cli("info", "--json", "--lora", f"{files['kohya']}:0.5")

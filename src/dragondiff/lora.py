@@ -204,6 +204,17 @@ def _layer_problem(model, module_name: str, which: str, tensor: torch.Tensor) ->
     return None
 
 
+def read_fitting(source, backbone, allow_pickle: bool = False) -> tuple[Path, dict, dict | None]:
+    """(file, state dict in diffusers' names, network alphas) of a LoRA that fits `backbone` (anything with its
+    `unet`, `text_encoder`(`_2`) and `NAME`: the loaded model, or the command line's one built on the meta device);
+    a ValueError naming the file otherwise."""
+    path = lora_file(source, allow_pickle=allow_pickle)
+    state, alphas = convert(read_file(path), backbone, path.name)
+    if not check_fits(state, backbone, path.name):
+        raise ValueError(f"lora: {path.name} has no layers of this model")
+    return path, state, alphas
+
+
 def adapter_names(backbone) -> list[str]:
     """The peft adapters present in the model's parts (e.g. loaded by a diffusers pipeline), in load order."""
     names = []
@@ -244,11 +255,7 @@ class LoraSet:
                 raise ValueError(f"adapter_name: expected a name of letters, digits and _, got {adapter_name!r}")
             if adapter_name in self.loras:
                 raise ValueError(f"adapter_name: {adapter_name!r} is already loaded; unload it or pick another name")
-        path = lora_file(source, allow_pickle=allow_pickle)
-        state, alphas = convert(read_file(path), self.backbone, path.name)
-        touched = check_fits(state, self.backbone, path.name)
-        if not touched:
-            raise ValueError(f"lora: {path.name} has no layers of this model")
+        path, state, alphas = read_fitting(source, self.backbone, allow_pickle)
         name = adapter_name or self._free_name(_safe_name(path.stem))
         was_fused = self.fused
         self.unfuse()
