@@ -13,9 +13,9 @@ The eager path stays the default and the reference: the parity tests run it. Wha
   (dynamo still traces the blocks).
 - LoRA layers (peft's wrappers around `to_q` ...) are traced with their block. An unfused LoRA's scale is a Python
   float the graphs are specialised on: a new scale compiles the blocks again (a set of graphs per value, which the
-  recompile limit below bounds). Fused, the wrappers call only their base layers, whose weights are graph inputs: the base
-  matmul alone instead of it plus two LoRA matmuls, a scale and an add, and a scale change (re-fused weights)
-  compiles nothing.
+  recompile limit below bounds). Fused, the wrappers call only their base layers, whose weights are graph inputs:
+  the base matmul alone instead of it plus two LoRA matmuls, a scale and an add, and a scale change (re-fused
+  weights) compiles nothing. `fuse_lora(permanent=True)` removes the wrappers: the graphs of a model without LoRAs.
 - Recompiles are bounded and loud: past RECOMPILE_LIMIT graphs per block signature, torch would otherwise fall back
   to eager in silence; with `fail_on_recompile_limit_hit` it raises, which `CompileError` names.
 

@@ -5,7 +5,8 @@ diffusers reads the file's layout (its own, peft's, or kohya's as civitai files 
 and Conv layers (`to_q`, `to_k`, ...) with LoRA layers that add `scale * B(A(x))` to the base layer's output. The
 memory bank's and the image prompt's attention processors call `attn.to_q(...)` etc., so they run through the LoRA
 layers unchanged. Fusing adds the weighted deltas into the base weights (peft's wrappers then call only the base
-layer: no LoRA matmuls, a Python call per layer left); unfusing subtracts them, exact only to rounding. Before anything is added, every key is checked against the
+layer: no LoRA matmuls, a Python call per layer left; a permanent fuse removes the wrappers too); unfusing
+subtracts them, exact only to rounding. Before anything is added, every key is checked against the
 loaded model: a file for another family, or with missing or misshaped layers, is refused by name.
 
 `LoraSet` is what `DragonPipeline.load_lora_weights` and its siblings use: one per pipeline.
@@ -243,12 +244,19 @@ class LoraSet:
         # them unknown: 1.0 until set.
         self.loras: dict[str, Lora] = {n: Lora(n, None, None, 1.0) for n in adapter_names(backbone)}
         self.fused = False
+        self.permanent = False  # fused and peft's wrappers removed: the LoRAs are part of the weights now
+
+    def check_changeable(self, what: str) -> None:
+        if self.permanent:
+            raise ValueError(f"{what}: the LoRAs were fused permanently (fuse_lora(permanent=True)); load the model "
+                             "again to change them")
 
     # ------------------------------------------------------------------------------------------ loading
 
     def load(self, source, adapter_name: str | None, scale, allow_pickle: bool) -> Lora:
         from .image_prompt import file_sha256
 
+        self.check_changeable("load_lora_weights")
         scale = check_scale(scale, "scale")
         if adapter_name is not None:
             if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z_]\w*", adapter_name):
@@ -309,6 +317,7 @@ class LoraSet:
         if unknown:
             raise ValueError(f"scales: no LoRA named {unknown[0]!r}; loaded: {sorted(self.loras)}")
         checked = {n: check_scale(v, f"scales[{n!r}]") for n, v in scales.items()}
+        self.check_changeable("set_lora_scales")
         was_fused = self.fused
         self.unfuse()
         for n, v in checked.items():
@@ -321,14 +330,20 @@ class LoraSet:
         if self.loras:
             self.host.set_adapters(list(self.loras), [lora.scale for lora in self.loras.values()])
 
-    def fuse(self) -> None:
+    def fuse(self, permanent: bool = False) -> None:
         if self.loras and not self.fused:
             self.host.fuse_lora(components=list(parts(self.backbone)), lora_scale=1.0,
                                 adapter_names=list(self.loras))
             self.fused = True
+        if permanent and self.fused and not self.permanent:
+            # diffusers' unload after a fuse swaps each peft wrapper for its base layer, which holds the fused
+            # weights: a layer is one call again (the wrappers cost 20 % of an edit on the bundled model).
+            self.host.unload_lora_weights()
+            self.permanent = True
 
     def unfuse(self) -> None:
         if self.fused:
+            self.check_changeable("unfuse_lora")
             self.host.unfuse_lora(components=list(parts(self.backbone)))
             self.fused = False
 
@@ -339,6 +354,7 @@ class LoraSet:
         unknown = [n for n in names if n not in self.loras]
         if unknown:
             raise ValueError(f"adapter_names: no LoRA named {unknown[0]!r}; loaded: {sorted(self.loras)}")
+        self.check_changeable("unload_lora_weights")
         was_fused = self.fused
         self.unfuse()
         if set(names) == set(self.loras):

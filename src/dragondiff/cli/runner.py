@@ -511,7 +511,7 @@ def apply_loras(pipe, loras, fuse: bool = False) -> None:
         except (ValueError, TypeError) as e:
             raise InputError(f"--lora {path}: {str(e).removeprefix('lora: ')}") from e
     if fuse and loras:
-        pipe.fuse_lora()
+        pipe.fuse_lora(permanent=True)  # a command never changes its LoRAs: no peft wrappers left to call
 
 
 class StagedFiles:
