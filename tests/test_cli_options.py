@@ -87,6 +87,43 @@ def test_a_fitting_adapter_passes_the_dry_run(scene, run_cli):
     assert code == 0 and "move: valid" in out, err
 
 
+def _lora_files(folder):
+    """Written with safetensors alone (no diffusers pipeline import under the captured streams): an SDXL-shaped LoRA
+    (layers of a second text encoder, 64-wide attention where the tiny SD1 model has 32), a kohya one with a
+    misshaped layer, and one that fits (kohya layout)."""
+    from safetensors.torch import save_file
+    from test_lora import write_kohya_lora
+
+    attn = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
+    save_file({f"unet.{attn}.lora_A.weight": torch.zeros(4, 64), f"unet.{attn}.lora_B.weight": torch.zeros(64, 4),
+               "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+               "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 4)},
+              str(folder / "xl.safetensors"))
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{layer}.lora_down.weight": torch.zeros(4, 48), f"{layer}.lora_up.weight": torch.zeros(32, 4),
+               f"{layer}.alpha": torch.tensor(4.0)}, str(folder / "misshaped.safetensors"))
+    write_kohya_lora(folder / "fits.safetensors")
+
+
+LORA_ROWS = [("xl.safetensors", "is it for another model family?"),
+             ("misshaped.safetensors", "shape (4, 48) for a layer 32 -> 32")]
+
+
+@pytest.mark.parametrize("lora, message", LORA_ROWS, ids=["sdxl", "misshaped"])
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real run"])
+def test_a_lora_that_does_not_fit_is_refused_before_the_model_loads(scene, run_cli, lora, message, dry_run):
+    _lora_files(scene)
+    code, _, err = run_cli(*MOVE, "--lora", f"{lora}:0.5", *(["--dry-run"] if dry_run else []))
+    assert code == 2 and f"--lora {lora}" in err and message in err and "Traceback" not in err, err
+    assert not run_cli.loads  # checked against the UNet built on the meta device, not the loaded model
+
+
+def test_a_fitting_lora_passes_the_dry_run(scene, run_cli):
+    _lora_files(scene)
+    code, out, err = run_cli(*MOVE, "--lora", "fits.safetensors", "--dry-run")
+    assert code == 0 and "move: valid" in out, err
+
+
 def test_batch_dry_run_checks_the_device(scene, run_cli):
     (scene / "specs").mkdir()
     (scene / "specs" / "e.json").write_text('{"task": "move", "image": "../scene.png", "mask": "../disc.png", '

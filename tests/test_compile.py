@@ -92,3 +92,42 @@ def test_compiled_code_is_cached_in_the_users_cache_folder_unless_torch_is_told_
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice wins
     build_tiny_pipeline(seed=0, device="cpu").enable_compile(backend="aot_eager")
     assert compile_cache_dir() == tmp_path / "mine" and cache_dir() == str(tmp_path / "mine")
+
+
+def test_compiled_edits_with_a_lora_match_eager_unfused_fused_and_after_a_scale_change(tmp_path):
+    """LoRA layers inside the compiled blocks: peft's wrappers are traced like the rest of a block. An unfused LoRA's
+    scale is a Python float the graphs are specialised on, so a new scale compiles the blocks again (applied, not a
+    stale graph); a fused LoRA's graphs read only the weights (graph inputs), so re-fusing at a new scale compiles
+    nothing and is still applied."""
+    import torch._dynamo
+
+    from test_lora import write_peft_lora
+
+    torch._dynamo.reset()  # this test's graphs alone count toward the per-block recompile limit
+    lora = write_peft_lora(tmp_path, seed=1)
+    eager = build_tiny_pipeline(seed=0, device="cpu")
+    compiled = build_tiny_pipeline(seed=0, device="cpu").enable_compile(backend="aot_eager")
+    for pipe in (eager, compiled):
+        pipe.load_lora_weights(lora, adapter_name="style", scale=0.8)
+
+    def both():
+        want, got = eager.edit(_move(), progress=False), compiled.edit(_move(), progress=False)
+        assert np.abs(_pixels(got) - _pixels(want)).max() <= 2
+        return _pixels(want), got.compiled["graphs_built"]
+
+    unfused_08, built = both()
+    assert built > 0
+    for pipe in (eager, compiled):
+        pipe.set_lora_scales({"style": 0.3})
+    unfused_03, built = both()
+    assert built > 0  # the new scale recompiled the blocks (documented: fuse to change scales without it)
+    assert np.abs(unfused_03 - unfused_08).max() > 10  # and it was applied
+    for pipe in (eager, compiled):
+        pipe.fuse_lora()
+    fused_03, built = both()
+    assert np.abs(fused_03 - unfused_03).max() <= 2
+    for pipe in (eager, compiled):
+        pipe.set_lora_scales({"style": 0.8})  # unfuse, new scale, fuse again
+    fused_08, built = both()
+    assert built == 0  # fused layers do not read the scale in the graph: nothing recompiled...
+    assert np.abs(fused_08 - unfused_08).max() <= 2  # ...and the new fused weights were used

@@ -121,6 +121,38 @@ def test_fused_equals_unfused_and_unfuse_restores(files):
     assert torch.allclose(predict(pipe), base, atol=1e-5)
 
 
+def test_a_permanent_fuse_keeps_the_fused_weights_without_peft_wrappers_and_refuses_changes(files):
+    """fuse_lora(permanent=True) (what --fuse-lora does): diffusers' unload after the fuse leaves the fused weights
+    in plain layers (an edit costs what it costs without LoRAs); changing the LoRAs then needs a fresh model."""
+    from dragondiff.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0, device="cpu")
+    pipe.load_lora_weights(files["a"], adapter_name="style", scale=0.7)
+    pipe.load_lora_weights(files["kohya"], adapter_name="k", scale=0.5)
+    pipe.fuse_lora()
+    fused = predict(pipe)
+    pipe.fuse_lora(permanent=True)
+    assert torch.equal(predict(pipe), fused)
+    assert not [m for m in pipe.unet.modules() if hasattr(m, "base_layer")]  # no wrapper left to call
+    assert not [m for m in pipe.text_encoder.modules() if hasattr(m, "base_layer")]
+    assert [(r["adapter_name"], r["scale"], r["fused"]) for r in pipe.loras] == [("style", 0.7, True), ("k", 0.5, True)]
+    for change in (pipe.unfuse_lora, lambda: pipe.set_lora_scales({"style": 1.0}), pipe.unload_lora_weights,
+                   lambda: pipe.load_lora_weights(files["b"])):
+        with pytest.raises(ValueError, match="fused permanently .* load the model again"):
+            change()
+    assert torch.equal(predict(pipe), fused)
+
+
+def test_the_fuse_lora_flag_fuses_for_good(files):
+    from dragondiff.cli.runner import apply_loras
+    from dragondiff.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0, device="cpu")
+    apply_loras(pipe, [(str(files["a"]), 0.5)], fuse=True)
+    assert pipe.loras[0]["fused"] is True and pipe.lora_set.permanent
+    assert not [m for m in pipe.unet.modules() if hasattr(m, "base_layer")]
+
+
 def test_two_loras_with_weights_and_a_kohya_file(pipe, files):
     base = predict(pipe)
     try:
@@ -287,7 +319,7 @@ def test_command_line_refuses_bad_lora_values(scene_files, files):
         out = cli(*base, "--lora", value)
         assert out.returncode == 2 and "--lora" in out.stderr and says in out.stderr, (value, out.stderr)
         assert "Traceback" not in out.stderr
-    out = cli(*base, "--lora", files["xl"])  # loads the model, then refuses the file by name
+    out = cli(*base, "--lora", files["xl"])  # refused by name before the model loads (meta UNet, text encoder)
     assert out.returncode == 2 and "--lora" in out.stderr and "does not fit this SD1.x model" in out.stderr
     assert not (scene_files / "never.png").exists()
     out = cli("info", "--json", "--lora", f"{files['kohya']}:0.5")

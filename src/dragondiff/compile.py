@@ -11,6 +11,11 @@ The eager path stays the default and the reference: the parity tests run it. Wha
 - Compiled code is kept across processes in torch's on-disk caches (inductor's FX graph cache and AOTAutograd's
   cache, both on by default), in `compile_cache_dir()`: a later process at the same size skips code generation
   (dynamo still traces the blocks).
+- LoRA layers (peft's wrappers around `to_q` ...) are traced with their block. An unfused LoRA's scale is a Python
+  float the graphs are specialised on: a new scale compiles the blocks again (a set of graphs per value, which the
+  recompile limit below bounds). Fused, the wrappers call only their base layers, whose weights are graph inputs:
+  the base matmul alone instead of it plus two LoRA matmuls, a scale and an add, and a scale change (re-fused
+  weights) compiles nothing. `fuse_lora(permanent=True)` removes the wrappers: the graphs of a model without LoRAs.
 - Recompiles are bounded and loud: past RECOMPILE_LIMIT graphs per block signature, torch would otherwise fall back
   to eager in silence; with `fail_on_recompile_limit_hit` it raises, which `CompileError` names.
 
@@ -139,6 +144,7 @@ def explain_failure(error: BaseException) -> CompileError | None:
 
         limit = torch._dynamo.config.recompile_limit
         return CompileError(f"compiled UNet: torch recompiled a block more than {limit} times (new "
-                            f"shapes or dtypes at every call?) and would have fallen back to eager; run without "
-                            f"--compile, or keep one working size per process ({text[:300]})")
+                            f"shapes or dtypes at every call, or new scales of unfused LoRAs?) and would have "
+                            f"fallen back to eager; run without --compile, keep one working size per process, or "
+                            f"fuse_lora before trying LoRA scales ({text[:300]})")
     return None

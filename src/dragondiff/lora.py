@@ -5,7 +5,8 @@ diffusers reads the file's layout (its own, peft's, or kohya's as civitai files 
 and Conv layers (`to_q`, `to_k`, ...) with LoRA layers that add `scale * B(A(x))` to the base layer's output. The
 memory bank's and the image prompt's attention processors call `attn.to_q(...)` etc., so they run through the LoRA
 layers unchanged. Fusing adds the weighted deltas into the base weights (peft's wrappers then call only the base
-layer: no LoRA matmuls, a Python call per layer left); unfusing subtracts them, exact only to rounding. Before anything is added, every key is checked against the
+layer: no LoRA matmuls, a Python call per layer left; a permanent fuse removes the wrappers too); unfusing
+subtracts them, exact only to rounding. Before anything is added, every key is checked against the
 loaded model: a file for another family, or with missing or misshaped layers, is refused by name.
 
 `LoraSet` is what `DragonPipeline.load_lora_weights` and its siblings use: one per pipeline.
@@ -204,6 +205,17 @@ def _layer_problem(model, module_name: str, which: str, tensor: torch.Tensor) ->
     return None
 
 
+def read_fitting(source, backbone, allow_pickle: bool = False) -> tuple[Path, dict, dict | None]:
+    """(file, state dict in diffusers' names, network alphas) of a LoRA that fits `backbone` (anything with its
+    `unet`, `text_encoder`(`_2`) and `NAME`: the loaded model, or the command line's one built on the meta device);
+    a ValueError naming the file otherwise."""
+    path = lora_file(source, allow_pickle=allow_pickle)
+    state, alphas = convert(read_file(path), backbone, path.name)
+    if not check_fits(state, backbone, path.name):
+        raise ValueError(f"lora: {path.name} has no layers of this model")
+    return path, state, alphas
+
+
 def adapter_names(backbone) -> list[str]:
     """The peft adapters present in the model's parts (e.g. loaded by a diffusers pipeline), in load order."""
     names = []
@@ -232,23 +244,26 @@ class LoraSet:
         # them unknown: 1.0 until set.
         self.loras: dict[str, Lora] = {n: Lora(n, None, None, 1.0) for n in adapter_names(backbone)}
         self.fused = False
+        self.permanent = False  # fused and peft's wrappers removed: the LoRAs are part of the weights now
+
+    def check_changeable(self, what: str) -> None:
+        if self.permanent:
+            raise ValueError(f"{what}: the LoRAs were fused permanently (fuse_lora(permanent=True)); load the model "
+                             "again to change them")
 
     # ------------------------------------------------------------------------------------------ loading
 
     def load(self, source, adapter_name: str | None, scale, allow_pickle: bool) -> Lora:
         from .image_prompt import file_sha256
 
+        self.check_changeable("load_lora_weights")
         scale = check_scale(scale, "scale")
         if adapter_name is not None:
             if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z_]\w*", adapter_name):
                 raise ValueError(f"adapter_name: expected a name of letters, digits and _, got {adapter_name!r}")
             if adapter_name in self.loras:
                 raise ValueError(f"adapter_name: {adapter_name!r} is already loaded; unload it or pick another name")
-        path = lora_file(source, allow_pickle=allow_pickle)
-        state, alphas = convert(read_file(path), self.backbone, path.name)
-        touched = check_fits(state, self.backbone, path.name)
-        if not touched:
-            raise ValueError(f"lora: {path.name} has no layers of this model")
+        path, state, alphas = read_fitting(source, self.backbone, allow_pickle)
         name = adapter_name or self._free_name(_safe_name(path.stem))
         was_fused = self.fused
         self.unfuse()
@@ -302,6 +317,7 @@ class LoraSet:
         if unknown:
             raise ValueError(f"scales: no LoRA named {unknown[0]!r}; loaded: {sorted(self.loras)}")
         checked = {n: check_scale(v, f"scales[{n!r}]") for n, v in scales.items()}
+        self.check_changeable("set_lora_scales")
         was_fused = self.fused
         self.unfuse()
         for n, v in checked.items():
@@ -314,14 +330,20 @@ class LoraSet:
         if self.loras:
             self.host.set_adapters(list(self.loras), [lora.scale for lora in self.loras.values()])
 
-    def fuse(self) -> None:
+    def fuse(self, permanent: bool = False) -> None:
         if self.loras and not self.fused:
             self.host.fuse_lora(components=list(parts(self.backbone)), lora_scale=1.0,
                                 adapter_names=list(self.loras))
             self.fused = True
+        if permanent and self.fused and not self.permanent:
+            # diffusers' unload after a fuse swaps each peft wrapper for its base layer, which holds the fused
+            # weights: a layer is one call again (the wrappers cost 20 % of an edit on the bundled model).
+            self.host.unload_lora_weights()
+            self.permanent = True
 
     def unfuse(self) -> None:
         if self.fused:
+            self.check_changeable("unfuse_lora")
             self.host.unfuse_lora(components=list(parts(self.backbone)))
             self.fused = False
 
@@ -332,6 +354,7 @@ class LoraSet:
         unknown = [n for n in names if n not in self.loras]
         if unknown:
             raise ValueError(f"adapter_names: no LoRA named {unknown[0]!r}; loaded: {sorted(self.loras)}")
+        self.check_changeable("unload_lora_weights")
         was_fused = self.fused
         self.unfuse()
         if set(names) == set(self.loras):

@@ -220,11 +220,14 @@ class DragonPipeline:
             raise ValueError(f"adapter_names: no LoRA named {unknown[0]!r}; loaded: {sorted(self.lora_set.loras)}")
         return self.set_lora_scales(scales)
 
-    def fuse_lora(self) -> "DragonPipeline":
+    def fuse_lora(self, permanent: bool = False) -> "DragonPipeline":
         """Add the weighted LoRA deltas into the base weights: peft's wrappers then run only the base layers (no
-        LoRA matmuls; a compiled UNet is recompiled around them once). Unfusing subtracts them (exact to rounding)."""
+        LoRA matmuls; a compiled UNet is recompiled around them once). Unfusing subtracts them (exact to rounding).
+        `permanent=True` also removes the wrappers (diffusers' unload, which keeps the fused weights): an edit costs
+        what it costs without LoRAs, and the LoRAs can no longer be unfused, re-weighted, unloaded or added to
+        (load the model again for that); `loras` still lists them, fused."""
         with self.backbone.lock:
-            self.lora_set.fuse()
+            self.lora_set.fuse(permanent)
             self._after_lora_change()
         return self
 

@@ -302,6 +302,7 @@ def check_model_options(opts: dict, jobs=(), model: str | None = None) -> None:
     model = model or opts["model"]
     check_model_source(model, opts.get("config"))
     check_ip_options(opts, jobs, model)
+    check_lora_fit(opts.get("loras") or (), model, opts.get("config"))
 
 
 def check_model_source(model: str, config: str | None) -> None:
@@ -372,19 +373,78 @@ def check_adapter_fit(proj: dict, layers: dict, model: str, config: str | None) 
     from diffusers import UNet2DConditionModel
 
     from ..image_prompt import build_layers, build_projection, detect_variant
-    from ..loading import resolve_source
 
     variant, _ = detect_variant(proj)
-    source = config if model.endswith(SINGLE_FILE_SUFFIXES) else resolve_source(model)[0]
-    try:
-        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=True)
-    except (OSError, ValueError, TypeError):
+    unet_config = model_config(model, config, UNet2DConditionModel, "unet")
+    if unet_config is None:
         return
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")  # torch: "copying ... to a meta parameter is a no-op" (the shapes are checked)
         unet = UNet2DConditionModel.from_config(unet_config)
         build_projection(proj, variant, unet.config.cross_attention_dim)
         build_layers(unet, layers)
+
+
+def model_config(model: str, config: str | None, cls, subfolder: str):
+    """The configuration of one of the model's components (`cls`: its diffusers or transformers class) as read
+    without the network; None when it cannot be read here (a hub id not cached: the load checks what it would)."""
+    from ..loading import resolve_source
+
+    source = config if model.endswith(SINGLE_FILE_SUFFIXES) else resolve_source(model)[0]
+    try:
+        if hasattr(cls, "load_config"):  # diffusers
+            return cls.load_config(source, subfolder=subfolder, local_files_only=True)
+        return cls.config_class.from_pretrained(source, subfolder=subfolder, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def meta_model(model: str, config: str | None):
+    """The model's UNet and text encoder(s) built from their configurations on the meta device (no weights, no
+    memory), as a stand-in backbone with the family's NAME for `lora.read_fitting`; None when a configuration cannot
+    be read here."""
+    import types
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..loading import backbone_class
+
+    unet_config = model_config(model, config, UNet2DConditionModel, "unet")
+    if unet_config is None:
+        return None
+    try:
+        cls = backbone_class(unet_config)
+    except ValueError:
+        return None  # check_model_source names the model's layout
+    encoders = {"text_encoder": CLIPTextModel}
+    if cls.NAME == "SDXL":
+        encoders["text_encoder_2"] = CLIPTextModelWithProjection
+    configs = {name: model_config(model, config, c, name) for name, c in encoders.items()}
+    if any(c is None for c in configs.values()):
+        return None
+    with torch.device("meta"):
+        built = {name: encoders[name]._from_config(c) for name, c in configs.items()}
+        return types.SimpleNamespace(NAME=cls.NAME, unet=UNet2DConditionModel.from_config(unet_config),
+                                     text_encoder_2=None, **built)
+
+
+def check_lora_fit(loras, model: str, config: str | None) -> None:
+    """Before loading anything: each --lora file is a LoRA whose layers and shapes fit the model's UNet and text
+    encoder(s), built on the meta device (`meta_model`); the checks `load_lora_weights` makes after the load. Only the
+    file itself is checked when the model's configuration cannot be read here."""
+    from ..lora import lora_file, read_file, read_fitting
+
+    stand_in = meta_model(model, config) if loras else None
+    for path, _ in loras:
+        try:
+            if stand_in is None:
+                read_file(lora_file(path))
+            else:
+                read_fitting(path, stand_in)
+        except ValueError as e:
+            raise InputError(f"--lora {path}: {str(e).removeprefix('lora: ')}") from e
 
 
 def load_pipeline(model: str, config: str | None, device, dtype, threads: int, vae_tiling: bool = False,
@@ -451,7 +511,7 @@ def apply_loras(pipe, loras, fuse: bool = False) -> None:
         except (ValueError, TypeError) as e:
             raise InputError(f"--lora {path}: {str(e).removeprefix('lora: ')}") from e
     if fuse and loras:
-        pipe.fuse_lora()
+        pipe.fuse_lora(permanent=True)  # a command never changes its LoRAs: no peft wrappers left to call
 
 
 class StagedFiles:
