@@ -13,14 +13,14 @@ ROOT = Path(dragondiff.__file__).parent
 # Bottom to top; a module may import its own layer and those below. Within the top layer only the listed
 # directions are allowed: the CLI fronts everything; the web UI, the benchmarks and the trainer stay apart.
 LAYERS = [
-    ("leaves", {"errors", "validate", "limits", "grid", "presets", "result", "documents", "shapes", "shapes.scenes",
+    ("leaves", {"errors", "validate", "limits", "weights", "grid", "presets", "result", "documents", "shapes", "shapes.scenes",
                 "shapes.metrics", "shapes.tokenizer", "shapes.model"}),
     ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone", "backbone_sdxl",
                           "compile", "image_prompt", "face"}),
     ("engine", {"sampler"}),
     ("tasks and description", {"tasks", "tasks.base", "tasks.move", "tasks.drag", "tasks.appearance", "tasks.paste",
                                "tasks.face", "spec"}),
-    ("facade", {"pipeline", "loading", "dragondiff"}),
+    ("facade", {"pipeline", "loading", "lora", "dragondiff"}),
     ("delivery", {"output", "provenance", "dragbench", "tiny"}),
     ("edges", {"cli", "ui", "bench", "train", "__main__"}),
 ]

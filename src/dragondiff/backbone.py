@@ -173,7 +173,7 @@ class SD1Backbone:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from .loading import load_component
+        from .weights import load_component
 
         common = {"local_files_only": local_files_only}
         weights = {"use_safetensors": use_safetensors, **common}

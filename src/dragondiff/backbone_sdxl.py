@@ -79,7 +79,7 @@ class SDXLBackbone(SD1Backbone):
 
         common = {"local_files_only": local_files_only}
         weights = {"use_safetensors": use_safetensors, **common}
-        from .loading import load_component
+        from .weights import load_component
 
         unet = load_component(UNet2DConditionModel, source, "unet", "unet", **weights)
         vae = load_component(AutoencoderKL, source, "vae", "vae", **weights)

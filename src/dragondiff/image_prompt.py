@@ -412,7 +412,7 @@ def load_image_encoder(source: str | Path | None, *, local_files_only: bool = Fa
                                 "or a hub id 'owner/name')")
     if Path(source).is_dir():
         check_encoder_folder(Path(source))
-    from .loading import check_loading_info
+    from .weights import check_loading_info
 
     try:
         encoder, info = CLIPVisionModelWithProjection.from_pretrained(source, local_files_only=local_files_only,
@@ -521,7 +521,7 @@ def encoder_fingerprint(image_encoder) -> str | None:
     folder), so that a sidecar re-run can tell its weights changed; None for a hub id or an in-memory model."""
     if not isinstance(image_encoder, (str, Path)) or not Path(image_encoder).is_dir():
         return None
-    from .provenance import folder_hash
+    from .weights import folder_hash
 
     return folder_hash(Path(image_encoder))
 

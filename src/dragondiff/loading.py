@@ -19,6 +19,7 @@ from .backbone import PREDICTION_TYPES, SD1Backbone, SD2Backbone
 from .backbone_sdxl import SDXLBackbone
 from .limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, LIMITS, check
 from .validate import check_number, shown
+from .weights import check_loading_info
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUNDLED_ID = "dragondiff:shapes"
@@ -96,44 +97,6 @@ CONFIG_FILES = {"model": "config.json", "scheduler": "scheduler_config.json", "t
 # Families of diffusers folders no backbone here runs, by the class of their denoiser (model_index.json).
 OTHER_FAMILIES = {"SD3Transformer2DModel": "an SD3 model", "FluxTransformer2DModel": "a FLUX model",
                   "PixArtTransformer2DModel": "a PixArt model", "SanaTransformer2DModel": "a Sana model"}
-LISTED_KEYS = 5  # keys named in a refusal; the count says how many more
-
-
-def listed(keys, count: int = LISTED_KEYS) -> str:
-    """The first `count` of some keys (sorted) and how many there are in all."""
-    keys = sorted(keys)
-    more = f", ... ({len(keys)} in all)" if len(keys) > count else ""
-    return ", ".join(keys[:count]) + more
-
-
-def load_component(cls, source: str, component: str, subfolder: str | None = None, **kwargs):
-    """`cls.from_pretrained` of one component (diffusers or transformers), refused with the component's name and
-    its first keys when its weights file lacks weights the configuration has, holds others, or leaves any
-    on the meta device: neither library may fill a missing weight with random values (a re-run would differ)."""
-    if subfolder is not None:
-        kwargs["subfolder"] = subfolder
-    model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
-    check_loading_info(model, info, component)
-    return model
-
-
-def check_loading_info(model, info: dict, component: str) -> None:
-    """Refuse a loaded module whose loading report (diffusers' / transformers' `output_loading_info`) lists missing,
-    unexpected or misshaped keys, or which still has weights on the meta device (never loaded)."""
-    problems = []
-    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
-                      ("mismatched_keys", "of another shape")):
-        keys = [k if isinstance(k, str) else str(k[0]) for k in info.get(key) or ()]
-        if keys:
-            problems.append(f"{len(keys)} {what} ({listed(keys)})")
-    meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if meta and not problems:
-        problems.append(f"{len(meta)} never loaded ({listed(meta)})")
-    if problems:
-        raise ValueError(f"{component}: its weights do not match its configuration: " + "; ".join(problems)
-                         + "; refused rather than filled with random values")
-
-
 def model_index(folder: Path) -> dict:
     """A local model folder's model_index.json ({} when it has none or it cannot be read: the folder check
     names what is missing)."""

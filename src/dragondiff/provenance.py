@@ -14,15 +14,14 @@ unless --model is given.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 from .spec import SOURCE_FIELDS
 from .validate import shown
+from .weights import file_hash, folder_hash
 
 SIDECAR_KEY = "dragondiff"
 
@@ -37,32 +36,6 @@ def package_versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-@lru_cache(maxsize=8)
-def _hash_files(paths: tuple[str, ...], stamp: tuple) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def file_hash(paths: list[Path]) -> str:
-    """sha256 over the files' names and bytes (cached per size and mtime: hashing a 4 GB checkpoint takes a while)."""
-    paths = sorted(str(p) for p in paths)
-    stamp = tuple((os.path.getsize(p), os.path.getmtime(p)) for p in paths)
-    return _hash_files(tuple(paths), stamp)
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
-
-
-def folder_hash(folder: Path) -> str:
-    """sha256 of a model folder's weight and config files: the same value in `info` and in sidecars."""
-    return file_hash(sorted(p for p in Path(folder).rglob("*") if p.suffix in WEIGHT_SUFFIXES))
 
 
 def fingerprint(model_id: str | None, path: Path | None = None) -> dict:

@@ -20,7 +20,7 @@ from .runner import (InputError, atomic_write, check_model_options, check_output
 
 def _model_info(model: str) -> dict:
     from ..loading import describe_model, looks_local
-    from ..provenance import file_hash, folder_hash
+    from ..weights import file_hash, folder_hash
 
     out = {"id": model}
     if model == BUNDLED_ID:
