@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 import shutil
-import time
 
 import pytest
 import torch
@@ -105,7 +104,7 @@ def test_weights_left_on_the_meta_device_are_refused():
 
 
 def test_cli_refuses_missing_weights_at_load_with_exit_code_2(tmp_path):
-    """Finding 7: the command line refuses at load, with exit code 2 and in seconds (before any step runs)."""
+    """Finding 7: the command line refuses at load, with exit code 2, naming the component (before any step runs)."""
     from PIL import Image
 
     from conftest import make_scene
@@ -116,13 +115,11 @@ def test_cli_refuses_missing_weights_at_load_with_exit_code_2(tmp_path):
     img, disc, _ = make_scene()
     Image.fromarray(img).save(tmp_path / "scene.png")
     Image.fromarray(disc.astype("uint8") * 255).save(tmp_path / "disc.png")
-    start = time.perf_counter()
     out = cli("move", tmp_path / "scene.png", "--mask", tmp_path / "disc.png", "--offset", "8,0", "--model", folder,
               "--steps", "50", "--threads", "1", "-o", tmp_path / "x.png")
     assert out.returncode == 2, out.stderr
     assert "vae: its weights do not match its configuration: 18 missing (decoder.up_blocks.0." in out.stderr
     assert "Traceback" not in out.stderr and "meta" not in out.stderr and not (tmp_path / "x.png").exists()
-    assert time.perf_counter() - start < 60  # the 50 steps never start
 
 
 def test_cli_names_other_model_files(tmp_path):

@@ -120,7 +120,6 @@ def test_a_name_too_long_is_refused_before_the_model_by_its_path(tmp_path):
     long likewise."""
     _scene(tmp_path)
     name = "P" * 246 + ".png"
-    start = time.perf_counter()
     res = cli("move", "scene.png", "--mask", "disc.png", "--offset", "16,0", "-o", name, "--preview", *FAST,
               "--model", tmp_path / "no-such-model", cwd=tmp_path)  # refused before the model is looked at
     assert res.returncode == 2, res.stderr
@@ -130,7 +129,6 @@ def test_a_name_too_long_is_refused_before_the_model_by_its_path(tmp_path):
     res = cli("move", "scene.png", "--mask", "disc.png", "--offset", "16,0", "-o", name, *FAST, cwd=tmp_path)
     assert res.returncode == 2 and f"cannot write {'L' * 251}.json (File name too long)" in res.stderr, res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disc.png", "scene.png"]
-    assert time.perf_counter() - start < 60
 
 
 def test_check_output_names_a_name_too_long(tmp_path):
