@@ -26,7 +26,7 @@ def test_explicit_forward_is_the_stock_unet(tiny_pipe):
     for h in hooks:
         h.remove()
     with torch.no_grad():
-        assert torch.equal(bb.eps(z, 321, cond), stock.float())
+        assert torch.equal(bb.predict(z, 321, cond), stock.float())
         hook = bb.unet.up_blocks[3].register_forward_hook(lambda *a: later.append(1))
         feats = bb.features(z, 321, cond)
         hook.remove()
@@ -59,7 +59,7 @@ def test_sd1_backbone_refuses_image_tokens_it_cannot_read(tiny_pipe):
     bb = tiny_pipe.backbone
     cond = bb.condition(["x"])
     with pytest.raises(ValueError, match=r"image tokens given, but no image prompt \(IP-Adapter\) is loaded"):
-        bb.eps(torch.zeros(1, 4, 8, 8), 10, Conditioning(cond.text, image_tokens=torch.zeros(1, 4, 32)))
+        bb.predict(torch.zeros(1, 4, 8, 8), 10, Conditioning(cond.text, image_tokens=torch.zeros(1, 4, 32)))
 
 
 def test_bank_processors_are_installed_once_and_read_the_edit_controller(tiny_pipe, scene):
@@ -68,7 +68,7 @@ def test_bank_processors_are_installed_once_and_read_the_edit_controller(tiny_pi
     with bb.memory_bank(controller):
         procs = [p for n, p in bb.unet.attn_processors.items() if ".attn1." in n and n.startswith("up_blocks")]
         assert procs and all(isinstance(p, BankAttnProcessor) and p.slot.controller is controller for p in procs)
-        assert install_bank_processors(bb.unet, bb._bank) is None  # already there: nothing reinstalled
+        assert install_bank_processors(bb.unet, bb._bank, bb.bank_layers) is None  # already there: nothing reinstalled
         inner = BankController(MemoryBank(torch.device("cpu")))
         with bb.memory_bank(inner):  # re-entrant (same thread): the inner controller rules inside
             assert all(p.slot.controller is inner for p in procs)

@@ -13,7 +13,6 @@ from dragondiff import DragonPipeline
 from dragondiff.backbone import SD2Backbone
 from dragondiff.backbone_sdxl import SDXLBackbone
 from dragondiff.loading import backbone_class
-from dragondiff.sampler import ddim_step, predict_x0
 from dragondiff.tiny import build_tiny_components, build_tiny_pipeline, save_tiny_model
 
 LAYOUTS = ("sd2", "sd2-v", "sdxl")
@@ -58,12 +57,12 @@ def test_v_prediction_conversions_agree_with_diffusers(v_pipe):
     with torch.no_grad():
         for i in (0, 3, 9):
             t = schedule.timesteps[i]
-            v, eps = bb.forward(z, t, cond), bb.eps(z, t, cond)
+            v, eps = bb.forward(z, t, cond), bb.predict(z, t, cond)
             assert not torch.allclose(v, eps, atol=1e-3)
             ref = scheduler.step(v, t, z)
-            a_t, a_prev = schedule.alpha(t), schedule.alpha(schedule.prev(i))
-            assert torch.allclose(predict_x0(z, eps, a_t), ref.pred_original_sample, atol=2e-5, rtol=1e-5)
-            assert torch.allclose(ddim_step(z, eps, a_t, a_prev), ref.prev_sample, atol=2e-5, rtol=1e-5)
+            a_t, a_prev, rule = schedule.levels[i], schedule.levels[i + 1], schedule.rule
+            assert torch.allclose(rule.x0(z, eps, a_t), ref.pred_original_sample, atol=2e-5, rtol=1e-5)
+            assert torch.allclose(rule.step(z, eps, a_t, a_prev), ref.prev_sample, atol=2e-5, rtol=1e-5)
 
 
 def test_sdxl_conditioning_is_diffusers(xl_pipe):
@@ -86,7 +85,7 @@ def test_sdxl_conditioning_is_diffusers(xl_pipe):
     both = type(cond).cat([uncond, cond])
     with torch.no_grad():
         stock = bb.unet(z, 321, encoder_hidden_states=both.text, added_cond_kwargs=both.added).sample
-        assert torch.equal(bb.eps(z, 321, both), stock)
+        assert torch.equal(bb.predict(z, 321, both), stock)
         feats = bb.features(z, 321, both)
     assert [tuple(f.shape[-2:]) for f in feats] == [(6, 8), (12, 16)]  # 1/2 and 1/1 of the latent, as SD1's
     with pytest.raises(ValueError, match="size_hw: SDXL's conditioning needs the working size"):

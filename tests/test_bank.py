@@ -3,22 +3,22 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 from conftest import make_scene
 from dragondiff import inputs as io
 from dragondiff.attention import (CAPTURE, CONCAT, PLAIN, REPLACE, UNION, BankAttnProcessor, BankController,
-                                  MemoryBank, bank_processors, decoder_self_attention_names)
+                                  MemoryBank, bank_processors)
+from dragondiff.backbone import decoder_self_attention_names
 from dragondiff.presets import PAPER
 from dragondiff.grid import Grid
-from dragondiff.sampler import EditState, Guidance, PassCounts, Problem, Schedule, invert, sample
+from dragondiff.sampler import EditState, Guidance, PassCounts, Problem, invert, sample
 from dragondiff.tasks.base import Task
 
 
 def _setup(pipe, steps=50, images=1):
     img, _, _ = make_scene()
     px = torch.from_numpy(io.to_pixels(img)).repeat(images, 1, 1, 1)
-    schedule = Schedule.from_scheduler(DDIMScheduler.from_config(pipe.scheduler_config), steps)
+    schedule = pipe.schedule(steps)
     controller = BankController(MemoryBank(torch.device("cpu")))
     return px, schedule, controller
 
@@ -26,7 +26,7 @@ def _setup(pipe, steps=50, images=1):
 @pytest.fixture(scope="module")
 def inverted(tiny_pipe):
     px, schedule, controller = _setup(tiny_pipe)
-    with bank_processors(tiny_pipe.unet, controller):
+    with bank_processors(tiny_pipe.unet, controller, tiny_pipe.backbone.bank_layers):
         z0 = tiny_pipe.backbone.encode_image(px)
         cond = tiny_pipe.backbone.condition(["a scene"])
         inv = invert(tiny_pipe.backbone, z0, cond, schedule, controller, PassCounts())
@@ -53,17 +53,17 @@ def test_bank_off_by_one(tiny_pipe, inverted):
     i = 12
     layer = controller.bank.layers()[4]
     probe = BankController(MemoryBank(torch.device("cpu")))
-    with bank_processors(tiny_pipe.unet, probe), torch.no_grad(), probe.use(CAPTURE, step=0):
+    with bank_processors(tiny_pipe.unet, probe, tiny_pipe.backbone.bank_layers), torch.no_grad(), probe.use(CAPTURE, step=0):
         tiny_pipe.unet(inv[49 - i], schedule.timesteps[i], encoder_hidden_states=cond.text)
     seen = probe.bank.entries[layer][0][0]
     torch.testing.assert_close(seen, controller.bank.entries[layer][i][0])
-    with bank_processors(tiny_pipe.unet, probe), torch.no_grad(), probe.use(CAPTURE, step=1):
+    with bank_processors(tiny_pipe.unet, probe, tiny_pipe.backbone.bank_layers), torch.no_grad(), probe.use(CAPTURE, step=1):
         tiny_pipe.unet(inv[50 - i], schedule.timesteps[i], encoder_hidden_states=cond.text)
     assert not torch.allclose(probe.bank.entries[layer][1][0], controller.bank.entries[layer][i][0])
 
 
 def _eps(pipe, controller, mode, z, t, cond, step):
-    with bank_processors(pipe.unet, controller), torch.no_grad(), controller.use(mode, step=step):
+    with bank_processors(pipe.unet, controller, pipe.backbone.bank_layers), torch.no_grad(), controller.use(mode, step=step):
         return pipe.unet(z, t, encoder_hidden_states=cond.text).sample
 
 
@@ -87,7 +87,7 @@ def test_union_mode_takes_background_from_base_and_object_from_reference(tiny_pi
     px, schedule, controller = _setup(tiny_pipe, images=2)
     px[1] = -px[1]  # a different "reference" image
     _, disc, _ = make_scene()
-    with bank_processors(tiny_pipe.unet, controller):
+    with bank_processors(tiny_pipe.unet, controller, tiny_pipe.backbone.bank_layers):
         inv = invert(tiny_pipe.backbone, tiny_pipe.backbone.encode_image(px), tiny_pipe.backbone.condition(["a", "b"]), schedule,
                      controller, PassCounts())
     layer = controller.bank.layers()[-1]  # 16x16 tokens
@@ -128,7 +128,7 @@ def test_bank_used_only_inside_its_window(tiny_pipe, mode, first, last):
     task = Task(name="probe", pixels=px, inversion_prompts=["a"] * px.shape[0], prompt="a",
                 grid=Grid((128, 128), 8, 2), edit_region=zeros, sde_region=zeros, bank_mode=mode)
     guidance = Guidance(cfg_scale=4.0, energy_scale=0.0, gradient_coef=0.0, bank_window=(first, last))
-    with bank_processors(tiny_pipe.unet, spy):
+    with bank_processors(tiny_pipe.unet, spy, tiny_pipe.backbone.bank_layers):
         inv = invert(tiny_pipe.backbone, tiny_pipe.backbone.encode_image(px), tiny_pipe.backbone.condition(task.inversion_prompts),
                      schedule, spy, PassCounts())
         spy.calls.clear()

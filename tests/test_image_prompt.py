@@ -264,9 +264,9 @@ def test_a_text_only_context_is_plain_cross_attention(ip_pipe, parity_pipe):
 
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = ip_pipe.backbone.condition(["a photo of a red ball", ""])
-    plain = parity_pipe.backbone.eps(z, 501, cond)
-    assert torch.allclose(ip_pipe.backbone.eps(z, 501, cond), plain, atol=1e-6)
+    plain = parity_pipe.backbone.predict(z, 501, cond)
+    assert torch.allclose(ip_pipe.backbone.predict(z, 501, cond), plain, atol=1e-6)
     tokens = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(1))
     unscaled = replace(cond, image_tokens=tokens, image_scale=0.0)
-    assert torch.allclose(ip_pipe.backbone.eps(z, 501, unscaled), plain, atol=1e-6)
-    assert not torch.allclose(ip_pipe.backbone.eps(z, 501, unscaled.with_image_scale(1.0)), plain, atol=1e-4)
+    assert torch.allclose(ip_pipe.backbone.predict(z, 501, unscaled), plain, atol=1e-6)
+    assert not torch.allclose(ip_pipe.backbone.predict(z, 501, unscaled.with_image_scale(1.0)), plain, atol=1e-4)

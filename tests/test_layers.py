@@ -13,7 +13,7 @@ ROOT = Path(dragondiff.__file__).parent
 # Bottom to top; a module may import its own layer and those below. Within the top layer only the listed
 # directions are allowed: the CLI fronts everything; the web UI, the benchmarks and the trainer stay apart.
 LAYERS = [
-    ("leaves", {"errors", "validate", "limits", "weights", "grid", "presets", "result", "documents", "shapes", "shapes.scenes",
+    ("leaves", {"errors", "validate", "limits", "weights", "grid", "presets", "steps", "result", "documents", "shapes", "shapes.scenes",
                 "shapes.metrics", "shapes.tokenizer", "shapes.model"}),
     ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone", "backbone_sdxl",
                           "compile", "image_prompt", "face"}),
@@ -101,3 +101,29 @@ def test_no_branch_on_a_task_name_outside_the_tasks():
                 found += [f"{name}:{node.lineno} keys a table by {k.value!r}" for k in node.keys
                           if isinstance(k, ast.Constant) and k.value in names]
     assert not found, "task names outside tasks/:\n" + "\n".join(found)
+
+
+# The backbone family: the modules that know a network's insides. The trainer, the DIFT metric (its own UNet) and
+# the tiny-model builders build or read a UNet on purpose.
+BACKBONE_FAMILY = ("backbone", "tiny", "train", "bench.dift", "shapes")
+
+
+def test_no_unet_names_outside_the_backbone_family():
+    """Outside the backbone family nothing names a UNet's insides (`up_blocks`, `attn1`/`attn2` layers) or reaches
+    for a backbone's `.unet`: the sampler, the bank, the image prompt, the tasks and the edges see the backbone
+    contract (`denoiser`, `predict`, `features`, `bank_layers`, ...), so a transformer family fits beside it."""
+    found = []
+    for path, name in _modules():
+        if name.startswith(BACKBONE_FAMILY):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "up_blocks":
+                found.append(f"{name}:{node.lineno} .up_blocks")
+            elif isinstance(node, ast.Attribute) and node.attr == "unet":
+                owner = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", "")
+                if owner in ("backbone", "bb"):
+                    found.append(f"{name}:{node.lineno} {owner}.unet")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and any(
+                    word in node.value for word in ("up_blocks.", ".attn1", ".attn2")):
+                found.append(f"{name}:{node.lineno} {node.value[:40]!r}")
+    assert not found, "UNet names outside the backbone family:\n" + "\n".join(found)

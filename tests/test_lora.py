@@ -73,7 +73,7 @@ def predict(pipe, prompt="a red disc"):
     bb = pipe.backbone
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return bb.eps(z, 500, bb.condition([prompt]))
+        return bb.predict(z, 500, bb.condition([prompt]))
 
 
 def weights(module):
@@ -270,14 +270,14 @@ def test_sdxl_lora_on_both_text_encoders():
         bb = xl.backbone
         z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            base = bb.eps(z, 500, bb.condition(["a"], (128, 128)))
+            base = bb.predict(z, 500, bb.condition(["a"], (128, 128)))
             xl.load_lora_weights(path)
-            changed = bb.eps(z, 500, bb.condition(["a"], (128, 128)))
+            changed = bb.predict(z, 500, bb.condition(["a"], (128, 128)))
         assert not torch.allclose(base, changed, atol=1e-5)
         assert "pytorch_lora_weights" in bb.text_encoder.peft_config
         xl.unload_lora_weights()
         with torch.no_grad():
-            assert torch.equal(bb.eps(z, 500, bb.condition(["a"], (128, 128))), base)
+            assert torch.equal(bb.predict(z, 500, bb.condition(["a"], (128, 128))), base)
 
 
 # ------------------------------------------------------------------------------------------------ command line

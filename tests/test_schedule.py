@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dragondiff.presets import OFFICIAL, PAPER, Preset, get_preset
-from dragondiff.sampler import Schedule
+from dragondiff.steps import Schedule
 
 
 def test_paper_schedule():
@@ -33,12 +33,12 @@ def test_get_preset():
 
 
 def test_ddim_table(tiny_pipe):
-    from diffusers import DDIMScheduler
-
-    s = Schedule.from_scheduler(DDIMScheduler.from_config(tiny_pipe.scheduler_config), 50)
+    s = tiny_pipe.schedule(50)
+    alphas = tiny_pipe.rule.alphas_cumprod
     assert s.timesteps[0] == 981 and s.timesteps[-1] == 1
-    assert s.prev(0) == 961 and s.prev(48) == 1 and s.prev(49) == -1
+    assert s.time_after(0) == 961 and s.time_after(48) == 1 and s.time_after(49) == -1
     assert s.timesteps == list(range(981, 0, -20))
-    # ᾱ below t = 0 is final_alpha_cumprod = ᾱ_0 (set_alpha_to_one=False), used at both ends
-    assert s.alpha(-19).item() == pytest.approx(0.99915, abs=1e-6)
-    assert torch.equal(s.alpha(-19), s.alphas_cumprod[0])
+    assert all(torch.equal(s.levels[i], alphas[t]) for i, t in enumerate(s.timesteps))
+    # ᾱ after the last step is final_alpha_cumprod = ᾱ_0 (set_alpha_to_one=False)
+    assert s.levels[50].item() == pytest.approx(0.99915, abs=1e-6)
+    assert torch.equal(s.levels[50], alphas[0])

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from dragondiff.attention import estimate_bank_bytes
+from dragondiff.backbone import estimate_bank_bytes
 from dragondiff.bench.speed import main as speed_main
 from dragondiff.presets import FAST, OFFICIAL
 

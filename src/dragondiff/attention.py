@@ -1,10 +1,10 @@
-"""The memory bank: decoder self-attention keys/values of the source image, captured during inversion and
+"""The memory bank: self-attention keys/values of the source image's tokens, captured during inversion and
 injected while sampling.
 
-Only the UNet's decoder self-attention layers (`up_blocks.*.attentions.*.transformer_blocks.*.attn1`, 9 in SD1.5;
-a backbone may keep to some up blocks: SDXL's at 1/2 of the latent resolution) are touched, through attention
-processors installed for the duration of one edit and restored afterwards.
-All state (bank tensors, current step, mode, masks) lives in a `BankController` owned by that edit.
+Which layers own the bank is the backbone's choice (the UNet's decoder self-attention; the image tokens of a
+transformer's joint attention); they are touched through attention processors installed for the duration of one
+edit and restored afterwards. All state (bank tensors, current step, mode, masks) lives in a `BankController`
+owned by that edit; a processor only hands it the image tokens' K/V (`transform`).
 """
 
 from __future__ import annotations
@@ -18,35 +18,6 @@ import torch.nn.functional as F
 
 # Bank modes while sampling. "union" is the appearance/paste masked union of base background and reference object.
 PLAIN, CAPTURE, REPLACE, CONCAT, UNION = "plain", "capture", "replace", "concat", "union"
-
-
-def decoder_self_attention_names(unet, blocks: tuple[int, ...] | None = None) -> list[str]:
-    """Processor names of the decoder self-attention layers (of up blocks `blocks`; None: all), in UNet order."""
-    names = [n for n in unet.attn_processors if n.startswith("up_blocks.") and ".attn1." in n
-             and (blocks is None or int(n.split(".")[1]) in blocks)]
-    if not names:
-        where = "up_blocks.*" if blocks is None else f"up_blocks {list(blocks)}"
-        raise ValueError(f"unet: no decoder self-attention layers ({where}.attn1) found; is this a Stable "
-                         "Diffusion UNet?")
-    return names
-
-
-def estimate_bank_bytes(unet, latent_hw: tuple[int, int], steps: int, images: int = 1, dtype=None,
-                        blocks: tuple[int, ...] | None = None) -> int:
-    """Bytes of a memory bank before it is captured: K and V of every decoder self-attention layer at every step.
-
-    up_blocks[k] of an n-block decoder works at latent / 2**(n-1-k); its attn1 keys have `to_k.out_features`
-    channels per token.
-    """
-    n_up = len(unet.up_blocks)
-    size = torch.finfo(dtype or unet.dtype).bits // 8
-    total = 0
-    for name in decoder_self_attention_names(unet, blocks):
-        block = int(name.split(".")[1])
-        module = unet.get_submodule(name.removesuffix(".processor"))
-        tokens = math.ceil(latent_hw[0] / 2 ** (n_up - 1 - block)) * math.ceil(latent_hw[1] / 2 ** (n_up - 1 - block))
-        total += 2 * tokens * module.to_k.out_features * size
-    return total * steps * images
 
 
 @dataclass
@@ -209,28 +180,29 @@ class BankAttnProcessor:
         return tokens_out(attn, hidden_states, residual, shape)
 
 
-def install_bank_processors(unet, slot: BankSlot, blocks: tuple[int, ...] | None = None) -> dict | None:
-    """Put bank processors reading `slot` on the decoder self-attention layers (of up blocks `blocks`; None: all;
-    every other processor, e.g. an image prompt's cross-attention, is kept). Returns the processors they replaced,
-    or None when this slot's processors are installed already (installing is idempotent)."""
-    names = decoder_self_attention_names(unet, blocks)
-    current = unet.attn_processors
-    if all(isinstance(current[n], BankAttnProcessor) and current[n].slot is slot for n in names):
+def install_bank_processors(model, slot: BankSlot, names: list[str], processor=None) -> dict | None:
+    """Put bank processors reading `slot` on the attention layers `names` (processor names of `model`; every other
+    processor, e.g. an image prompt's cross-attention, is kept). `processor(slot, layer)` builds one (default
+    `BankAttnProcessor`, plain self-attention). Returns the processors they replaced, or None when this slot's
+    processors are installed already (installing is idempotent)."""
+    processor = processor or BankAttnProcessor
+    current = model.attn_processors
+    if all(isinstance(current[n], processor) and current[n].slot is slot for n in names):
         return None
     installed = dict(current)
     for name in names:
-        installed[name] = BankAttnProcessor(slot, name.removesuffix(".processor"))
-    unet.set_attn_processor(installed)
+        installed[name] = processor(slot, name.removesuffix(".processor"))
+    model.set_attn_processor(installed)
     return current
 
 
 @contextmanager
-def bank_processors(unet, controller: BankController):
+def bank_processors(model, controller: BankController, names: list[str], processor=None):
     """Bank processors driven by `controller` for the duration of the block; the originals always come back."""
     slot = BankSlot(controller)
-    originals = install_bank_processors(unet, slot)
+    originals = install_bank_processors(model, slot, names, processor)
     try:
         yield
     finally:
         if originals is not None:
-            unet.set_attn_processor(originals)
+            model.set_attn_processor(originals)

@@ -8,12 +8,13 @@ fields, so image-prompt tokens or SDXL's pooled text and size ids travel in it w
 `SD1Backbone` is the first implementation: a stock diffusers `UNet2DConditionModel`, `AutoencoderKL` and CLIP text
 encoder, changed only through attention processors (the memory bank). One explicit forward serves both the ε
 prediction and the feature pass, which stops after the last feature block instead of running the whole UNet.
-Whatever the UNet predicts (ε or v), `eps` returns ε. `SD2Backbone` (here) and `SDXLBackbone` (backbone_sdxl.py)
+Whatever the UNet predicts (ε or v), `predict` returns ε (the DDIM rule's space). `SD2Backbone` (here) and `SDXLBackbone` (backbone_sdxl.py)
 are the same class with another layout, listed in `loading.BACKBONES`.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .attention import BankSlot, decoder_self_attention_names, estimate_bank_bytes, install_bank_processors
+from .attention import BankSlot, install_bank_processors
 from .errors import NonFiniteError
 from .limits import check_prompt
 
@@ -85,6 +86,40 @@ class Conditioning:
         )
 
 
+def decoder_self_attention_names(unet, blocks: tuple[int, ...] | None = None) -> list[str]:
+    """Processor names of the decoder self-attention layers (of up blocks `blocks`; None: all), in UNet order."""
+    names = [n for n in unet.attn_processors if n.startswith("up_blocks.") and ".attn1." in n
+             and (blocks is None or int(n.split(".")[1]) in blocks)]
+    if not names:
+        where = "up_blocks.*" if blocks is None else f"up_blocks {list(blocks)}"
+        raise ValueError(f"unet: no decoder self-attention layers ({where}.attn1) found; is this a Stable "
+                         "Diffusion UNet?")
+    return names
+
+
+def estimate_bank_bytes(unet, latent_hw: tuple[int, int], steps: int, images: int = 1, dtype=None,
+                        blocks: tuple[int, ...] | None = None) -> int:
+    """Bytes of a memory bank before it is captured: K and V of every decoder self-attention layer at every step.
+
+    up_blocks[k] of an n-block decoder works at latent / 2**(n-1-k); its attn1 keys have `to_k.out_features`
+    channels per token.
+    """
+    n_up = len(unet.up_blocks)
+    size = torch.finfo(dtype or unet.dtype).bits // 8
+    total = 0
+    for name in decoder_self_attention_names(unet, blocks):
+        block = int(name.split(".")[1])
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        tokens = math.ceil(latent_hw[0] / 2 ** (n_up - 1 - block)) * math.ceil(latent_hw[1] / 2 ** (n_up - 1 - block))
+        total += 2 * tokens * module.to_k.out_features * size
+    return total * steps * images
+
+
+def is_cross_attention(processor_name: str) -> bool:
+    """Whether a UNet attention processor is a cross-attention layer's (where an image prompt's K/V go)."""
+    return ".attn2." in processor_name
+
+
 _LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
@@ -106,6 +141,7 @@ class SD1Backbone:
     """Stable Diffusion 1.x: UNet2DConditionModel, AutoencoderKL with scale factor 8, CLIP text."""
 
     NAME = "SD1.x"
+    RULE = "ddim"  # the step rule (steps.RULES) its scheduler's configuration is read with
     SUPPORTS = ("SD1.x: a UNet2DConditionModel without added conditions or linear projections, one CLIP text "
                 "encoder")
     # Guidance features: outputs of these up blocks (the official up_ft_index: the decoder outputs at 1/2 and 1/1 of
@@ -157,12 +193,16 @@ class SD1Backbone:
 
     def set_prediction(self, prediction_type: str, alphas_cumprod: torch.Tensor) -> None:
         """What the UNet predicts (the scheduler's `prediction_type`) and the ᾱ table of its training timesteps,
-        so that `eps` can turn a v prediction into ε. Set by the pipeline from its scheduler."""
+        so that `predict` can turn a v prediction into ε. Set by the pipeline from its scheduler."""
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"scheduler: prediction_type {prediction_type!r} is not supported; supported: "
                              f"{', '.join(PREDICTION_TYPES)}")
         self.prediction_type = prediction_type
         self._alphas = alphas_cumprod.detach().to(torch.float32).cpu()
+
+    def set_rule(self, rule) -> None:
+        """The pipeline's step rule (a `steps.DDIMRule`): what the UNet predicts and the ᾱ table to turn v into ε."""
+        self.set_prediction(rule.config.get("prediction_type", "epsilon"), rule.alphas_cumprod)
 
     def describe(self) -> dict:
         """What `info`, sidecars and results say the model is."""
@@ -229,6 +269,15 @@ class SD1Backbone:
         leading = self.image_prompt.tokens if base_as_text and len(images) > 1 else 0
         return (replace(cond, image_tokens=tokens.to(cond.text), image_text_tokens=leading),
                 replace(uncond, image_tokens=zero.to(uncond.text), image_text_tokens=leading))
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network that predicts noise (what locks, compilation and LoRAs act on): here the UNet."""
+        return self.unet
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
 
     @property
     def key(self) -> int:
@@ -369,15 +418,15 @@ class SD1Backbone:
             sample = unet.conv_act(unet.conv_norm_out(sample))
         return unet.conv_out(sample).float()
 
-    def eps(self, z: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
-        """ε prediction in fp32, whatever the model's dtype and whatever the UNet predicts: a v prediction becomes
+    def predict(self, z: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
+        """The DDIM rule's prediction: ε in fp32, whatever the model's dtype and whatever the UNet predicts: a v prediction becomes
         ε = √ᾱ_t·v + √(1−ᾱ_t)·z_t here, so every ε/x0 formula downstream (inversion, guided sampling, time travel,
         regional SDE) is the ε one."""
         out = self.forward(z, t, cond)
         if self.prediction_type == "epsilon":
             return out
         if self._alphas is None:
-            raise RuntimeError("backbone: a v-prediction model needs its ᾱ table (set_prediction) before eps")
+            raise RuntimeError("backbone: a v-prediction model needs its ᾱ table (set_prediction) before predict")
         a_t = self._alphas[int(t)].to(out.device)
         return a_t.sqrt() * out + (1 - a_t).sqrt() * z.float()
 
@@ -397,7 +446,7 @@ class SD1Backbone:
         would not need rebuilding per edit. By default the original processors come back after the block.
         """
         with self.lock:
-            originals = install_bank_processors(self.unet, self._bank, self.BANK_BLOCKS)
+            originals = install_bank_processors(self.unet, self._bank, self.bank_layers)
             previous, self._bank.controller = self._bank.controller, controller
             try:
                 yield
@@ -405,6 +454,11 @@ class SD1Backbone:
                 self._bank.controller = previous
                 if originals is not None:
                     self.unet.set_attn_processor(originals)
+
+    @property
+    def bank_layers(self) -> list[str]:
+        """Processor names of the layers the memory bank owns."""
+        return decoder_self_attention_names(self.unet, self.BANK_BLOCKS)
 
     def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
         """GPU bytes the largest pass of an edit needs at this latent size (an estimate for full-size weights;

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import tokens_in, tokens_out
+from .backbone import is_cross_attention
 
 PROMPT_SIZE = 256  # the official pre-resize of an image prompt, before the CLIP image processor
 VARIANTS = {
@@ -323,7 +324,7 @@ def build_layers(unet, layers: dict) -> dict[str, tuple[torch.nn.Linear, torch.n
         if m is None:
             raise ValueError(f"ip_adapter: unexpected key {key!r} (expected '<n>.to_k_ip.weight' / '<n>.to_v_ip.weight')")
         found.setdefault(int(m.group(1)), {})[m.group(2)] = value
-    cross = [k for k, n in enumerate(names) if ".attn2." in n]
+    cross = [k for k, n in enumerate(names) if is_cross_attention(n)]
     extra = sorted(set(found) - set(cross))
     if extra:
         keys = [f"{k}.{which}.weight" for k in extra for which in sorted(found[k])]
@@ -552,7 +553,7 @@ def random_state(unet, variant: str = "resampler", tokens: int = 64, *, encoder_
                          f"layers.{i}.1.3.weight": rnd(hidden, ff)})
     layers = {}
     for k, name in enumerate(unet.attn_processors):
-        if ".attn2." in name:
+        if is_cross_attention(name):
             module = unet.get_submodule(name.removesuffix(".processor"))
             for which in ("to_k_ip", "to_v_ip"):
                 layers[f"{k}.{which}.weight"] = rnd(module.to_k.out_features, module.to_k.in_features) * 5

@@ -101,7 +101,7 @@ def _mixin(backbone):
 
 def parts(backbone) -> dict[str, torch.nn.Module]:
     """The modules a LoRA may target, by the prefix diffusers gives their keys."""
-    out = {"unet": backbone.unet, "text_encoder": backbone.text_encoder}
+    out = {"unet": backbone.denoiser, "text_encoder": backbone.text_encoder}
     if getattr(backbone, "text_encoder_2", None) is not None:
         out["text_encoder_2"] = backbone.text_encoder_2
     return out
@@ -113,7 +113,7 @@ def convert(state: dict, backbone, name: str) -> tuple[dict, dict | None]:
         odd = [k for k in state if "lora" not in k and not k.endswith(".alpha")][:SHOWN_KEYS]
         raise ValueError(f"lora: {name} is not a LoRA (keys without 'lora': {odd})")
     try:
-        out, alphas = _mixin(backbone).lora_state_dict(dict(state), unet_config=backbone.unet.config)
+        out, alphas = _mixin(backbone).lora_state_dict(dict(state), unet_config=backbone.denoiser.config)
     except Exception as e:  # noqa: BLE001 - diffusers' converters raise many kinds on foreign layouts
         raise ValueError(f"lora: {name}: diffusers cannot read its layout ({type(e).__name__}: {e}); first keys: "
                          f"{list(state)[:SHOWN_KEYS]}") from e
@@ -237,7 +237,7 @@ class LoraSet:
     def __init__(self, backbone):
         self.backbone = backbone
         self.host = _mixin(backbone)()
-        self.host.unet, self.host.text_encoder = backbone.unet, backbone.text_encoder
+        self.host.unet, self.host.text_encoder = backbone.denoiser, backbone.text_encoder
         if getattr(backbone, "text_encoder_2", None) is not None:
             self.host.text_encoder_2 = backbone.text_encoder_2
         # Adapters already in the modules (a diffusers pipeline's, through from_pipe), at their weights as peft has
@@ -289,7 +289,7 @@ class LoraSet:
         host = self.host
         with warnings.catch_warnings():  # several adapters in one model is what set_adapters is for
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            host.load_lora_into_unet(state, network_alphas=alphas, unet=self.backbone.unet, adapter_name=name)
+            host.load_lora_into_unet(state, network_alphas=alphas, unet=self.backbone.denoiser, adapter_name=name)
             for prefix, model in parts(self.backbone).items():
                 if prefix != "unet":
                     host.load_lora_into_text_encoder(state, network_alphas=alphas, text_encoder=model,

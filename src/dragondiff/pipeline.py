@@ -32,9 +32,10 @@ from .limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, 
 from .loading import BUNDLED_ID, DEFAULT_MODEL, default_device
 from .presets import Preset, get_preset
 from .result import EditResult
-from .sampler import (EditState, Guidance, PassCounts, Problem, Schedule, StepInfo, Stopwatch, invert, sample,
+from .sampler import (EditState, Guidance, PassCounts, Problem, StepInfo, Stopwatch, invert, sample,
                       sample_text_to_image)
 from .spec import COMMON_FIELDS, EditSpec
+from .steps import RULES, Schedule
 from .tasks import TASKS
 from .tasks.base import Task
 from .tasks.drag import DragParams
@@ -63,8 +64,6 @@ class DragonPipeline:
         backbone class is picked from the UNet's configuration) or a ready `backbone`, and the scheduler whose ᾱ
         table and prediction type (ε or v) the edits use. `recommended_settings` ({task: {...}}) and
         `default_max_resolution` override the backbone's defaults (`loading.BACKBONE_DEFAULTS`)."""
-        from diffusers import DDIMScheduler
-
         components = (unet, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2)
         if backbone is None:
             if unet is None:
@@ -95,12 +94,12 @@ class DragonPipeline:
         self.precise_timings = False
         # How the UNet's blocks are compiled (`enable_compile`); None: eager, the reference.
         self.compiled: CompileSettings | None = None
-        # Only the DDIM ᾱ table and timesteps are used: the update is written out in `sampler` so that the guided
-        # and unguided ε can enter it separately.
-        self.scheduler_config = DDIMScheduler.from_config(scheduler.config).config
-        # What the UNet predicts: the backbone turns a v prediction into ε with this ᾱ table.
-        backbone.set_prediction(self.scheduler_config.get("prediction_type", "epsilon"),
-                                DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod)
+        # The backbone family's step rule over this scheduler's configuration (DDIM's ᾱ table, or flow matching's
+        # shifted σ): only its schedule is read; the update is written out in `steps` so that the guided and
+        # unguided predictions can enter it separately. A DDIM backbone also learns what its network predicts.
+        self.rule = RULES[backbone.RULE](scheduler.config)
+        self.scheduler_config = self.rule.config
+        backbone.set_rule(self.rule)
         device = check_device(device, "device") if device is not None else default_device()
         dtype = check_dtype(dtype, "dtype") if dtype is not None else (
             torch.float16 if device.type == "cuda" else torch.float32)
@@ -247,8 +246,8 @@ class DragonPipeline:
     def _after_lora_change(self) -> None:
         """Compiled blocks hold the layers they were compiled with: compile again around the new ones."""
         if self.compiled is not None:
-            uncompile_unet(self.backbone.unet)
-            compile_unet(self.backbone.unet, self.compiled)
+            uncompile_unet(self.backbone.denoiser)
+            compile_unet(self.backbone.denoiser, self.compiled)
 
     def to(self, device=None, dtype=None) -> "DragonPipeline":
         """Move / cast every component. Arguments are checked first, and a failed move (e.g. out of memory)
@@ -268,7 +267,9 @@ class DragonPipeline:
         return self
 
     # Read-only views of the backbone's components, for users who want to inspect or reuse them.
-    unet = property(lambda self: self.backbone.unet)
+    denoiser = property(lambda self: self.backbone.denoiser)  # the UNet or the transformer
+    unet = property(lambda self: getattr(self.backbone, "unet", None))
+    transformer = property(lambda self: getattr(self.backbone, "transformer", None))
     vae = property(lambda self: self.backbone.vae)
     text_encoder = property(lambda self: self.backbone.text_encoder)
     tokenizer = property(lambda self: self.backbone.tokenizer)
@@ -310,30 +311,21 @@ class DragonPipeline:
         within a few grey levels of eager. `backend="aot_eager"` traces without generating code (for tests)."""
         settings = CompileSettings(backend, mode)
         with self.backbone.lock:
-            compile_unet(self.backbone.unet, settings)
+            compile_unet(self.backbone.denoiser, settings)
         self.compiled = settings
         return self
 
     def disable_compile(self) -> "DragonPipeline":
         """Eager UNet calls again."""
         with self.backbone.lock:
-            uncompile_unet(self.backbone.unet)
+            uncompile_unet(self.backbone.denoiser)
         self.compiled = None
         return self
 
-    def schedule(self, num_inference_steps: int) -> Schedule:
-        """The DDIM timesteps and ᾱ table of an n-step edit (checked against the scheduler's training steps)."""
-        from diffusers import DDIMScheduler
-
-        n = int(num_inference_steps)
-        make = lambda k: Schedule.from_scheduler(DDIMScheduler.from_config(self.scheduler_config), k)  # noqa: E731
-        schedule = make(n)
-        train_steps = len(schedule.alphas_cumprod)
-        if max(schedule.timesteps) >= train_steps:  # checked before any model work
-            most = next(k for k in range(n - 1, 0, -1) if max(make(k).timesteps) < train_steps)
-            raise ValueError(f"num_inference_steps={n}: this scheduler's timesteps would pass its {train_steps} "
-                             f"training steps; use at most {most}")
-        return schedule
+    def schedule(self, num_inference_steps: int, latent_hw: tuple[int, int] | None = None) -> Schedule:
+        """The n steps of an edit at this latent size (the step rule's times and levels; checked against the
+        scheduler before any model work)."""
+        return self.rule.schedule(int(num_inference_steps), latent_hw)
 
     # ------------------------------------------------------------------------------------------------ edits
 
@@ -405,7 +397,7 @@ class DragonPipeline:
         from . import image_prompt
 
         with self.backbone.lock:
-            prompt = image_prompt.load(self.backbone.unet, weights, image_encoder, allow_pickle=allow_pickle,
+            prompt = image_prompt.load(self.backbone.denoiser, weights, image_encoder, allow_pickle=allow_pickle,
                                        local_files_only=local_files_only)
             self.backbone.load_image_prompt(prompt)
         return self
@@ -609,7 +601,7 @@ class DragonPipeline:
         if max_resolution is None:
             max_resolution = self.default_max_resolution
         prep = self._prepare(image, max_resolution, steps)
-        schedule = self.schedule(steps)
+        schedule = self.schedule(steps, prep.latent_hw)
         with self.backbone.lock, tqdm(total=steps, desc="dragondiff invert", leave=False,
                                       disable=not progress) as bar:
             latents, bank = self._invert_batch(prep.pixels, [prompt], schedule, PassCounts(),
@@ -652,10 +644,10 @@ class DragonPipeline:
         """Generate one image per prompt (plain DDIM with CFG, no edit): what the model draws from text alone.
         size_hw: the image size (default: the default working resolution, square). Returns HxWx3 uint8 arrays."""
         steps = check("num_inference_steps", num_inference_steps)
-        schedule = self.schedule(steps)
         h, w = size_hw or (self.default_max_resolution,) * 2
         f = self.backbone.vae_factor
-        z = torch.randn((len(prompts), 4, h // f, w // f), generator=generator)
+        schedule = self.schedule(steps, (h // f, w // f))
+        z = torch.randn((len(prompts), self.backbone.latent_channels, h // f, w // f), generator=generator)
         with self.backbone.lock:
             cond = self.backbone.condition(prompts, (h, w))
             uncond = self.backbone.unconditional((h, w), len(prompts))
@@ -718,7 +710,7 @@ class DragonPipeline:
         return self.device if room else torch.device("cpu")
 
     def _invert_batch(self, pixels, prompts, schedule, counts, bank_device):
-        """Inversion of images (B, 3, H, W) into their own bank: (latents (n+1, B, 4, h, w), MemoryBank)."""
+        """Inversion of images (B, 3, H, W) into their own bank: (latents (n+1, B, C, h, w), MemoryBank)."""
         controller = BankController(MemoryBank(bank_device))
         with self.backbone.memory_bank(controller):
             with counts.watch.phase("encode"):
@@ -741,7 +733,7 @@ class DragonPipeline:
              generator=None, callback=None, intermediates: bool = False, progress: bool = True,
              bank_device=None) -> EditResult:
         """Invert (phase 1), sample (phase 2), decode and assemble the result (phase 3)."""
-        schedule = self.schedule(n)
+        schedule = self.schedule(n, prep.latent_hw)
         bank_device = self._bank_device(bank_device, prep.latent_hw, n, task.pixels.shape[0])
         counts = PassCounts(watch=Stopwatch(self.device if self.precise_timings else None))
         record = StepRecord(self, callback, intermediates)

@@ -1,6 +1,8 @@
-"""DDIM inversion with memory-bank capture, and the guided DDIM sampler.
+"""Inversion with memory-bank capture, and the guided sampler, over a schedule and its step rule (`steps`).
 
-Latents are kept in fp32 whatever the model dtype; the UNet sees them cast to its dtype. All per-edit state is in
+The loop is written once for every model family: the step math (DDIM over ᾱ, flow-matching Euler over σ) is the
+schedule's rule, and guidance is added to the model's prediction in the rule's space (ε or v).
+Latents are kept in fp32 whatever the model dtype; the network sees them cast to its dtype. All per-edit state is in
 the arguments. The sampler's whole contract with the layers around it is written here: the model it calls
 (`Model`: a backbone), what it asks of a task (`GuidedTask`), the guidance settings as one value (`Guidance`), the
 problem and the per-edit state (`Problem`, `EditState`), and one per-step hook (`on_step(StepInfo)`) through which
@@ -20,14 +22,16 @@ import torch
 from .attention import CAPTURE, PLAIN, BankController
 from .errors import NonFiniteError
 from .presets import Preset
+from .steps import Schedule
 
 
 class Model(Protocol):
-    """What the sampler calls (a backbone). `cond` values come from the model's own `condition` and are batched
+    """What the sampler calls (a backbone). `predict` returns the prediction the schedule's rule reads (ε for the
+    DDIM backbones, v for the flow-matching ones), fp32. `cond` values come from the model's own `condition` and are batched
     with `type(cond).cat` and `cond.repeat`, and weighted with `cond.with_image_scale` / stripped of image tokens
     with `cond.text_only()`; the sampler never looks inside them."""
 
-    def eps(self, z: torch.Tensor, t, cond) -> torch.Tensor: ...
+    def predict(self, z: torch.Tensor, t, cond) -> torch.Tensor: ...
 
     def features(self, z: torch.Tensor, t, cond) -> list[torch.Tensor]: ...
 
@@ -92,10 +96,11 @@ class EditState:
 @dataclass
 class StepInfo:
     """What `on_step` sees after sampling step i. It may set `latent` (same shape) to change what the next step
-    starts from, and `stop` to end sampling there. `eps_cfg` and `gradients` hold one tensor per repeat."""
+    starts from, and `stop` to end sampling there. `eps_cfg` (the CFG-combined prediction, in the rule's space: ε or
+    v) and `gradients` hold one tensor per repeat."""
 
     i: int
-    t: int
+    t: int | float
     latent: torch.Tensor
     eps_cfg: list[torch.Tensor]
     gradients: list[torch.Tensor]  # g of each guided repeat (before the preset's gain)
@@ -126,10 +131,11 @@ class Stopwatch:
 
 @dataclass
 class PassCounts:
-    """UNet work done by one edit. Feature passes are truncated after up_blocks[2]. `watch` times the phases."""
+    """Network work done by one edit (the `_unet` names are kept for every network: they are in earlier results'
+    sidecars). Feature passes are truncated after the last feature block. `watch` times the phases."""
 
     inversion_unet: int = 0  # batch = number of inverted images
-    cfg_unet: int = 0  # batch 2 (uncond, cond)
+    cfg_unet: int = 0  # batch 2 (uncond, cond), or 1 when the model embeds its guidance and CFG is 1
     time_travel_unet: int = 0  # batch 1
     feature_nograd: int = 0  # batch 1, reference features (computed, not taken from an inversion's cache)
     feature_cached: int = 0  # reference features taken from a reused inversion's cache
@@ -142,79 +148,24 @@ class PassCounts:
         return {k: v for k, v in self.__dict__.items() if k != "watch"}
 
 
-@dataclass
-class Schedule:
-    """DDIM timesteps t_i (i = 0..n-1, descending) and ᾱ lookups, ᾱ(t < 0) = final_alpha_cumprod."""
-
-    timesteps: list[int]
-    alphas_cumprod: torch.Tensor
-    final_alpha: torch.Tensor
-
-    @classmethod
-    def from_scheduler(cls, scheduler, num_steps: int) -> "Schedule":
-        scheduler.set_timesteps(num_steps)
-        ts = [int(t) for t in scheduler.timesteps]
-        final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
-        return cls(ts, scheduler.alphas_cumprod.to(torch.float32), final)
-
-    def alpha(self, t: int) -> torch.Tensor:
-        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha
-
-    def prev(self, i: int) -> int:
-        """The timestep after step i (the next, less noisy one); -1 after the last step (ᾱ = final_alpha)."""
-        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
-
-    def grid_step(self, i: int) -> int:
-        """Step index on the 50-step grid the presets and bank windows are defined on."""
-        return i * 50 // len(self.timesteps)
-
-
-# --- DDIM step math (η = 0 unless sigma is given). a_* are ᾱ values (tensors). ---------------------------------
-
-
-def predict_x0(z: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
-    return (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-
-
-def ddim_step(z, eps_x0, a_t, a_prev, eps_dir=None, sigma=None, noise=None) -> torch.Tensor:
-    """z_t -> z_prev. x0 comes from `eps_x0` (the guided ε), the direction from `eps_dir` (default the same ε);
-    with sigma and noise, the stochastic DDIM step (η > 0)."""
-    eps_dir = eps_x0 if eps_dir is None else eps_dir
-    x0 = predict_x0(z, eps_x0, a_t)
-    if sigma is None:
-        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_dir
-    return a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps_dir + sigma * noise
-
-
-def ddim_inversion_step(z, eps, a_from, a_to) -> torch.Tensor:
-    """z at ᾱ=a_from -> z at the noisier ᾱ=a_to, with ε evaluated at the destination timestep."""
-    return a_to.sqrt() * predict_x0(z, eps, a_from) + (1 - a_to).sqrt() * eps
-
-
-def time_travel(z_prev, eps_src, a_src, a_t) -> torch.Tensor:
-    """Deterministic re-noising of z_prev (at ᾱ=a_src) back to ᾱ=a_t, with ε predicted at the source."""
-    return a_t.sqrt() * predict_x0(z_prev, eps_src, a_src) + (1 - a_t).sqrt() * eps_src
-
-
 @torch.no_grad()
-def invert(backbone, z0: torch.Tensor, context: torch.Tensor, schedule: Schedule, controller: BankController,
+def invert(backbone, z0: torch.Tensor, context, schedule: Schedule, controller: BankController,
            counts: PassCounts) -> torch.Tensor:
-    """DDIM inversion, conditional only. Returns (n+1, B, 4, h, w): [0] = z0, [k] at timestep t_{n-k}.
+    """Inversion, conditional only. Returns (n+1, B, C, h, w): [0] = z0, [k] at the level of step n-k.
 
-    eps is evaluated at the destination timestep t (the null-text-inversion convention the official code uses), and the
-    decoder self-attention K/V of the call at t_i are stored as bank step i (the official code's off-by-one, kept
-    because the bank must match what the official sampler attends to).
+    The prediction is made at the destination's time (the null-text-inversion convention the official code uses),
+    and the bank layers' K/V of the call at step i's time are stored as bank step i (the official code's
+    off-by-one, kept because the bank must match what the official sampler attends to).
     """
-    n = len(schedule.timesteps)
+    n, rule = len(schedule), schedule.rule
     latents = [z0]
     z = z0
     for j in range(n):
         i = n - 1 - j
-        t = schedule.timesteps[i]
         with controller.use(CAPTURE, step=i), counts.watch.phase("inversion"):
-            eps = backbone.eps(z, t, context)
+            pred = backbone.predict(z, schedule.timesteps[i], context)
         counts.inversion_unet += 1
-        z = ddim_inversion_step(z, eps, schedule.alpha(schedule.prev(i)), schedule.alpha(t))
+        z = rule.invert(z, pred, schedule.levels[i + 1], schedule.levels[i])
         latents.append(z)
     return torch.stack(latents)
 
@@ -277,16 +228,17 @@ def _reference_features(backbone, ref_latent, i: int, t: int, cond, controller, 
 
 def sample(backbone: Model, preset: Preset, schedule: Schedule, problem: Problem, state: EditState,
            on_step: Callable[[StepInfo], None] | None = None) -> tuple[torch.Tensor, list]:
-    """Guided DDIM sampling from `problem.z_t`. At step 0 the reference latent is `problem.ref_t` (drag's patched
+    """Guided sampling from `problem.z_t`. At step 0 the reference latent is `problem.ref_t` (drag's patched
     z_T), after that the inversion's. `state.ref_cache` (a reused inversion's `FeatureCache` for this prompt)
     supplies the reference features of batch element 0 that an earlier edit computed, and keeps new ones.
     `on_step(StepInfo)` runs after every step. Returns (final latent, [(i, repeat, E_edit, E_content)])."""
     task, settings, inverted, cond = problem.task, problem.guidance, problem.inverted, problem.cond
     controller, counts = state.controller, state.counts
-    n = len(schedule.timesteps)
+    n, rule = len(schedule), schedule.rule
     energies_log = []
     z = problem.z_t
-    cfg_context = type(cond).cat([problem.uncond, cond])
+    cond_only = settings.cfg_scale == 1 and getattr(backbone, "EMBEDDED_GUIDANCE", False)
+    cfg_context = cond if cond_only else type(cond).cat([problem.uncond, cond])
     # Inversion, feature passes and time travel never read image-prompt tokens (the official ≤77-token rule).
     feature_cond, travel_cond = cond.text_only(), cond.with_image_scale(0.0)
     sde_mask = task.sde_region.to(z)
@@ -294,17 +246,20 @@ def sample(backbone: Model, preset: Preset, schedule: Schedule, problem: Problem
         step = schedule.grid_step(i)
         guided = settings.guided and preset.is_guided(step)
         repeats = preset.repeats(step) if guided else 1
-        t_prev = schedule.prev(i)
-        a_t, a_prev = schedule.alpha(t), schedule.alpha(t_prev)
+        level, level_next = schedule.levels[i], schedule.levels[i + 1]
         ref_features = None
         info = StepInfo(i, t, z, [], [], [])
         step_context = cfg_context.with_image_scale(settings.ip_scale if preset.ip_active(step) else 0.0)
         for r in range(repeats):
             with torch.no_grad(), controller.use(settings.bank_mode_at(task.bank_mode, step), step=i), \
                     counts.watch.phase("cfg"):
-                eps_u, eps_c = backbone.eps(torch.cat([z, z]), t, step_context).chunk(2)
+                if cond_only:  # a guidance-distilled model (FLUX.1-dev) without true CFG: one branch
+                    eps = backbone.predict(z, t, step_context)
+                else:
+                    eps_u, eps_c = backbone.predict(torch.cat([z, z]), t, step_context).chunk(2)
             counts.cfg_unet += 1
-            eps = eps_u + settings.cfg_scale * (eps_c - eps_u)
+            if not cond_only:
+                eps = eps_u + settings.cfg_scale * (eps_c - eps_u)
             info.eps_cfg.append(eps)
             eps_hat = eps
             if guided:
@@ -321,24 +276,23 @@ def sample(backbone: Model, preset: Preset, schedule: Schedule, problem: Problem
                 info.gradients.append(g)
                 info.energies.append(energies)
                 energies_log.append((i, r) + energies)
-            # DDIM: guided eps for x0, unguided eps for the direction (as the official code).
-            z_prev = ddim_step(z, eps_hat, a_t, a_prev, eps_dir=eps)
+            # The guided prediction gives x̂0, the unguided one the direction (the official code's DDIM update).
+            z_prev = rule.step(z, eps_hat, level, level_next, pred_dir=eps)
             if settings.sde_strength > 0 and preset.has_sde(step):
                 gen = state.generator
                 noise = torch.randn(z.shape, generator=gen, device=gen.device if gen else z.device)
-                base = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-                sigma = settings.sde_strength * base.sqrt()
-                # Outside the region eta = 0: plain DDIM; inside: DDIM with noise sigma.
-                z_sde = ddim_step(z, eps_hat, a_t, a_prev, eps_dir=eps, sigma=sigma, noise=noise.to(z))
+                sigma = rule.sde_sigma(settings.sde_strength, level, level_next)
+                # Outside the region eta = 0: the plain step; inside: the stochastic step with noise sigma.
+                z_sde = rule.step(z, eps_hat, level, level_next, pred_dir=eps, sigma=sigma, noise=noise.to(z))
                 z_prev = (1 - sde_mask) * z_prev + sde_mask * z_sde
             if r < repeats - 1:
-                # Time travel: deterministic re-noising back to t with eps at the source timestep t_prev,
-                # cond only, no bank. The official code also re-noises after the last repeat and discards it.
-                t_src = t_prev
+                # Time travel: deterministic re-noising back to step i's level with the prediction at the source
+                # (the next point's time), cond only, no bank. The official code also re-noises after the last
+                # repeat and discards it.
                 with torch.no_grad(), controller.use(PLAIN), counts.watch.phase("time_travel"):
-                    eps_src = backbone.eps(z_prev, t_src, travel_cond)
+                    eps_src = backbone.predict(z_prev, schedule.time_after(i), travel_cond)
                 counts.time_travel_unet += 1
-                z = time_travel(z_prev, eps_src, schedule.alpha(t_src), a_t)
+                z = rule.renoise(z_prev, eps_src, level_next, level)
             else:
                 z = z_prev
         if not torch.isfinite(z).all():
@@ -363,12 +317,12 @@ def sample(backbone: Model, preset: Preset, schedule: Schedule, problem: Problem
 @torch.no_grad()
 def sample_text_to_image(backbone: Model, schedule: Schedule, z_t: torch.Tensor, cond, uncond,
                          cfg_scale: float) -> torch.Tensor:
-    """Plain deterministic DDIM with classifier-free guidance from noise z_t (no bank, no energies): what the
+    """Plain deterministic sampling (the schedule's rule) with classifier-free guidance from noise z_t (no bank, no energies): what the
     model generates from its prompts alone, used to check a model's quality."""
     z = z_t
     context = type(cond).cat([uncond, cond])
     for i, t in enumerate(schedule.timesteps):
-        eps_u, eps_c = backbone.eps(torch.cat([z, z]), t, context).chunk(2)
+        eps_u, eps_c = backbone.predict(torch.cat([z, z]), t, context).chunk(2)
         eps = eps_u + cfg_scale * (eps_c - eps_u)
-        z = ddim_step(z, eps, schedule.alpha(t), schedule.alpha(schedule.prev(i)))
+        z = schedule.rule.step(z, eps, schedule.levels[i], schedule.levels[i + 1])
     return z

@@ -111,11 +111,11 @@ def estimate(model: str, size: int, dtype: torch.dtype = torch.float16, images: 
 
         def inversion():
             with torch.no_grad():
-                bb.eps(z, t, cond)
+                bb.predict(z, t, cond)
 
         def cfg():
             with torch.no_grad():
-                bb.eps(torch.cat([z[:1], z[:1]]), t, pair)
+                bb.predict(torch.cat([z[:1], z[:1]]), t, pair)
 
         def reference():
             with torch.no_grad():

@@ -120,8 +120,8 @@ def pass_costs(pipe, latent_hw: tuple[int, int], repeats: int = 3) -> dict[str, 
     cond = bb.condition([""], tuple(d * bb.vae_factor for d in latent_hw))
     t = 500
     with torch.no_grad():
-        full1 = _median_seconds(lambda: bb.eps(z, t, cond), dev, repeats)
-        full2 = _median_seconds(lambda: bb.eps(torch.cat([z, z]), t, cond.repeat(2)), dev, repeats)
+        full1 = _median_seconds(lambda: bb.predict(z, t, cond), dev, repeats)
+        full2 = _median_seconds(lambda: bb.predict(torch.cat([z, z]), t, cond.repeat(2)), dev, repeats)
         feat = _median_seconds(lambda: bb.features(z, t, cond), dev, repeats)
 
     def grad_fwd():
@@ -187,7 +187,7 @@ def attach_random_image_prompt(pipe) -> str:
 
     from ..image_prompt import from_state, random_state
 
-    width = pipe.backbone.unet.config.cross_attention_dim
+    width = pipe.backbone.denoiser.config.cross_attention_dim
     if width >= 768:
         config = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                   num_attention_heads=16, image_size=224, patch_size=14, projection_dim=1024)
@@ -198,8 +198,8 @@ def attach_random_image_prompt(pipe) -> str:
         resampler = dict(hidden=width, heads=2, depth=4)
     torch.manual_seed(0)
     encoder = CLIPVisionModelWithProjection(config)
-    proj, layers = random_state(pipe.backbone.unet, "resampler", 64, encoder_width=config.hidden_size, **resampler)
-    pipe.backbone.load_image_prompt(from_state(pipe.backbone.unet, proj, layers, encoder))
+    proj, layers = random_state(pipe.backbone.denoiser, "resampler", 64, encoder_width=config.hidden_size, **resampler)
+    pipe.backbone.load_image_prompt(from_state(pipe.backbone.denoiser, proj, layers, encoder))
     return (f"random: Resampler {resampler}, 64 tokens; CLIP image encoder {config.hidden_size} wide, "
             f"{config.num_hidden_layers} layers")
 

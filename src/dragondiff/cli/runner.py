@@ -426,7 +426,7 @@ def meta_model(model: str, config: str | None):
         return None
     with torch.device("meta"):
         built = {name: encoders[name]._from_config(c) for name, c in configs.items()}
-        return types.SimpleNamespace(NAME=cls.NAME, unet=UNet2DConditionModel.from_config(unet_config),
+        return types.SimpleNamespace(NAME=cls.NAME, denoiser=UNet2DConditionModel.from_config(unet_config),
                                      text_encoder_2=None, **built)
 
 
