@@ -67,6 +67,9 @@ def build_tiny_sd3(seed: int = 0, layout: str = "sd3", with_t5: bool = True) -> 
              "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)}
     if with_t5:
         parts["text_encoder_3"], parts["tokenizer_3"] = _tiny_t5(), build_t5_tokenizer()
+    for part in parts.values():  # built modules start in training mode; loaded ones are in eval mode
+        if isinstance(part, torch.nn.Module):
+            part.eval()
     return parts
 
 
@@ -75,7 +78,7 @@ def _tiny_t5():
 
     config = T5Config(vocab_size=len(_t5_pieces()), d_model=JOINT_WIDTH, d_kv=16, d_ff=64, num_layers=2,
                       num_heads=2, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-                      is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1)
+                      is_encoder_decoder=False, use_cache=False, dropout_rate=0.0, pad_token_id=0, eos_token_id=1)
     return T5EncoderModel(config)
 
 
