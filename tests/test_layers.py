@@ -15,13 +15,13 @@ ROOT = Path(dragondiff.__file__).parent
 LAYERS = [
     ("leaves", {"errors", "validate", "limits", "weights", "grid", "presets", "steps", "result", "documents", "shapes", "shapes.scenes",
                 "shapes.metrics", "shapes.tokenizer", "shapes.model"}),
-    ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone", "backbone_sdxl",
+    ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone", "backbone_sdxl", "backbone_sd3",
                           "compile", "image_prompt", "face"}),
     ("engine", {"sampler"}),
     ("tasks and description", {"tasks", "tasks.base", "tasks.move", "tasks.drag", "tasks.appearance", "tasks.paste",
                                "tasks.face", "spec"}),
     ("facade", {"pipeline", "loading", "lora", "dragondiff"}),
-    ("delivery", {"output", "provenance", "dragbench", "tiny"}),
+    ("delivery", {"output", "provenance", "dragbench", "tiny", "tiny_sd3"}),
     ("edges", {"cli", "ui", "bench", "train", "__main__"}),
 ]
 EDGE_IMPORTS = {"cli": {"cli", "ui", "bench", "train"}, "__main__": {"cli"}, "ui": {"ui"}, "bench": {"bench"},
