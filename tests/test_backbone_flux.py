@@ -159,11 +159,17 @@ def test_bank_capture_then_replace_reproduces_the_plain_prediction(pipe, bb):
     z, t, cond = _latents(), _timestep(pipe), bb.condition(PROMPTS)
     before = dict(bb.transformer.attn_processors)
     controller = BankController(MemoryBank(torch.device("cpu")))
+    attn = bb.transformer.single_transformer_blocks[1].attn
+    seen = {}
     with torch.no_grad():
         plain = bb.predict(z, t, cond)
         with bb.memory_bank(controller):
-            with controller.use(CAPTURE, 0):
-                captured = bb.predict(z, t, cond)
+            hook = attn.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+            try:
+                with controller.use(CAPTURE, 0):
+                    captured = bb.predict(z, t, cond)
+            finally:
+                hook.remove()
             with controller.use(REPLACE, 0):
                 replaced = bb.predict(z, t, cond)
             with controller.use(CONCAT, 0):
@@ -172,6 +178,15 @@ def test_bank_capture_then_replace_reproduces_the_plain_prediction(pipe, bb):
     key, value = controller.bank.entries["single_transformer_blocks.1.attn"][0]
     assert key.shape == value.shape == (2, 12, 32)  # image tokens only, heads x dim, after RoPE
     assert controller.bank.nbytes == bb.bank_bytes((8, 6), steps=1, images=2)
+    # the banked keys carry the RoPE positions of the tokens they came from (after the k norm, text tokens dropped)
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    text = cond.text.shape[1]
+    with torch.no_grad():
+        unrotated = attn.norm_k(attn.to_k(seen["hidden_states"]).unflatten(-1, (-1, attn.head_dim)))
+        rotated = apply_rotary_emb(unrotated, seen["image_rotary_emb"], sequence_dim=1)
+    torch.testing.assert_close(key, rotated[:, text:].flatten(2))
+    assert not torch.allclose(key, unrotated[:, text:].flatten(2), atol=1e-3)
     torch.testing.assert_close(captured, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(replaced, plain, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(concat, plain, atol=1e-4)
@@ -273,3 +288,32 @@ def test_refusals_name_the_part(parts, bb):
     assert FluxBackbone.accepts({"_class_name": "FluxTransformer2DModel", "guidance_embeds": False})
     assert not FluxBackbone.accepts({"_class_name": "SD3Transformer2DModel"})
     assert not FluxBackbone.accepts({"in_channels": 4, "cross_attention_dim": 768})
+
+
+def test_gradient_checkpointing_gives_the_same_feature_gradient(pipe, bb):
+    t, cond = _timestep(pipe), bb.condition(PROMPTS[:1])
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            bb.transformer.enable_gradient_checkpointing()
+        try:
+            z = _latents(batch=1).requires_grad_(True)
+            sum(f.pow(2).sum() for f in bb.features(z, t, cond)).backward()
+            grads.append(z.grad)
+        finally:
+            bb.transformer.disable_gradient_checkpointing()
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_bfloat16_model_predicts_fp32_close_to_fp32():
+    parts = build_tiny_flux(seed=3)
+    del parts["scheduler"]
+    bb = FluxBackbone.from_components(**parts)
+    z, cond = _latents(batch=1), bb.condition(PROMPTS[:1])
+    with torch.no_grad():
+        full = bb.predict(z, 700.0, cond)
+        bb.to(torch.device("cpu"), torch.bfloat16)
+        half = bb.predict(z, 700.0, bb.condition(PROMPTS[:1]))
+    assert bb.dtype == torch.bfloat16 and half.dtype == torch.float32
+    assert (half - full).abs().mean() < 0.1 * full.abs().mean()
