@@ -249,15 +249,18 @@ def test_grid_and_description(bb):
     assert bb.denoiser is bb.transformer and bb.RULE == "flow"
     info = bb.describe()
     assert info["name"] == "FLUX.1" and info["prediction_type"] == "flow" and info["t5"]
+    assert bb.image_seq_len((8, 6)) == 12 and bb.image_seq_len((128, 128)) == 4096
     assert bb.prompt_length("ab cd") == 5 and bb.max_prompt_tokens == 64
     # FLUX.1-dev's bank: 19 single blocks x K,V x 4096 tokens x 3072 channels x 2 bytes per step at 1024 px
     assert bb.bank_bytes((128, 128), steps=1) == 1 * 2 * 64 * 64 * 32 * 4  # tiny: 1 block, 32 channels, fp32
 
 
-def test_from_pretrained_loads_the_saved_weights(parts, bb, tmp_path):
-    from diffusers import FluxPipeline
+def test_from_pretrained_loads_the_saved_weights(bb, tmp_path):
+    from dragondiff.tiny_flux import save_tiny_flux
 
-    FluxPipeline(**parts).save_pretrained(str(tmp_path), safe_serialization=True)
+    save_tiny_flux(tmp_path, seed=0)  # FluxPipeline(...).save_pretrained of the same seed's components
+    assert {"transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"} <= {
+        p.name for p in tmp_path.iterdir()}
     loaded = FluxBackbone.from_pretrained(str(tmp_path), local_files_only=True)
     for mine, theirs in zip(loaded.modules, bb.modules):
         a, b = mine.state_dict(), theirs.state_dict()

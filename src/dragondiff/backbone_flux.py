@@ -426,9 +426,15 @@ class FluxBackbone:
                 if originals is not None:
                     tr.set_attn_processor(originals)
 
+    @staticmethod
+    def image_seq_len(latent_hw: tuple[int, int]) -> int:
+        """Image tokens of a latent of this size: FluxPipeline sets the scheduler's dynamic shift from it
+        (mu = calculate_shift(image_seq_len, base_image_seq_len, max_image_seq_len, base_shift, max_shift))."""
+        return math.ceil(latent_hw[0] / 2) * math.ceil(latent_hw[1] / 2)
+
     def bank_bytes(self, latent_hw: tuple[int, int], steps: int, images: int = 1) -> int:
         """K and V of the image tokens of every bank layer at every step (the model's dtype)."""
-        tokens = math.ceil(latent_hw[0] / 2) * math.ceil(latent_hw[1] / 2)
+        tokens = self.image_seq_len(latent_hw)
         size = torch.finfo(self.dtype).bits // 8
         per_step = sum(2 * tokens * self.transformer.get_submodule(n).inner_dim * size
                        for n in self.bank_layer_names())
