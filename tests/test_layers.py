@@ -13,15 +13,15 @@ ROOT = Path(dragondiff.__file__).parent
 # Bottom to top; a module may import its own layer and those below. Within the top layer only the listed
 # directions are allowed: the CLI fronts everything; the web UI, the benchmarks and the trainer stay apart.
 LAYERS = [
-    ("leaves", {"errors", "validate", "limits", "weights", "grid", "presets", "steps", "result", "documents", "shapes", "shapes.scenes",
-                "shapes.metrics", "shapes.tokenizer", "shapes.model"}),
-    ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone", "backbone_sdxl", "backbone_sd3",
-                          "compile", "image_prompt", "face"}),
+    ("leaves", {"errors", "validate", "limits", "weights", "grid", "presets", "steps", "result", "documents", "shapes",
+                "shapes.scenes", "shapes.metrics", "shapes.tokenizer", "shapes.model"}),
+    ("model and inputs", {"attention", "features", "energies", "inputs", "inversion", "backbone", "backbone_sdxl",
+                          "backbone_sd3", "backbone_flux", "compile", "image_prompt", "face"}),
     ("engine", {"sampler"}),
     ("tasks and description", {"tasks", "tasks.base", "tasks.move", "tasks.drag", "tasks.appearance", "tasks.paste",
                                "tasks.face", "spec"}),
     ("facade", {"pipeline", "loading", "lora", "dragondiff"}),
-    ("delivery", {"output", "provenance", "dragbench", "tiny", "tiny_sd3"}),
+    ("delivery", {"output", "provenance", "dragbench", "tiny", "tiny_sd3", "tiny_flux"}),
     ("edges", {"cli", "ui", "bench", "train", "__main__"}),
 ]
 EDGE_IMPORTS = {"cli": {"cli", "ui", "bench", "train"}, "__main__": {"cli"}, "ui": {"ui"}, "bench": {"bench"},
