@@ -246,7 +246,7 @@ def test_encode_decode_use_the_vae_shift_and_scale(bb):
 
 def test_grid_and_description(bb):
     assert bb.latent_channels == 16 and bb.vae_factor == 8 and bb.feature_factor == Fraction(1, 2)
-    assert bb.denoiser is bb.transformer and bb.RULE == "flow"
+    assert bb.denoiser is bb.transformer and bb.RULE == "flow-euler"
     info = bb.describe()
     assert info["name"] == "FLUX.1" and info["prediction_type"] == "flow" and info["t5"]
     assert bb.image_seq_len((8, 6)) == 12 and bb.image_seq_len((128, 128)) == 4096

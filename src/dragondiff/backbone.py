@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .attention import BankSlot, install_bank_processors
+from .attention import BankAttnProcessor, BankSlot, install_bank_processors
 from .errors import NonFiniteError
 from .limits import check_prompt
 
@@ -137,11 +137,143 @@ def model_lock(module: torch.nn.Module) -> threading.RLock:
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-class SD1Backbone:
+class Backbone:
+    """What every backbone family shares: the plumbing around its network (`denoiser`), VAE and text encoders.
+
+    A family (SD1Backbone here, SD3Backbone, FluxBackbone, ...) adds its layout: `predict` (the prediction its step
+    rule `RULE` reads), `features`, `condition`, `encode_image` / `decode`, `bank_layer_names` and the attention
+    processor that runs the bank on them (`BANK_PROCESSOR`), `describe`, `from_components` / `from_pretrained`."""
+
+    NAME = "?"
+    RULE = "ddim"  # the step rule (steps.RULES) its scheduler's configuration is read with
+    BANK_PROCESSOR = BankAttnProcessor  # built as BANK_PROCESSOR(slot, layer) on each bank layer
+    ACTIVATION_BYTES_PER_CELL = 0.0
+    image_prompt = None  # an image_prompt.ImagePrompt once loaded (UNet families)
+    _bank: BankSlot
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network that predicts noise or velocity (what locks, compilation and LoRAs act on)."""
+        raise NotImplementedError
+
+    def set_rule(self, rule) -> None:
+        """The pipeline's step rule over the scheduler's configuration: it must be the family's."""
+        if rule.NAME != self.RULE:
+            raise ValueError(f"scheduler: a {self.NAME} model is sampled with the {self.RULE} rule, got a "
+                             f"{rule.NAME} scheduler configuration")
+
+    @property
+    def key(self) -> int:
+        """Identifies the weights an Inversion was made with (an inversion is only valid for them)."""
+        return id(self.denoiser)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def module_dtype(self, module: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+        """The dtype `module` runs in when the model runs in `dtype` (all the same unless a family says otherwise:
+        SDXL's VAE)."""
+        return dtype
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move / cast every module; a failed move (e.g. out of memory) puts them back and re-raises."""
+        before = [(next(m.parameters()).device, next(m.parameters()).dtype) for m in self.modules]
+        try:
+            for module in self.modules:
+                param = next(module.parameters())
+                want = self.module_dtype(module, dtype)
+                if param.device != device or param.dtype != want:  # diffusers warns on no-op casts
+                    module.to(device=device, dtype=want)
+        except (RuntimeError, AssertionError):
+            for module, (dev, dt) in zip(self.modules, before):
+                module.to(device=dev, dtype=dt)
+            raise
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent cell, from the VAE's configuration (as diffusers' `vae_scale_factor`)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def vae_tiling(self) -> bool:
+        return bool(getattr(self.vae, "use_tiling", False))
+
+    def set_vae_tiling(self, enabled: bool, tile_px: int | None = None) -> None:
+        """Encode and decode in overlapping tiles of tile_px pixels (the VAE's own default when None)."""
+        if tile_px is not None:
+            self.vae.tile_sample_min_size = tile_px
+            self.vae.tile_latent_min_size = tile_px // self.vae_factor
+        if enabled:
+            self.vae.enable_tiling()
+        else:
+            self.vae.disable_tiling()
+
+    # -------------------------------------------------------------------------------------- image prompt
+
+    def load_image_prompt(self, prompt) -> None:
+        raise ValueError(f"image_prompt: no IP-Adapter support on {self.NAME} yet; supported: SD1.x/SD2.x/SDXL")
+
+    def unload_image_prompt(self) -> None:
+        """Nothing to unload where no image prompt can be loaded."""
+
+    def add_image_prompt(self, cond, uncond, images, *, base_as_text: bool):
+        self.load_image_prompt(None)
+
+    # ------------------------------------------------------------------------------------ the memory bank
+
+    @property
+    def bank_layers(self) -> list[str]:
+        """Processor names of the layers the memory bank owns."""
+        return [n if n.endswith(".processor") else n + ".processor" for n in self.bank_layer_names()]
+
+    @contextmanager
+    def memory_bank(self, controller):
+        """Route the bank layers' image-token K/V through a bank controller for the duration of the block.
+
+        The bank processors read their controller from a slot owned by this backbone: installing them is
+        idempotent, and what they do is data (the controller's mode and step), so a compiled or graph-captured
+        network would not need rebuilding per edit. The original processors come back after the block.
+        """
+        with self.lock:
+            originals = install_bank_processors(self.denoiser, self._bank, self.bank_layers, self.BANK_PROCESSOR)
+            previous, self._bank.controller = self._bank.controller, controller
+            try:
+                yield
+            finally:
+                self._bank.controller = previous
+                if originals is not None:
+                    self.denoiser.set_attn_processor(originals)
+
+    def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
+        """GPU bytes the largest pass of an edit needs at this latent size (an estimate for full-size weights;
+        scaled by the model dtype's width)."""
+        width = torch.finfo(self.dtype).bits / 16
+        return int(self.ACTIVATION_BYTES_PER_CELL * latent_hw[0] * latent_hw[1] * width)
+
+    # ------------------------------------------------------------------------------------------- encoders
+
+    def _check_prompts(self, prompts: Sequence[str]) -> list[str]:
+        for k, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"prompt: expected a string, got {type(p).__name__} (prompt #{k})")
+            check_prompt(p, f"prompt #{k}")
+        return list(prompts)
+
+
+class SD1Backbone(Backbone):
     """Stable Diffusion 1.x: UNet2DConditionModel, AutoencoderKL with scale factor 8, CLIP text."""
 
+
     NAME = "SD1.x"
-    RULE = "ddim"  # the step rule (steps.RULES) its scheduler's configuration is read with
     SUPPORTS = ("SD1.x: a UNet2DConditionModel without added conditions or linear projections, one CLIP text "
                 "encoder")
     # Guidance features: outputs of these up blocks (the official up_ft_index: the decoder outputs at 1/2 and 1/1 of
@@ -191,6 +323,11 @@ class SD1Backbone:
             raise TypeError(f"text_encoder_2/tokenizer_2: an {cls.NAME} model has one text encoder")
         return cls(unet, vae, text_encoder, tokenizer)
 
+    def set_rule(self, rule) -> None:
+        """The pipeline's step rule (a `steps.DDIMRule`): what the UNet predicts and the ᾱ table to turn v into ε."""
+        super().set_rule(rule)
+        self.set_prediction(rule.config.get("prediction_type", "epsilon"), rule.alphas_cumprod)
+
     def set_prediction(self, prediction_type: str, alphas_cumprod: torch.Tensor) -> None:
         """What the UNet predicts (the scheduler's `prediction_type`) and the ᾱ table of its training timesteps,
         so that `predict` can turn a v prediction into ε. Set by the pipeline from its scheduler."""
@@ -200,9 +337,6 @@ class SD1Backbone:
         self.prediction_type = prediction_type
         self._alphas = alphas_cumprod.detach().to(torch.float32).cpu()
 
-    def set_rule(self, rule) -> None:
-        """The pipeline's step rule (a `steps.DDIMRule`): what the UNet predicts and the ᾱ table to turn v into ε."""
-        self.set_prediction(rule.config.get("prediction_type", "epsilon"), rule.alphas_cumprod)
 
     def describe(self) -> dict:
         """What `info`, sidecars and results say the model is."""
@@ -275,66 +409,12 @@ class SD1Backbone:
         """The network that predicts noise (what locks, compilation and LoRAs act on): here the UNet."""
         return self.unet
 
-    @property
-    def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
-
-    @property
-    def key(self) -> int:
-        """Identifies the weights an Inversion was made with (an inversion is only valid for them)."""
-        return id(self.unet)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    def module_dtype(self, module: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
-        """The dtype `module` runs in when the model runs in `dtype` (all the same here; SDXL's VAE differs)."""
-        return dtype
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Move / cast every module; a failed move (e.g. out of memory) puts them back and re-raises."""
-        before = [(next(m.parameters()).device, next(m.parameters()).dtype) for m in self.modules]
-        try:
-            for module in self.modules:
-                param = next(module.parameters())
-                want = self.module_dtype(module, dtype)
-                if param.device != device or param.dtype != want:  # diffusers warns on no-op casts
-                    module.to(device=device, dtype=want)
-        except (RuntimeError, AssertionError):
-            for module, (dev, dt) in zip(self.modules, before):
-                module.to(device=dev, dtype=dt)
-            raise
-
     # --------------------------------------------------------------------------------------------- grids
-
-    @property
-    def vae_factor(self) -> int:
-        """Pixels per latent cell, from the VAE's configuration (as diffusers' `vae_scale_factor`)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def feature_factor(self) -> int:
         """Feature-grid cells per latent cell."""
         return self.FEATURE_FACTOR
-
-    @property
-    def vae_tiling(self) -> bool:
-        return bool(getattr(self.vae, "use_tiling", False))
-
-    def set_vae_tiling(self, enabled: bool, tile_px: int | None = None) -> None:
-        """Encode and decode in overlapping tiles of tile_px pixels (the VAE's own default when None)."""
-        if tile_px is not None:
-            self.vae.tile_sample_min_size = tile_px
-            self.vae.tile_latent_min_size = tile_px // self.vae_factor
-        if enabled:
-            self.vae.enable_tiling()
-        else:
-            self.vae.disable_tiling()
 
     @property
     def channels_last(self) -> bool:
@@ -419,8 +499,8 @@ class SD1Backbone:
         return unet.conv_out(sample).float()
 
     def predict(self, z: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
-        """The DDIM rule's prediction: ε in fp32, whatever the model's dtype and whatever the UNet predicts: a v prediction becomes
-        ε = √ᾱ_t·v + √(1−ᾱ_t)·z_t here, so every ε/x0 formula downstream (inversion, guided sampling, time travel,
+        """The DDIM rule's prediction: ε in fp32, whatever the model's dtype and whatever the UNet predicts: a v
+        prediction becomes ε = √ᾱ_t·v + √(1−ᾱ_t)·z_t here, so every ε/x0 formula downstream (inversion, guided sampling, time travel,
         regional SDE) is the ε one."""
         out = self.forward(z, t, cond)
         if self.prediction_type == "epsilon":
@@ -437,47 +517,15 @@ class SD1Backbone:
 
     # ------------------------------------------------------------------------------------ the memory bank
 
-    @contextmanager
-    def memory_bank(self, controller):
-        """Route the decoder self-attention K/V through a bank controller for the duration of the block.
-
-        The bank processors read their controller from a slot owned by this backbone: installing them is
-        idempotent, and what they do is data (the controller's mode and step), so a compiled or graph-captured UNet
-        would not need rebuilding per edit. By default the original processors come back after the block.
-        """
-        with self.lock:
-            originals = install_bank_processors(self.unet, self._bank, self.bank_layers)
-            previous, self._bank.controller = self._bank.controller, controller
-            try:
-                yield
-            finally:
-                self._bank.controller = previous
-                if originals is not None:
-                    self.unet.set_attn_processor(originals)
-
-    @property
-    def bank_layers(self) -> list[str]:
-        """Processor names of the layers the memory bank owns."""
+    def bank_layer_names(self) -> list[str]:
+        """Processor names of the decoder self-attention layers the memory bank owns (of BANK_BLOCKS)."""
         return decoder_self_attention_names(self.unet, self.BANK_BLOCKS)
-
-    def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
-        """GPU bytes the largest pass of an edit needs at this latent size (an estimate for full-size weights;
-        scaled by the model dtype's width)."""
-        width = torch.finfo(self.dtype).bits / 16
-        return int(self.ACTIVATION_BYTES_PER_CELL * latent_hw[0] * latent_hw[1] * width)
 
     def bank_bytes(self, latent_hw: tuple[int, int], steps: int, images: int = 1) -> int:
         """Bytes a memory bank of `images` images over `steps` steps will take, before capturing it."""
         return estimate_bank_bytes(self.unet, latent_hw, steps, images, blocks=self.BANK_BLOCKS)
 
     # ------------------------------------------------------------------------------------------- encoders
-
-    def _check_prompts(self, prompts: Sequence[str]) -> list[str]:
-        for k, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise TypeError(f"prompt: expected a string, got {type(p).__name__} (prompt #{k})")
-            check_prompt(p, f"prompt #{k}")
-        return list(prompts)
 
     @torch.no_grad()
     def condition(self, prompts: Sequence[str], size_hw: tuple[int, int] | None = None) -> Conditioning:

@@ -34,7 +34,6 @@ FLUX.1-dev's blocks and a tiny test model's:
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import BankSlot
-from .backbone import Conditioning, SD1Backbone, model_lock
+from .backbone import Backbone, Conditioning, model_lock
 from .errors import NonFiniteError
 from .limits import check_prompt
 
@@ -149,13 +148,15 @@ class FluxBankAttnProcessor:
         return image_out, attn.to_add_out(text_out.contiguous())
 
 
-class FluxBackbone:
+class FluxBackbone(Backbone):
     """FLUX.1-dev-type models: FluxTransformer2DModel with a guidance embedding, a 16-channel VAE, CLIP + T5."""
 
     NAME = "FLUX.1"
     SUPPORTS = ("FLUX.1: a guidance-distilled FluxTransformer2DModel (FLUX.1-dev-type, guidance_embeds) with "
                 "patch_size 1 on 4 x the VAE's latent channels, CLIP (pooled) + T5 text encoders")
-    RULE = "flow"
+    RULE = "flow-euler"
+    BANK_PROCESSOR = FluxBankAttnProcessor
+    EMBEDDED_GUIDANCE = True  # guidance-distilled: with guidance_scale 1 the sampler runs the conditional branch only
     # Double-stream blocks counted from the end of the double stream: FLUX.1-dev's 17 and 18 (DragFlow's best).
     FEATURE_BLOCKS = (-2, -1)
     FEATURE_FACTOR = Fraction(1, 2)  # one feature cell per token = per 2x2 latent cells
@@ -257,36 +258,6 @@ class FluxBackbone:
     def modules(self) -> tuple[torch.nn.Module, ...]:
         return (self.transformer, self.vae, self.text_encoder, self.text_encoder_2)
 
-    def load_image_prompt(self, prompt) -> None:
-        raise ValueError(f"image_prompt: no IP-Adapter support on {self.NAME} yet; supported: SD1.x/SD2.x/SDXL")
-
-    def unload_image_prompt(self) -> None:
-        """Nothing to unload: no image prompt is ever loaded on FLUX."""
-
-    @property
-    def key(self) -> int:
-        return id(self.transformer)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    # Shared with the UNet backbones as they are (they read only self.modules, self.vae and self.dtype).
-    module_dtype = SD1Backbone.module_dtype
-    to = SD1Backbone.to
-    vae_factor = SD1Backbone.vae_factor
-    vae_tiling = SD1Backbone.vae_tiling
-    set_vae_tiling = SD1Backbone.set_vae_tiling
-    activation_bytes = SD1Backbone.activation_bytes
-    _check_prompts = SD1Backbone._check_prompts
-
-    @property
-    def latent_channels(self) -> int:
-        return self.vae.config.latent_channels
 
     @property
     def feature_factor(self) -> Fraction:
@@ -403,28 +374,6 @@ class FluxBackbone:
         if not names:
             raise ValueError(f"transformer: no {span.stream}-stream blocks for the memory bank")
         return names
-
-    @contextmanager
-    def memory_bank(self, controller):
-        """Route the bank layers' image K/V through `controller` for the duration of the block; the original
-        processors come back after (installing is idempotent, as SD1Backbone's)."""
-        with self.lock:
-            tr = self.transformer
-            names = [n + ".processor" for n in self.bank_layer_names()]
-            current = tr.attn_processors
-            originals = None
-            if not all(isinstance(current[n], FluxBankAttnProcessor) and current[n].slot is self._bank
-                       for n in names):
-                originals = dict(current)
-                tr.set_attn_processor({**current, **{n: FluxBankAttnProcessor(self._bank, n.removesuffix(
-                    ".processor")) for n in names}})
-            previous, self._bank.controller = self._bank.controller, controller
-            try:
-                yield
-            finally:
-                self._bank.controller = previous
-                if originals is not None:
-                    tr.set_attn_processor(originals)
 
     @staticmethod
     def image_seq_len(latent_hw: tuple[int, int]) -> int:

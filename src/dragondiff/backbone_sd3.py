@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from fractions import Fraction
 from typing import Sequence
 
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import BankSlot
-from .backbone import Conditioning, SD1Backbone, model_lock
+from .backbone import Backbone, Conditioning, model_lock
 from .errors import NonFiniteError
 from .limits import check_prompt
 
@@ -122,13 +121,14 @@ class SD3BankProcessor:
         return out if context is None else (out, context)
 
 
-class SD3Backbone:
+class SD3Backbone(Backbone):
     """Stable Diffusion 3 / 3.5 (Medium, Large): SD3Transformer2DModel, 16-channel VAE, two CLIPs, optional T5."""
 
     NAME = "SD3"
     SUPPORTS = ("SD3/SD3.5: an SD3Transformer2DModel (joint attention, optional dual attention and q/k norms), an "
                 "AutoencoderKL whose latent channels match it, CLIP-L + CLIP-G with projections, optional T5")
-    RULE = "flow"
+    RULE = "flow-euler"
+    BANK_PROCESSOR = SD3BankProcessor
     # None: chosen from the transformer's depth by `blocks_for_depth` (a subclass may fix them).
     FEATURE_BLOCKS: tuple[int, ...] | None = None
     BANK_BLOCKS: tuple[int, ...] | None = None
@@ -256,47 +256,19 @@ class SD3Backbone:
                 "feature_norm": self.feature_norm}
 
     @property
-    def modules(self) -> tuple[torch.nn.Module, ...]:
-        encoders = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
-        return (self.transformer, self.vae) + tuple(e for e in encoders if e is not None)
-
-    @property
     def denoiser(self) -> torch.nn.Module:
         """The transformer: what locks, compilation and LoRA act on."""
         return self.transformer
 
     @property
-    def key(self) -> int:
-        """Identifies the weights an inversion was made with."""
-        return id(self.transformer)
+    def modules(self) -> tuple[torch.nn.Module, ...]:
+        encoders = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        return (self.transformer, self.vae) + tuple(e for e in encoders if e is not None)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    def module_dtype(self, module: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
-        """Every module runs in the model dtype (SD3's VAE has no force_upcast)."""
-        return dtype
-
-    # Family-independent plumbing shared with the UNet backbones (they read only `modules`, `vae`, `vae_factor`).
-    to = SD1Backbone.to
-    vae_tiling = SD1Backbone.vae_tiling
-    set_vae_tiling = SD1Backbone.set_vae_tiling
-
-    # -------------------------------------------------------------------------------------- image prompt
-
-    def load_image_prompt(self, prompt) -> None:
-        raise ValueError(f"image_prompt: no IP-Adapter support on {self.NAME} yet; supported: SD1.x/SD2.x/SDXL")
 
     # --------------------------------------------------------------------------------------------- grids
 
-    @property
-    def latent_channels(self) -> int:
-        return self.vae.config.latent_channels
 
     @property
     def patch_size(self) -> int:
@@ -416,36 +388,6 @@ class SD3Backbone:
         """Processor names of the joint attentions the bank covers, in block order."""
         return [f"transformer_blocks.{i}.attn.processor" for i in self.bank_blocks]
 
-    @contextmanager
-    def memory_bank(self, controller):
-        """Route the bank blocks' image K/V through `controller` for the duration of the block; the processors
-        read it from a slot owned by this backbone (installing is idempotent) and the originals come back after."""
-        with self.lock:
-            originals = self._install_bank()
-            previous, self._bank.controller = self._bank.controller, controller
-            try:
-                yield
-            finally:
-                self._bank.controller = previous
-                if originals is not None:
-                    self.transformer.set_attn_processor(originals)
-
-    def _install_bank(self) -> dict | None:
-        names = self.bank_layer_names()
-        current = self.transformer.attn_processors
-        if all(isinstance(current[n], SD3BankProcessor) and current[n].slot is self._bank for n in names):
-            return None
-        installed = dict(current)
-        for name in names:
-            installed[name] = SD3BankProcessor(self._bank, name.removesuffix(".processor"))
-        self.transformer.set_attn_processor(installed)
-        return current
-
-    def activation_bytes(self, latent_hw: tuple[int, int]) -> int:
-        """GPU bytes of the largest pass of an edit (an estimate for full-size weights, scaled by dtype width)."""
-        width = torch.finfo(self.dtype).bits / 16
-        return int(self.ACTIVATION_BYTES_PER_CELL * latent_hw[0] * latent_hw[1] * width)
-
     def bank_bytes(self, latent_hw: tuple[int, int], steps: int, images: int = 1) -> int:
         """Bytes of a bank of `images` images over `steps` steps: image K and V of every bank block, per step."""
         p = self.patch_size
@@ -457,7 +399,6 @@ class SD3Backbone:
 
     # ------------------------------------------------------------------------------------------- encoders
 
-    _check_prompts = SD1Backbone._check_prompts
 
     def _clip(self, encoder, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Penultimate hidden states (B, 77, C) and pooled projection (B, P) of one CLIP, as the pipeline reads it."""

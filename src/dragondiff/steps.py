@@ -188,4 +188,4 @@ class FlowEulerRule:
         return strength * s_next * (1 - ratio**2).sqrt()
 
 
-RULES = {"ddim": DDIMRule, "flow-euler": FlowEulerRule}
+RULES = {rule.NAME: rule for rule in (DDIMRule, FlowEulerRule)}
