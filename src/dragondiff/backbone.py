@@ -156,6 +156,15 @@ class Backbone:
         """The network that predicts noise or velocity (what locks, compilation and LoRAs act on)."""
         raise NotImplementedError
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Refuse, by name, a variant of the family's layout it does not run (before any weight is read)."""
+
+    @classmethod
+    def grid_factor(cls, config):
+        """Feature-grid cells per latent cell of a model with this denoiser configuration (`feature_factor`)."""
+        return cls.FEATURE_FACTOR
+
     def set_rule(self, rule) -> None:
         """The pipeline's step rule over the scheduler's configuration: it must be the family's."""
         if rule.NAME != self.RULE:

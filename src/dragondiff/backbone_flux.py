@@ -178,11 +178,7 @@ class FluxBackbone(Backbone):
         cfg = transformer.config
         if not all(hasattr(transformer, n) for n in ("transformer_blocks", "single_transformer_blocks", "x_embedder")):
             raise ValueError(f"transformer: expected a FluxTransformer2DModel, got {type(transformer).__name__}")
-        if not cfg.get("guidance_embeds", False):
-            raise ValueError(
-                "transformer: a timestep-distilled FLUX transformer (no guidance embedding: FLUX.1-schnell-type) is "
-                "not supported: it samples in 1-4 steps, too few for step-wise energy guidance and a memory bank; "
-                "use a guidance-distilled FLUX.1-dev-type model")
+        self.check_config(cfg)
         if cfg.get("patch_size", 1) != 1 or (cfg.get("out_channels") or cfg.in_channels) != cfg.in_channels:
             raise ValueError("transformer: expected patch_size 1 and out_channels = in_channels (FLUX.1-dev's "
                              "layout; Fill/Canny/Depth variants with extra input channels are not supported)")
@@ -208,6 +204,15 @@ class FluxBackbone(Backbone):
         self.bank_layer_names()  # refuses a transformer without bank blocks
 
     # ------------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse a timestep-distilled transformer by name (before any weight is read)."""
+        if not cfg.get("guidance_embeds", False):
+            raise ValueError(
+                "transformer: a timestep-distilled FLUX transformer (no guidance embedding: FLUX.1-schnell-type) is "
+                "not supported: it samples in 1-4 steps, too few for step-wise energy guidance and a memory bank; "
+                "use a guidance-distilled FLUX.1-dev-type model")
 
     @classmethod
     def accepts(cls, transformer_config) -> bool:

@@ -282,7 +282,11 @@ class SD3Backbone(Backbone):
     @property
     def feature_factor(self) -> Fraction:
         """Feature-grid cells per latent cell: one token per patch."""
-        return Fraction(1, self.patch_size)
+        return self.grid_factor(self.transformer.config)
+
+    @classmethod
+    def grid_factor(cls, config) -> Fraction:
+        return Fraction(1, int(config.get("patch_size", 2)))
 
     @property
     def max_feature_block(self) -> int:

@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 
 from .backbone import PREDICTION_TYPES, SD1Backbone, SD2Backbone
+from .backbone_flux import FluxBackbone
+from .backbone_sd3 import SD3Backbone
 from .backbone_sdxl import SDXLBackbone
 from .limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, LIMITS, check
+from .steps import RULES
 from .validate import check_number, shown
 from .weights import check_loading_info
 
@@ -29,6 +32,9 @@ SETTINGS_FILE = "dragondiff_defaults.json"
 SETTING_KEYS = ("guidance_scale", "energy_scale", "ip_scale")  # what such a file may recommend per task
 # Backbone classes, tried in order: each says from a model's UNet configuration whether it has its layout.
 BACKBONES = (SDXLBackbone, SD2Backbone, SD1Backbone)
+# Flow-matching transformer families, each known by its transformer's configuration (`transformer/` subfolder).
+FLOW_BACKBONES = (SD3Backbone, FluxBackbone)
+ALL_BACKBONES = BACKBONES + FLOW_BACKBONES
 # Per-backbone defaults, in the settings file's format ({"max_resolution": px, "settings": {task: {...}}}); a
 # model's own SETTINGS_FILE overrides them key by key. Only what differs from the official SD1.5 values is here;
 # docs/backbones.md says how each was chosen and which are untested.
@@ -37,6 +43,12 @@ BACKBONE_DEFAULTS = {
     # scale stays the official per-task value: untested on real SDXL weights.
     SDXLBackbone.NAME: {"max_resolution": 1024},
     # SD2.x keeps 768 px: the official working size, and SD2.1-v's training size (SD2.1-base's is 512).
+    # SD3/SD3.5 and FLUX.1 work at 1024 px, their training size; energy scales stay the official values (untested
+    # on real weights: docs/backbones.md).
+    SD3Backbone.NAME: {"max_resolution": 1024},
+    # FLUX.1-dev is guidance-distilled: its guidance is embedded (`FluxBackbone.embedded_guidance`), so true CFG is
+    # off (guidance_scale 1: one conditional pass per step); a higher guidance_scale turns it on at twice the cost.
+    FluxBackbone.NAME: {"max_resolution": 1024, "settings": {"*": {"guidance_scale": 1.0}}},
 }
 
 
@@ -71,9 +83,16 @@ def native_bf16() -> bool:
         return False
 
 
+def is_transformer_config(config) -> bool:
+    """A denoiser configuration without a UNet's block types: a transformer's."""
+    return "up_block_types" not in config and "down_block_types" not in config
+
+
 def backbone_class(unet_config, scheduler_config=None):
-    """The backbone class that runs a model with this UNet (and scheduler) configuration; a clear refusal
-    naming what was found otherwise (a layout no backbone has, or a prediction type no backbone handles)."""
+    """The backbone class that runs a model with this UNet or transformer (and scheduler) configuration; a clear
+    refusal naming what was found otherwise (a layout no backbone has, or a prediction type no backbone handles)."""
+    if is_transformer_config(unet_config):
+        return flow_backbone_class(unet_config, scheduler_config)
     prediction = None if scheduler_config is None else scheduler_config.get("prediction_type", "epsilon")
     cls = next((c for c in BACKBONES if c.accepts(unet_config)), None)
     if cls is not None and (prediction is None or prediction in PREDICTION_TYPES):
@@ -86,17 +105,39 @@ def backbone_class(unet_config, scheduler_config=None):
     what = "layout" if cls is None else "prediction type"
     raise ValueError(f"model: no backbone runs this model's {what} (found {found}); supported: "
                      + "; ".join(c.SUPPORTS for c in BACKBONES)
-                     + f"; each predicting one of {', '.join(PREDICTION_TYPES)}")
+                     + f"; each predicting one of {', '.join(PREDICTION_TYPES)}; "
+                     + "; ".join(c.SUPPORTS for c in FLOW_BACKBONES))
+
+
+def flow_backbone_class(config, scheduler_config=None):
+    """The flow-matching backbone of a transformer configuration, refused by name when no family has its layout,
+    when the family refuses this variant (a timestep-distilled FLUX), or when its scheduler is not a flow-matching
+    one."""
+    cls = next((c for c in FLOW_BACKBONES if c.accepts(config)), None)
+    if cls is None:
+        name = config.get("_class_name") or "transformer"
+        family = OTHER_FAMILIES.get(name, f"a model with a {name}")
+        raise ValueError(f"model: {family} is not supported; supported: "
+                         + "; ".join(c.SUPPORTS for c in ALL_BACKBONES))
+    cls.check_config(config)
+    scheduler = None if scheduler_config is None else scheduler_config.get("_class_name")
+    if scheduler is not None and not str(scheduler).startswith("FlowMatch"):
+        raise ValueError(f"scheduler: a {cls.NAME} model is sampled by flow matching; its scheduler is {scheduler} "
+                         "(expected FlowMatchEulerDiscreteScheduler)")
+    return cls
 
 
 # The parts of a diffusers folder each backbone loads (subfolder: what it holds), checked before any weight is read.
 FOLDER_PARTS = {"unet": "model", "vae": "model", "text_encoder": "model", "tokenizer": "tokenizer",
                 "scheduler": "scheduler"}
 SDXL_PARTS = {**FOLDER_PARTS, "text_encoder_2": "model", "tokenizer_2": "tokenizer"}
+FLOW_PARTS = {"transformer": "model", **{k: v for k, v in SDXL_PARTS.items() if k != "unet"}}
+PARTS = {SDXLBackbone: SDXL_PARTS, SD3Backbone: FLOW_PARTS, FluxBackbone: FLOW_PARTS}
 CONFIG_FILES = {"model": "config.json", "scheduler": "scheduler_config.json", "tokenizer": None}
+FLOW_CLASSES = {"SD3Transformer2DModel", "FluxTransformer2DModel"}  # transformers a flow backbone may run
 # Families of diffusers folders no backbone here runs, by the class of their denoiser (model_index.json).
-OTHER_FAMILIES = {"SD3Transformer2DModel": "an SD3 model", "FluxTransformer2DModel": "a FLUX model",
-                  "PixArtTransformer2DModel": "a PixArt model", "SanaTransformer2DModel": "a Sana model"}
+OTHER_FAMILIES = {"PixArtTransformer2DModel": "a PixArt model", "SanaTransformer2DModel": "a Sana model",
+                  "HunyuanDiT2DModel": "a Hunyuan-DiT model", "QwenImageTransformer2DModel": "a Qwen-Image model"}
 def model_index(folder: Path) -> dict:
     """A local model folder's model_index.json ({} when it has none or it cannot be read: the folder check
     names what is missing)."""
@@ -112,11 +153,11 @@ def check_family(folder: Path) -> None:
     index = model_index(folder)
     for part, entry in index.items():
         cls_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-        if part == "transformer" and cls_name:
+        if part == "transformer" and cls_name and cls_name not in FLOW_CLASSES:
             family = OTHER_FAMILIES.get(cls_name, f"a model with a {cls_name} transformer")
             pipeline = index.get("_class_name", "its pipeline")
             raise ValueError(f"id_or_folder: {folder} is {family} ({pipeline}): not supported yet; supported: "
-                             + "; ".join(c.SUPPORTS for c in BACKBONES))
+                             + "; ".join(c.SUPPORTS for c in ALL_BACKBONES))
     if index.get("requires_aesthetics_score") or (
             "text_encoder_2" in index and index.get("text_encoder") in (None, [None, None])):
         raise ValueError(f"id_or_folder: {folder} is an SDXL refiner (requires_aesthetics_score, no "
@@ -149,7 +190,13 @@ def check_folder(folder: Path, parts: dict, allow_pickle: bool) -> None:
 
 def backbone_defaults(name: str) -> dict:
     """A backbone's default working resolution and per-task settings ({} entries: the official SD1.5 values)."""
-    return BACKBONE_DEFAULTS.get(name, {})
+    from .tasks import TASKS
+
+    defaults = dict(BACKBONE_DEFAULTS.get(name, {}))
+    every = defaults.get("settings", {}).get("*")  # "*": the same settings for every task
+    if every is not None:
+        defaults["settings"] = {task: dict(every) for task in TASKS}
+    return defaults
 
 
 def resolve_source(id_or_folder) -> tuple[str, bool]:
@@ -173,8 +220,6 @@ def looks_local(source: str) -> bool:
 def load_pretrained(id_or_folder, *, local_files_only: bool = False, allow_pickle: bool = False):
     """(backbone, scheduler, the model's settings file as `read_model_file` gives it) of a diffusers layout (hub id
     or folder). Safetensors only unless allow_pickle=True."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
     source, bundled_only = resolve_source(id_or_folder)
     if looks_local(source) and not Path(source).is_dir():
         raise ValueError(f"id_or_folder: {source} is not a folder (a local model is a diffusers folder; a hub id "
@@ -184,18 +229,18 @@ def load_pretrained(id_or_folder, *, local_files_only: bool = False, allow_pickl
     local = Path(source).is_dir()
     if local:  # what is wrong with a local folder is named by its part, before any weight is read
         check_family(Path(source))
-        check_folder(Path(source), {"unet": "model", "scheduler": "scheduler"}, allow_pickle)
+        check_folder(Path(source), {denoiser_part(source): "model", "scheduler": "scheduler"}, allow_pickle)
         own = read_model_file(source)
     try:
-        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **common)
-        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **common)
+        unet_config, scheduler_config = read_configs(source, **common)
     except (OSError, EnvironmentError, ValueError) as e:
         where = "" if Path(source).exists() else (" (no such local folder; as a hub id it is neither cached here nor "
                                                   "reachable: offline, or no such repository)")
         raise ValueError(f"id_or_folder: cannot load a model from {source!r}{where}: {e}") from e
-    cls = backbone_class(unet_config, scheduler.config)
+    cls = backbone_class(unet_config, scheduler_config)
+    scheduler = RULES[cls.RULE](scheduler_config).scheduler()
     if local:
-        check_folder(Path(source), SDXL_PARTS if cls is SDXLBackbone else FOLDER_PARTS, allow_pickle)
+        check_folder(Path(source), PARTS.get(cls, FOLDER_PARTS), allow_pickle)
     try:
         backbone = cls.from_pretrained(source, use_safetensors=safe, **common)
     except (OSError, EnvironmentError, ValueError) as e:
@@ -204,6 +249,28 @@ def load_pretrained(id_or_folder, *, local_files_only: bool = False, allow_pickl
                 if not local and not allow_pickle and ".safetensors" in str(e) else "")
         raise ValueError(f"id_or_folder: cannot load an {cls.NAME} model from {source!r}{hint}: {e}") from e
     return backbone, scheduler, own if local else read_model_file(source)
+
+
+def denoiser_part(source: str) -> str:
+    """The subfolder of a local diffusers folder that holds its denoiser: "transformer" for a transformer model
+    (a folder with transformer/ and no unet/), else "unet"."""
+    folder = Path(source)
+    return "transformer" if (folder / "transformer").is_dir() and not (folder / "unet").is_dir() else "unet"
+
+
+def read_configs(source: str, **common) -> tuple[dict, dict]:
+    """(denoiser configuration, scheduler configuration) of a diffusers layout, without weights: the UNet's, or
+    the transformer's for a transformer model (a hub id without unet/ is tried for transformer/)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    part = denoiser_part(source)
+    try:
+        config = UNet2DConditionModel.load_config(source, subfolder=part, **common)
+    except (OSError, EnvironmentError, ValueError):
+        if Path(source).is_dir() or part == "transformer":
+            raise
+        config = UNet2DConditionModel.load_config(source, subfolder="transformer", **common)
+    return config, DDIMScheduler.load_config(source, subfolder="scheduler", **common)
 
 
 def load_single_file(path, *, config, local_files_only: bool = False, allow_pickle: bool = False):
@@ -267,23 +334,23 @@ def describe_model(id_or_folder) -> dict | None:
     `info`: {"backbone", "prediction_type", "vae_factor", "feature_factor", "default_max_resolution",
     "recommended_settings"}; None when the configuration cannot be read here (a single file, or a hub id that is
     not cached). Raises the load-time refusal for a model no backbone runs."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     try:
         source, _ = resolve_source(id_or_folder)
         if Path(source).is_file():
             return None
         common = {"local_files_only": True}
-        unet = UNet2DConditionModel.load_config(source, subfolder="unet", **common)
-        scheduler = DDIMScheduler.load_config(source, subfolder="scheduler", **common)
+        denoiser, scheduler = read_configs(source, **common)
         vae = AutoencoderKL.load_config(source, subfolder="vae", **common)
     except (OSError, EnvironmentError, ValueError):
         return None
-    cls = backbone_class(unet, scheduler)
+    cls = backbone_class(denoiser, scheduler)
     defaults = model_defaults(cls.NAME, read_model_file(source))
     resolution = BUNDLED_RESOLUTION if str(id_or_folder) == BUNDLED_ID else defaults["max_resolution"]
-    return {"backbone": cls.NAME, "prediction_type": scheduler.get("prediction_type", "epsilon"),
-            "vae_factor": 2 ** (len(vae["block_out_channels"]) - 1), "feature_factor": cls.FEATURE_FACTOR,
+    prediction = "flow" if cls.RULE == "flow-euler" else scheduler.get("prediction_type", "epsilon")
+    return {"backbone": cls.NAME, "prediction_type": prediction,
+            "vae_factor": 2 ** (len(vae["block_out_channels"]) - 1), "feature_factor": cls.grid_factor(denoiser),
             "default_max_resolution": resolution, "recommended_settings": defaults["settings"]}
 
 

@@ -58,19 +58,26 @@ class DragonPipeline:
     `replace_appearance`, `paste` and `reshape_face` are its typed wrappers. Edits on one backbone are serialised by its lock."""
 
     def __init__(self, unet=None, vae=None, text_encoder=None, tokenizer=None, scheduler=None, *,
-                 text_encoder_2=None, tokenizer_2=None, backbone=None, device=None, dtype=None,
-                 recommended_settings: dict | None = None, default_max_resolution: int | None = None):
-        """Either the components (unet, vae, text_encoder, tokenizer, and SDXL's text_encoder_2, tokenizer_2; the
-        backbone class is picked from the UNet's configuration) or a ready `backbone`, and the scheduler whose ᾱ
-        table and prediction type (ε or v) the edits use. `recommended_settings` ({task: {...}}) and
+                 text_encoder_2=None, tokenizer_2=None, transformer=None, text_encoder_3=None, tokenizer_3=None,
+                 backbone=None, device=None, dtype=None, recommended_settings: dict | None = None,
+                 default_max_resolution: int | None = None):
+        """Either the components (a unet or a transformer, vae, text_encoder, tokenizer, and the second and third
+        text encoders and tokenizers of SDXL, SD3 and FLUX; the backbone class is picked from the denoiser's
+        configuration) or a ready `backbone`, and the scheduler whose configuration the step rule reads (DDIM's ᾱ
+        table and prediction type, or flow matching's σ and shift). `recommended_settings` ({task: {...}}) and
         `default_max_resolution` override the backbone's defaults (`loading.BACKBONE_DEFAULTS`)."""
-        components = (unet, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2)
+        components = (unet, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3,
+                      tokenizer_3)
         if backbone is None:
-            if unet is None:
-                raise TypeError("DragonPipeline needs a backbone or its components (unet, vae, text_encoder, tokenizer)")
-            cls = loading.backbone_class(unet.config, None if scheduler is None else scheduler.config)
-            backbone = cls.from_components(unet, vae, text_encoder, tokenizer, text_encoder_2=text_encoder_2,
-                                           tokenizer_2=tokenizer_2)
+            if (unet is None) == (transformer is None):
+                raise TypeError("DragonPipeline needs a backbone or its components (a unet or a transformer, vae, "
+                                "text_encoder, tokenizer)")
+            denoiser = unet if unet is not None else transformer
+            cls = loading.backbone_class(denoiser.config, None if scheduler is None else scheduler.config)
+            third = {} if text_encoder_3 is None and tokenizer_3 is None else {"text_encoder_3": text_encoder_3,
+                                                                               "tokenizer_3": tokenizer_3}
+            backbone = cls.from_components(denoiser, vae, text_encoder, tokenizer, text_encoder_2=text_encoder_2,
+                                           tokenizer_2=tokenizer_2, **third)
         elif any(c is not None for c in components):
             raise TypeError("DragonPipeline: pass a backbone or its components, not both")
         if scheduler is None:

@@ -18,16 +18,27 @@ import torch
 from .shapes.tokenizer import build_tokenizer
 
 
-LAYOUTS = ("sd1", "sd2", "sd2-v", "sdxl")
+UNET_LAYOUTS = ("sd1", "sd2", "sd2-v", "sdxl")
+# Flow-matching transformers (tiny_sd3.py, tiny_flux.py): SD3-Medium, SD3.5-Medium (dual attention), FLUX.1-dev.
+FLOW_LAYOUTS = ("sd3", "sd3.5", "flux")
+LAYOUTS = UNET_LAYOUTS + FLOW_LAYOUTS
 
 
 def build_tiny_components(seed: int = 0, layout: str = "sd1") -> dict:
-    """unet, vae, text_encoder, tokenizer, scheduler (and SDXL's text_encoder_2, tokenizer_2): the block layout of
-    `layout` (one of LAYOUTS), tiny widths, random weights."""
+    """unet (or transformer), vae, text_encoder, tokenizer, scheduler (and the second and third text encoders and
+    tokenizers of SDXL, SD3 and FLUX): the block layout of `layout` (one of LAYOUTS), tiny widths, random weights."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
     if layout == "sdxl":
         return _tiny_sdxl(seed)
+    if layout == "flux":
+        from .tiny_flux import build_tiny_flux
+
+        return build_tiny_flux(seed)
+    if layout in FLOW_LAYOUTS:
+        from .tiny_sd3 import build_tiny_sd3
+
+        return build_tiny_sd3(seed, layout)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -205,10 +216,14 @@ def save_tiny_model(folder, layout: str = "sd1", seed: int = 0):
     component, safetensors), as `from_pretrained` and the CLI's --model read a real one. Returns the folder."""
     from pathlib import Path
 
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     parts = build_tiny_components(seed, layout)
-    if layout == "sdxl":
+    if layout == "flux":
+        pipe = FluxPipeline(**parts)
+    elif layout in FLOW_LAYOUTS:
+        pipe = StableDiffusion3Pipeline(**parts)
+    elif layout == "sdxl":
         pipe = StableDiffusionXLPipeline(**parts)
     else:
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
