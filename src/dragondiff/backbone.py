@@ -148,6 +148,9 @@ class Backbone:
     RULE = "ddim"  # the step rule (steps.RULES) its scheduler's configuration is read with
     BANK_PROCESSOR = BankAttnProcessor  # built as BANK_PROCESSOR(slot, layer) on each bank layer
     ACTIVATION_BYTES_PER_CELL = 0.0
+    # What the family takes besides its own weights (the UNet families: IP-Adapters and LoRAs in diffusers' layouts).
+    IMAGE_PROMPT = False
+    LORA = False
     image_prompt = None  # an image_prompt.ImagePrompt once loaded (UNet families)
     _bank: BankSlot
 
@@ -283,6 +286,7 @@ class SD1Backbone(Backbone):
 
 
     NAME = "SD1.x"
+    IMAGE_PROMPT = LORA = True
     SUPPORTS = ("SD1.x: a UNet2DConditionModel without added conditions or linear projections, one CLIP text "
                 "encoder")
     # Guidance features: outputs of these up blocks (the official up_ft_index: the decoder outputs at 1/2 and 1/1 of

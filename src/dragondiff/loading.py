@@ -84,8 +84,9 @@ def native_bf16() -> bool:
 
 
 def is_transformer_config(config) -> bool:
-    """A denoiser configuration without a UNet's block types: a transformer's."""
-    return "up_block_types" not in config and "down_block_types" not in config
+    """A transformer's denoiser configuration (by its class, or a patch size without a UNet's block widths)."""
+    name = str(config.get("_class_name") or "")
+    return "Transformer" in name or "DiT" in name or ("patch_size" in config and "block_out_channels" not in config)
 
 
 def backbone_class(unet_config, scheduler_config=None):
@@ -120,11 +121,19 @@ def flow_backbone_class(config, scheduler_config=None):
         raise ValueError(f"model: {family} is not supported; supported: "
                          + "; ".join(c.SUPPORTS for c in ALL_BACKBONES))
     cls.check_config(config)
-    scheduler = None if scheduler_config is None else scheduler_config.get("_class_name")
-    if scheduler is not None and not str(scheduler).startswith("FlowMatch"):
-        raise ValueError(f"scheduler: a {cls.NAME} model is sampled by flow matching; its scheduler is {scheduler} "
-                         "(expected FlowMatchEulerDiscreteScheduler)")
+    check_scheduler(cls, scheduler_config)
     return cls
+
+
+def check_scheduler(cls, scheduler_config) -> None:
+    """A flow-matching family's scheduler must be a flow-matching one, and a UNet family's must not be (its step
+    rule reads the scheduler's configuration: a DDIM ᾱ table is no σ schedule)."""
+    name = None if scheduler_config is None else scheduler_config.get("_class_name")
+    if name is None or str(name).startswith("FlowMatch") == (cls.RULE == "flow-euler"):
+        return
+    wanted = "flow matching (FlowMatchEulerDiscreteScheduler)" if cls.RULE == "flow-euler" else \
+        "a DDPM-family schedule (DDIMScheduler, PNDMScheduler, ...)"
+    raise ValueError(f"scheduler: a {cls.NAME} model is sampled with {wanted}; its scheduler is {name}")
 
 
 # The parts of a diffusers folder each backbone loads (subfolder: what it holds), checked before any weight is read.

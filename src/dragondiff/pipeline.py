@@ -66,6 +66,9 @@ class DragonPipeline:
         configuration) or a ready `backbone`, and the scheduler whose configuration the step rule reads (DDIM's ᾱ
         table and prediction type, or flow matching's σ and shift). `recommended_settings` ({task: {...}}) and
         `default_max_resolution` override the backbone's defaults (`loading.BACKBONE_DEFAULTS`)."""
+        if scheduler is None:
+            raise TypeError("DragonPipeline needs a scheduler (its ᾱ table or σ schedule and timesteps)")
+        scheduler_config = {**scheduler.config, "_class_name": type(scheduler).__name__}
         components = (unet, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3,
                       tokenizer_3)
         if backbone is None:
@@ -73,15 +76,14 @@ class DragonPipeline:
                 raise TypeError("DragonPipeline needs a backbone or its components (a unet or a transformer, vae, "
                                 "text_encoder, tokenizer)")
             denoiser = unet if unet is not None else transformer
-            cls = loading.backbone_class(denoiser.config, None if scheduler is None else scheduler.config)
+            cls = loading.backbone_class(denoiser.config, scheduler_config)
             third = {} if text_encoder_3 is None and tokenizer_3 is None else {"text_encoder_3": text_encoder_3,
                                                                                "tokenizer_3": tokenizer_3}
             backbone = cls.from_components(denoiser, vae, text_encoder, tokenizer, text_encoder_2=text_encoder_2,
                                            tokenizer_2=tokenizer_2, **third)
         elif any(c is not None for c in components):
             raise TypeError("DragonPipeline: pass a backbone or its components, not both")
-        if scheduler is None:
-            raise TypeError("DragonPipeline needs a scheduler (its ᾱ table and timesteps)")
+        loading.check_scheduler(type(backbone), scheduler_config)
         self.backbone = backbone
         own = {"settings": loading.check_settings(recommended_settings or {}, "recommended_settings")}
         if default_max_resolution is not None:
@@ -104,7 +106,7 @@ class DragonPipeline:
         # The backbone family's step rule over this scheduler's configuration (DDIM's ᾱ table, or flow matching's
         # shifted σ): only its schedule is read; the update is written out in `steps` so that the guided and
         # unguided predictions can enter it separately. A DDIM backbone also learns what its network predicts.
-        self.rule = RULES[backbone.RULE](scheduler.config)
+        self.rule = RULES[backbone.RULE](scheduler_config)
         self.scheduler_config = self.rule.config
         backbone.set_rule(self.rule)
         device = check_device(device, "device") if device is not None else default_device()
@@ -192,7 +194,7 @@ class DragonPipeline:
     @property
     def loras(self) -> list[dict]:
         """The loaded LoRAs: file, path, sha256, scale, adapter_name, fused (what a sidecar records)."""
-        return self.lora_set.records()
+        return self.lora_set.records() if self.backbone.LORA else []
 
     def load_lora_weights(self, file_or_folder, adapter_name: str | None = None, scale: float = 1.0, *,
                           allow_pickle: bool = False) -> str:
@@ -200,6 +202,9 @@ class DragonPipeline:
         peft's or kohya's (civitai) layout, weighted by `scale`. Safetensors only unless allow_pickle=True. A file
         whose layers do not fit this model is refused (ValueError naming it) before anything changes. Returns the
         adapter name (`adapter_name`, or one made from the file name), which `set_lora_scales` takes."""
+        if not self.backbone.LORA:
+            raise ValueError(f"lora: LoRAs on {self.backbone.NAME} models are not supported yet; supported: the UNet "
+                             "families (SD1.x, SD2.x, SDXL)")
         with self.backbone.lock:
             lora = self.lora_set.load(file_or_folder, adapter_name, scale, allow_pickle)
             self._after_lora_change()
@@ -403,6 +408,8 @@ class DragonPipeline:
         spec says image_prompt=False."""
         from . import image_prompt
 
+        if not self.backbone.IMAGE_PROMPT:
+            self.backbone.load_image_prompt(None)  # the family's refusal, before any file is read
         with self.backbone.lock:
             prompt = image_prompt.load(self.backbone.denoiser, weights, image_encoder, allow_pickle=allow_pickle,
                                        local_files_only=local_files_only)
