@@ -190,7 +190,7 @@ def test_face_task_follows_a_reference_face(tiny_pipe):
 
 
 def test_face_errors_come_before_any_model_work():
-    from dragondiff.pipeline import plan_edit
+    from dragondiff.planning import plan_edit
 
     def plan(**fields):
         return plan_edit(EditSpec(task="face", image=PHOTO, **fields), factors=(8, 2))
@@ -214,7 +214,7 @@ def warped_points(points, shear=0.08, dx=-10):
 
 def test_face_detection_errors():
     needs_dlib()
-    from dragondiff.pipeline import plan_edit
+    from dragondiff.planning import plan_edit
 
     def plan(image, **fields):
         return plan_edit(EditSpec(task="face", image=image, **fields), factors=(8, 2))

@@ -120,7 +120,7 @@ def test_landmark_arrays_are_checked_like_files():
 
 
 def test_library_refuses_before_model_work():
-    from dragondiff.pipeline import plan_edit
+    from dragondiff.planning import plan_edit
     from dragondiff.spec import EditSpec
 
     def plan(**fields):

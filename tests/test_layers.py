@@ -19,7 +19,7 @@ LAYERS = [
                           "backbone_sd3", "backbone_flux", "compile", "image_prompt", "face"}),
     ("engine", {"sampler"}),
     ("tasks and description", {"tasks", "tasks.base", "tasks.move", "tasks.drag", "tasks.appearance", "tasks.paste",
-                               "tasks.face", "spec"}),
+                               "tasks.face", "spec", "planning"}),
     ("facade", {"pipeline", "loading", "lora", "dragondiff"}),
     ("delivery", {"output", "provenance", "dragbench", "tiny", "tiny_sd3", "tiny_flux"}),
     ("edges", {"cli", "ui", "bench", "train", "__main__"}),

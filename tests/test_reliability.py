@@ -95,7 +95,7 @@ def test_every_geometry_check_runs_without_the_model(monkeypatch):
     from conftest import make_scene
     from dragondiff.backbone import SD1Backbone
     from dragondiff.loading import model_factors
-    from dragondiff.pipeline import plan_edit
+    from dragondiff.planning import plan_edit
     from dragondiff.spec import EditSpec
 
     def boom(*args, **kwargs):

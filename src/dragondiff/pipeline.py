@@ -28,8 +28,9 @@ from .compile import CompileSettings, cache_hits, compile_unet, explain_failure,
 from .errors import PerformanceNote
 from .inputs import Prepared, load_image, to_pixels
 from .inversion import Inversion, merge_banks
-from .limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, check
+from .limits import BUNDLED_RESOLUTION, DEFAULT_PRESET, check
 from .loading import BUNDLED_ID, DEFAULT_MODEL, default_device
+from .planning import Plan, plan_edit, planned_for
 from .presets import Preset, get_preset
 from .result import EditResult
 from .sampler import (EditState, Guidance, PassCounts, Problem, StepInfo, Stopwatch, invert, sample,
@@ -360,19 +361,12 @@ class DragonPipeline:
             An `EditResult` whose `spec` is the resolved spec (every default filled in).
         """
         # 1. Check the runtime arguments.
-        if not isinstance(spec, EditSpec):
-            raise TypeError(f"spec: expected an EditSpec, got {type(spec).__name__}")
+        if not isinstance(spec, (EditSpec, Plan)):
+            raise TypeError(f"spec: expected an EditSpec (or a Plan from pipe.plan), got {type(spec).__name__}")
         self._check_runtime(generator, callback_on_step_end, bank_device)
-        inversion = spec.image if isinstance(spec.image, Inversion) else None
-        if inversion is not None and spec.prompt is not None and spec.prompt != inversion.prompt:
-            raise ValueError(f"prompt: {spec.prompt!r} differs from the prompt the inversion was made with "
-                             f"({inversion.prompt!r}); pass the same prompt (or none) or invert again")
         # 2. Resolve the defaults (the task registry, the model's recommended settings, a reused inversion);
         # 3. the inputs at the working size; 4. the task (geometry, masks, energies) through the registry.
-        spec, prep, task = plan_edit(spec, factors=(self.backbone.vae_factor, self.backbone.feature_factor),
-                                     recommended=self.recommended_settings,
-                                     default_max_resolution=self.default_max_resolution,
-                                     prepare=lambda s: self._prepare(s.image, s.max_resolution, s.num_inference_steps))
+        spec, prep, task = self.plan(spec)
         self._warn_long_prompts(spec)
         # 5. How strongly to guide, in one value; whether the image prompt takes part.
         preset = get_preset(spec.preset)
@@ -386,6 +380,32 @@ class DragonPipeline:
         return self._run(task, prep, guidance, preset, spec.num_inference_steps, spec=spec, generator=generator,
                          callback=callback_on_step_end, intermediates=return_intermediates, progress=progress,
                          bank_device=bank_device)
+
+    def plan(self, spec: EditSpec | Plan) -> Plan:
+        """Steps 2-4 of `edit` (`planning.plan_edit`): the resolved spec, the inputs at the working size and the
+        task, for this model's grid and settings. A `Plan` made elsewhere (the command line plans each job before
+        loading the model) is taken as it is when it was made for the same grid, settings and working size."""
+        made_for = self._plan_key()
+        if isinstance(spec, Plan):
+            if spec.made_for != made_for:
+                raise ValueError("spec: this Plan was made for another model's grid or settings; plan the EditSpec "
+                                 "again for this pipeline (pipe.plan(spec))")
+            return spec
+        inversion = spec.image if isinstance(spec.image, Inversion) else None
+        if inversion is not None and spec.prompt is not None and spec.prompt != inversion.prompt:
+            raise ValueError(f"prompt: {spec.prompt!r} differs from the prompt the inversion was made with "
+                             f"({inversion.prompt!r}); pass the same prompt (or none) or invert again")
+        return plan_edit(spec, factors=made_for[0], recommended=self.recommended_settings,
+                         default_max_resolution=self.default_max_resolution,
+                         prepare=lambda s: self._prepare(s.image, s.max_resolution, s.num_inference_steps))
+
+    def takes_plan(self, plan: Plan) -> bool:
+        """Whether `plan` was made for this model's grid, settings and default working size."""
+        return plan.made_for == self._plan_key()
+
+    def _plan_key(self) -> tuple:
+        return planned_for((self.backbone.vae_factor, self.backbone.feature_factor), self.recommended_settings,
+                           self.default_max_resolution)
 
     def _resolve_image_prompt(self, spec: EditSpec, preset: Preset) -> EditSpec:
         """image_prompt None: on where the preset uses it and an adapter is loaded; True without one is an error."""
@@ -831,29 +851,6 @@ class DragonPipeline:
             landmarks=task.landmarks,
             compiled=compiled,
         )
-
-
-def plan_edit(spec: EditSpec, *, factors: tuple[int, int], recommended: dict | None = None,
-              default_max_resolution: int = DEFAULT_MAX_RESOLUTION, prepare: Callable | None = None):
-    """Steps 2-4 of an edit, none of which needs the model: resolve the spec's defaults, prepare the inputs at the
-    working size, build the task (geometry, masks, cells). Returns (resolved spec, Prepared, Task); raises the
-    same named errors the edit would. `factors` = the backbone's (vae_factor, feature_factor)
-    (`loading.model_factors` reads them from a model's configuration without loading it), so a dry run checks
-    everything an edit checks before its first model call."""
-    inversion = spec.image if isinstance(spec.image, Inversion) else None
-    spec = spec.resolved(recommended, inversion, default_max_resolution)
-    info = TASKS[spec.task]
-    if info.frame is not None:  # the task edits a crop of the photo (face: the aligned face)
-        if inversion is not None:
-            raise ValueError(f"image: task {spec.task!r} edits a crop it makes from the photo; pass the photo, "
-                             "not an Inversion")
-        frame = info.frame(spec, load_image(spec.image, "image"))
-        prep = dataclasses.replace(Prepared.from_image(frame.image, spec.max_resolution, *factors), frame=frame)
-    elif prepare is not None:
-        prep = prepare(spec)
-    else:
-        prep = Prepared.from_image(load_image(spec.image, "image"), spec.max_resolution, *factors)
-    return spec, prep, info.build(spec, prep)
 
 
 class StepRecord:

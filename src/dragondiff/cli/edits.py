@@ -26,7 +26,9 @@ def make_spec(task: str, label: str, **fields) -> EditSpec:
 def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
     """Check every job's inputs and outputs, then load the model once and run them in order."""
     for job in jobs:
-        check_inputs(job.spec, job.label, model or opts["model"])
+        plan = check_inputs(job.spec, job.label, model or opts["model"])
+        if len(jobs) == 1:
+            job.plan = plan
     check_jobs(jobs, opts["overwrite"], opts["preview"])  # outputs first, as batch does
     check_model_options(opts, jobs, model)  # what the load would refuse only after reading the weights
     note_lossy_outputs(jobs, opts["working_size"])

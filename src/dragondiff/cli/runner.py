@@ -40,6 +40,9 @@ class Job:
     # re-runs the edit). The edit reads them from memory; they are written with its result, never before (a failed
     # edit must not have replaced them). They are outputs of the job, not inputs.
     writes: list[tuple[Path, object]] = field(default_factory=list)
+    # The pre-check's `planning.Plan` of a single-edit command, handed to the edit (a run of many jobs plans each
+    # again when it runs, so that only one job's inputs are held at a time).
+    plan: object = None
 
     @property
     def sidecar(self) -> Path:
@@ -208,11 +211,11 @@ def check_jobs(jobs: list[Job], overwrite: bool, preview: bool, resume: bool = F
     return pending
 
 
-def check_inputs(spec: EditSpec, label: str, model: str | None = None) -> None:
+def check_inputs(spec: EditSpec, label: str, model: str | None = None):
     """Read every image and mask of the spec (no model): missing files, unreadable images, mask sizes, points.
     Which fields are files, and whose size each mask has, comes from the task's Params. With `model`, also every
-    check the edit itself makes before its first model call (geometry at the working size: `plan_edit`), on the
-    model's grid read from its configuration."""
+    check the edit itself makes before its first model call (geometry at the working size: `planning.plan_edit`),
+    on the model's grid read from its configuration; returns that `Plan` (None without `model`)."""
     from ..inputs import load_image, load_mask
     from ..tasks import params as P
     from ..validate import check_point
@@ -236,18 +239,18 @@ def check_inputs(spec: EditSpec, label: str, model: str | None = None) -> None:
                 for k, (handle, target) in enumerate(value):
                     check_point(handle, f"{f.name}[{k}] handle", images["image"].shape[:2])
                     check_point(target, f"{f.name}[{k}] target", images["image"].shape[:2])
-        if model is not None:
-            plan_geometry(spec, model)
+        return None if model is None else plan_geometry(spec, model)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise InputError(f"{label}: {e}") from e
 
 
-def plan_geometry(spec: EditSpec, model: str) -> None:
+def plan_geometry(spec: EditSpec, model: str):
     """Resolve, prepare and build the edit as the pipeline would, without loading `model` (its grid factors,
-    default working size and recommended settings come from its files; SD1's grid when they cannot be read)."""
+    default working size and recommended settings come from its files; SD1's grid when they cannot be read).
+    Returns the `Plan`, which the edit takes as it is when the loaded model has the same grid and settings."""
     from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION
     from ..loading import BUNDLED_ID, describe_model
-    from ..pipeline import plan_edit
+    from ..planning import plan_edit
 
     try:
         info = describe_model(model)
@@ -259,7 +262,7 @@ def plan_geometry(spec: EditSpec, model: str) -> None:
     else:
         factors = (info["vae_factor"], info["feature_factor"])
         recommended, resolution = info["recommended_settings"], info["default_max_resolution"]
-    plan_edit(spec, factors=factors, recommended=recommended, default_max_resolution=resolution)
+    return plan_edit(spec, factors=factors, recommended=recommended, default_max_resolution=resolution)
 
 
 def output_name(stem: str, k: int, count: int) -> str:
@@ -663,6 +666,8 @@ def execute(pipe, job: Job, *, working_size: bool, preview: bool, quiet: bool, t
     signals.check()  # a signal whose exception was dropped (in a finalizer) stops the run before each edit
     from_memory = _written_fields(job)
     spec = replace(job.spec, **from_memory, image=job.spec.image if inversion is None else inversion)
+    if job.plan is not None and not from_memory and inversion is None and pipe.takes_plan(job.plan):
+        spec = job.plan  # the pre-check's plan: the edit does not plan it again
     result = pipe.edit(spec, progress=not quiet, callback_on_step_end=lambda *_: signals.check())
     # the sidecar names the files, not the in-memory inversion and images
     result.spec = replace(result.spec, image=job.spec.image,
