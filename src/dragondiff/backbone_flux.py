@@ -43,11 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from .attention import BankSlot
-from .backbone import Backbone, Conditioning, model_lock
+from .backbone import MASSIVE_RATIO, Conditioning, TransformerBackbone, drop_massive_channels, model_lock
 from .errors import NonFiniteError
 from .limits import check_prompt
 
-FEATURE_NORMS = ("raw", "dit")
 
 
 @dataclass(frozen=True)
@@ -87,15 +86,6 @@ def image_ids(rows: int, cols: int, device) -> torch.Tensor:
     ids[..., 1] = torch.arange(rows)[:, None]
     ids[..., 2] = torch.arange(cols)[None, :]
     return ids.reshape(rows * cols, 3).to(device)
-
-
-def drop_massive_channels(x: torch.Tensor, k: float) -> torch.Tensor:
-    """x (B, N, C) with the channels whose mean |activation| over the tokens exceeds k x the median channel's set to
-    zero, per sample. The selection is not differentiated (a mask); the kept channels are."""
-    with torch.no_grad():
-        level = x.abs().float().mean(dim=1)  # (B, C)
-        keep = level <= k * level.median(dim=1, keepdim=True).values
-    return x * keep[:, None, :].to(x.dtype)
 
 
 class FluxBankAttnProcessor:
@@ -148,24 +138,21 @@ class FluxBankAttnProcessor:
         return image_out, attn.to_add_out(text_out.contiguous())
 
 
-class FluxBackbone(Backbone):
+class FluxBackbone(TransformerBackbone):
     """FLUX.1-dev-type models: FluxTransformer2DModel with a guidance embedding, a 16-channel VAE, CLIP + T5."""
 
     NAME = "FLUX.1"
     SUPPORTS = ("FLUX.1: a guidance-distilled FluxTransformer2DModel (FLUX.1-dev-type, guidance_embeds) with "
                 "patch_size 1 on 4 x the VAE's latent channels, CLIP (pooled) + T5 text encoders")
-    RULE = "flow-euler"
     BANK_PROCESSOR = FluxBankAttnProcessor
     EMBEDDED_GUIDANCE = True  # guidance-distilled: with guidance_scale 1 the sampler runs the conditional branch only
     # Double-stream blocks counted from the end of the double stream: FLUX.1-dev's 17 and 18 (DragFlow's best).
     FEATURE_BLOCKS = (-2, -1)
     FEATURE_FACTOR = Fraction(1, 2)  # one feature cell per token = per 2x2 latent cells
     BANK_BLOCKS = BlockSpan("single", 0.5)  # the second half of the single-stream blocks (module docstring)
-    # Massive-activation channels: mean |x| over the tokens above this multiple of the median channel's. Ordinary
-    # channels of a layer-normed token sit within a few times the median; massive activations in DiTs and LLMs are
-    # orders of magnitude above it (Sun et al. 2024: ~1000x), so 10 leaves a wide margin on both sides.
-    # Unverified on FLUX.1-dev's weights.
-    MASSIVE_K = 10.0
+    # Massive-activation channels: mean |x| over the tokens above this multiple of the median channel's
+    # (backbone.MASSIVE_RATIO says why 10; massive activations in DiTs and LLMs are ~1000x, Sun et al. 2024).
+    MASSIVE_K = MASSIVE_RATIO
     # Rough estimate, not measured: the guided pass runs double blocks 0-18 with gradient (no single blocks). Per
     # block and image token in 16-bit about 18 saved activations of 3072 channels (norm, q/k/v, attention out,
     # residuals, the 4x feed-forward before and after GELU) ~ 110 kB; x 19 blocks x 4096 tokens ~ 8.6 GB at 1024 px,
@@ -198,9 +185,7 @@ class FluxBackbone(Backbone):
         self.lock = model_lock(transformer)
         self._bank = FluxBankSlot()
         self.image_prompt = None
-        self.prediction_type = "flow"
         self.embedded_guidance = self.DEFAULT_GUIDANCE
-        self._feature_norm = "dit"
         self.bank_layer_names()  # refuses a transformer without bank blocks
 
     # ------------------------------------------------------------------------------------------- loading
@@ -269,25 +254,6 @@ class FluxBackbone(Backbone):
         """Feature-grid cells per latent cell: one token per 2x2 latent cells."""
         return self.FEATURE_FACTOR
 
-    @property
-    def channels_last(self) -> bool:
-        weight = self.vae.encoder.conv_in.weight
-        return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-
-    def set_channels_last(self, enabled: bool) -> None:
-        """Channels-last weights for the VAE's convolutions (the transformer has none)."""
-        self.vae.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
-
-    @property
-    def feature_norm(self) -> str:
-        return self._feature_norm
-
-    @feature_norm.setter
-    def feature_norm(self, value: str) -> None:
-        if value not in FEATURE_NORMS:
-            raise ValueError(f"feature_norm: expected one of {', '.join(FEATURE_NORMS)}, got {value!r}")
-        self._feature_norm = value
-
     # ------------------------------------------------------------------------------------------ the model
 
     def feature_block_indices(self) -> list[int]:
@@ -354,7 +320,7 @@ class FluxBackbone(Backbone):
         for i in blocks:
             x = states[i]
             if self.feature_norm == "dit":
-                x = drop_massive_channels(self._adaln(i, x, temb), self.MASSIVE_K)
+                x = drop_massive_channels(self._adaln(i, x, temb), x, self.MASSIVE_K)
             maps.append(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w))
         return maps
 

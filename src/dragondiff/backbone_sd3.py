@@ -35,16 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from .attention import BankSlot
-from .backbone import Backbone, Conditioning, model_lock
+from .backbone import Conditioning, TransformerBackbone, drop_massive_channels, model_lock
 from .errors import NonFiniteError
 from .limits import check_prompt
 
-FEATURE_NORMS = ("raw", "dit")
-# A channel is "massive" when its mean |activation| over the tokens is above this many times the median channel's.
-# Massive activations are reported orders of magnitude (100-1000x) above ordinary channels, while ordinary channels
-# of a layer-normed residual stream rarely spread past 3-4x the median: 10x separates the two with room on both
-# sides. Unverified on SD3 weights.
-MASSIVE_RATIO = 10.0
 SD3_CLASS = "SD3Transformer2DModel"
 # Config keys that together identify an SD3 MMDiT when the class name is absent (FLUX has no caption projection).
 SD3_KEYS = ("joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "pos_embed_max_size",
@@ -59,15 +53,6 @@ def blocks_for_depth(depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     features = tuple(sorted({max(depth // 2 - 1, 0), max(3 * depth // 4 - 1, 0)}))
     bank = tuple(range(depth // 2, depth))
     return features, bank
-
-
-def drop_massive_channels(features: torch.Tensor, raw: torch.Tensor, ratio: float = MASSIVE_RATIO) -> torch.Tensor:
-    """`features` (B, N, C) with the channels zeroed whose mean |raw| over the batch's tokens is above `ratio` times
-    the median channel's. One channel set for the whole batch, so maps compared within a call share it."""
-    with torch.no_grad():
-        level = raw.detach().abs().float().mean(dim=(0, 1))
-        massive = level > ratio * level.median()
-    return features * (~massive).to(features.dtype)
 
 
 class SD3BankProcessor:
@@ -121,13 +106,12 @@ class SD3BankProcessor:
         return out if context is None else (out, context)
 
 
-class SD3Backbone(Backbone):
+class SD3Backbone(TransformerBackbone):
     """Stable Diffusion 3 / 3.5 (Medium, Large): SD3Transformer2DModel, 16-channel VAE, two CLIPs, optional T5."""
 
     NAME = "SD3"
     SUPPORTS = ("SD3/SD3.5: an SD3Transformer2DModel (joint attention, optional dual attention and q/k norms), an "
                 "AutoencoderKL whose latent channels match it, CLIP-L + CLIP-G with projections, optional T5")
-    RULE = "flow-euler"
     BANK_PROCESSOR = SD3BankProcessor
     # None: chosen from the transformer's depth by `blocks_for_depth` (a subclass may fix them).
     FEATURE_BLOCKS: tuple[int, ...] | None = None
@@ -160,7 +144,6 @@ class SD3Backbone(Backbone):
         self.lock = model_lock(transformer)
         self._bank = BankSlot()
         self.image_prompt = None
-        self.prediction_type = "flow"
 
     @staticmethod
     def _check_parts(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3,
@@ -291,25 +274,6 @@ class SD3Backbone(Backbone):
     @property
     def max_feature_block(self) -> int:
         return max(self.feature_blocks)
-
-    @property
-    def feature_norm(self) -> str:
-        return self._feature_norm
-
-    @feature_norm.setter
-    def feature_norm(self, value: str) -> None:
-        if value not in FEATURE_NORMS:
-            raise ValueError(f"feature_norm: expected one of {', '.join(FEATURE_NORMS)}, got {value!r}")
-        self._feature_norm = value
-
-    @property
-    def channels_last(self) -> bool:
-        """Whether the VAE's convolutions run channels-last (the transformer has no convolutions to speak of)."""
-        weight = self.vae.encoder.conv_in.weight
-        return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-
-    def set_channels_last(self, enabled: bool) -> None:
-        self.vae.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     @property
     def max_prompt_tokens(self) -> int:
