@@ -226,7 +226,7 @@ CLI_TYPES = {"file": click.Path(dir_okay=False), "offset": OFFSET, "pairs": PAIR
 
 
 def _option(f):
-    """The click option of one Params field: its kind gives the type and help, its doc, default and range the help."""
+    """The click option of one Params field, as its kind's `CliOption` says (type, repeats, required, help)."""
     cli = P.kind_of(f).cli
     return click.option("--" + f.name.replace("_", "-"), default=None, type=CLI_TYPES[cli.type],
                         multiple=cli.multiple, required=cli.required and P.required(f), help=cli.help(f))
