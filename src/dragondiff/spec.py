@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,8 +36,7 @@ import numpy as np
 from .limits import DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, DEFAULT_SEED, LIMITS, check, check_prompt
 from .presets import PRESETS
 from .tasks import TASKS
-from .tasks.params import (FACE, FACE_GROUPS, GROUPS, IMAGE, LANDMARKS, MASK, NUMBER, OFFSET, POINTS, SCALE, SOURCE_KINDS,
-                           TEXT, Params, required)
+from .tasks.params import Params, kind_of, required
 from .validate import shown
 
 Point = tuple[float, float]
@@ -53,7 +51,7 @@ for _info in TASKS.values():
     for _f in dataclasses.fields(_info.params):
         PARAM_FIELDS.setdefault(_f.name, _f)
 # Fields that hold images or masks (paths, or in-memory objects), derived from the tasks' Params.
-SOURCE_FIELDS = ("image",) + tuple(n for n, f in PARAM_FIELDS.items() if f.metadata["kind"] in SOURCE_KINDS)
+SOURCE_FIELDS = ("image",) + tuple(n for n, f in PARAM_FIELDS.items() if kind_of(f).source)
 
 
 def _check_bank_steps(value) -> tuple[int, Optional[int]]:
@@ -238,7 +236,7 @@ class EditSpec:
         out = {"task": self.task, "image": describe_source(self.image)}
         for f in self.params.fields():
             value = getattr(self.params, f.name)
-            out[f.name] = describe_source(value) if f.metadata["kind"] in SOURCE_KINDS else _json(value)
+            out[f.name] = describe_source(value) if kind_of(f).source else _json(value)
         for f in fields(self):
             if f.name not in ("task", "image", "params"):
                 out[f.name] = _json(getattr(self, f.name))
@@ -334,35 +332,7 @@ COMMON_FIELDS = {f.name for f in fields(EditSpec)} - {"task", "image", "params"}
 
 def _field_schema(f: dataclasses.Field) -> dict:
     """JSON schema of one Params field (null allowed: the field's default)."""
-    kind, meta = f.metadata["kind"], f.metadata
-    point = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}
-    if kind in (IMAGE, MASK):
-        out = {"type": ["string", "null"], "description": f"{meta['doc']}; file path"}
-    elif kind == OFFSET:
-        out = {"oneOf": [point, {"type": "null"}], "description": meta["doc"]}
-    elif kind == POINTS:
-        out = {"type": ["array", "null"], "minItems": 1,
-               "items": {"type": "array", "items": point, "minItems": 2, "maxItems": 2}, "description": meta["doc"]}
-    elif kind == SCALE:
-        out = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": meta["high"], "description": meta["doc"]}
-    elif kind == NUMBER:
-        out = {"type": ["number", "null"], "minimum": meta["low"], "description": meta["doc"]}
-        if math.isfinite(meta["high"]):
-            out["maximum"] = meta["high"]
-    elif kind == TEXT:
-        out = {"type": ["string", "null"], "description": meta["doc"]}
-    elif kind == LANDMARKS:
-        out = {"oneOf": [{"type": "array", "items": point, "minItems": 68, "maxItems": 68},
-                         {"type": "string"}, {"type": "null"}], "description": meta["doc"] + "; points or a file path"}
-    elif kind == GROUPS:
-        out = {"type": ["array", "null"], "minItems": 1, "items": {"enum": list(FACE_GROUPS)},
-               "description": meta["doc"]}
-    elif kind == FACE:
-        out = {"oneOf": [{"type": "integer", "minimum": 0},
-                         {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
-                         {"type": "null"}], "description": meta["doc"]}
-    else:
-        raise AssertionError(kind)
+    out = kind_of(f).schema(f)
     if f.default is not dataclasses.MISSING and f.default is not None:
         out["default"] = _json(f.default)
     return out

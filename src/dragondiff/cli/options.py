@@ -221,26 +221,15 @@ def spec_fields(opts: dict) -> dict:
 
 # --------------------------------------------------------------------------- task options, from the tasks' Params
 
+# The click type of each CLI type name a parameter kind's `CliOption` gives (`dragondiff.tasks.params.KINDS`).
+CLI_TYPES = {"file": click.Path(dir_okay=False), "offset": OFFSET, "pairs": PAIRS, "number": float, "text": str}
+
+
 def _option(f):
-    """The click option of one Params field: its kind gives the type, its doc, default and range the help."""
-    kind, meta = f.metadata["kind"], f.metadata
-    shown, limits = P.default_help(f), P.range_text(f)
-    help_text = meta["doc"] + (f"; range {limits}" if limits else "") + (f"  [default: {shown}]" if shown else "")
-    kwargs = {"default": None, "help": help_text}
-    if kind in P.SOURCE_KINDS:
-        kwargs.update(required=P.required(f), type=click.Path(dir_okay=False))
-    elif kind == P.OFFSET:
-        kwargs.update(type=OFFSET, help=meta["doc"] + f"; DX,DY  [default: {shown}]")
-    elif kind == P.POINTS:
-        kwargs.update(required=P.required(f), type=PAIRS, multiple=True,
-                      help=meta["doc"] + ": 'hx,hy:tx,ty'; repeat the option or separate pairs by spaces")
-    elif kind in (P.NUMBER, P.SCALE):
-        kwargs.update(type=float)
-    elif kind == P.LANDMARKS:
-        kwargs.update(type=click.Path(dir_okay=False))
-    elif kind in (P.GROUPS, P.FACE):
-        kwargs.update(type=str)
-    return click.option("--" + f.name.replace("_", "-"), **kwargs)
+    """The click option of one Params field, as its kind's `CliOption` says (type, repeats, required, help)."""
+    cli = P.kind_of(f).cli
+    return click.option("--" + f.name.replace("_", "-"), default=None, type=CLI_TYPES[cli.type],
+                        multiple=cli.multiple, required=cli.required and P.required(f), help=cli.help(f))
 
 
 def _params_options(task: str, weights: bool):
@@ -259,11 +248,12 @@ def weight_options(task: str):
 
 
 def task_fields(task: str, opts: dict) -> dict:
-    """The task's Params values from the parsed options (None where not given); several --points flattened."""
+    """The task's Params values from the parsed options (None where not given); the values of a repeated option
+    (several --points) joined into one."""
     out = {}
     for f in TASKS[task].params.fields():
         value = opts.get(f.name)
-        if f.metadata["kind"] == P.POINTS and value is not None:
+        if P.kind_of(f).cli.multiple and value is not None:
             value = tuple(p for group in value for p in group) or None
         out[f.name] = value
     return out

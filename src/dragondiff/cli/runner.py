@@ -216,29 +216,18 @@ def check_inputs(spec: EditSpec, label: str, model: str | None = None):
     Which fields are files, and whose size each mask has, comes from the task's Params. With `model`, also every
     check the edit itself makes before its first model call (geometry at the working size: `planning.plan_edit`),
     on the model's grid read from its configuration; returns that `Plan` (None without `model`)."""
-    from ..inputs import load_image, load_mask
-    from ..tasks import params as P
-    from ..validate import check_point
+    from ..inputs import load_image
+    from ..tasks.params import kind_of
 
     try:
         images = {"image": load_image(spec.image, "image")}
-        fields = spec.params.fields()
-        for f in fields:
+        # images first: a mask is checked against the size of the image its `of` names
+        for f in sorted(spec.params.fields(), key=lambda field: not kind_of(field).read_first):
             value = getattr(spec.params, f.name)
-            if f.metadata["kind"] == P.IMAGE and value is not None:
-                images[f.name] = load_image(value, f.name)
-        for f in fields:
-            value = getattr(spec.params, f.name)
-            if f.metadata["kind"] == P.MASK and value is not None:
-                load_mask(value, f.name, images[f.metadata["of"]].shape[:2])
-            if f.metadata["kind"] == P.LANDMARKS and value is not None:
-                from ..face import check_landmarks
-
-                check_landmarks(value, f.name)
-            if f.metadata["kind"] == P.POINTS and value is not None:
-                for k, (handle, target) in enumerate(value):
-                    check_point(handle, f"{f.name}[{k}] handle", images["image"].shape[:2])
-                    check_point(target, f"{f.name}[{k}] target", images["image"].shape[:2])
+            if value is not None:
+                image = kind_of(f).read(f, value, images)
+                if image is not None:
+                    images[f.name] = image
         return None if model is None else plan_geometry(spec, model)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise InputError(f"{label}: {e}") from e

@@ -10,7 +10,12 @@ and `dragondiff.cli.runner.check_inputs` are derived from them; nothing else lis
 A field without a default is required. None given for a field that has a default takes the default (so callers
 may pass None for "not given"); `default_from` names the common spec field a None resolves to (`reference_prompt`
 takes the prompt).
-"""
+
+What a kind means lives in one `Kind` object in `KINDS`: how a value is checked and normalised (`check`), its JSON
+schema (`schema`), its command-line option (`cli`: a CLI type name that `dragondiff.cli.options` maps to a click
+type, whether the option repeats and is required, its help), the file check before an edit (`read`) and the range
+help texts show (`range_text`). Adding a kind is one entry in `KINDS` (plus, for a new CLI type name, its click type in
+`dragondiff.cli.options.CLI_TYPES`)."""
 
 from __future__ import annotations
 
@@ -18,14 +23,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from ..limits import LIMITS, check_prompt
 from ..validate import check_number, check_offset, check_point, check_scale, shown
 
-# Kinds of parameter: what a value is, how it is checked, serialised and offered on the command line.
+# The kinds of parameter (their `Kind` objects are in `KINDS` below).
 IMAGE = "image"  # an image: a path (serialisable) or an in-memory image
 MASK = "mask"  # a mask the size of the image named by its `of`: a path or an in-memory mask
 OFFSET = "offset"  # (dx, dy) in original pixels
@@ -36,17 +41,18 @@ TEXT = "text"  # a prompt
 LANDMARKS = "landmarks"  # 68 (x, y) points: an array-like or a path to a JSON / .npy / text file
 GROUPS = "groups"  # names of landmark groups (jaw, brows, nose, eyes, mouth): a list or "a,b,c"
 FACE = "face"  # which detected face: an index, or a box (x0, y0, x1, y1) around it; a string "2" or "x0,y0,x1,y1"
-SOURCE_KINDS = (IMAGE, MASK)
 FACE_GROUPS = ("jaw", "brows", "nose", "eyes", "mouth")  # dragondiff.face.GROUPS's names, in its order
 
 
 def param(default=dataclasses.MISSING, *, kind: str, doc: str, low: float | None = None,
           high: float | None = None, of: str | None = None, default_from: str | None = None,
           default_text: str | None = None, group: str | None = None):
-    """A Params field. kind: one of the kinds above; low/high: the range of a NUMBER (or the top of a SCALE);
+    """A Params field. kind: a name in `KINDS`; low/high: the range of a NUMBER (or the top of a SCALE);
     of: for a MASK, the image field whose size it has; default_from: the common spec field a None resolves to;
     default_text: how help texts name a default that is not a value ("the background"); group: "weight" for
     the energy weights (listed after the common options on the command line)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: unknown parameter kind {kind!r}; known: {', '.join(KINDS)}")
     meta = {"kind": kind, "doc": doc, "low": low, "high": high, "of": of, "default_from": default_from,
             "default_text": default_text, "group": group}
     return dataclasses.field(default=default, metadata=meta)
@@ -119,26 +125,7 @@ def check_face(value, name: str):
 
 def check_value(f: dataclasses.Field, value):
     """`value` of Params field `f`, checked and normalised (paths to str, lists to tuples); errors name the field."""
-    kind, meta = f.metadata["kind"], f.metadata
-    if kind in SOURCE_KINDS:
-        return str(value) if isinstance(value, Path) else value
-    if kind == OFFSET:
-        return check_offset(value, f.name)
-    if kind == POINTS:
-        return check_points(value)
-    if kind == SCALE:
-        return check_scale(value, f.name, meta["high"])
-    if kind == NUMBER:
-        return check_number(value, f.name, meta["low"], meta["high"])
-    if kind == TEXT:
-        return check_prompt(value, f.name)
-    if kind == LANDMARKS:
-        return check_landmarks(value, f.name)
-    if kind == GROUPS:
-        return check_groups(value, f.name)
-    if kind == FACE:
-        return check_face(value, f.name)
-    raise AssertionError(f"{f.name}: unknown parameter kind {kind!r}")
+    return kind_of(f).check(f, value)
 
 
 def required(f: dataclasses.Field) -> bool:
@@ -191,7 +178,7 @@ class Params:
     def sources(self) -> Iterator[tuple[str, Any]]:
         """(name, value) of the image and mask fields that are set."""
         for f in dataclasses.fields(self):
-            if f.metadata["kind"] in SOURCE_KINDS and getattr(self, f.name) is not None:
+            if kind_of(f).source and getattr(self, f.name) is not None:
                 yield f.name, getattr(self, f.name)
 
     def as_dict(self) -> dict:
@@ -210,9 +197,165 @@ def default_help(f: dataclasses.Field) -> str:
 
 
 def range_text(f: dataclasses.Field) -> str:
-    meta = f.metadata
-    if meta["kind"] == SCALE:
-        return f"(0, {meta['high']:g}]"
-    if meta["kind"] == NUMBER:
-        return f"≥ {meta['low']:g}" if math.isinf(meta["high"]) else f"[{meta['low']:g}, {meta['high']:g}]"
+    """The range help texts show for field `f` ('(0, 10]', '[0, 1]', '≥ 0'); '' for kinds without one."""
+    return kind_of(f).range_text(f)
+
+
+
+# --------------------------------------------------------------------------- the kinds: one object each
+
+def option_help(f: dataclasses.Field) -> str:
+    """The usual help text of a field's command-line option: its doc, range and default."""
+    limits, shown_default = range_text(f), default_help(f)
+    return (f.metadata["doc"] + (f"; range {limits}" if limits else "")
+            + (f"  [default: {shown_default}]" if shown_default else ""))
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """How a kind is offered on the command line, described without click. type: a name in
+    `dragondiff.cli.options.CLI_TYPES` (the click type parsing one value); multiple: the option repeats and its
+    values (tuples) are joined into one; required: the option is required when its field is; help: (field) -> the
+    option's help text."""
+
+    type: str
+    multiple: bool = False
+    required: bool = False
+    help: Callable[[dataclasses.Field], str] = option_help
+
+
+def _no_read(f: dataclasses.Field, value, images: dict) -> None:
+    return None
+
+
+def _no_range(f: dataclasses.Field) -> str:
     return ""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of parameter, everything its fields need (each callable takes the Params field first):
+    check(f, value): the value checked and normalised (errors name the field);
+    schema(f): its JSON schema with the description (`dragondiff.spec` adds null's meaning: the default);
+    cli: its command-line option (`CliOption`);
+    read(f, value, images): the file check before an edit, given the images read so far by field name ("image":
+    the edited one); returns an image that later fields may refer to (by their `of`), else None;
+    range_text(f): the range help texts show ('' for none);
+    source: its values are images or masks (paths, or in-memory objects: serialised by description);
+    read_first: its fields are read before the others' (images, before the masks that have their size)."""
+
+    check: Callable[[dataclasses.Field, Any], Any]
+    schema: Callable[[dataclasses.Field], dict]
+    cli: CliOption
+    read: Callable[[dataclasses.Field, Any, dict], Any] = _no_read
+    range_text: Callable[[dataclasses.Field], str] = _no_range
+    source: bool = False
+    read_first: bool = False
+
+
+def kind_of(f: dataclasses.Field) -> Kind:
+    """The `Kind` of Params field `f`."""
+    return KINDS[f.metadata["kind"]]
+
+
+def _point() -> dict:
+    return {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}
+
+
+def _source(f: dataclasses.Field, value):
+    return str(value) if isinstance(value, Path) else value
+
+
+def _file_schema(f: dataclasses.Field) -> dict:
+    return {"type": ["string", "null"], "description": f"{f.metadata['doc']}; file path"}
+
+
+def _read_image(f: dataclasses.Field, value, images: dict):
+    from ..inputs import load_image
+
+    return load_image(value, f.name)
+
+
+def _read_mask(f: dataclasses.Field, value, images: dict) -> None:
+    from ..inputs import load_mask
+
+    load_mask(value, f.name, images[f.metadata["of"]].shape[:2])
+
+
+def _read_points(f: dataclasses.Field, value, images: dict) -> None:
+    size = images["image"].shape[:2]
+    for k, (handle, target) in enumerate(value):
+        check_point(handle, f"{f.name}[{k}] handle", size)
+        check_point(target, f"{f.name}[{k}] target", size)
+
+
+def _read_landmarks(f: dataclasses.Field, value, images: dict) -> None:
+    from ..face import check_landmarks as read_landmarks  # reads a file; checks the points span a face
+
+    read_landmarks(value, f.name)
+
+
+def _offset_help(f: dataclasses.Field) -> str:
+    return f.metadata["doc"] + f"; DX,DY  [default: {default_help(f)}]"
+
+
+def _points_help(f: dataclasses.Field) -> str:
+    return f.metadata["doc"] + ": 'hx,hy:tx,ty'; repeat the option or separate pairs by spaces"
+
+
+def _scale_range(f: dataclasses.Field) -> str:
+    return f"(0, {f.metadata['high']:g}]"
+
+
+def _number_range(f: dataclasses.Field) -> str:
+    low, high = f.metadata["low"], f.metadata["high"]
+    return f"≥ {low:g}" if math.isinf(high) else f"[{low:g}, {high:g}]"
+
+
+def _number_schema(f: dataclasses.Field) -> dict:
+    meta = f.metadata
+    out = {"type": ["number", "null"], "minimum": meta["low"], "description": meta["doc"]}
+    if math.isfinite(meta["high"]):
+        out["maximum"] = meta["high"]
+    return out
+
+
+KINDS: dict[str, Kind] = {
+    IMAGE: Kind(check=_source, schema=_file_schema, cli=CliOption("file", required=True), read=_read_image,
+                source=True, read_first=True),
+    MASK: Kind(check=_source, schema=_file_schema, cli=CliOption("file", required=True), read=_read_mask,
+               source=True),
+    OFFSET: Kind(check=lambda f, v: check_offset(v, f.name),
+                 schema=lambda f: {"oneOf": [_point(), {"type": "null"}], "description": f.metadata["doc"]},
+                 cli=CliOption("offset", help=_offset_help)),
+    POINTS: Kind(check=lambda f, v: check_points(v),
+                 schema=lambda f: {"type": ["array", "null"], "minItems": 1,
+                                   "items": {"type": "array", "items": _point(), "minItems": 2, "maxItems": 2},
+                                   "description": f.metadata["doc"]},
+                 cli=CliOption("pairs", multiple=True, required=True, help=_points_help), read=_read_points),
+    SCALE: Kind(check=lambda f, v: check_scale(v, f.name, f.metadata["high"]),
+                schema=lambda f: {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": f.metadata["high"],
+                                  "description": f.metadata["doc"]},
+                cli=CliOption("number"), range_text=_scale_range),
+    NUMBER: Kind(check=lambda f, v: check_number(v, f.name, f.metadata["low"], f.metadata["high"]),
+                 schema=_number_schema, cli=CliOption("number"), range_text=_number_range),
+    TEXT: Kind(check=lambda f, v: check_prompt(v, f.name),
+               schema=lambda f: {"type": ["string", "null"], "description": f.metadata["doc"]},
+               cli=CliOption("text")),
+    LANDMARKS: Kind(check=lambda f, v: check_landmarks(v, f.name),
+                    schema=lambda f: {"oneOf": [{"type": "array", "items": _point(), "minItems": 68, "maxItems": 68},
+                                                {"type": "string"}, {"type": "null"}],
+                                      "description": f.metadata["doc"] + "; points or a file path"},
+                    cli=CliOption("file"), read=_read_landmarks),
+    GROUPS: Kind(check=lambda f, v: check_groups(v, f.name),
+                 schema=lambda f: {"type": ["array", "null"], "minItems": 1, "items": {"enum": list(FACE_GROUPS)},
+                                   "description": f.metadata["doc"]},
+                 cli=CliOption("text")),
+    FACE: Kind(check=lambda f, v: check_face(v, f.name),
+               schema=lambda f: {"oneOf": [{"type": "integer", "minimum": 0},
+                                           {"type": "array", "items": {"type": "number"}, "minItems": 4,
+                                            "maxItems": 4},
+                                           {"type": "null"}], "description": f.metadata["doc"]},
+               cli=CliOption("text")),
+}
+SOURCE_KINDS = tuple(name for name, kind in KINDS.items() if kind.source)  # image and mask kinds
