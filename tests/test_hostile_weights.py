@@ -73,11 +73,19 @@ BROKEN_MODELS = [
      r"is an SDXL refiner \(requires_aesthetics_score, no text_encoder\): not supported"),
     ("bad-defaults-json", lambda f: (f / "dragondiff_defaults.json").write_text("{bad json"),
      r"dragondiff_defaults\.json: not a valid settings file"),
-    ("sd3", lambda f: _other_family(f, "SD3Transformer2DModel", "StableDiffusion3Pipeline"),
-     r"is an SD3 model \(StableDiffusion3Pipeline\): not supported yet"),
-    ("flux", lambda f: _other_family(f, "FluxTransformer2DModel", "FluxPipeline"),
-     r"is a FLUX model \(FluxPipeline\): not supported yet"),
+    ("pixart", lambda f: _other_family(f, "PixArtTransformer2DModel", "PixArtAlphaPipeline"),
+     r"is a PixArt model \(PixArtAlphaPipeline\): not supported yet"),
+    ("flux-schnell", lambda f: _schnell(f), r"transformer: a timestep-distilled FLUX transformer .*FLUX\.1-schnell"),
 ]
+
+
+def _schnell(folder):
+    """A FLUX folder whose transformer has no guidance embedding (FLUX.1-schnell-type): refused from its
+    configuration, before any weight is read (the weights file here is empty)."""
+    _other_family(folder, "FluxTransformer2DModel", "FluxPipeline")
+    config = {"_class_name": "FluxTransformer2DModel", "guidance_embeds": False, "in_channels": 64}
+    (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    save_file({}, str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
 @pytest.mark.parametrize("name, breaks, message", BROKEN_MODELS, ids=[row[0] for row in BROKEN_MODELS])
