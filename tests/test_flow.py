@@ -25,7 +25,13 @@ def flow_pipe(request):
 
 
 def test_each_flow_layout_picks_its_backbone_and_rule(flow_pipe):
+    from dragondiff.compile import compiled_blocks
+
     layout, pipe = flow_pipe
+    # what `enable_compile` compiles (SD3's transformer declares no repeated blocks: the backbone names them)
+    blocks = compiled_blocks(pipe.denoiser, pipe.backbone.REPEATED_BLOCKS)
+    assert len(blocks) == len(pipe.transformer.transformer_blocks) + len(
+        getattr(pipe.transformer, "single_transformer_blocks", []))
     assert isinstance(pipe.backbone, CLASSES[layout]) and isinstance(pipe.rule, FlowEulerRule)
     assert pipe.denoiser is pipe.transformer is pipe.backbone.transformer and pipe.unet is None
     assert pipe.default_max_resolution == 1024 and pipe.backbone.latent_channels == 16

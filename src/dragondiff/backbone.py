@@ -147,6 +147,7 @@ class Backbone:
     NAME = "?"
     RULE = "ddim"  # the step rule (steps.RULES) its scheduler's configuration is read with
     BANK_PROCESSOR = BankAttnProcessor  # built as BANK_PROCESSOR(slot, layer) on each bank layer
+    REPEATED_BLOCKS: tuple[str, ...] | None = None  # what `enable_compile` compiles (None: diffusers' own list)
     ACTIVATION_BYTES_PER_CELL = 0.0
     # What the family takes besides its own weights (the UNet families: IP-Adapters and LoRAs in diffusers' layouts).
     IMAGE_PROMPT = False

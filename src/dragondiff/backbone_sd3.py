@@ -113,6 +113,7 @@ class SD3Backbone(TransformerBackbone):
     SUPPORTS = ("SD3/SD3.5: an SD3Transformer2DModel (joint attention, optional dual attention and q/k norms), an "
                 "AutoencoderKL whose latent channels match it, CLIP-L + CLIP-G with projections, optional T5")
     BANK_PROCESSOR = SD3BankProcessor
+    REPEATED_BLOCKS = ("JointTransformerBlock",)  # SD3Transformer2DModel declares no `_repeated_blocks`
     # None: chosen from the transformer's depth by `blocks_for_depth` (a subclass may fix them).
     FEATURE_BLOCKS: tuple[int, ...] | None = None
     BANK_BLOCKS: tuple[int, ...] | None = None

@@ -69,9 +69,10 @@ def compile_cache_dir() -> Path:
     return Path(base) / "dragondiff" / "torch-compile"
 
 
-def compiled_blocks(unet) -> list[torch.nn.Module]:
-    """The UNet's repeated blocks (diffusers' `_repeated_blocks`, BasicTransformerBlock for SD UNets)."""
-    names = set(getattr(unet, "_repeated_blocks", None) or ())
+def compiled_blocks(unet, names=None) -> list[torch.nn.Module]:
+    """The network's repeated blocks: `names` (class names; a backbone's REPEATED_BLOCKS) or diffusers'
+    `_repeated_blocks` (BasicTransformerBlock for SD UNets, the FLUX transformer's two block kinds)."""
+    names = set(names or getattr(unet, "_repeated_blocks", None) or ())
     blocks = [m for m in unet.modules() if type(m).__name__ in names]
     if not blocks:
         raise ValueError(f"unet: {type(unet).__name__} declares no repeated blocks to compile")
@@ -89,7 +90,7 @@ def keep_bank_exchange_eager() -> None:
         BankController.transform = eager
 
 
-def compile_unet(unet, settings: CompileSettings) -> int:
+def compile_unet(unet, settings: CompileSettings, names=None) -> int:
     """Compile the UNet's repeated blocks in place (their next call compiles); returns how many."""
     import torch._dynamo
     import torch._functorch.config
@@ -102,7 +103,7 @@ def compile_unet(unet, settings: CompileSettings) -> int:
     # torch reads the variable whenever it opens its caches, so setting it before the first compile is enough.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
     keep_bank_exchange_eager()
-    blocks = compiled_blocks(unet)
+    blocks = compiled_blocks(unet, names)
     options = {"backend": settings.backend, "dynamic": False, "fullgraph": False}
     if settings.mode is not None:
         options["mode"] = settings.mode
@@ -111,14 +112,14 @@ def compile_unet(unet, settings: CompileSettings) -> int:
     return len(blocks)
 
 
-def uncompile_unet(unet) -> None:
+def uncompile_unet(unet, names=None) -> None:
     """Eager blocks again (the compiled code stays in torch's caches)."""
-    for block in compiled_blocks(unet):
+    for block in compiled_blocks(unet, names):
         block._compiled_call_impl = None
 
 
-def is_compiled(unet) -> bool:
-    return any(getattr(b, "_compiled_call_impl", None) is not None for b in compiled_blocks(unet))
+def is_compiled(unet, names=None) -> bool:
+    return any(getattr(b, "_compiled_call_impl", None) is not None for b in compiled_blocks(unet, names))
 
 
 def graphs_built() -> int:

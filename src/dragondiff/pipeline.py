@@ -259,8 +259,8 @@ class DragonPipeline:
     def _after_lora_change(self) -> None:
         """Compiled blocks hold the layers they were compiled with: compile again around the new ones."""
         if self.compiled is not None:
-            uncompile_unet(self.backbone.denoiser)
-            compile_unet(self.backbone.denoiser, self.compiled)
+            uncompile_unet(self.backbone.denoiser, self.backbone.REPEATED_BLOCKS)
+            compile_unet(self.backbone.denoiser, self.compiled, self.backbone.REPEATED_BLOCKS)
 
     def to(self, device=None, dtype=None) -> "DragonPipeline":
         """Move / cast every component. Arguments are checked first, and a failed move (e.g. out of memory)
@@ -324,14 +324,14 @@ class DragonPipeline:
         within a few grey levels of eager. `backend="aot_eager"` traces without generating code (for tests)."""
         settings = CompileSettings(backend, mode)
         with self.backbone.lock:
-            compile_unet(self.backbone.denoiser, settings)
+            compile_unet(self.backbone.denoiser, settings, self.backbone.REPEATED_BLOCKS)
         self.compiled = settings
         return self
 
     def disable_compile(self) -> "DragonPipeline":
         """Eager UNet calls again."""
         with self.backbone.lock:
-            uncompile_unet(self.backbone.denoiser)
+            uncompile_unet(self.backbone.denoiser, self.backbone.REPEATED_BLOCKS)
         self.compiled = None
         return self
 
