@@ -40,7 +40,11 @@ GIB = 2**30
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storages made inside the block that are still alive, and their peak."""
+    """Bytes of the tensor storages made inside the block that are still alive, and their peak.
+
+    An output that shares its storage with an input (a view such as a weight's transpose inside F.linear, or an
+    in-place result) is no new memory: it is not counted. (Counting such views once counted every linear layer's
+    weight the pass touched as activation memory.)"""
 
     def __init__(self):
         super().__init__()
@@ -52,10 +56,11 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
-                if storage not in self._seen:
+                if storage._cdata not in inputs and storage not in self._seen:
                     self._seen.add(storage)
                     n = storage.nbytes()
                     self.current += n
