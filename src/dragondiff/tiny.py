@@ -8,6 +8,8 @@
 - sd15-shaped: SD1.5's UNet and VAE at full size (860 M + 84 M parameters) with random weights, for the speed and
   memory benchmarks (compute does not depend on weight values). Its text encoder has CLIP ViT-L's width (768) over
   the byte tokenizer; text encoding is a rounding error of an edit's cost.
+- sd21-shaped, sdxl-shaped, sd35m-shaped (SD3.5-Medium), flux-shaped (FLUX.1-dev): the same for the other families
+  (`SHAPED`, `build_shaped_components`); the flow transformers' builders are in tiny_sd3.py and tiny_flux.py.
 """
 
 from __future__ import annotations
