@@ -139,6 +139,8 @@ def build_sidecar(result, pipe, *, sidecar: Path, output: Path, full_resolution:
         "threads": threads,
         "vae_tiling": pipe.backbone.vae_tiling,  # changes pixels at tile seams
         "channels_last": pipe.backbone.channels_last,  # --channels-last: about 1 grey level from the default
+        # --gradient-checkpointing: recomputes the guided pass's activations; the same numbers, less memory
+        "gradient_checkpointing": bool(getattr(pipe.backbone.denoiser, "is_gradient_checkpointing", False)),
         "platform": f"{platform.system()} {platform.machine()}",
         "cpu_kernels": cpu_kernels() if pipe.device.type == "cpu" else None,  # fp32 pixels depend on them
         "cpu_isa": cpu_isa() if pipe.device.type == "cpu" else None,  # ... and on the hardware beneath them

@@ -8,10 +8,13 @@
 - sd15-shaped: SD1.5's UNet and VAE at full size (860 M + 84 M parameters) with random weights, for the speed and
   memory benchmarks (compute does not depend on weight values). Its text encoder has CLIP ViT-L's width (768) over
   the byte tokenizer; text encoding is a rounding error of an edit's cost.
+- sd21-shaped, sdxl-shaped, sd35m-shaped (SD3.5-Medium), flux-shaped (FLUX.1-dev): the same for the other families
+  (`SHAPED`, `build_shaped_components`); the flow transformers' builders are in tiny_sd3.py and tiny_flux.py.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 
 import torch
 
@@ -128,12 +131,50 @@ def build_sd15_shaped_components(seed: int = 0, device=None) -> dict:
             "scheduler": _scheduler()}
 
 
-SHAPED = {"sd15-shaped": 512, "sd21-shaped": 768, "sdxl-shaped": 1024}  # full-size random models: default px
+# Full-size random models: default px. The flow transformers' builders live beside their tiny ones (tiny_sd3.py,
+# tiny_flux.py): "sd35m-shaped" is SD3.5-Medium, "flux-shaped" FLUX.1-dev.
+SHAPED = {"sd15-shaped": 512, "sd21-shaped": 768, "sdxl-shaped": 1024, "sd35m-shaped": 1024, "flux-shaped": 1024}
+# Vocabulary sizes of the real text encoders: their embedding tables are part of the weights (T5-XXL's is 263 MB
+# in 16-bit); the byte and character tokenizers used with them give ids far below these.
+CLIP_VOCAB, T5_VOCAB = 49408, 32128
+
+
+@contextmanager
+def default_dtype(dtype):
+    """Parameters made inside are made in `dtype` (default fp32): a full-size model built without an fp32 copy first,
+    and fake parameters (which cannot be cast after they are made) in the dtype measured."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def flow_scheduler(**config):
+    """A FlowMatchEulerDiscreteScheduler with real σ tables even inside a FakeTensorMode (`bench memory` builds the
+    models on fake tensors; the scheduler reads its own tables back with .item())."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return FlowMatchEulerDiscreteScheduler(**config)
+
+
+def t5_xxl(vocab_size: int = T5_VOCAB):
+    """A random T5 v1.1 XXL encoder (4096 wide, 24 layers, 64 heads, gated-GELU 10240): SD3's and FLUX's T5."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                   num_heads=64, relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
+                                   is_encoder_decoder=False, use_cache=False, dropout_rate=0.0, pad_token_id=0,
+                                   eos_token_id=1, tie_word_embeddings=False))
 
 
 def build_shaped_components(name: str, seed: int = 0, device=None, dtype=None) -> dict:
     """Full-size random components of SHAPED[name]'s family, built on `device` in `dtype` (default fp32; SDXL's VAE
-    stays fp32 under fp16, as the backbone runs it): for the speed and memory benchmarks. "sd21-shaped" is
+    stays fp32 under fp16, as the backbone runs it): for the speed and memory benchmarks ("sd35m-shaped":
+    tiny_sd3.build_sd35m_shaped, "flux-shaped": tiny_flux.build_flux_shaped). "sd21-shaped" is
     SD2.1 (768 px, v-prediction, OpenCLIP ViT-H text: 1024 wide, 23 layers); "sdxl-shaped" SDXL base (2.6 B UNet;
     CLIP ViT-L 768 x 12 and OpenCLIP bigG 1280 x 32 text encoders over the byte tokenizer)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -141,6 +182,14 @@ def build_shaped_components(name: str, seed: int = 0, device=None, dtype=None) -
 
     if name not in SHAPED:
         raise ValueError(f"name: expected one of {', '.join(SHAPED)}, got {name!r}")
+    if name == "sd35m-shaped":
+        from .tiny_sd3 import build_sd35m_shaped
+
+        return build_sd35m_shaped(seed, device, dtype)
+    if name == "flux-shaped":
+        from .tiny_flux import build_flux_shaped
+
+        return build_flux_shaped(seed, device, dtype)
     dtype = dtype or torch.float32
     if name == "sd15-shaped":
         parts = build_sd15_shaped_components(seed, device) if dtype == torch.float32 else None

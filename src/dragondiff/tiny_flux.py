@@ -24,6 +24,7 @@ import torch
 from .shapes.tokenizer import build_tokenizer
 
 T5_MAX_TOKENS = 64  # the tiny T5 tokenizer's window (FLUX.1-dev's is 512): short sequences keep tests fast
+FLUX_T5_TOKENS = 512  # FLUX.1-dev's T5 window (the full-size model's)
 
 
 def build_t5_tokenizer(max_length: int = T5_MAX_TOKENS):
@@ -40,9 +41,9 @@ def build_t5_tokenizer(max_length: int = T5_MAX_TOKENS):
 
 def flux_scheduler():
     """FLUX.1-dev's scheduler configuration."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from .tiny import flow_scheduler
 
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+    return flow_scheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                            base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                            max_image_seq_len=4096)
 
@@ -87,3 +88,35 @@ def save_tiny_flux(folder, seed: int = 0, guidance_embeds: bool = True):
 
     FluxPipeline(**build_tiny_flux(seed, guidance_embeds)).save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)
+
+
+def build_flux_shaped(seed: int = 0, device=None, dtype=None) -> dict:
+    """FLUX.1-dev at full size with random weights, built on `device` in `dtype` (default fp32), for the memory and
+    speed benchmarks: the transformer (19 double-stream + 38 single-stream blocks, 24 heads x 128 = 3072 wide, RoPE
+    axes (16, 56, 56), guidance embedding, 64 input channels = 16 latent channels packed 2x2), FLUX's 16-channel
+    VAE, CLIP-L (768 x 12, pooled) over the byte tokenizer, T5-XXL (4096 x 24) over the character tokenizer with
+    FLUX.1-dev's 512-token window. Real vocabulary sizes, so the weights weigh what the real ones do."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tiny import CLIP_VOCAB, default_dtype, t5_xxl
+
+    torch.manual_seed(seed)
+    with default_dtype(dtype), torch.device(device or "cpu"):
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+            hidden_act="quick_gelu", projection_dim=768, vocab_size=CLIP_VOCAB, max_position_embeddings=77,
+            bos_token_id=512, eos_token_id=513, pad_token_id=513))
+        text_encoder_2 = t5_xxl()
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=1024, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
+            use_post_quant_conv=False)
+    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": build_tokenizer(),
+            "text_encoder_2": text_encoder_2, "tokenizer_2": build_t5_tokenizer(FLUX_T5_TOKENS),
+            "scheduler": flux_scheduler()}

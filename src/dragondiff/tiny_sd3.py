@@ -37,8 +37,10 @@ def build_tiny_sd3(seed: int = 0, layout: str = "sd3", with_t5: bool = True) -> 
         raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
     if not isinstance(with_t5, bool):
         raise TypeError(f"with_t5: expected a bool, got {type(with_t5).__name__}")
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from .tiny import flow_scheduler
 
     torch.manual_seed(seed)
     text = dict(num_attention_heads=4, intermediate_size=37, vocab_size=514, max_position_embeddings=77,
@@ -64,7 +66,7 @@ def build_tiny_sd3(seed: int = 0, layout: str = "sd3", with_t5: bool = True) -> 
     parts = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": build_tokenizer(),
              "text_encoder_2": text_encoder_2, "tokenizer_2": build_tokenizer(),
              "text_encoder_3": None, "tokenizer_3": None,
-             "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)}
+             "scheduler": flow_scheduler(num_train_timesteps=1000, shift=3.0)}
     if with_t5:
         parts["text_encoder_3"], parts["tokenizer_3"] = _tiny_t5(), build_t5_tokenizer()
     for part in parts.values():  # built modules start in training mode; loaded ones are in eval mode
@@ -113,3 +115,41 @@ def save_tiny_sd3(folder, layout: str = "sd3", seed: int = 0, with_t5: bool = Tr
 
     build_tiny_sd3_pipeline(seed, layout, with_t5).save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)
+
+
+def build_sd35m_shaped(seed: int = 0, device=None, dtype=None) -> dict:
+    """SD3.5-Medium at full size with random weights, built on `device` in `dtype` (default fp32), for the memory and
+    speed benchmarks: the transformer (24 blocks, 24 heads x 64 = 1536 wide, dual attention in blocks 0-12, RMS q/k
+    norms, patch 2, position embedding up to 384 patches), SD3's 16-channel VAE, CLIP-L (768 x 12) and CLIP-G
+    (1280 x 32) with projections over the byte tokenizer, T5-XXL (4096 x 24) over the character tokenizer (256
+    tokens read, the pipeline's default). Real vocabulary sizes, so the weights weigh what the real ones do."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from .tiny import CLIP_VOCAB, default_dtype, flow_scheduler, t5_xxl
+
+    text = dict(vocab_size=CLIP_VOCAB, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+                pad_token_id=513)
+    torch.manual_seed(seed)
+    with default_dtype(dtype), torch.device(device or "cpu"):
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+            hidden_act="quick_gelu", projection_dim=768, **text))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
+            hidden_act="gelu", projection_dim=1280, **text))
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+            qk_norm="rms_norm")
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=1024, shift_factor=SD3_SHIFT_FACTOR, scaling_factor=SD3_SCALING_FACTOR, use_quant_conv=False,
+            use_post_quant_conv=False)
+        text_encoder_3 = t5_xxl()
+    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": build_tokenizer(),
+            "text_encoder_2": text_encoder_2, "tokenizer_2": build_tokenizer(), "text_encoder_3": text_encoder_3,
+            "tokenizer_3": build_t5_tokenizer(),
+            "scheduler": flow_scheduler(num_train_timesteps=1000, shift=3.0)}

@@ -5,6 +5,7 @@
     dragondiff bench speed --model sd15-shaped --size 512 --device cuda --dtype float16
     dragondiff bench speed --model sdxl-shaped --device cuda --tasks move --presets official   # 1024 px, SDXL's sizes
     dragondiff bench speed --image-prompt random             # the same with a random 64-token image prompt
+    dragondiff bench speed --model flux-shaped --estimate    # FLOPs per edit at 1024 px on fake tensors, no run
 
 For each preset and task it runs one image three ways: `pipe.invert` + a first edit (= the cost of a plain edit,
 which inverts inside the call), then a later edit of the same inversion (no inversion; the base image's reference
@@ -114,11 +115,13 @@ def _median_seconds(fn, device, repeats: int) -> float:
 
 def pass_costs(pipe, latent_hw: tuple[int, int], repeats: int = 3) -> dict[str, float]:
     """Seconds of each kind of pass at this latent size (plain attention, no bank)."""
+    from .memory import model_time
+
     bb, dev = pipe.backbone, pipe.device
     g = torch.Generator("cpu").manual_seed(0)
-    z = torch.randn((1, 4, *latent_hw), generator=g).to(dev)
+    z = torch.randn((1, bb.latent_channels, *latent_hw), generator=g).to(dev)
     cond = bb.condition([""], tuple(d * bb.vae_factor for d in latent_hw))
-    t = 500
+    t = model_time(pipe.rule)
     with torch.no_grad():
         full1 = _median_seconds(lambda: bb.predict(z, t, cond), dev, repeats)
         full2 = _median_seconds(lambda: bb.predict(torch.cat([z, z]), t, cond.repeat(2)), dev, repeats)
@@ -160,6 +163,135 @@ def estimate_seconds(counts: dict, costs: dict, inversion_batch: int) -> float:
             + counts["time_travel_unet"] * costs["unet_forward_b1"]
             + counts["feature_nograd"] * costs["feature_forward"]
             + counts["feature_grad"] * costs["feature_forward_grad"] + counts["backward"] * costs["backward"])
+
+
+# ------------------------------------------------------------------------------------ work per edit (FLOPs)
+
+
+def preset_pass_counts(preset: str, steps: int | None = None, images: int = 1, one_backward: bool = True,
+                       energy_terms: int = 2) -> dict[str, int]:
+    """The network passes of a first edit (inversion inside) of `images` images with `preset`, as `sampler.sample`
+    makes them (`EditResult.pass_counts`'s keys), worked out from the preset without running it: every step one
+    CFG call per repeat and the time-travel passes between repeats; every guided step the reference features of
+    each image once and, per repeat, one feature pass with gradient and one batched backward (or one per energy
+    term)."""
+    p = get_preset(preset)
+    n = steps or p.steps
+    counts = {"inversion_unet": n, "cfg_unet": 0, "time_travel_unet": 0, "feature_nograd": 0, "feature_cached": 0,
+              "feature_grad": 0, "backward": 0, "image_encoder": 0}
+    for i in range(n):
+        step = i * 50 // n  # the presets' 50-step grid (steps.Schedule.grid_step)
+        guided = p.is_guided(step)
+        repeats = p.repeats(step) if guided else 1
+        counts["cfg_unet"] += repeats
+        counts["time_travel_unet"] += repeats - 1
+        if guided:
+            counts["feature_nograd"] += images
+            counts["feature_grad"] += repeats
+            counts["backward"] += repeats * (1 if one_backward else energy_terms)
+    return counts
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                             **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _flops(fn) -> int:
+    """FLOPs of the matrix products, convolutions and attention `fn` runs (torch's FlopCounterMode; element-wise
+    work is not counted). On fake CPU tensors attention runs as the CPU flash kernel, which torch's table lacks:
+    counted here with its formulas for the other attention kernels."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def pass_flops(model: str, size: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Forward (and backward) FLOPs of each kind of pass of an edit of `model` (a `tiny.SHAPED` name or
+    "tiny-<layout>") at `size` px, counted on fake tensors: no weights, nothing timed, nothing run on a GPU."""
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..features import resize_features
+    from .memory import default_cfg_batch, fake_backbone, model_time
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        bb, rule = fake_backbone(model, dtype)
+        h, w = working_size(size, size, size)
+        latent_hw = (h // bb.vae_factor, w // bb.vae_factor)
+        z = torch.zeros(1, bb.latent_channels, *latent_hw)
+        t = model_time(rule)
+        grid = (int(bb.feature_factor * latent_hw[0]), int(bb.feature_factor * latent_hw[1]))
+        with torch.no_grad():
+            cond = bb.condition([""], (h, w))
+            refs = bb.features(z, t, cond)
+        out = {"size_hw": [h, w], "backbone": bb.NAME, "cfg_batch": default_cfg_batch(type(bb))}
+        with torch.no_grad():
+            out["text"] = _flops(lambda: bb.condition([""], (h, w)))
+            out["encode"] = _flops(lambda: bb.encode_image(torch.zeros(1, 3, h, w)))
+            out["denoiser_forward"] = _flops(lambda: bb.predict(z, t, cond))
+            out["feature_forward"] = _flops(lambda: bb.features(z, t, cond))
+            out["decode"] = _flops(lambda: bb.vae.decode(z.to(bb.vae.dtype)))
+        latent = z.clone().requires_grad_(True)
+        with torch.enable_grad():
+            gen = resize_features(bb.features(latent, t, cond), grid)
+            sims = [F.cosine_similarity(g.flatten(2), r.flatten(2), dim=1).mean()
+                    for g, r in zip(gen, resize_features(refs, grid))]
+            energy = sum(1.0 / (1.0 + 4.0 * s) for s in sims)
+            # one energy term's vector-Jacobian product (the batched backward of two terms does this twice over)
+            out["feature_backward"] = _flops(lambda: torch.autograd.grad(energy, latent))
+    return out
+
+
+def edit_flops(per_pass: dict, counts: dict, images: int = 1, energy_terms: int = 2,
+               gradient_checkpointing: bool = False) -> dict[str, int]:
+    """FLOPs of one edit by kind of work: `counts` (preset_pass_counts) times `per_pass` (pass_flops). Inversion
+    passes carry `images` latents, CFG passes `cfg_batch`; each guided evaluation back-propagates `energy_terms`
+    cotangents; with gradient checkpointing each backward pass first runs the feature forward again."""
+    fwd, feat = per_pass["denoiser_forward"], per_pass["feature_forward"]
+    work = {
+        "text": 2 * per_pass["text"],  # the prompt and the empty prompt
+        "encode": images * per_pass["encode"],
+        "inversion": counts["inversion_unet"] * images * fwd,
+        "cfg": counts["cfg_unet"] * per_pass["cfg_batch"] * fwd,
+        "time_travel": counts["time_travel_unet"] * fwd,
+        "reference_features": counts["feature_nograd"] * feat,
+        "guidance_forward": counts["feature_grad"] * feat,
+        "guidance_backward": counts["feature_grad"] * energy_terms * per_pass["feature_backward"],
+        "recompute": counts["backward"] * feat if gradient_checkpointing else 0,
+        "decode": per_pass["decode"],
+    }
+    return work
+
+
+def estimate_work(model: str, size: int, dtype: torch.dtype = torch.bfloat16, presets=("official", "fast"),
+                  gradient_checkpointing: bool = False) -> dict:
+    """FLOPs per first edit (move, one image, inversion included, one batched backward as on CUDA) of each preset:
+    an estimate from counted FLOPs on fake tensors, no timing. `forward_equivalents`: the edit's FLOPs over one
+    batch-1 denoiser forward's."""
+    per_pass = pass_flops(model, size, dtype)
+    rows = {}
+    for preset in presets:
+        counts = preset_pass_counts(preset)
+        work = edit_flops(per_pass, counts, gradient_checkpointing=gradient_checkpointing)
+        total = sum(work.values())
+        rows[preset] = {"steps": counts["inversion_unet"], "passes": counts, "flops_by_kind": work,
+                        "flops": total, "forward_equivalents": round(total / per_pass["denoiser_forward"], 1)}
+    return {"model": model, "dtype": str(dtype).replace("torch.", ""), "gradient_checkpointing":
+            gradient_checkpointing, "pass_flops": per_pass, "presets": rows}
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -299,12 +431,40 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _estimate_main(args) -> int:
+    """`bench speed --estimate`: FLOPs per edit (estimate_work), printed and saved."""
+    from ..tiny import SHAPED
+
+    from ..tiny import LAYOUTS
+
+    model = "tiny-sd1" if args.model == "tiny" else args.model
+    allowed = sorted(SHAPED) + [f"tiny-{x}" for x in LAYOUTS]
+    if model not in allowed:
+        raise SystemExit(f"--model: --estimate takes one of {', '.join(allowed)}, got {args.model!r}")
+    torch.set_num_threads(args.threads)
+    size = args.size or SHAPED.get(model, 128)
+    result = estimate_work(model, size, getattr(torch, args.dtype or "bfloat16"), args.presets,
+                           args.gradient_checkpointing)
+    per_pass = result["pass_flops"]
+    print(f"{model} at {size} px ({result['pass_flops']['backbone']}), FLOPs counted on fake tensors "
+          f"(an estimate, nothing timed):")
+    for key in ("denoiser_forward", "feature_forward", "feature_backward", "text", "encode", "decode"):
+        print(f"  {key:18s} {per_pass[key] / 1e12:9.2f} TFLOP")
+    for preset, row in result["presets"].items():
+        print(f"  {preset:8s} {row['steps']:3d} steps: {row['flops'] / 1e15:8.2f} PFLOP per edit "
+              f"({row['forward_equivalents']} denoiser forwards)")
+    out = args.out or Path(f"out/bench/work-{model}-{size}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dragondiff bench speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny",
-                        help="tiny | bundled | sd15-shaped | sd21-shaped | sdxl-shaped (full sizes, random weights) | "
-                             "a diffusers folder")
+                        help="tiny | bundled | sd15-shaped | sd21-shaped | sdxl-shaped | sd35m-shaped | flux-shaped "
+                             "(full sizes, random weights) | a diffusers folder")
     parser.add_argument("--size", type=int, default=None, help="working resolution (128 tiny/bundled, else 512)")
     parser.add_argument("--tasks", nargs="+", choices=list(BENCH_CASES), default=list(BENCH_CASES),
                         help="benchmark cases (each task's declared cases)")
@@ -327,8 +487,15 @@ def main(argv=None) -> int:
                              "cold start, and the output is compared with an eager run of the same edit")
     parser.add_argument("--channels-last", action="store_true",
                         help="channels-last convolutions (pipe.enable_channels_last): faster on a CPU")
+    parser.add_argument("--estimate", action="store_true",
+                        help="no run: FLOPs per edit of each preset on fake tensors (a tiny-<layout> or full-size "
+                             "*-shaped model, e.g. flux-shaped, sd35m-shaped; default dtype bfloat16), nothing timed")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="with --estimate: count the guidance pass's recomputation")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (out/bench/speed-<model>-<size>.json)")
     args = parser.parse_args(argv)
+    if args.estimate:
+        return _estimate_main(args)
     from ..compile import cache_hits, compile_cache_dir
     from ..loading import cpu_description
 

@@ -159,6 +159,10 @@ model_options = option_group(
                  help="channels-last convolutions in the UNet and VAE: on a CPU about 10-19 % faster per pass at "
                       "512 px; outputs within about 1 grey level of the default layout, which keeps earlier spec "
                       "files and sidecars rerunning bit for bit"),
+    click.option("--gradient-checkpointing", is_flag=True,
+                 help="recompute the UNet's or transformer's activations in the guidance backward instead of "
+                      "keeping them: less GPU memory for the guided steps (`dragondiff bench memory "
+                      "--gradient-checkpointing`), about one more feature pass per guided step; same results"),
 )
 
 

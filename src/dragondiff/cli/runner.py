@@ -441,7 +441,7 @@ def check_lora_fit(loras, model: str, config: str | None) -> None:
 
 def load_pipeline(model: str, config: str | None, device, dtype, threads: int, vae_tiling: bool = False,
                   ip_adapter: str | None = None, image_encoder: str | None = None, compile_unet: bool = False,
-                  channels_last: bool = False):
+                  channels_last: bool = False, gradient_checkpointing: bool = False):
     """Load the model once; single .safetensors files need --config."""
     import torch
 
@@ -466,6 +466,8 @@ def load_pipeline(model: str, config: str | None, device, dtype, threads: int, v
             raise InputError(f"--ip-adapter/--image-encoder: {e}") from e
     if channels_last:
         pipe.enable_channels_last()
+    if gradient_checkpointing:
+        pipe.enable_gradient_checkpointing()
     if compile_unet:
         pipe.enable_compile()
     return pipe
@@ -489,7 +491,8 @@ def open_model(opts: dict, model: str | None = None) -> Loaded:
     start = time.perf_counter()
     pipe = load_pipeline(model or opts["model"], opts["config"], opts["device"], opts["dtype"], threads,
                          opts["vae_tiling"], opts.get("ip_adapter"), opts.get("image_encoder"),
-                         opts.get("compile_unet", False), opts.get("channels_last", False))
+                         opts.get("compile_unet", False), opts.get("channels_last", False),
+                         opts.get("gradient_checkpointing", False))
     apply_loras(pipe, opts.get("loras") or (), opts.get("fuse_lora", False))
     return Loaded(pipe, threads, time.perf_counter() - start)
 
