@@ -149,6 +149,7 @@ class Backbone:
     BANK_PROCESSOR = BankAttnProcessor  # built as BANK_PROCESSOR(slot, layer) on each bank layer
     REPEATED_BLOCKS: tuple[str, ...] | None = None  # what `enable_compile` compiles (None: diffusers' own list)
     ACTIVATION_BYTES_PER_CELL = 0.0
+    CHECKPOINTED_BYTES_PER_CELL: float | None = None  # the same with gradient checkpointing (None: not measured)
     # What the family takes besides its own weights (the UNet families: IP-Adapters and LoRAs in diffusers' layouts).
     IMAGE_PROMPT = False
     LORA = False
@@ -270,7 +271,10 @@ class Backbone:
         """GPU bytes the largest pass of an edit needs at this latent size (an estimate for full-size weights;
         scaled by the model dtype's width)."""
         width = torch.finfo(self.dtype).bits / 16
-        return int(self.ACTIVATION_BYTES_PER_CELL * latent_hw[0] * latent_hw[1] * width)
+        per_cell = self.ACTIVATION_BYTES_PER_CELL
+        if getattr(self.denoiser, "gradient_checkpointing", False) and self.CHECKPOINTED_BYTES_PER_CELL is not None:
+            per_cell = self.CHECKPOINTED_BYTES_PER_CELL
+        return int(per_cell * latent_hw[0] * latent_hw[1] * width)
 
     # ------------------------------------------------------------------------------------------- encoders
 
@@ -348,8 +352,9 @@ class SD1Backbone(Backbone):
     # The up blocks whose self-attention the memory bank covers (None: every decoder self-attention layer).
     BANK_BLOCKS: tuple[int, ...] | None = None
     # GPU bytes per latent cell of the largest pass of an edit (the guidance evaluation: feature pass with gradient
-    # and its backward) in 16-bit, at full size: `dragondiff bench memory` (4.0 GiB at 768 px for SD1.5 and SD2.1).
-    ACTIVATION_BYTES_PER_CELL = 4.0 * 2**30 / 96**2
+    # and its backward) in 16-bit, at full size: `dragondiff bench memory` (3.52 GiB at 768 px for SD1.5; 3.45 for
+    # SD2.1: docs/results/memory-unet.json).
+    ACTIVATION_BYTES_PER_CELL = 3.52 * 2**30 / 96**2
 
     def __init__(self, unet, vae, text_encoder, tokenizer):
         if len(getattr(unet, "up_blocks", [])) <= max(self.FEATURE_BLOCKS):

@@ -153,11 +153,11 @@ class FluxBackbone(TransformerBackbone):
     # Massive-activation channels: mean |x| over the tokens above this multiple of the median channel's
     # (backbone.MASSIVE_RATIO says why 10; massive activations in DiTs and LLMs are ~1000x, Sun et al. 2024).
     MASSIVE_K = MASSIVE_RATIO
-    # Rough estimate, not measured: the guided pass runs double blocks 0-18 with gradient (no single blocks). Per
-    # block and image token in 16-bit about 18 saved activations of 3072 channels (norm, q/k/v, attention out,
-    # residuals, the 4x feed-forward before and after GELU) ~ 110 kB; x 19 blocks x 4096 tokens ~ 8.6 GB at 1024 px,
-    # + ~15 % for 512 text tokens: ~10 GiB over 128 x 128 latent cells. `bench memory` should replace this.
-    ACTIVATION_BYTES_PER_CELL = 10.0 * 2**30 / 128**2
+    # GPU bytes per latent cell of the guidance pass (double blocks 0-18 with gradient, no single blocks) in 16-bit:
+    # `dragondiff bench memory --model flux-shaped` on fake tensors, 7.91 GiB at 1024 px, 1.73 GiB with gradient
+    # checkpointing (docs/results/memory-flow-1024.json).
+    ACTIVATION_BYTES_PER_CELL = 7.91 * 2**30 / 128**2
+    CHECKPOINTED_BYTES_PER_CELL = 1.73 * 2**30 / 128**2
     DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, the dev model's usual value
     MAX_T5_TOKENS = 512  # FluxPipeline refuses max_sequence_length > 512
 

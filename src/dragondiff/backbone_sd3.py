@@ -118,10 +118,10 @@ class SD3Backbone(TransformerBackbone):
     FEATURE_BLOCKS: tuple[int, ...] | None = None
     BANK_BLOCKS: tuple[int, ...] | None = None
     # GPU bytes per latent cell of the largest pass (guidance: feature pass to block 17 of 24 with its backward) in
-    # 16-bit for SD3.5-Medium. A rough estimate, not measured: ~20 saved activations of width 1536 per token and
-    # block (q, k, v, attention and norm outputs, the 4x feed-forward), 18 blocks, 4096 + 333 tokens at 1024 px
-    # (128 x 128 latent cells): about 4.5 GiB. `bench memory` should replace it.
-    ACTIVATION_BYTES_PER_CELL = 4.5 * 2**30 / 128**2
+    # 16-bit for SD3.5-Medium: `dragondiff bench memory --model sd35m-shaped` on fake tensors, 5.65 GiB at 1024 px,
+    # 0.92 GiB with gradient checkpointing (docs/results/memory-flow-1024.json).
+    ACTIVATION_BYTES_PER_CELL = 5.65 * 2**30 / 128**2
+    CHECKPOINTED_BYTES_PER_CELL = 0.92 * 2**30 / 128**2
     T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
