@@ -17,8 +17,6 @@ Not a model that makes pictures: for tests of mechanics, shapes and the contract
 
 from __future__ import annotations
 
-import string
-
 import torch
 
 from .shapes.tokenizer import build_tokenizer
@@ -28,15 +26,10 @@ FLUX_T5_TOKENS = 512  # FLUX.1-dev's T5 window (the full-size model's)
 
 
 def build_t5_tokenizer(max_length: int = T5_MAX_TOKENS):
-    """A T5 tokenizer (Unigram, SentencePiece-style "▁" word starts, </s> appended) over single printable ASCII
-    characters, with and without the word-start mark; no sentinel tokens. Built in memory, no files read."""
-    from transformers import T5Tokenizer
+    """The tiny models' T5 tokenizer (`tiny_sd3.build_t5_tokenizer`) with FLUX's tiny window."""
+    from .tiny_sd3 import build_t5_tokenizer as t5_tokenizer
 
-    chars = [c for c in string.printable if not c.isspace()]
-    # Word-start pieces score higher than bare characters so "▁a" is one token, as in a trained vocabulary.
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
-    vocab += [("▁" + c, -1.0) for c in chars] + [(c, -2.0) for c in chars]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+    return t5_tokenizer(max_length)
 
 
 def flux_scheduler():

@@ -93,11 +93,12 @@ def _t5_pieces() -> list[tuple[str, float]]:
     return pieces
 
 
-def build_t5_tokenizer():
-    """A T5 tokenizer (Unigram over single characters, `</s>` appended as T5's) built in code: no download."""
+def build_t5_tokenizer(max_length: int = 512):
+    """A T5 tokenizer (Unigram over single characters, `</s>` appended as T5's) built in code: no download. SD3's
+    and FLUX's tiny models share it (`max_length`: the window, 512 as T5's)."""
     from transformers import T5Tokenizer
 
-    return T5Tokenizer(vocab=_t5_pieces(), extra_ids=0, model_max_length=512)
+    return T5Tokenizer(vocab=_t5_pieces(), extra_ids=0, model_max_length=max_length)
 
 
 def build_tiny_sd3_pipeline(seed: int = 0, layout: str = "sd3", with_t5: bool = True):
