@@ -53,17 +53,19 @@ def test_bank_off_by_one(tiny_pipe, inverted):
     i = 12
     layer = controller.bank.layers()[4]
     probe = BankController(MemoryBank(torch.device("cpu")))
-    with bank_processors(tiny_pipe.unet, probe, tiny_pipe.backbone.bank_layers), torch.no_grad(), probe.use(CAPTURE, step=0):
+    layers = tiny_pipe.backbone.bank_layers
+    with bank_processors(tiny_pipe.unet, probe, layers), torch.no_grad(), probe.use(CAPTURE, step=0):
         tiny_pipe.unet(inv[49 - i], schedule.timesteps[i], encoder_hidden_states=cond.text)
     seen = probe.bank.entries[layer][0][0]
     torch.testing.assert_close(seen, controller.bank.entries[layer][i][0])
-    with bank_processors(tiny_pipe.unet, probe, tiny_pipe.backbone.bank_layers), torch.no_grad(), probe.use(CAPTURE, step=1):
+    with bank_processors(tiny_pipe.unet, probe, layers), torch.no_grad(), probe.use(CAPTURE, step=1):
         tiny_pipe.unet(inv[50 - i], schedule.timesteps[i], encoder_hidden_states=cond.text)
     assert not torch.allclose(probe.bank.entries[layer][1][0], controller.bank.entries[layer][i][0])
 
 
 def _eps(pipe, controller, mode, z, t, cond, step):
-    with bank_processors(pipe.unet, controller, pipe.backbone.bank_layers), torch.no_grad(), controller.use(mode, step=step):
+    layers = pipe.backbone.bank_layers
+    with bank_processors(pipe.unet, controller, layers), torch.no_grad(), controller.use(mode, step=step):
         return pipe.unet(z, t, encoder_hidden_states=cond.text).sample
 
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from dragondiff.presets import OFFICIAL, PAPER, Preset, get_preset
-from dragondiff.steps import Schedule
 
 
 def test_paper_schedule():

@@ -8,8 +8,9 @@ fields, so image-prompt tokens or SDXL's pooled text and size ids travel in it w
 `SD1Backbone` is the first implementation: a stock diffusers `UNet2DConditionModel`, `AutoencoderKL` and CLIP text
 encoder, changed only through attention processors (the memory bank). One explicit forward serves both the ε
 prediction and the feature pass, which stops after the last feature block instead of running the whole UNet.
-Whatever the UNet predicts (ε or v), `predict` returns ε (the DDIM rule's space). `SD2Backbone` (here) and `SDXLBackbone` (backbone_sdxl.py)
-are the same class with another layout, listed in `loading.BACKBONES`.
+Whatever the UNet predicts (ε or v), `predict` returns ε (the DDIM rule's space). `SD2Backbone` (here) and
+`SDXLBackbone` (backbone_sdxl.py) are the same class with another layout, listed in `loading.BACKBONES`. The
+flow-matching transformers (backbone_sd3.py, backbone_flux.py) share `Backbone` and `TransformerBackbone` below.
 """
 
 from __future__ import annotations

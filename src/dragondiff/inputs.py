@@ -12,6 +12,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Union
 
@@ -225,7 +226,7 @@ class Prepared:
     image: np.ndarray  # (H, W, 3) uint8, working size
     pixels: "torch.Tensor"  # (1, 3, H, W) in [-1, 1]
     vae_factor: int  # the backbone's grid factors (`Grid`)
-    feature_factor: "int | Fraction"
+    feature_factor: int | Fraction  # `Grid.feature_factor`
     inversion: object = None  # an Inversion reused in place of inverting the image
     frame: object = None  # tasks that edit a crop of the photo (TaskInfo.frame): the crop's `tasks.base.Frame`
 

@@ -111,8 +111,10 @@ class DragonPipeline:
         self.scheduler_config = self.rule.config
         backbone.set_rule(self.rule)
         device = check_device(device, "device") if device is not None else default_device()
-        dtype = check_dtype(dtype, "dtype") if dtype is not None else (
-            torch.float16 if device.type == "cuda" else torch.float32)
+        # dtype None or "auto": float16 on CUDA (bfloat16 for the flow transformers), bfloat16 for an SD-size model
+        # on a CPU with native bf16, float32 elsewhere (`loading.auto_dtype`).
+        dtype = loading.auto_dtype(device, backbone) if dtype is None or dtype == "auto" else check_dtype(dtype,
+                                                                                                          "dtype")
         self.device, self.dtype = backbone.device, backbone.dtype
         self.to(device, dtype)
         for module in backbone.modules:

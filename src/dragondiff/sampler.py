@@ -27,8 +27,8 @@ from .steps import Schedule
 
 class Model(Protocol):
     """What the sampler calls (a backbone). `predict` returns the prediction the schedule's rule reads (ε for the
-    DDIM backbones, v for the flow-matching ones), fp32. `cond` values come from the model's own `condition` and are batched
-    with `type(cond).cat` and `cond.repeat`, and weighted with `cond.with_image_scale` / stripped of image tokens
+    DDIM backbones, v for the flow-matching ones), fp32. `cond` values come from the model's own `condition` and
+    are batched with `type(cond).cat` and `cond.repeat`, and weighted with `cond.with_image_scale` / stripped of image tokens
     with `cond.text_only()`; the sampler never looks inside them."""
 
     def predict(self, z: torch.Tensor, t, cond) -> torch.Tensor: ...

@@ -37,6 +37,8 @@ def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
             click.echo(f"{job.label}: valid ({job.spec.task} -> {job.output})")
         return
     loaded = open_model(opts, model)
+    if opts.get("dtype_recorded"):
+        note_recorded_dtype(loaded.pipe)
     done = 0
     try:
         for job, inversion in with_shared_inversions(loaded.pipe, jobs):  # several edits of one image: one inversion
@@ -47,6 +49,18 @@ def run_jobs(jobs: list[Job], opts: dict, model: str | None = None) -> None:
         click.echo(f"interrupted: {done} of {len(jobs)} edit{'s' * (len(jobs) != 1)} written"
                    + "".join(f"\n  wrote {job.output}" for job in jobs[:done]), err=True)
         raise
+
+
+def note_recorded_dtype(pipe) -> None:
+    """Say so when the dtype a sidecar recorded is not what this machine would pick (`--dtype auto`)."""
+    from ..errors import InputNote
+    from ..loading import auto_dtype
+
+    mine = auto_dtype(pipe.device, pipe.backbone)
+    if mine != pipe.dtype:
+        name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+        warnings.warn(f"dtype: re-running in {name(pipe.dtype)} as the sidecar recorded; on this machine --dtype "
+                      f"auto would pick {name(mine)} (faster here, not the same pixels)", InputNote, stacklevel=2)
 
 
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
@@ -132,6 +146,8 @@ def read_spec_file(path: Path) -> tuple[list[tuple[str, EditSpec]], str | None]:
             model = sidecar_model(data)
         except ValueError as e:
             raise InputError(f"{path}: {e}") from e
+        if model is not None and isinstance(data.get("dtype"), str):
+            model = {**model, "dtype": data["dtype"]}  # the re-run's dtype (`recorded_dtype`)
         change = kernels_change(data)
         if change is not None:
             warnings.warn(f"{path}: {change}", InputNote, stacklevel=2)
@@ -222,7 +238,21 @@ def run(specs, output, dry_run, model, **opts):
     sidecar_model_check(records, use, given)
     recorded_adapter(records, jobs, opts)
     recorded_loras(records, opts)
+    recorded_dtype(records, opts)
     run_jobs(jobs, opts, model=use)
+
+
+def recorded_dtype(records: list[dict], opts: dict) -> None:
+    """A sidecar re-runs in the dtype it recorded unless --dtype is given (the default, auto, depends on the CPU:
+    a sidecar made in bfloat16 on a CPU with native bf16 would otherwise re-run in float32 elsewhere); `run_jobs`
+    notes when this machine would pick another by itself."""
+    recorded = {r["dtype"] for r in records if r.get("dtype")}
+    if opts.get("dtype") is not None or not recorded:
+        return
+    if len(recorded) > 1:
+        raise InputError(f"spec files: the sidecars ran in different dtypes ({', '.join(sorted(recorded))}); run "
+                         "them apart or pass --dtype")
+    opts["dtype"], opts["dtype_recorded"] = recorded.pop(), True
 
 
 def check_recorded_file(path: Path, sha256: str | None, field: str, what: str, option: str) -> None:

@@ -52,6 +52,18 @@ def _model_info(model: str) -> dict:
     return out
 
 
+def _auto_dtype_text(device) -> str:
+    """What --dtype auto picks on this machine (`loading.auto_dtype`; it depends on the model's size on a CPU)."""
+    from ..loading import AUTO_BF16_MIN_PARAMS, native_bf16
+
+    if device.type == "cuda":
+        return "auto: float16 (bfloat16 for SD3/FLUX)"
+    if device.type == "cpu" and native_bf16():
+        return f"auto: bfloat16 for a model of {AUTO_BF16_MIN_PARAMS // 10**6} M+ denoiser parameters (native bf16), " \
+               "else float32"
+    return "auto: float32"
+
+
 @click.command("info", help="Versions, device, threads and model: what an edit here would use.")
 @click.option("--model", default=BUNDLED_ID, show_default=True, help="the model to describe")
 @click.option("--ip-adapter", default=None, type=click.Path(dir_okay=False),
@@ -70,7 +82,7 @@ def info(model, ip_adapter, loras, as_json, debug):
     data = {
         "versions": package_versions(),
         "device": str(device),
-        "dtype": "float16" if device.type == "cuda" else "float32",
+        "dtype": _auto_dtype_text(device),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": threads,

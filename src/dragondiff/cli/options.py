@@ -133,7 +133,8 @@ model_options = option_group(
                  help="diffusers folder or hub id with the component configs for a single-file --model"),
     click.option("--device", default=None, help="cpu, cuda, cuda:1, mps  [default: cuda if available, else cpu]"),
     click.option("--dtype", default=None,
-                 help="float32, float16, bfloat16  [default: float16 on CUDA, else float32]"),
+                 help="auto, float32, float16, bfloat16  [default: auto: float16 on CUDA (bfloat16 for SD3/FLUX); "
+                      "bfloat16 for an SD-size model on a CPU with native bf16 (avx512_bf16/AMX); else float32]"),
     click.option("--threads", type=click.IntRange(1, 512), default=None,
                  help="CPU threads  [default: the cores not busy with other work; see `dragondiff info`]"),
     click.option("--vae-tiling", is_flag=True,

@@ -8,7 +8,6 @@ import errno
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -287,7 +286,7 @@ def check_model_options(opts: dict, jobs=(), model: str | None = None) -> None:
     try:
         if opts.get("device") is not None:
             check_device(opts["device"], "--device")
-        if opts.get("dtype") is not None:
+        if opts.get("dtype") not in (None, "auto"):
             check_dtype(opts["dtype"], "--dtype")
     except ValueError as e:
         raise InputError(str(e)) from e
