@@ -234,18 +234,24 @@ def test_folders_load_and_the_cli_names_the_backbone(tmp_path, capsys):
 
 
 
-def test_the_web_ui_session_edits_with_sdxl(xl_pipe, tmp_path):
-    """The UI's edit path takes an SDXL pipeline unchanged: the inversion is reused and the sidecar names SDXL."""
+def ui_session_edits_twice(pipe, tmp_path) -> str:
+    """Two moves through the UI's edit path: the second reuses the inversion and gives the same image. Returns the
+    backbone name the sidecar records."""
     from dragondiff.ui import session as S
 
     img, disc, _ = make_scene()
     session = S.Session()
     where = {"outputs": S.Outputs(parent=tmp_path), "owner": "page-1"}
     opts = {"num_inference_steps": 2, "max_resolution": 128, "preset": "official", "seed": 1}
-    out1, st1, files = S.run_edit(xl_pipe, session, "move", img, mask=disc, points=[(36, 44), (60, 50)],
+    out1, st1, files = S.run_edit(pipe, session, "move", img, mask=disc, points=[(36, 44), (60, 50)],
                                   prompt="p", options=dict(opts), **where)
-    out2, st2, _ = S.run_edit(xl_pipe, session, "move", img, mask=disc, points=[(36, 44), (60, 50)],
+    out2, st2, _ = S.run_edit(pipe, session, "move", img, mask=disc, points=[(36, 44), (60, 50)],
                               prompt="p", options=dict(opts), **where)
     assert (st1["inversion"], st2["inversion"]) == ("computed", "reused")
     assert np.array_equal(np.asarray(out1), np.asarray(out2))
-    assert json.loads(files[1].read_text())["backbone"]["name"] == "SDXL"
+    return json.loads(files[1].read_text())["backbone"]["name"]
+
+
+def test_the_web_ui_session_edits_with_sdxl(xl_pipe, tmp_path):
+    """The UI's edit path takes an SDXL pipeline unchanged: the inversion is reused and the sidecar names SDXL."""
+    assert ui_session_edits_twice(xl_pipe, tmp_path) == "SDXL"

@@ -184,20 +184,9 @@ def test_flow_folders_load_and_the_cli_edits_reruns_and_names_them(layout, tmp_p
 
 def test_the_web_ui_session_edits_with_flux(tmp_path):
     """The UI's edit path takes a FLUX pipeline unchanged: the inversion is reused and the sidecar names FLUX."""
-    from dragondiff.ui import session as S
+    from test_backbones import ui_session_edits_twice
 
-    pipe = build_tiny_pipeline(0, "flux", device="cpu")
-    img, disc, _ = make_scene()
-    session = S.Session()
-    where = {"outputs": S.Outputs(parent=tmp_path), "owner": "page-1"}
-    opts = {"num_inference_steps": 2, "max_resolution": 128, "preset": "official", "seed": 1}
-    out1, st1, files = S.run_edit(pipe, session, "move", img, mask=disc, points=[(36, 44), (60, 50)],
-                                  prompt="p", options=dict(opts), **where)
-    out2, st2, _ = S.run_edit(pipe, session, "move", img, mask=disc, points=[(36, 44), (60, 50)],
-                              prompt="p", options=dict(opts), **where)
-    assert (st1["inversion"], st2["inversion"]) == ("computed", "reused")
-    assert np.array_equal(np.asarray(out1), np.asarray(out2))
-    assert json.loads(files[1].read_text())["backbone"]["name"] == "FLUX.1"
+    assert ui_session_edits_twice(build_tiny_pipeline(0, "flux", device="cpu"), tmp_path) == "FLUX.1"
 
 
 def test_flow_refusals_name_what_was_found(tmp_path):
