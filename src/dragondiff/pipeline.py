@@ -360,13 +360,13 @@ class DragonPipeline:
 
     # ------------------------------------------------------------------------------------------------ edits
 
-    def edit(self, spec: EditSpec, *, generator: torch.Generator | None = None,
+    def edit(self, spec: EditSpec | Plan, *, generator: torch.Generator | None = None,
              callback_on_step_end: Callable | None = None, return_intermediates: bool = False,
              progress: bool = True, bank_device=None) -> EditResult:
-        """Run one edit described by an `EditSpec`.
+        """Run one edit described by an `EditSpec` (or a `Plan` of one made for this model: `plan`).
 
         Args:
-            spec: the edit.
+            spec: the edit, or its plan.
             generator: a torch.Generator for the regional-SDE noise, instead of one seeded with `spec.seed`.
             callback_on_step_end: `callback(pipe, step, timestep, {"latents": z})` after every sampling step;
                 it may return `{"latents": new_z}` (same shape) and/or `{"interrupt": True}` to stop the edit
