@@ -133,12 +133,13 @@ def test_every_task_runs_on_each_layout(layout_pipe, case):
     assert out.pass_counts["feature_grad"] >= 1 and out.pass_counts["backward"] >= 1
 
 
-def _smooth(pipe):
-    """ε that varies slowly with z and t (the output layer scaled down), so DDIM inversion is nearly exact (see
-    test_bank.test_reconstruction_with_bank)."""
+def smooth(pipe):
+    """A prediction (ε or v) that varies slowly with z and t (the network's output layer scaled down: a UNet's
+    conv_out, a transformer's proj_out), so inversion is nearly exact (see test_bank.test_reconstruction_with_bank)."""
+    out = getattr(pipe.denoiser, "conv_out", None) or pipe.denoiser.proj_out
     with torch.no_grad():
-        pipe.unet.conv_out.weight.mul_(0.02)
-        pipe.unet.conv_out.bias.mul_(0.02)
+        out.weight.mul_(0.02)
+        out.bias.mul_(0.02)
     return pipe
 
 
@@ -147,7 +148,7 @@ def test_round_trips_reconstruct(layout):
     """Inversion + unguided sampling gives back z0, without the bank and with it (the no-guidance edit reproducing
     the input's round trip). 20 steps: the relative error measured 0.056 (SD2), 0.088 (SDXL), below 0.05 (SD2-v), falling
     with more steps (0.049 and 0.071 at 25); a wrong ᾱ index or bank step gives errors of order 1."""
-    pipe = _smooth(build_tiny_pipeline(0, layout, device="cpu"))
+    pipe = smooth(build_tiny_pipeline(0, layout, device="cpu"))
     img, _, _ = make_scene()
     errors = {}
     for use_bank in (False, True):

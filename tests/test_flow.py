@@ -104,20 +104,14 @@ def test_every_task_runs_on_each_flow_layout(flow_pipe, case):
     assert any(g.abs().sum() > 0 for g in gradients)
 
 
-def _smooth(pipe):
-    """A velocity that varies slowly with z (the output projection scaled down), so Euler inversion is nearly exact."""
-    with torch.no_grad():
-        pipe.transformer.proj_out.weight.mul_(0.02)
-        pipe.transformer.proj_out.bias.mul_(0.02)
-    return pipe
-
-
 @pytest.mark.parametrize("layout", FLOW_LAYOUTS)
 def test_flow_round_trips_reconstruct_and_converge_with_steps(layout):
     """Euler inversion + unguided sampling gives back z0, without the bank and with it (the memory bank replacing
     the image tokens' K/V at every step: the zero-energy edit of the sampler), and the error falls with more steps
     (Euler's first-order error). Measured: below 1e-4 with the smoothed tiny models at 20 steps."""
-    pipe = _smooth(build_tiny_pipeline(0, layout, device="cpu"))
+    from test_backbones import smooth
+
+    pipe = smooth(build_tiny_pipeline(0, layout, device="cpu"))
     img, _, _ = make_scene()
 
     def error(out):
@@ -215,3 +209,48 @@ def test_flow_refusals_name_what_was_found(tmp_path):
         pipe.backbone.load_image_prompt(object())
     with pytest.raises(ValueError, match="LoRA.*SD3"):
         pipe.load_lora_weights({"transformer.x.lora_A.weight": torch.zeros(1, 1)})
+
+
+def _drop_transformer_keys(folder):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    save_file({k: v for k, v in state.items() if not k.startswith("transformer_blocks.0.")}, str(path))
+
+
+@pytest.mark.parametrize("layout, breaks, message", [
+    ("sd3", _drop_transformer_keys, r"transformer: its weights do not match its configuration: \d+ missing "
+                                    r"\(transformer_blocks\.0\."),
+    ("flux", _drop_transformer_keys, r"transformer: its weights do not match its configuration"),
+    ("flux", lambda f: __import__("shutil").rmtree(f / "text_encoder_2"), r"has no text_encoder_2/ folder"),
+    ("sd3", lambda f: (f / "transformer" / "config.json").unlink(), r"transformer/config\.json is missing in "),
+], ids=["sd3-missing-keys", "flux-missing-keys", "flux-no-t5", "sd3-no-config"])
+def test_broken_flow_folders_are_refused_by_component(tmp_path, layout, breaks, message):
+    """Missing weights are never filled at random: refused at load, naming the component and its keys or file."""
+    folder = save_tiny_model(tmp_path / layout, layout)
+    breaks(folder)
+    with pytest.raises(ValueError, match=message):
+        DragonPipeline.from_pretrained(folder, local_files_only=True, device="cpu")
+
+
+def test_a_sidecars_dtype_is_checked_as_the_option_is(tmp_path, capsys):
+    """`run` takes a sidecar's dtype as if given with --dtype: an unknown one is refused (exit 2) before loading."""
+    from PIL import Image
+
+    from conftest import TINY_MODEL
+    from dragondiff.cli import main
+
+    img, disc, _ = make_scene()
+    Image.fromarray(img).save(tmp_path / "scene.png")
+    Image.fromarray(disc.astype(np.uint8) * 255).save(tmp_path / "disc.png")
+    assert main(["move", str(tmp_path / "scene.png"), "--mask", str(tmp_path / "disc.png"), "--offset", "16,0",
+                 "--model", str(TINY_MODEL), "--steps", "2", "--max-resolution", "128", "--threads", "1", "-q",
+                 "-o", str(tmp_path / "moved.png")]) == 0
+    side = json.loads((tmp_path / "moved.json").read_text())
+    assert side["dtype"] == "float32"
+    (tmp_path / "bad.json").write_text(json.dumps({**side, "dtype": "int8"}))
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "bad.json"), "-q", "-o", str(tmp_path / "again.png")]) == 2
+    assert "--dtype: 'int8' is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "again.png").exists()

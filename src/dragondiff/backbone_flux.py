@@ -144,6 +144,7 @@ class FluxBackbone(TransformerBackbone):
     NAME = "FLUX.1"
     SUPPORTS = ("FLUX.1: a guidance-distilled FluxTransformer2DModel (FLUX.1-dev-type, guidance_embeds) with "
                 "patch_size 1 on 4 x the VAE's latent channels, CLIP (pooled) + T5 text encoders")
+    CLASS_NAME = "FluxTransformer2DModel"  # its transformer's diffusers class
     BANK_PROCESSOR = FluxBankAttnProcessor
     EMBEDDED_GUIDANCE = True  # guidance-distilled: with guidance_scale 1 the sampler runs the conditional branch only
     # Double-stream blocks counted from the end of the double stream: FLUX.1-dev's 17 and 18 (DragFlow's best).
@@ -205,7 +206,7 @@ class FluxBackbone(TransformerBackbone):
         those by name)."""
         name = transformer_config.get("_class_name")
         if name is not None:
-            return name == "FluxTransformer2DModel"
+            return name == cls.CLASS_NAME
         return "num_single_layers" in transformer_config and "axes_dims_rope" in transformer_config
 
     @classmethod

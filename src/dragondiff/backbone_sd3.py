@@ -112,6 +112,7 @@ class SD3Backbone(TransformerBackbone):
     NAME = "SD3"
     SUPPORTS = ("SD3/SD3.5: an SD3Transformer2DModel (joint attention, optional dual attention and q/k norms), an "
                 "AutoencoderKL whose latent channels match it, CLIP-L + CLIP-G with projections, optional T5")
+    CLASS_NAME = SD3_CLASS  # its transformer's diffusers class
     BANK_PROCESSOR = SD3BankProcessor
     REPEATED_BLOCKS = ("JointTransformerBlock",)  # SD3Transformer2DModel declares no `_repeated_blocks`
     # None: chosen from the transformer's depth by `blocks_for_depth` (a subclass may fix them).

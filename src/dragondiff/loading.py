@@ -93,7 +93,6 @@ def is_transformer_config(config) -> bool:
 # edit is bound by per-call overhead and casts (the bundled 3 M-parameter UNet ran 9-32 % slower per edit in bf16
 # at 128 px), above it by arithmetic, where bf16 halves the work (SD1.5 size at 512 px: docs/speed.md).
 AUTO_BF16_MIN_PARAMS = 100_000_000
-DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 
 
 def auto_dtype(device: torch.device, backbone) -> torch.dtype:
@@ -164,10 +163,12 @@ SDXL_PARTS = {**FOLDER_PARTS, "text_encoder_2": "model", "tokenizer_2": "tokeniz
 FLOW_PARTS = {"transformer": "model", **{k: v for k, v in SDXL_PARTS.items() if k != "unet"}}
 PARTS = {SDXLBackbone: SDXL_PARTS, SD3Backbone: FLOW_PARTS, FluxBackbone: FLOW_PARTS}
 CONFIG_FILES = {"model": "config.json", "scheduler": "scheduler_config.json", "tokenizer": None}
-FLOW_CLASSES = {"SD3Transformer2DModel", "FluxTransformer2DModel"}  # transformers a flow backbone may run
+FLOW_CLASSES = {c.CLASS_NAME for c in FLOW_BACKBONES}  # the transformer classes a flow backbone runs
 # Families of diffusers folders no backbone here runs, by the class of their denoiser (model_index.json).
 OTHER_FAMILIES = {"PixArtTransformer2DModel": "a PixArt model", "SanaTransformer2DModel": "a Sana model",
                   "HunyuanDiT2DModel": "a Hunyuan-DiT model", "QwenImageTransformer2DModel": "a Qwen-Image model"}
+
+
 def model_index(folder: Path) -> dict:
     """A local model folder's model_index.json ({} when it has none or it cannot be read: the folder check
     names what is missing)."""
