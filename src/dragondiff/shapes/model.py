@@ -59,3 +59,47 @@ def build_scheduler():
 def is_available() -> bool:
     # one file, or shards beside an index when the UNet outgrows the 16 MiB per-file limit
     return any((WEIGHTS / "unet").glob("diffusion_pytorch_model*.safetensors"))
+
+
+# ------------------------------------------------------------------------------------- the flow model (v4)
+# An SD3-style transformer on the same VAE, tokenizer and scenes: `dragondiff:shapes-flow` (docs/shapes-model.md).
+
+FLOW_WEIGHTS = Path(__file__).parent / "weights-flow"
+FLOW_LAYERS, FLOW_HEADS, FLOW_HEAD_DIM = 8, 4, 32
+
+
+def build_flow_transformer():
+    """SD3Transformer2DModel on the 16x16 latents with patch size 1: a 16x16 token grid, so the guidance features
+    keep the UNet model's finest feature resolution (patch 2 would leave 8x8 tokens, 2-3 per object). 8 joint
+    blocks of width 128 (4.65 M parameters): the bank owns blocks 4-7, features come after blocks 3 and 5."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=FLOW_LAYERS,
+        attention_head_dim=FLOW_HEAD_DIM, num_attention_heads=FLOW_HEADS, joint_attention_dim=64,
+        caption_projection_dim=FLOW_HEADS * FLOW_HEAD_DIM, pooled_projection_dim=64, pos_embed_max_size=16,
+    )
+
+
+def build_flow_text_encoder(text_encoder=None):
+    """The shapes CLIP with a projection (SD3 reads a pooled projection): the UNet model's trained encoder when
+    given (its weights copied; the projection starts random), else a fresh one."""
+    from transformers import CLIPTextModelWithProjection
+
+    config = (text_encoder or build_text_encoder()).config
+    model = CLIPTextModelWithProjection(config).float()  # a loaded encoder's config may say fp16
+    if text_encoder is not None:
+        model.text_model.load_state_dict(text_encoder.float().state_dict())  # same modules, under text_model
+    return model
+
+
+def build_flow_scheduler():
+    """SD3's flow-matching Euler scheduler, shift 1: at 256 tokens there is no resolution to shift for (SD3's 3.0
+    is for 4096)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def flow_is_available() -> bool:
+    return any((FLOW_WEIGHTS / "transformer").glob("diffusion_pytorch_model*.safetensors"))

@@ -241,6 +241,43 @@ def _encode_scenes(vae, tokenizer, seeds, device, batch: int = 64, size: int = S
     return torch.cat(means), torch.cat(stds), torch.cat(tokens)
 
 
+class LatentPool:
+    """Encoded training scenes (posterior mean and std, caption tokens): fixed seeds, with a slice replaced by
+    fresh scenes every `refresh_every` steps. Deterministic in the step, so a resumed run rebuilds the pool an
+    uninterrupted one would have at that step."""
+
+    def __init__(self, vae, tokenizer, device, size: int, refresh_every: int, refresh_count: int, resolution: int,
+                 step: int = 0):
+        self.vae, self.tokenizer, self.device, self.resolution = vae, tokenizer, device, resolution
+        self.size, self.refresh_every, self.refresh_count = size, refresh_every, refresh_count
+        seeds = np.arange(size) + UNET_SCENE_BASE
+        for r in range(1, step // refresh_every + 1):
+            seeds[self._slots(r)] = self._fresh(r)
+        self.means, self.stds, self.tokens = _encode_scenes(vae, tokenizer, seeds, device, size=resolution)
+
+    def _slots(self, r: int) -> np.ndarray:
+        return (np.arange(self.refresh_count) + (r - 1) * self.refresh_count) % self.size
+
+    def _fresh(self, r: int) -> np.ndarray:
+        return UNET_SCENE_BASE + self.size + (r - 1) * self.refresh_count + np.arange(self.refresh_count)
+
+    def refresh(self, step: int) -> None:
+        """At every `refresh_every`-th step, replace the next slice of the pool with fresh scenes."""
+        if step > 0 and step % self.refresh_every == 0:
+            r = step // self.refresh_every
+            slots = torch.from_numpy(self._slots(r)).to(self.device)
+            m, s, t = _encode_scenes(self.vae, self.tokenizer, self._fresh(r), self.device, size=self.resolution)
+            self.means[slots], self.stds[slots], self.tokens[slots] = m, s, t
+
+    def sample(self, gen, batch: int, scale: float, drop_caption: float, empty):
+        """(scaled latents re-sampled from their posteriors, caption tokens with `drop_caption` of them empty)."""
+        idx = torch.randint(0, self.size, (batch,), generator=gen, device=self.device)
+        means = self.means[idx]
+        x0 = (means + self.stds[idx] * torch.randn(means.shape, generator=gen, device=self.device)) * scale
+        drop = torch.rand(batch, generator=gen, device=self.device) < drop_caption
+        return x0, torch.where(drop[:, None], empty, self.tokens[idx])
+
+
 def train_unet(out: Path, steps: int, minutes: float, device: torch.device, precision: str = "bf16",
                batch: int = 32, lr: float | None = None, pool_size: int = 4000, refresh_every: int = 200,
                refresh_count: int = 256, drop_caption: float = 0.1, ema_decay: float = 0.999,
@@ -283,15 +320,10 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
         ema_text.load_state_dict(state["ema_text"])
         opt.load_state_dict(state["opt"])
         step, scale = int(state["step"]), float(state["scale"])
-    # Latent pool: fixed scenes, with a slice replaced by fresh ones every `refresh_every` steps (deterministic).
-    pool_seeds = np.arange(pool_size) + UNET_SCENE_BASE
-    for r in range(1, step // refresh_every + 1):
-        pool_seeds[(np.arange(refresh_count) + (r - 1) * refresh_count) % pool_size] = (
-            UNET_SCENE_BASE + pool_size + (r - 1) * refresh_count + np.arange(refresh_count))
     t0 = time.time()
-    means, stds, tokens = _encode_scenes(vae, tokenizer, pool_seeds, device, size=resolution)
+    pool = LatentPool(vae, tokenizer, device, pool_size, refresh_every, refresh_count, resolution, step)
     if scale is None:
-        scale = float(1.0 / means.std())  # SD's scaling_factor: unit-variance latents
+        scale = float(1.0 / pool.means.std())  # SD's scaling_factor: unit-variance latents
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
     log = RunLog(out, "unet", device, origin=origin, batch=batch, lr=lr, precision=precision, latent_scale=scale,
                  resume_step=step, pool_encode_s=round(time.time() - t0, 1), layers_per_block=layers_per_block,
@@ -320,18 +352,10 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
             pending.clear()
 
     while step < steps and time.time() < deadline:
-        if step > 0 and step % refresh_every == 0:
-            r = step // refresh_every
-            slots = torch.from_numpy((np.arange(refresh_count) + (r - 1) * refresh_count) % pool_size).to(device)
-            new = UNET_SCENE_BASE + pool_size + (r - 1) * refresh_count + np.arange(refresh_count)
-            m, s, t = _encode_scenes(vae, tokenizer, new, device, size=resolution)
-            means[slots], stds[slots], tokens[slots] = m, s, t
+        pool.refresh(step)
         # Random numbers drawn on the training device: no host round trip per step on a GPU (same numbers on CPU).
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, pool_size, (batch,), generator=gen, device=device)
-        x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen, device=device)) * scale
-        drop = torch.rand(batch, generator=gen, device=device) < drop_caption
-        ids = torch.where(drop[:, None], empty, tokens[idx])
+        x0, ids = pool.sample(gen, batch, scale, drop_caption, empty)
         t = torch.randint(0, 1000, (batch,), generator=gen, device=device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -364,6 +388,120 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
     checkpoint()
     log.point(step, step * batch, float(np.mean(losses[-200:] or [float("nan")])))
     print(json.dumps({"stage": "unet", "step": step, "loss_last_200": log.data["loss"], "log": str(log.path)}))
+
+
+# ---------------------------------------------------------------------------- flow transformer + text encoder
+
+
+def _flow_start(out: Path, from_scratch: bool):
+    """(transformer, text encoder, origin) where a flow run starts: the package's flow weights when there are
+    some (a later round continues them), else a fresh transformer beside the UNet model's trained text encoder
+    (given a projection for SD3's pooled input)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    if M.flow_is_available() and not from_scratch:
+        transformer = SD3Transformer2DModel.from_pretrained(M.FLOW_WEIGHTS, subfolder="transformer").float()
+        text = CLIPTextModelWithProjection.from_pretrained(M.FLOW_WEIGHTS / "text_encoder").float()
+        return transformer, text, SHIPPED
+    if from_scratch:
+        return M.build_flow_transformer(), M.build_flow_text_encoder(), "scratch"
+    return M.build_flow_transformer(), M.build_flow_text_encoder(_shipped_unet_text()[1]), "scratch+shipped-text"
+
+
+def flow_condition(text, ids):
+    """What `SD3Backbone` feeds the transformer for a one-CLIP model: the penultimate hidden states as the token
+    sequence (no T5 block) and the projected pooled output."""
+    out = text(ids, output_hidden_states=True)
+    return out.hidden_states[-2], out.text_embeds
+
+
+def train_flow(out: Path, steps: int, minutes: float, device: torch.device, precision: str = "bf16",
+               batch: int = 32, lr: float | None = None, pool_size: int = 4000, refresh_every: int = 200,
+               refresh_count: int = 256, drop_caption: float = 0.1, ema_decay: float = 0.999, seed: int = 0,
+               from_scratch: bool = False, time_schedule: bool = False, checkpoint_seconds: float = 0.0,
+               resolution: int = SIZE):
+    """SD3-style transformer + text encoder with SD3's rectified-flow objective on the UNet stage's scene pool:
+    x_t = (1 - s) x0 + s noise with s = sigmoid(n), n ~ N(0, 1) (logit-normal), the model's velocity regressed on
+    noise - x0, the timestep fed as s * 1000 (the scheduler's, shift 1). The VAE is the package's (frozen)."""
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "flow.pt"
+    vae = _load_vae(out).to(device)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed + 2)
+    state = torch.load(ckpt, weights_only=True) if ckpt.exists() else None
+    transformer, text, origin = _flow_start(out, from_scratch)
+    if state:
+        origin = state["origin"]
+    lr = lr or (3e-4 if origin != SHIPPED else 1e-4)
+    transformer.to(device)
+    text.to(device)
+    params = list(transformer.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=device.type == "cuda")
+    ema_tr, ema_text = copy.deepcopy(transformer).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    step, scale = 0, float(vae.config.scaling_factor)
+    if state:
+        transformer.load_state_dict(state["transformer"])
+        text.load_state_dict(state["text"])
+        ema_tr.load_state_dict(state["ema_transformer"])
+        ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+    t0 = time.time()
+    pool = LatentPool(vae, tokenizer, device, pool_size, refresh_every, refresh_count, resolution, step)
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
+    log = RunLog(out, "flow", device, origin=origin, batch=batch, lr=lr, precision=precision, latent_scale=scale,
+                 resume_step=step, pool_encode_s=round(time.time() - t0, 1), pool_size=pool_size,
+                 refresh_every=refresh_every, refresh_count=refresh_count, time_schedule=time_schedule,
+                 resolution=resolution, transformer_params=sum(p.numel() for p in transformer.parameters()),
+                 text_params=sum(p.numel() for p in text.parameters()))
+    print(json.dumps({k: v for k, v in log.data.items() if k != "points"}))
+
+    def checkpoint():
+        _save(ckpt, transformer=transformer.state_dict(), text=text.state_dict(), ema_transformer=ema_tr.state_dict(),
+              ema_text=ema_text.state_dict(), opt=opt.state_dict(), step=step, scale=scale, origin=origin,
+              resolution=resolution)
+
+    start, last_checkpoint = time.time(), time.time()
+    deadline = start + 60 * minutes
+    transformer.train()
+    text.train()
+    bar = tqdm(total=steps, initial=step, desc="flow")
+    losses: list[float] = []
+    while step < steps and time.time() < deadline:
+        pool.refresh(step)
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+        x0, ids = pool.sample(gen, batch, scale, drop_caption, empty)
+        sigma = torch.sigmoid(torch.randn(batch, generator=gen, device=device))
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        s = sigma.view(-1, 1, 1, 1)
+        noisy = (1 - s) * x0 + s * noise
+        with _autocast(device, precision):
+            states, pooled = flow_condition(text, ids)
+            pred = transformer(noisy, encoder_hidden_states=states, pooled_projections=pooled,
+                               timestep=sigma * 1000).sample.float()
+        loss = F.mse_loss(pred, noise - x0)
+        used = (time.time() - start) / (deadline - start) if time_schedule else 0.0
+        _optimizer_step(opt, params, loss, _lr(step, steps, lr, warmup=200 if origin != SHIPPED else 50,
+                                               time_progress=used))
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_tr, transformer), (ema_text, text)):
+                torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1 - decay)
+        step += 1
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step % 250 == 0 or step == steps:
+            if time.time() - last_checkpoint >= checkpoint_seconds or step == steps:
+                checkpoint()
+                last_checkpoint = time.time()
+            log.point(step, step * batch, float(np.mean(losses[-50:] or [float("nan")])))
+    bar.close()
+    checkpoint()
+    log.point(step, step * batch, float(np.mean(losses[-200:] or [float("nan")])))
+    print(json.dumps({"stage": "flow", "step": step, "loss_last_200": log.data["loss"], "log": str(log.path)}))
 
 
 # ------------------------------------------------------------------------------------------ export, gates
@@ -406,6 +544,38 @@ def export(out: Path, dest: Path = M.WEIGHTS):
     print(json.dumps({"exported_to": str(dest), "bytes": size, "unet_steps": int(state["step"])}))
 
 
+def export_flow(out: Path, dest: Path = M.FLOW_WEIGHTS):
+    """EMA transformer + text encoder, the package's VAE (its latent scale), the tokenizer and the flow scheduler:
+    an SD3-shaped diffusers folder with one CLIP and no T5 (`SD3Backbone`'s one-CLIP layout)."""
+    state = torch.load(out / "flow.pt", weights_only=True)
+    transformer, text = M.build_flow_transformer(), M.build_flow_text_encoder()
+    transformer.load_state_dict(state["ema_transformer"])
+    text.load_state_dict(state["ema_text"])
+    vae = _load_vae(out)
+    vae.register_to_config(scaling_factor=state["scale"], shift_factor=0.0)
+    dest.mkdir(parents=True, exist_ok=True)
+    index_path = dest / "model_index.json"
+    history = json.loads(index_path.read_text()).get("dragondiff_training", {}) if index_path.exists() else {}
+    for name, module in (("transformer", transformer), ("vae", vae), ("text_encoder", text)):
+        shutil.rmtree(dest / name, ignore_errors=True)
+        module.to(torch.float16).save_pretrained(dest / name, safe_serialization=True, max_shard_size="16MB")
+    build_tokenizer().save_pretrained(dest / "tokenizer")
+    M.build_flow_scheduler().save_pretrained(dest / "scheduler")
+    rounds = list(history.get("rounds", []))
+    rounds.append({"transformer_steps": int(state["step"]), "origin": state.get("origin", "scratch"),
+                   "resolution": int(state.get("resolution", SIZE)), "exported": time.strftime("%Y-%m-%d %H:%M")})
+    none = [None, None]
+    index_path.write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": none, "tokenizer_2": none, "text_encoder_3": none, "tokenizer_3": none,
+        "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "dragondiff_training": {"latent_scale": state["scale"], "rounds": rounds},
+    }, indent=1))
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    print(json.dumps({"exported_to": str(dest), "bytes": size, "transformer_steps": int(state["step"])}))
+
+
 def gates() -> int:
     """The model-quality gates of `dragondiff bench shapes --quality`, on the weights in the package (prints them).
     Run as that command, so that training and the benchmark stay independent of each other."""
@@ -418,7 +588,7 @@ def gates() -> int:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m dragondiff.train.shapes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["all", "vae", "unet", "export", "gates"])
+    parser.add_argument("stage", choices=["all", "vae", "unet", "export", "gates", "flow", "export-flow"])
     parser.add_argument("--out", type=Path, default=Path("out/train"), help="checkpoints and logs (out/train)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="training device (cuda when available, else cpu)")
@@ -464,6 +634,14 @@ def main(argv=None):
                    pool_size=args.pool_size, refresh_every=args.refresh_every, refresh_count=args.refresh_count,
                    time_schedule=args.time_schedule, checkpoint_seconds=args.checkpoint_seconds,
                    resolution=args.resolution)
+    if args.stage == "flow":
+        train_flow(args.out, args.steps or 8000, args.minutes, device, args.precision, batch=args.batch or 32,
+                   lr=args.lr, seed=args.seed, from_scratch=args.from_scratch, pool_size=args.pool_size,
+                   refresh_every=args.refresh_every, refresh_count=args.refresh_count,
+                   time_schedule=args.time_schedule, checkpoint_seconds=args.checkpoint_seconds,
+                   resolution=args.resolution)
+    if args.stage == "export-flow":
+        export_flow(args.out, args.dest if args.dest != M.WEIGHTS else M.FLOW_WEIGHTS)
     if args.stage in ("all", "export"):
         export(args.out, args.dest)
     if args.stage in ("all", "gates"):
