@@ -9,6 +9,8 @@ What differs from the UNet backbones, and how it is handled here (the flow contr
   `max_sequence_length` tokens when there is no T5, as diffusers does); the pooled projections of both CLIPs
   concatenated travel in `Conditioning.added["pooled"]`. The unconditional branch is the empty prompt (SD3 has no
   `force_zeros_for_empty_prompt`).
+- One-CLIP layout (no text_encoder_2 in the folder; dragondiff's bundled `shapes-flow` model, not a diffusers
+  pipeline layout): that CLIP's penultimate states and pooled projection alone, no T5 block unless a T5 is given.
 - One explicit forward over the transformer's own modules (pos_embed, time_text_embed, context_embedder, the
   joint blocks, norm_out, proj_out, unpatchify), so that the feature pass stops after its last block.
 - Features: the image tokens' hidden states after `feature_blocks`, on the patch grid (latent / patch_size).
@@ -134,7 +136,9 @@ class SD3Backbone(TransformerBackbone):
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
-        self.max_sequence_length = int(max_sequence_length or self.T5_TOKENS)
+        # No T5 block for the one-CLIP layout without a T5: it trained without one.
+        one_clip = text_encoder_2 is None and text_encoder_3 is None
+        self.max_sequence_length = 0 if one_clip else int(max_sequence_length or self.T5_TOKENS)
         depth = len(transformer.transformer_blocks)
         features, bank = blocks_for_depth(depth)
         self.feature_blocks = tuple(self.FEATURE_BLOCKS) if self.FEATURE_BLOCKS is not None else features
@@ -154,9 +158,11 @@ class SD3Backbone(TransformerBackbone):
         cfg = transformer.config
         if not SD3Backbone.accepts(dict(cfg)) or not hasattr(transformer, "transformer_blocks"):
             raise ValueError(f"transformer: expected an {SD3_CLASS}, got {type(transformer).__name__}")
-        if text_encoder is None or tokenizer is None or text_encoder_2 is None or tokenizer_2 is None:
-            raise ValueError("text_encoder_2: an SD3 model needs both CLIP text encoders and their tokenizers "
-                             "(text_encoder/tokenizer and text_encoder_2/tokenizer_2)")
+        if text_encoder is None or tokenizer is None:
+            raise ValueError("text_encoder: an SD3 model needs a CLIP text encoder with its tokenizer")
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError("text_encoder_2: give the second CLIP together with its tokenizer (tokenizer_2), or "
+                             "neither (the one-CLIP layout)")
         if (text_encoder_3 is None) != (tokenizer_3 is None):
             raise ValueError("text_encoder_3: give the T5 encoder together with its tokenizer (tokenizer_3), or "
                              "neither")
@@ -166,13 +172,18 @@ class SD3Backbone(TransformerBackbone):
         if getattr(vae.config, "latents_mean", None) is not None:
             raise ValueError("vae: a VAE with latents_mean/latents_std is not supported; supported: a VAE with "
                              "shift_factor and scaling_factor (SD3's)")
-        pooled = text_encoder.config.projection_dim + text_encoder_2.config.projection_dim
+        clips = [e for e in (text_encoder, text_encoder_2) if e is not None]
+        for e in clips:
+            if getattr(e.config, "projection_dim", None) is None or not hasattr(e, "text_projection"):
+                raise ValueError(f"text_encoder: expected a CLIP text encoder with a projection "
+                                 f"(CLIPTextModelWithProjection), got {type(e).__name__}")
+        pooled = sum(e.config.projection_dim for e in clips)
         if pooled != cfg.pooled_projection_dim:
-            raise ValueError(f"text_encoder_2: the two CLIP projections give {pooled} pooled channels; the "
+            raise ValueError(f"text_encoder_2: the CLIP projections give {pooled} pooled channels; the "
                              f"transformer's pooled_projection_dim is {cfg.pooled_projection_dim}")
-        clip = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+        clip = sum(e.config.hidden_size for e in clips)
         if clip > cfg.joint_attention_dim:
-            raise ValueError(f"text_encoder_2: the two CLIPs' {clip} channels exceed the transformer's "
+            raise ValueError(f"text_encoder_2: the CLIPs' {clip} channels exceed the transformer's "
                              f"joint_attention_dim {cfg.joint_attention_dim}")
         if text_encoder_3 is not None and text_encoder_3.config.d_model != cfg.joint_attention_dim:
             raise ValueError(f"text_encoder_3: T5 width {text_encoder_3.config.d_model} differs from the "
@@ -198,7 +209,8 @@ class SD3Backbone(TransformerBackbone):
 
     @classmethod
     def from_pretrained(cls, source: str, *, use_safetensors=True, local_files_only: bool = False):
-        """A diffusers SD3 folder or hub id; T5 is loaded when model_index.json lists a text_encoder_3."""
+        """A diffusers SD3 folder or hub id; T5 is loaded when model_index.json lists a text_encoder_3, the second
+        CLIP unless it says there is none (the one-CLIP layout)."""
         from diffusers import AutoencoderKL, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
@@ -208,10 +220,12 @@ class SD3Backbone(TransformerBackbone):
         weights = {"use_safetensors": use_safetensors, **common}
         transformer = load_component(SD3Transformer2DModel, source, "transformer", "transformer", **weights)
         vae = load_component(AutoencoderKL, source, "vae", "vae", **weights)
-        encoders = [load_component(CLIPTextModelWithProjection, source, name, name, **weights)
-                    for name in ("text_encoder", "text_encoder_2")]
-        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder=name, **common)
-                      for name in ("tokenizer", "tokenizer_2")]
+        clips = ("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")
+        if cls._index_lists(source, "text_encoder_2", local_files_only) is False:
+            clips = clips[:1]
+        encoders = [load_component(CLIPTextModelWithProjection, source, name, name, **weights) for name, _ in clips]
+        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder=name, **common) for _, name in clips]
+        encoders, tokenizers = encoders + [None], tokenizers + [None]  # no second CLIP: None
         t5 = t5_tokenizer = None
         if cls._index_lists(source, "text_encoder_3", local_files_only):
             t5 = load_component(T5EncoderModel, source, "text_encoder_3", "text_encoder_3", **weights)
@@ -219,9 +233,9 @@ class SD3Backbone(TransformerBackbone):
         return cls(transformer, vae, encoders[0], tokenizers[0], encoders[1], tokenizers[1], t5, t5_tokenizer)
 
     @staticmethod
-    def _index_lists(source: str, component: str, local_files_only: bool) -> bool:
+    def _index_lists(source: str, component: str, local_files_only: bool) -> bool | None:
         """Whether the folder's model_index.json names a class for `component` (diffusers writes [null, null] for
-        an optional component left out)."""
+        an optional component left out); None when it does not mention it."""
         from pathlib import Path
 
         path = Path(source) / "model_index.json"
@@ -229,13 +243,17 @@ class SD3Backbone(TransformerBackbone):
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(source, "model_index.json", local_files_only=local_files_only))
-        entry = json.loads(path.read_text()).get(component)
+        index = json.loads(path.read_text())
+        if component not in index:
+            return None
+        entry = index[component]
         return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
 
     def describe(self) -> dict:
         """What `info`, sidecars and results say the model is."""
         cfg = self.transformer.config
         return {"name": self.NAME, "prediction_type": "flow", "t5": self.text_encoder_3 is not None,
+                "clips": 2 if self.text_encoder_2 is not None else 1,
                 "dual_attention": bool(cfg.dual_attention_layers), "blocks": len(self.transformer.transformer_blocks),
                 "feature_blocks": list(self.feature_blocks), "bank_blocks": list(self.bank_blocks),
                 "feature_norm": self.feature_norm}
@@ -279,7 +297,7 @@ class SD3Backbone(TransformerBackbone):
 
     @property
     def max_prompt_tokens(self) -> int:
-        """The CLIP window (77), which both CLIPs read; T5 reads up to `max_sequence_length` of the same prompt."""
+        """The CLIP window (77), which every CLIP reads; T5 reads up to `max_sequence_length` of the same prompt."""
         return self.tokenizer.model_max_length
 
     # ------------------------------------------------------------------------------------------ the model
@@ -391,13 +409,13 @@ class SD3Backbone(TransformerBackbone):
         """text (B, 77 + max_sequence_length, joint width) and added["pooled"] (B, P), fp32, as the pipeline's
         encode_prompt builds prompt_embeds and pooled_prompt_embeds. `size_hw` is not read."""
         prompts = self._check_prompts(prompts)
-        states_l, pooled_l = self._clip(self.text_encoder, self.tokenizer, prompts)
-        states_g, pooled_g = self._clip(self.text_encoder_2, self.tokenizer_2, prompts)
+        clips = [self._clip(e, tok, prompts) for e, tok in ((self.text_encoder, self.tokenizer),
+                                                            (self.text_encoder_2, self.tokenizer_2)) if e is not None]
         t5 = self._t5(prompts)
-        clip = torch.cat([states_l.float(), states_g.float()], dim=-1)
+        clip = torch.cat([states.float() for states, _ in clips], dim=-1)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # zero channels up to the joint width
         text = torch.cat([clip, t5.float()], dim=-2)
-        return Conditioning(text=text, added={"pooled": torch.cat([pooled_l, pooled_g], dim=-1).float()})
+        return Conditioning(text=text, added={"pooled": torch.cat([p for _, p in clips], dim=-1).float()})
 
     def unconditional(self, size_hw: tuple[int, int] | None = None, n: int = 1) -> Conditioning:
         """The empty prompt's conditioning (the pipeline's default negative prompt)."""

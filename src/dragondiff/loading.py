@@ -25,7 +25,9 @@ from .validate import check_number, shown
 from .weights import check_loading_info
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUNDLED_ID = "dragondiff:shapes"
+BUNDLED_ID = "dragondiff:shapes"  # the bundled UNet model (SD1.5's layout)
+BUNDLED_FLOW_ID = "dragondiff:shapes-flow"  # the bundled flow transformer (SD3's layout, one CLIP)
+BUNDLED_IDS = (BUNDLED_ID, BUNDLED_FLOW_ID)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # A model may ship its own recommended CFG / energy settings per task in this file beside its weights.
 SETTINGS_FILE = "dragondiff_defaults.json"
@@ -198,7 +200,10 @@ def check_family(folder: Path) -> None:
 def check_folder(folder: Path, parts: dict, allow_pickle: bool) -> None:
     """Each part of a local diffusers folder there with its configuration and weights, before any is read: the
     refusal names the part's file (`unet/config.json`); pickle-only weights get the allow_pickle hint."""
+    index = model_index(folder)
     for part, kind in parts.items():
+        if index.get(part, "") in ([None, None], (None, None)):
+            continue  # an optional part the folder says it leaves out (its backbone decides whether it may)
         sub = Path(folder) / part
         if not sub.is_dir():
             raise ValueError(f"id_or_folder: {folder} has no {part}/ folder (a diffusers model folder has "
@@ -230,16 +235,27 @@ def backbone_defaults(name: str) -> dict:
     return defaults
 
 
-def resolve_source(id_or_folder) -> tuple[str, bool]:
-    """(source to load from, local only): the bundled model's id becomes its folder inside the package."""
-    source = str(id_or_folder)
-    if source != BUNDLED_ID:
-        return source, False
+def is_bundled(id_or_folder) -> bool:
+    """One of the models shipped inside the package (`BUNDLED_IDS`)."""
+    return str(id_or_folder) in BUNDLED_IDS
+
+
+def bundled_folder(model_id: str) -> Path:
+    """The folder inside the package that holds a bundled model's weights."""
     from .shapes import model as shapes_model
 
-    if not shapes_model.is_available():
-        raise ValueError(f"id_or_folder: {BUNDLED_ID!r} weights are not in this installation")
-    return str(shapes_model.WEIGHTS), True
+    return shapes_model.FLOW_WEIGHTS if str(model_id) == BUNDLED_FLOW_ID else shapes_model.WEIGHTS
+
+
+def resolve_source(id_or_folder) -> tuple[str, bool]:
+    """(source to load from, local only): a bundled model's id becomes its folder inside the package."""
+    source = str(id_or_folder)
+    if not is_bundled(source):
+        return source, False
+    folder = bundled_folder(source)
+    if not any((folder / "model_index.json").parent.glob("*/diffusion_pytorch_model*.safetensors")):
+        raise ValueError(f"id_or_folder: {source!r} weights are not in this installation")
+    return str(folder), True
 
 
 def looks_local(source: str) -> bool:
@@ -378,7 +394,7 @@ def describe_model(id_or_folder) -> dict | None:
         return None
     cls = backbone_class(denoiser, scheduler)
     defaults = model_defaults(cls.NAME, read_model_file(source))
-    resolution = BUNDLED_RESOLUTION if str(id_or_folder) == BUNDLED_ID else defaults["max_resolution"]
+    resolution = BUNDLED_RESOLUTION if is_bundled(id_or_folder) else defaults["max_resolution"]
     prediction = "flow" if cls.RULE == "flow-euler" else scheduler.get("prediction_type", "epsilon")
     return {"backbone": cls.NAME, "prediction_type": prediction,
             "vae_factor": 2 ** (len(vae["block_out_channels"]) - 1), "feature_factor": cls.grid_factor(denoiser),

@@ -134,14 +134,17 @@ class DragonPipeline:
         source, _ = loading.resolve_source(id_or_folder)
         pipe.model_id = str(id_or_folder)
         pipe.model_path = Path(source) if Path(source).is_dir() else None
-        if pipe.model_id == BUNDLED_ID:
+        if loading.is_bundled(pipe.model_id):
             pipe.default_max_resolution = BUNDLED_RESOLUTION
         return pipe
 
     @classmethod
-    def bundled(cls, *, device=None, dtype=None) -> "DragonPipeline":
-        """The small shapes model shipped inside the package (128 px scenes of coloured shapes), offline."""
-        return cls.from_pretrained(BUNDLED_ID, device=device, dtype=dtype, local_files_only=True)
+    def bundled(cls, name: str = BUNDLED_ID, *, device=None, dtype=None) -> "DragonPipeline":
+        """A small shapes model shipped inside the package (128 px scenes of coloured shapes), offline: the UNet
+        model (`dragondiff:shapes`, the default) or the flow transformer (`dragondiff:shapes-flow`)."""
+        if not loading.is_bundled(name):
+            raise ValueError(f"name: {name!r} is not a bundled model; bundled: {', '.join(loading.BUNDLED_IDS)}")
+        return cls.from_pretrained(name, device=device, dtype=dtype, local_files_only=True)
 
     @classmethod
     def from_single_file(cls, path: str | Path, *, config: str | Path = DEFAULT_MODEL, device=None, dtype=None,

@@ -32,7 +32,8 @@ _PIPES: dict = {}
 
 
 def _pipe(model: str | None = None, dtype: str = "float32"):
-    """The bundled model, or a diffusers folder of a shapes model (e.g. a training checkpoint's export), in dtype."""
+    """The bundled UNet model, a bundled model by id (dragondiff:shapes-flow), or a diffusers folder of a shapes
+    model (e.g. a training checkpoint's export), in dtype."""
     if (model, dtype) not in _PIPES:
         from ..pipeline import DragonPipeline
 
@@ -45,7 +46,7 @@ def _pipe(model: str | None = None, dtype: str = "float32"):
 def settings_rows(model: str | None, choice: str) -> list[tuple[str, dict]]:
     """(label, overrides) per row: the official demo's CFG/energy, and/or the model's recommended ones (read from
     the model folder's settings file, without loading the model)."""
-    from ..loading import read_settings
+    from ..loading import read_settings, resolve_source
     from ..pipeline import OFFICIAL_SETTINGS
     from ..shapes.model import WEIGHTS
 
@@ -53,7 +54,7 @@ def settings_rows(model: str | None, choice: str) -> list[tuple[str, dict]]:
     if choice in ("official", "both"):
         rows.append(("official defaults", {c: dict(OFFICIAL_SETTINGS[info.name])
                                            for c, (info, _) in BENCH_CASES.items()}))
-    if choice in ("model", "both") and read_settings(model or WEIGHTS):
+    if choice in ("model", "both") and read_settings(resolve_source(model)[0] if model else WEIGHTS):
         rows.append(("model defaults", {c: {} for c in BENCH_CASES}))
     return rows
 
@@ -246,7 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=SIZE, choices=[SIZE, 2 * SIZE],
                         help="edit at this size: scenes redrawn (same layouts scaled), outputs area-averaged back to "
                              "128 px for the metrics (128)")
-    parser.add_argument("--model", default=None, help="a shapes-model diffusers folder (default: the bundled model)")
+    parser.add_argument("--model", default=None,
+                        help="dragondiff:shapes-flow, or a shapes-model diffusers folder (default: dragondiff:shapes)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the model's dtype (bfloat16: to check that it keeps the edits' quality on a CPU)")
     parser.add_argument("--out", type=Path, default=Path("out/bench/shapes"))

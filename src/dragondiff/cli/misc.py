@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, DEFAULT_SEED
-from ..loading import BUNDLED_ID, default_device
+from ..loading import BUNDLED_ID, bundled_folder, default_device, is_bundled
 from ..presets import PRESETS
 from ..validate import shown
 from .options import available_threads, int_range, lora_args, model_options
@@ -23,11 +23,9 @@ def _model_info(model: str) -> dict:
     from ..weights import file_hash, folder_hash
 
     out = {"id": model}
-    if model == BUNDLED_ID:
-        from ..shapes import model as shapes_model
-
-        out.update(path=str(shapes_model.WEIGHTS), available=shapes_model.is_available())
-        folder = shapes_model.WEIGHTS
+    if is_bundled(model):
+        folder = bundled_folder(model)
+        out.update(path=str(folder), available=any(folder.glob("*/diffusion_pytorch_model*.safetensors")))
     else:
         folder = Path(model)
         if looks_local(model) and not folder.exists():
@@ -42,7 +40,7 @@ def _model_info(model: str) -> dict:
                    default_max_resolution=described["default_max_resolution"],
                    recommended_settings=described["recommended_settings"] or None)
     elif "backbone" not in out:
-        out["default_max_resolution"] = BUNDLED_RESOLUTION if model == BUNDLED_ID else DEFAULT_MAX_RESOLUTION
+        out["default_max_resolution"] = BUNDLED_RESOLUTION if is_bundled(model) else DEFAULT_MAX_RESOLUTION
     if folder.is_dir():
         out["sha256"] = folder_hash(folder)
     elif folder.is_file():

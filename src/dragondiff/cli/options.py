@@ -127,8 +127,8 @@ STEPS_DEFAULT = ", ".join(f"{name} {preset.steps}" for name, preset in sorted(PR
 # --model, --config, --device, --dtype, --threads.
 model_options = option_group(
     click.option("--model", default=BUNDLED_ID, show_default=True,
-                 help="the bundled shapes model, a diffusers folder, a hub id, or one .safetensors file "
-                      "(with --config)"),
+                 help="a bundled shapes model (dragondiff:shapes, or the flow transformer dragondiff:shapes-flow), "
+                      "a diffusers folder, a hub id, or one .safetensors file (with --config)"),
     click.option("--config", default=None,
                  help="diffusers folder or hub id with the component configs for a single-file --model"),
     click.option("--device", default=None, help="cpu, cuda, cuda:1, mps  [default: cuda if available, else cpu]"),

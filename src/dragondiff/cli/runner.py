@@ -237,7 +237,7 @@ def plan_geometry(spec: EditSpec, model: str):
     default working size and recommended settings come from its files; SD1's grid when they cannot be read).
     Returns the `Plan`, which the edit takes as it is when the loaded model has the same grid and settings."""
     from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION
-    from ..loading import BUNDLED_ID, describe_model
+    from ..loading import describe_model, is_bundled
     from ..planning import plan_edit
 
     try:
@@ -246,7 +246,7 @@ def plan_geometry(spec: EditSpec, model: str):
         info = None
     if info is None:
         factors, recommended = (8, 2), {}
-        resolution = BUNDLED_RESOLUTION if model == BUNDLED_ID else DEFAULT_MAX_RESOLUTION
+        resolution = BUNDLED_RESOLUTION if is_bundled(model) else DEFAULT_MAX_RESOLUTION
     else:
         factors = (info["vae_factor"], info["feature_factor"])
         recommended, resolution = info["recommended_settings"], info["default_max_resolution"]
@@ -299,7 +299,7 @@ def check_model_options(opts: dict, jobs=(), model: str | None = None) -> None:
 def check_model_source(model: str, config: str | None) -> None:
     """A local --model is a diffusers folder whose configuration reads (of a family we run), or one checkpoint file
     with --config; --config goes only with such a file. Hub ids are left to the load (they may not be cached)."""
-    from ..loading import BUNDLED_ID, describe_model, looks_local
+    from ..loading import describe_model, is_bundled, looks_local
 
     path = Path(model)
     if model.endswith(SINGLE_FILE_SUFFIXES):
@@ -311,7 +311,7 @@ def check_model_source(model: str, config: str | None) -> None:
     if config is not None:
         raise InputError(f"--config {config}: only for a single-file --model (.safetensors); {model} has its own "
                          "component configs")
-    if model == BUNDLED_ID or not looks_local(model):
+    if is_bundled(model) or not looks_local(model):
         return
     if not path.is_dir():
         what = "no such file or folder" if not path.exists() else "neither a folder nor a .safetensors file"
