@@ -115,3 +115,30 @@ def test_bundled_names_are_checked(monkeypatch, tmp_path):
     monkeypatch.setattr(M, "FLOW_WEIGHTS", tmp_path / "none")
     with pytest.raises(ValueError, match="'dragondiff:shapes-flow' weights are not in this installation"):
         DragonPipeline.bundled(BUNDLED_FLOW_ID)
+
+
+def _main(capsys, *args):
+    from dragondiff.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_names_the_bundled_flow_model_and_refuses_it_when_its_weights_are_missing(monkeypatch, tmp_path,
+                                                                                     capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(capsys, "demo", "--model", "dragondiff:shape-flow")
+    assert code == 2 and "'dragondiff:shape-flow' is not one of 'dragondiff:shapes', 'dragondiff:shapes-flow'" in err
+    monkeypatch.setattr(M, "FLOW_WEIGHTS", tmp_path / "none")
+    code, _, err = _main(capsys, "demo", "--model", BUNDLED_FLOW_ID)
+    assert code == 2 and "--model dragondiff:shapes-flow: its weights are not in this installation" in err, err
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "in.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (10, 10, 30, 30))
+    mask.save(tmp_path / "m.png")
+    code, _, err = _main(capsys, "move", "in.png", "--mask", "m.png", "--offset", "4,4", "--model", BUNDLED_FLOW_ID)
+    assert code == 2 and "dragondiff:shapes-flow" in err and "not in this installation" in err, err
+    assert not list(tmp_path.glob("dragondiff-demo*"))  # nothing written

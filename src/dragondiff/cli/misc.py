@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, DEFAULT_SEED
-from ..loading import BUNDLED_ID, bundled_folder, default_device, is_bundled
+from ..loading import BUNDLED_FLOW_ID, BUNDLED_ID, BUNDLED_IDS, bundled_folder, default_device, is_bundled
 from ..presets import PRESETS
 from ..validate import shown
 from .options import available_threads, int_range, lora_args, model_options
@@ -176,8 +176,10 @@ def _free_folder(base: str, names) -> Path:
     return Path(base if k == 1 else f"{base}-{k}")
 
 
-@click.command("demo", help="Move an object in a bundled example scene with the bundled model; writes input.png, "
+@click.command("demo", help="Move an object in a bundled example scene with a bundled model; writes input.png, "
                             "result.png and side_by_side.png.")
+@click.option("--model", type=click.Choice(BUNDLED_IDS), default=BUNDLED_ID, show_default=True,
+              help="the bundled UNet model, or the bundled flow transformer")
 @click.option("--out", default=None,
               help="output folder  [default: ./dragondiff-demo, or dragondiff-demo-2, -3, ... if that one is taken]")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=DEFAULT_PRESET, show_default=True)
@@ -187,7 +189,7 @@ def _free_folder(base: str, names) -> Path:
 @click.option("--tiny", is_flag=True, help="use a tiny random model (smoke test of the pipeline)")
 @click.option("--overwrite", is_flag=True, help="replace an earlier demo's files")
 @click.option("--debug", is_flag=True, help="show tracebacks")
-def demo(out, preset, seed, threads, tiny, overwrite, debug):
+def demo(model, out, preset, seed, threads, tiny, overwrite, debug):
     import torch
 
     from ..output import draw_arrow, side_by_side
@@ -201,13 +203,15 @@ def demo(out, preset, seed, threads, tiny, overwrite, debug):
     t0 = time.perf_counter()
     torch.set_num_threads(threads or available_threads()[0])
     quiet_third_party()
+    if model == BUNDLED_FLOW_ID and not tiny and not shapes_model.flow_is_available():
+        raise InputError(f"--model {model}: its weights are not in this installation")
     if tiny or not shapes_model.is_available():
         from ..tiny import build_tiny_pipeline
 
         click.echo("smoke demo: tiny random-weight model (the output is noise, the pipeline is real)", err=True)
         pipe = build_tiny_pipeline()
     else:
-        pipe = DragonPipeline.bundled()
+        pipe = DragonPipeline.bundled(model)
     scene, mask, offset = demo_case()
     result = pipe.move(scene.image, mask, offset=offset, prompt=scene.caption, preset=preset,
                        max_resolution=BUNDLED_RESOLUTION, seed=seed)
@@ -217,7 +221,7 @@ def demo(out, preset, seed, threads, tiny, overwrite, debug):
     save_image(result.input_image, folder / names[0])
     save_image(result.image, folder / names[1])
     save_image(side_by_side(draw_arrow(result.input_image, start, end), result.image), folder / names[2])
-    summary = {"task": "move", "preset": preset, "offset": offset, "caption": scene.caption,
+    summary = {"model": "tiny" if tiny else model, "task": "move", "preset": preset, "offset": offset, "caption": scene.caption,
                "threads": torch.get_num_threads(), "edit_seconds": round(result.seconds, 1),
                "total_seconds": round(time.perf_counter() - t0, 1), "files": [str(folder / n) for n in names]}
     click.echo(json.dumps(summary, indent=1))

@@ -333,16 +333,39 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
                  text_params=sum(p.numel() for p in text.parameters()))
     print(json.dumps({k: v for k, v in log.data.items() if k != "points"}))
 
-    def checkpoint():
+    def checkpoint(step):
         _save(ckpt, unet=unet.state_dict(), text=text.state_dict(), ema_unet=ema_unet.state_dict(),
               ema_text=ema_text.state_dict(), opt=opt.state_dict(), step=step, scale=scale, origin=origin,
               layers_per_block=layers_per_block, resolution=resolution)
 
+    def loss_of(gen, x0, ids):
+        t = torch.randint(0, 1000, (batch,), generator=gen, device=device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with _autocast(device, precision):
+            pred = unet(noisy, t, encoder_hidden_states=text(ids)[0]).sample.float()
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=snr_gamma) / snr  # min-SNR-γ weighting for ε-prediction
+        return (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+
+    _denoiser_loop("unet", log, step, steps, minutes, pool, batch, scale, drop_caption, empty, seed, loss_of, opt,
+                   params, lr, 200 if origin == "scratch" else 50, ((ema_unet, unet), (ema_text, text)), ema_decay,
+                   time_schedule, checkpoint, checkpoint_seconds)
+
+
+def _denoiser_loop(stage: str, log: RunLog, step: int, steps: int, minutes: float, pool: LatentPool, batch: int,
+                   scale: float, drop_caption: float, empty, seed: int, loss_of, opt, params, lr: float, warmup: int,
+                   ema_pairs, ema_decay: float, time_schedule: bool, checkpoint, checkpoint_seconds: float) -> None:
+    """The training loop both denoiser stages share: pool refresh, a batch drawn from (seed, step), the stage's
+    loss (`loss_of(generator, x0, ids)`), AdamW at the warm-up + cosine LR, EMA of each (ema, live) pair, and a
+    checkpoint and log point every 250 steps (at least `checkpoint_seconds` apart) and at the end."""
+    device = pool.device
     start, last_checkpoint = time.time(), time.time()
     deadline = start + 60 * minutes
-    unet.train()
-    text.train()
-    bar = tqdm(total=steps, initial=step, desc="unet+text")
+    for _, live in ema_pairs:
+        live.train()
+    bar = tqdm(total=steps, initial=step, desc=stage)
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # losses still on the device: read back every 25 steps, not every step
 
@@ -356,21 +379,12 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
         # Random numbers drawn on the training device: no host round trip per step on a GPU (same numbers on CPU).
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
         x0, ids = pool.sample(gen, batch, scale, drop_caption, empty)
-        t = torch.randint(0, 1000, (batch,), generator=gen, device=device)
-        noise = torch.randn(x0.shape, generator=gen, device=device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with _autocast(device, precision):
-            pred = unet(noisy, t, encoder_hidden_states=text(ids)[0]).sample.float()
-        snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=snr_gamma) / snr  # min-SNR-γ weighting for ε-prediction
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = loss_of(gen, x0, ids)
         used = (time.time() - start) / (deadline - start) if time_schedule else 0.0
-        _optimizer_step(opt, params, loss, _lr(step, steps, lr, warmup=200 if origin == "scratch" else 50,
-                                               time_progress=used))
+        _optimizer_step(opt, params, loss, _lr(step, steps, lr, warmup=warmup, time_progress=used))
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema, live in ((ema_unet, unet), (ema_text, text)):
+            for ema, live in ema_pairs:
                 torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1 - decay)
         step += 1
         pending.append(loss.detach())
@@ -380,14 +394,14 @@ def train_unet(out: Path, steps: int, minutes: float, device: torch.device, prec
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % 250 == 0 or step == steps:
             if time.time() - last_checkpoint >= checkpoint_seconds or step == steps:
-                checkpoint()
+                checkpoint(step)
                 last_checkpoint = time.time()
             log.point(step, step * batch, float(np.mean(losses[-50:] or [float("nan")])))
     bar.close()
     read_losses()
-    checkpoint()
+    checkpoint(step)
     log.point(step, step * batch, float(np.mean(losses[-200:] or [float("nan")])))
-    print(json.dumps({"stage": "unet", "step": step, "loss_last_200": log.data["loss"], "log": str(log.path)}))
+    print(json.dumps({"stage": stage, "step": step, "loss_last_200": log.data["loss"], "log": str(log.path)}))
 
 
 # ---------------------------------------------------------------------------- flow transformer + text encoder
@@ -457,22 +471,13 @@ def train_flow(out: Path, steps: int, minutes: float, device: torch.device, prec
                  text_params=sum(p.numel() for p in text.parameters()))
     print(json.dumps({k: v for k, v in log.data.items() if k != "points"}))
 
-    def checkpoint():
+    def checkpoint(step):
         _save(ckpt, transformer=transformer.state_dict(), text=text.state_dict(), ema_transformer=ema_tr.state_dict(),
               ema_text=ema_text.state_dict(), opt=opt.state_dict(), step=step, scale=scale, origin=origin,
               resolution=resolution)
 
-    start, last_checkpoint = time.time(), time.time()
-    deadline = start + 60 * minutes
-    transformer.train()
-    text.train()
-    bar = tqdm(total=steps, initial=step, desc="flow")
-    losses: list[float] = []
-    while step < steps and time.time() < deadline:
-        pool.refresh(step)
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-        x0, ids = pool.sample(gen, batch, scale, drop_caption, empty)
-        sigma = torch.sigmoid(torch.randn(batch, generator=gen, device=device))
+    def loss_of(gen, x0, ids):
+        sigma = torch.sigmoid(torch.randn(batch, generator=gen, device=device))  # logit-normal(0, 1)
         noise = torch.randn(x0.shape, generator=gen, device=device)
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1 - s) * x0 + s * noise
@@ -480,28 +485,11 @@ def train_flow(out: Path, steps: int, minutes: float, device: torch.device, prec
             states, pooled = flow_condition(text, ids)
             pred = transformer(noisy, encoder_hidden_states=states, pooled_projections=pooled,
                                timestep=sigma * 1000).sample.float()
-        loss = F.mse_loss(pred, noise - x0)
-        used = (time.time() - start) / (deadline - start) if time_schedule else 0.0
-        _optimizer_step(opt, params, loss, _lr(step, steps, lr, warmup=200 if origin != SHIPPED else 50,
-                                               time_progress=used))
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, live in ((ema_tr, transformer), (ema_text, text)):
-                torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1 - decay)
-        step += 1
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step % 250 == 0 or step == steps:
-            if time.time() - last_checkpoint >= checkpoint_seconds or step == steps:
-                checkpoint()
-                last_checkpoint = time.time()
-            log.point(step, step * batch, float(np.mean(losses[-50:] or [float("nan")])))
-    bar.close()
-    checkpoint()
-    log.point(step, step * batch, float(np.mean(losses[-200:] or [float("nan")])))
-    print(json.dumps({"stage": "flow", "step": step, "loss_last_200": log.data["loss"], "log": str(log.path)}))
+        return F.mse_loss(pred, noise - x0)
+
+    _denoiser_loop("flow", log, step, steps, minutes, pool, batch, scale, drop_caption, empty, seed, loss_of, opt,
+                   params, lr, 200 if origin != SHIPPED else 50, ((ema_tr, transformer), (ema_text, text)), ema_decay,
+                   time_schedule, checkpoint, checkpoint_seconds)
 
 
 # ------------------------------------------------------------------------------------------ export, gates
