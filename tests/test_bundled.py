@@ -1,4 +1,5 @@
-"""The bundled shapes model: loads offline from the installed package, and edits behave on it."""
+"""The bundled shapes models (the UNet model and the flow transformer): load offline from the installed package,
+and edits behave on them."""
 
 import numpy as np
 import pytest
@@ -7,13 +8,24 @@ from dragondiff import DragonPipeline
 from dragondiff.bench.shapes import evaluate, run_edit, vae_roundtrip
 from dragondiff.shapes import model as shapes_model
 from dragondiff.bench.cases import make_case
+from dragondiff.loading import BUNDLED_FLOW_ID, BUNDLED_ID
 
 pytestmark = pytest.mark.skipif(not shapes_model.is_available(), reason="bundled weights not trained yet")
+MODELS = [BUNDLED_ID, BUNDLED_FLOW_ID]
+_LOADED = {}
 
 
 @pytest.fixture(scope="module")
 def bundled():
     return DragonPipeline.bundled(device="cpu")
+
+
+@pytest.fixture(params=MODELS)
+def each(request):
+    """Each bundled model, loaded once per module."""
+    if request.param not in _LOADED:
+        _LOADED[request.param] = DragonPipeline.bundled(request.param, device="cpu")
+    return _LOADED[request.param]
 
 
 def test_loads_offline_from_the_package(bundled):
@@ -27,21 +39,32 @@ def test_loads_offline_from_the_package(bundled):
     assert all((a == b).all() for a, b in zip(same.unet.parameters(), bundled.unet.parameters()))
 
 
+def test_the_flow_model_loads_offline_from_the_package():
+    pipe = DragonPipeline.bundled(BUNDLED_FLOW_ID, device="cpu")
+    files = [p for p in shapes_model.FLOW_WEIGHTS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt")]  # safetensors only
+    assert type(pipe.backbone.denoiser).__name__ == "SD3Transformer2DModel" and pipe.backbone.describe()["clips"] == 1
+    assert pipe.default_max_resolution == 128 and pipe.scheduler.__class__.__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.recommended_settings == DragonPipeline.from_pretrained(
+        shapes_model.FLOW_WEIGHTS, device="cpu").recommended_settings  # its own settings file
+
+
 @pytest.mark.parametrize("task", ["move", "resize", "drag", "appearance", "paste"])
-def test_one_benchmark_case_per_task(bundled, task):
+def test_one_benchmark_case_per_task(each, task):
     case = make_case(task, 0)
-    out = run_edit(bundled, case, "official", num_inference_steps=10)
-    metrics = evaluate(bundled, case, np.asarray(out.image))
+    out = run_edit(each, case, "official", num_inference_steps=10)
+    metrics = evaluate(each, case, np.asarray(out.image))
     # "vacated" is undefined (NaN) when the enlarged object covers its whole source area
     numbers = [v for k, v in metrics.items() if k not in ("success", "vacated")]
     assert numbers and all(np.isfinite(v) for v in numbers)
     assert isinstance(metrics["success"], bool)
 
 
-def test_move_beats_the_no_guidance_baseline(bundled):
+def test_move_beats_the_no_guidance_baseline(each):
     """Against the benchmark's trivial baseline (the model's reconstruction: nothing moves)."""
     case = make_case("move", 0)
-    edited = evaluate(bundled, case, np.asarray(run_edit(bundled, case, "official").image))
-    recon = evaluate(bundled, case, vae_roundtrip(bundled, case.scene.image[None])[0])
+    edited = evaluate(each, case, np.asarray(run_edit(each, case, "official").image))
+    recon = evaluate(each, case, vae_roundtrip(each, case.scene.image[None])[0])
     assert edited["centroid_err_px"] < recon["centroid_err_px"] / 2
     assert edited["vacated"] > recon["vacated"]
