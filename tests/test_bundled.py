@@ -45,7 +45,7 @@ def test_the_flow_model_loads_offline_from_the_package():
     assert sum(p.stat().st_size for p in files) <= 20 * 2**20
     assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt")]  # safetensors only
     assert type(pipe.backbone.denoiser).__name__ == "SD3Transformer2DModel" and pipe.backbone.describe()["clips"] == 1
-    assert pipe.default_max_resolution == 128 and pipe.scheduler.__class__.__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.default_max_resolution == 128 and pipe.rule.NAME == "flow-euler" and pipe.scheduler_config["shift"] == 1
     assert pipe.recommended_settings == DragonPipeline.from_pretrained(
         shapes_model.FLOW_WEIGHTS, device="cpu").recommended_settings  # its own settings file
 

@@ -142,3 +142,11 @@ def test_cli_names_the_bundled_flow_model_and_refuses_it_when_its_weights_are_mi
     code, _, err = _main(capsys, "move", "in.png", "--mask", "m.png", "--offset", "4,4", "--model", BUNDLED_FLOW_ID)
     assert code == 2 and "dragondiff:shapes-flow" in err and "not in this installation" in err, err
     assert not list(tmp_path.glob("dragondiff-demo*"))  # nothing written
+
+
+def test_info_describes_the_bundled_flow_model_from_its_files(capsys):
+    code, out, _ = _main(capsys, "info", "--model", BUNDLED_FLOW_ID, "--json")
+    info = json.loads(out)["model"]
+    assert code == 0 and info["available"] and info["backbone"] == "SD3" and info["prediction_type"] == "flow"
+    assert info["default_max_resolution"] == 128 and info["path"] == str(M.FLOW_WEIGHTS)
+    assert set(info["recommended_settings"]) == {"move", "drag", "appearance", "paste"}
