@@ -247,15 +247,19 @@ def bundled_folder(model_id: str) -> Path:
     return shapes_model.FLOW_WEIGHTS if str(model_id) == BUNDLED_FLOW_ID else shapes_model.WEIGHTS
 
 
+def bundled_available(model_id: str) -> bool:
+    """Whether a bundled model's weights are in this installation (its denoiser's safetensors)."""
+    return any(bundled_folder(model_id).glob("*/diffusion_pytorch_model*.safetensors"))
+
+
 def resolve_source(id_or_folder) -> tuple[str, bool]:
     """(source to load from, local only): a bundled model's id becomes its folder inside the package."""
     source = str(id_or_folder)
     if not is_bundled(source):
         return source, False
-    folder = bundled_folder(source)
-    if not any((folder / "model_index.json").parent.glob("*/diffusion_pytorch_model*.safetensors")):
+    if not bundled_available(source):
         raise ValueError(f"id_or_folder: {source!r} weights are not in this installation")
-    return str(folder), True
+    return str(bundled_folder(source)), True
 
 
 def looks_local(source: str) -> bool:

@@ -10,7 +10,8 @@ import click
 import numpy as np
 
 from ..limits import BUNDLED_RESOLUTION, DEFAULT_MAX_RESOLUTION, DEFAULT_PRESET, DEFAULT_SEED
-from ..loading import BUNDLED_FLOW_ID, BUNDLED_ID, BUNDLED_IDS, bundled_folder, default_device, is_bundled
+from ..loading import (BUNDLED_FLOW_ID, BUNDLED_ID, BUNDLED_IDS, bundled_available, bundled_folder, default_device,
+                       is_bundled)
 from ..presets import PRESETS
 from ..validate import shown
 from .options import available_threads, int_range, lora_args, model_options
@@ -25,7 +26,7 @@ def _model_info(model: str) -> dict:
     out = {"id": model}
     if is_bundled(model):
         folder = bundled_folder(model)
-        out.update(path=str(folder), available=any(folder.glob("*/diffusion_pytorch_model*.safetensors")))
+        out.update(path=str(folder), available=bundled_available(model))
     else:
         folder = Path(model)
         if looks_local(model) and not folder.exists():
@@ -203,7 +204,7 @@ def demo(model, out, preset, seed, threads, tiny, overwrite, debug):
     t0 = time.perf_counter()
     torch.set_num_threads(threads or available_threads()[0])
     quiet_third_party()
-    if model == BUNDLED_FLOW_ID and not tiny and not shapes_model.flow_is_available():
+    if model == BUNDLED_FLOW_ID and not tiny and not bundled_available(model):
         raise InputError(f"--model {model}: its weights are not in this installation")
     if tiny or not shapes_model.is_available():
         from ..tiny import build_tiny_pipeline
@@ -221,8 +222,8 @@ def demo(model, out, preset, seed, threads, tiny, overwrite, debug):
     save_image(result.input_image, folder / names[0])
     save_image(result.image, folder / names[1])
     save_image(side_by_side(draw_arrow(result.input_image, start, end), result.image), folder / names[2])
-    summary = {"model": "tiny" if tiny else model, "task": "move", "preset": preset, "offset": offset, "caption": scene.caption,
-               "threads": torch.get_num_threads(), "edit_seconds": round(result.seconds, 1),
+    summary = {"model": "tiny" if tiny else model, "task": "move", "preset": preset, "offset": offset,
+               "caption": scene.caption, "threads": torch.get_num_threads(), "edit_seconds": round(result.seconds, 1),
                "total_seconds": round(time.perf_counter() - t0, 1), "files": [str(folder / n) for n in names]}
     click.echo(json.dumps(summary, indent=1))
 
